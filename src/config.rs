@@ -1,0 +1,1035 @@
+//! Settings, layered as built-in defaults < config file < environment variables.
+//!
+//! The file comes from `--config PATH` or `SVC_MESSAGING_CONFIG`; environment variables are
+//! `SVC_MESSAGING__SECTION__KEY` (for example `SVC_MESSAGING__SERVER__GRPC_ADDR`). Everything is
+//! deserialized strictly (an unknown key is an error, durations are `"15m"`, sizes `"8MiB"`) and
+//! then checked as a whole, so start-up fails with one line naming the key instead of at the
+//! first request. Secrets are `SecretString`s: their `Debug` output is redacted.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use bytesize::ByteSize;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::files::policy::{FileKind, FileKindError};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "SVC_MESSAGING";
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_PATH_ENV: &str = "SVC_MESSAGING_CONFIG";
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &["uploads.document_types", "uploads.image_types"];
+
+/// A config that cannot be used: `key` names the offending setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The validated settings of one service process.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    pub storage: StorageSettings,
+    pub redis: RedisSettings,
+    pub s3: S3Settings,
+    pub uploads: UploadSettings,
+    pub downloads: DownloadSettings,
+    pub messaging: MessagingSettings,
+    pub thumbnails: ThumbnailSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Where the gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the HTTP probes and metrics listen.
+    pub http_addr: SocketAddr,
+    /// How long in-flight RPCs and streams may run on after SIGTERM before they are cancelled.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often every configured dependency is checked for health.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    /// How long one dependency check may take before it counts as down.
+    #[serde(with = "humantime_serde")]
+    pub health_check_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shutdown_grace: Duration::from_secs(20),
+            health_check_interval: Duration::from_secs(5),
+            health_check_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// Verify `authorization: Bearer <JWT>`; the `sub` claim is the user id.
+    Jwt,
+    /// Take the user id from `x-user-id` metadata set by an authenticating gateway.
+    TrustedHeader,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    pub jwt_algorithm: JwtAlgorithm,
+    /// Shared secret for HS256.
+    pub jwt_secret: Option<SecretString>,
+    /// PEM public key for RS256 / ES256, inline.
+    pub jwt_public_key: Option<String>,
+    /// PEM public key for RS256 / ES256, read from a file (a mounted Secret, say).
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::TrustedHeader,
+            jwt_algorithm: JwtAlgorithm::HS256,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MessageBackend {
+    /// In-process: zero setup, one replica, lost on restart.
+    Memory,
+    /// Redis: shared by all replicas.
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlobBackend {
+    /// Files under `storage.data_dir`, downloads signed by this service.
+    Fs,
+    /// An S3-compatible object store.
+    S3,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub messages: MessageBackend,
+    pub blobs: BlobBackend,
+    /// Root of the filesystem blob store.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            messages: MessageBackend::Memory,
+            blobs: BlobBackend::Fs,
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://[user[:password]@]host:port[/db]`; a secret because it may hold a password.
+    pub url: Option<SecretString>,
+    /// Password kept apart from the URL, so it needs no percent-encoding.
+    pub password: Option<SecretString>,
+    /// Prefix of every key this service writes.
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password: None,
+            key_prefix: "svcmsg".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    /// Custom endpoint of an S3-compatible server; unset means AWS.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<SecretString>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub force_path_style: bool,
+    /// Install the bucket lifecycle rule (expiry, aborting stale multipart uploads) at start-up.
+    pub manage_lifecycle: bool,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            bucket: None,
+            access_key_id: None,
+            secret_access_key: None,
+            force_path_style: false,
+            manage_lifecycle: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadSettings {
+    /// Largest `chunk` accepted in one UploadFile message.
+    pub max_chunk_bytes: ByteSize,
+    /// Largest document (PDF, Office, TXT, CSV).
+    pub document_max_size: ByteSize,
+    /// Largest image.
+    pub image_max_size: ByteSize,
+    /// Document MIME types accepted.
+    pub document_types: Vec<String>,
+    /// Image MIME types accepted.
+    pub image_types: Vec<String>,
+    /// Images with more pixels than this are refused from their header, before any decode.
+    pub max_image_pixels: u64,
+    /// Size of one multipart part sent to S3.
+    pub part_size: ByteSize,
+    /// Parts of one upload in flight to S3 at once.
+    pub parts_in_flight: u32,
+    /// Bytes all uploads together may hold in memory.
+    pub memory_budget: ByteSize,
+    /// How long a new upload waits for memory before `RESOURCE_EXHAUSTED`.
+    #[serde(with = "humantime_serde")]
+    pub memory_wait_timeout: Duration,
+    /// How long files are kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        let of_category = |category| {
+            FileKind::ALL
+                .iter()
+                .filter(|kind| kind.category() == category)
+                .map(|kind| kind.mime_type().to_owned())
+                .collect()
+        };
+        Self {
+            max_chunk_bytes: ByteSize::mib(1),
+            document_max_size: ByteSize::mib(50),
+            image_max_size: ByteSize::mib(10),
+            document_types: of_category(crate::files::policy::FileCategory::Document),
+            image_types: of_category(crate::files::policy::FileCategory::Image),
+            max_image_pixels: 40_000_000,
+            part_size: ByteSize::mib(8),
+            parts_in_flight: 2,
+            memory_budget: ByteSize::mib(256),
+            memory_wait_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadSettings {
+    /// Lifetime of a minted download URL (never past the file's expiry).
+    #[serde(with = "humantime_serde")]
+    pub url_ttl: Duration,
+    /// HMAC key of the filesystem backend's download URLs; random per process when unset.
+    pub signing_key: Option<SecretString>,
+    /// Base of the filesystem backend's download URLs; `http://{server.http_addr}` when unset.
+    pub public_base_url: Option<String>,
+}
+
+impl Default for DownloadSettings {
+    fn default() -> Self {
+        Self {
+            url_ttl: Duration::from_secs(15 * 60),
+            signing_key: None,
+            public_base_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagingSettings {
+    /// Events older than this are trimmed from history (conversations stay).
+    #[serde(with = "humantime_serde")]
+    pub history_max_age: Duration,
+    /// At most this many events are kept per conversation.
+    pub history_max_events: u64,
+    /// Events buffered per live subscriber before it is ended as a slow consumer.
+    pub subscriber_buffer: usize,
+    /// How long `client_message_id` and `request_id` retries are recognised.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+}
+
+impl Default for MessagingSettings {
+    fn default() -> Self {
+        Self {
+            history_max_age: Duration::from_secs(30 * 24 * 3600),
+            history_max_events: 100_000,
+            subscriber_buffer: 256,
+            idempotency_window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThumbnailSettings {
+    /// Longest edge of a thumbnail, in pixels.
+    pub max_edge: u32,
+    /// JPEG quality of opaque thumbnails, 1..=100.
+    pub jpeg_quality: u8,
+    /// Decode workers; 0 means one per core.
+    pub workers: usize,
+    /// Longest a decode may take before the upload fails.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ThumbnailSettings {
+    fn default() -> Self {
+        Self {
+            max_edge: 320,
+            jpeg_quality: 80,
+            workers: 0,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A `tracing` filter such as `info` or `svc_messaging=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings exactly as start-up does: defaults, then the file, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests need not mutate the process.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "config",
+                    format!("file {} does not exist or is not a file", path.display()),
+                ));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env_vars: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(env_vars));
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        let layered = builder
+            .add_source(environment)
+            .build()
+            .map_err(config_crate_error)?;
+        let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|error| {
+            let path = error.path().to_string();
+            deserialize_error(&path, &error.into_inner().to_string())
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot: ranges, combinations and well-formed secrets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.validate()?;
+        self.auth.validate()?;
+        self.storage.validate()?;
+        self.redis.validate(self.storage.messages)?;
+        self.s3.validate(self.storage.blobs)?;
+        self.uploads.validate()?;
+        self.downloads.validate()?;
+        self.messaging.validate()?;
+        self.thumbnails.validate()?;
+        self.log.validate()
+    }
+}
+
+impl ServerSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.grpc_addr == self.http_addr && self.grpc_addr.port() != 0 {
+            return Err(ConfigError::new(
+                "server.http_addr",
+                "must differ from server.grpc_addr",
+            ));
+        }
+        if self.health_check_interval.is_zero() {
+            return Err(ConfigError::new(
+                "server.health_check_interval",
+                "must be greater than zero",
+            ));
+        }
+        if self.health_check_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "server.health_check_timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AuthSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        // A weak secret is refused even while unused, so switching the mode cannot expose it.
+        if let Some(secret) = &self.jwt_secret
+            && secret.expose_secret().len() < 32
+        {
+            return Err(ConfigError::new(
+                "auth.jwt_secret",
+                "must be at least 32 bytes for HS256",
+            ));
+        }
+        if self.mode != AuthMode::Jwt {
+            return Ok(());
+        }
+        crate::auth::Authenticator::from_settings(self).map(|_| ())
+    }
+
+    /// The PEM public key for RS256 / ES256, inline or from its file.
+    pub fn public_key_pem(&self) -> Result<String, ConfigError> {
+        match (&self.jwt_public_key, &self.jwt_public_key_file) {
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                "auth.jwt_public_key",
+                "set either auth.jwt_public_key or auth.jwt_public_key_file, not both",
+            )),
+            (Some(pem), None) => Ok(pem.clone()),
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|error| {
+                ConfigError::new(
+                    "auth.jwt_public_key_file",
+                    format!("cannot read {}: {error}", path.display()),
+                )
+            }),
+            (None, None) => Err(ConfigError::new(
+                "auth.jwt_public_key",
+                format!(
+                    "required when auth.mode = \"jwt\" and auth.jwt_algorithm = \"{:?}\" (or set auth.jwt_public_key_file)",
+                    self.jwt_algorithm
+                ),
+            )),
+        }
+    }
+}
+
+impl StorageSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.messages == MessageBackend::Redis {
+            return Err(ConfigError::new(
+                "storage.messages",
+                "the redis message store is not available in this version; use \"memory\"",
+            ));
+        }
+        if self.blobs == BlobBackend::S3 {
+            return Err(ConfigError::new(
+                "storage.blobs",
+                "the s3 blob store is not available in this version; use \"fs\"",
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("storage.data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+impl RedisSettings {
+    fn validate(&self, backend: MessageBackend) -> Result<(), ConfigError> {
+        match &self.url {
+            Some(url) => check_redis_url(url.expose_secret())
+                .map_err(|message| ConfigError::new("redis.url", message))?,
+            None if backend == MessageBackend::Redis => {
+                return Err(ConfigError::new(
+                    "redis.url",
+                    "required when storage.messages = \"redis\"",
+                ));
+            }
+            None => {}
+        }
+        if self.key_prefix.is_empty()
+            || !self
+                .key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(ConfigError::new(
+                "redis.key_prefix",
+                "must be non-empty and use only letters, digits, '-', '_', '.', ':'",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Characters that end a URL's user-info early or that broke the previous service's deployment
+/// when they appeared raw in a Redis password.
+const RAW_PASSWORD_BREAKERS: &[char] = &['/', '=', '@', '#', '?'];
+
+/// Checks a Redis URL, giving an actionable message for the classic mistake of a password with
+/// `/`, `=`, `@` or `#` pasted into the URL without percent-encoding.
+pub fn check_redis_url(raw: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return Err("must look like redis://[user[:password]@]host:port[/db]".to_owned());
+    };
+    if !matches!(scheme, "redis" | "rediss") {
+        return Err(format!(
+            "scheme must be redis or rediss, not {scheme:?}; for a cluster list one node's redis:// URL"
+        ));
+    }
+    // The user-info runs to the last '@': a raw '@' inside the password would otherwise be
+    // taken for the end of it.
+    if let Some(at) = rest.rfind('@') {
+        let user_info = &rest[..at];
+        let password = user_info
+            .split_once(':')
+            .map_or("", |(_, password)| password);
+        if password.contains(RAW_PASSWORD_BREAKERS) || user_info.contains(['/', '#', '?']) {
+            return Err(
+                "the password contains a raw '/', '=', '@', '#' or '?': percent-encode it (e.g. '/' as %2F, '=' as %3D) or put it in redis.password instead"
+                    .to_owned(),
+            );
+        }
+        if password.is_empty() && user_info.starts_with(':') {
+            return Err("an empty password after ':' is not valid".to_owned());
+        }
+    }
+    let parsed = url::Url::parse(raw).map_err(|error| format!("not a valid URL: {error}"))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host".to_owned());
+    }
+    let db = parsed.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u8>().is_err() {
+        return Err(format!("the path must be a database number, not {db:?}"));
+    }
+    if let Some(password) = parsed.password() {
+        percent_encoding::percent_decode_str(password)
+            .decode_utf8()
+            .map_err(|_| "the percent-encoded password is not valid UTF-8".to_owned())?;
+    }
+    Ok(())
+}
+
+impl S3Settings {
+    fn validate(&self, backend: BlobBackend) -> Result<(), ConfigError> {
+        if let Some(endpoint) = &self.endpoint {
+            let parsed = url::Url::parse(endpoint).map_err(|error| {
+                ConfigError::new("s3.endpoint", format!("not a valid URL: {error}"))
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(ConfigError::new(
+                    "s3.endpoint",
+                    "scheme must be http or https",
+                ));
+            }
+        }
+        if backend == BlobBackend::S3 && self.bucket.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::new(
+                "s3.bucket",
+                "required when storage.blobs = \"s3\"",
+            ));
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(ConfigError::new(
+                "s3.secret_access_key",
+                "set both s3.access_key_id and s3.secret_access_key, or neither (to use the default AWS credential chain)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl UploadSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let chunk = self.max_chunk_bytes.as_u64();
+        if !(1024..=16 * 1024 * 1024).contains(&chunk) {
+            return Err(ConfigError::new(
+                "uploads.max_chunk_bytes",
+                "must be between 1KiB and 16MiB",
+            ));
+        }
+        for (key, size) in [
+            ("uploads.document_max_size", self.document_max_size),
+            ("uploads.image_max_size", self.image_max_size),
+        ] {
+            if size.as_u64() == 0 {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        for (key, types, category) in [
+            (
+                "uploads.document_types",
+                &self.document_types,
+                crate::files::policy::FileCategory::Document,
+            ),
+            (
+                "uploads.image_types",
+                &self.image_types,
+                crate::files::policy::FileCategory::Image,
+            ),
+        ] {
+            for mime in types {
+                let kind = FileKind::from_mime_type(mime).map_err(|FileKindError(_)| {
+                    ConfigError::new(
+                        key,
+                        format!(
+                            "unknown type {mime:?}; known: {}",
+                            FileKind::ALL
+                                .iter()
+                                .filter(|kind| kind.category() == category)
+                                .map(|kind| kind.mime_type())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )
+                })?;
+                if kind.category() != category {
+                    return Err(ConfigError::new(
+                        key,
+                        format!("{mime} is not of this category"),
+                    ));
+                }
+            }
+        }
+        if self.max_image_pixels == 0 {
+            return Err(ConfigError::new(
+                "uploads.max_image_pixels",
+                "must be greater than zero",
+            ));
+        }
+        // S3 refuses multipart parts under 5 MiB (all but the last).
+        if self.part_size.as_u64() < 5 * 1024 * 1024 || self.part_size.as_u64() > 512 * 1024 * 1024
+        {
+            return Err(ConfigError::new(
+                "uploads.part_size",
+                "must be between 5MiB (the S3 minimum) and 512MiB",
+            ));
+        }
+        if self.parts_in_flight == 0 || self.parts_in_flight > 64 {
+            return Err(ConfigError::new(
+                "uploads.parts_in_flight",
+                "must be between 1 and 64",
+            ));
+        }
+        let one_upload = self.part_size.as_u64() * (u64::from(self.parts_in_flight) + 1);
+        if self.memory_budget.as_u64() < one_upload {
+            return Err(ConfigError::new(
+                "uploads.memory_budget",
+                format!(
+                    "must hold at least one upload: (parts_in_flight + 1) x part_size = {}",
+                    ByteSize::b(one_upload).display().iec()
+                ),
+            ));
+        }
+        if self.retention < Duration::from_secs(1) {
+            return Err(ConfigError::new("uploads.retention", "must be at least 1s"));
+        }
+        Ok(())
+    }
+}
+
+impl DownloadSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.url_ttl < Duration::from_secs(1)
+            || self.url_ttl > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err(ConfigError::new(
+                "downloads.url_ttl",
+                "must be between 1s and 7d (the SigV4 maximum)",
+            ));
+        }
+        if let Some(key) = &self.signing_key
+            && key.expose_secret().len() < 32
+        {
+            return Err(ConfigError::new(
+                "downloads.signing_key",
+                "must be at least 32 bytes",
+            ));
+        }
+        if let Some(base) = &self.public_base_url {
+            url::Url::parse(base).map_err(|error| {
+                ConfigError::new(
+                    "downloads.public_base_url",
+                    format!("not a valid URL: {error}"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl MessagingSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.history_max_events == 0 {
+            return Err(ConfigError::new(
+                "messaging.history_max_events",
+                "must be greater than zero",
+            ));
+        }
+        if self.history_max_age.is_zero() {
+            return Err(ConfigError::new(
+                "messaging.history_max_age",
+                "must be greater than zero",
+            ));
+        }
+        if self.subscriber_buffer == 0 {
+            return Err(ConfigError::new(
+                "messaging.subscriber_buffer",
+                "must be greater than zero",
+            ));
+        }
+        if self.idempotency_window < Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "messaging.idempotency_window",
+                "must be at least 1m",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ThumbnailSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(16..=4096).contains(&self.max_edge) {
+            return Err(ConfigError::new(
+                "thumbnails.max_edge",
+                "must be between 16 and 4096",
+            ));
+        }
+        if !(1..=100).contains(&self.jpeg_quality) {
+            return Err(ConfigError::new(
+                "thumbnails.jpeg_quality",
+                "must be between 1 and 100",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new(
+                "thumbnails.timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LogSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.level)
+            .map(|_| ())
+            .map_err(|error| ConfigError::new("log.level", format!("not a valid filter: {error}")))
+    }
+}
+
+/// Maps a serde error at `path` into a [`ConfigError`] whose key names the setting itself, also
+/// for unknown keys (serde reports those at their parent).
+fn deserialize_error(path: &str, message: &str) -> ConfigError {
+    let parent = if path == "." { "" } else { path };
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        // serde_path_to_error usually names the unknown key itself; be robust if it does not.
+        let key = if parent.is_empty() {
+            field.to_owned()
+        } else if parent == field || parent.ends_with(&format!(".{field}")) {
+            parent.to_owned()
+        } else {
+            format!("{parent}.{field}")
+        };
+        return ConfigError::new(key, "unknown key");
+    }
+    let key = if parent.is_empty() { "config" } else { parent };
+    // The config crate appends where a value came from; the key is named already.
+    let message = message
+        .split(" for key `")
+        .next()
+        .unwrap_or(message)
+        .to_owned();
+    ConfigError::new(key, message)
+}
+
+fn config_crate_error(error: config::ConfigError) -> ConfigError {
+    match error {
+        config::ConfigError::At { error, key, .. } => ConfigError::new(
+            key.unwrap_or_else(|| "config".to_owned()),
+            error.to_string(),
+        ),
+        config::ConfigError::FileParse { uri, cause } => ConfigError::new(
+            "config",
+            format!(
+                "cannot parse {}: {}",
+                uri.unwrap_or_default(),
+                cause.to_string().replace('\n', " ")
+            ),
+        ),
+        other => ConfigError::new("config", other.to_string().replace('\n', " ")),
+    }
+}
+
+/// Shows a secret as set or unset, never its value.
+pub struct Redacted<'a>(pub &'a Option<SecretString>);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "[set]" } else { "[unset]" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(
+            None,
+            pairs
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_the_zero_setup_local_service() {
+        let settings = load(&[]).expect("defaults are valid");
+        assert_eq!(settings.server.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(settings.server.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.storage.messages, MessageBackend::Memory);
+        assert_eq!(settings.storage.blobs, BlobBackend::Fs);
+        assert_eq!(settings.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(settings.auth.mode, AuthMode::TrustedHeader);
+        assert_eq!(settings.uploads.document_types.len(), 9);
+        assert_eq!(settings.uploads.image_types.len(), 6);
+    }
+
+    #[test]
+    fn environment_overrides_with_typed_values() {
+        let settings = load(&[
+            ("SVC_MESSAGING__SERVER__SHUTDOWN_GRACE", "3s"),
+            ("SVC_MESSAGING__UPLOADS__PART_SIZE", "16MiB"),
+            ("SVC_MESSAGING__UPLOADS__PARTS_IN_FLIGHT", "4"),
+            (
+                "SVC_MESSAGING__UPLOADS__IMAGE_TYPES",
+                "image/png,image/jpeg",
+            ),
+            ("UNRELATED__SERVER__GRPC_ADDR", "nonsense"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.server.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(settings.uploads.part_size, ByteSize::mib(16));
+        assert_eq!(settings.uploads.parts_in_flight, 4);
+        assert_eq!(settings.uploads.image_types, ["image/png", "image/jpeg"]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "SVC_MESSAGING__SERVER__GRPC_ADDR",
+                "localhost",
+                "server.grpc_addr",
+            ),
+            (
+                "SVC_MESSAGING__SERVER__SHUTDOWN_GRACE",
+                "soon",
+                "server.shutdown_grace",
+            ),
+            (
+                "SVC_MESSAGING__SERVER__GRPC_ADR",
+                "127.0.0.1:1",
+                "server.grpc_adr",
+            ),
+            (
+                "SVC_MESSAGING__UPLOADS__PART_SIZE",
+                "huge",
+                "uploads.part_size",
+            ),
+            (
+                "SVC_MESSAGING__UPLOADS__PART_SIZE",
+                "1MiB",
+                "uploads.part_size",
+            ),
+            (
+                "SVC_MESSAGING__UPLOADS__PARTS_IN_FLIGHT",
+                "-1",
+                "uploads.parts_in_flight",
+            ),
+            (
+                "SVC_MESSAGING__UPLOADS__IMAGE_TYPES",
+                "image/tiff",
+                "uploads.image_types",
+            ),
+            ("SVC_MESSAGING__AUTH__MODE", "magic", "auth.mode"),
+            ("SVC_MESSAGING__AUTH__MODE", "jwt", "auth.jwt_secret"),
+            ("SVC_MESSAGING__NOPE__KEY", "1", "nope"),
+            (
+                "SVC_MESSAGING__REDIS__URL",
+                "redis://default:a/b=c@127.0.0.1:6379/0",
+                "redis.url",
+            ),
+            ("SVC_MESSAGING__LOG__FORMAT", "xml", "log.format"),
+            (
+                "SVC_MESSAGING__DOWNLOADS__URL_TTL",
+                "30d",
+                "downloads.url_ttl",
+            ),
+        ];
+        for (var, value, key) in cases {
+            let error = load(&[(var, value)]).expect_err(&format!("{var}={value} must fail"));
+            assert_eq!(&error.key, key, "{var}={value}: {error}");
+            assert!(!error.to_string().contains('\n'), "one line: {error}");
+        }
+    }
+
+    #[test]
+    fn redis_url_password_cases() {
+        // Percent-encoded special characters are the documented way; they must pass.
+        assert_eq!(
+            check_redis_url("redis://default:ci%2Fpa55%3Dword@127.0.0.1:6379/0"),
+            Ok(())
+        );
+        assert_eq!(check_redis_url("redis://127.0.0.1:6379"), Ok(()));
+        assert_eq!(
+            check_redis_url("rediss://user:plain@redis.example:6380/2"),
+            Ok(())
+        );
+        for raw in [
+            "redis://default:ci/pa55@127.0.0.1:6379/0",
+            "redis://default:pa55=word@127.0.0.1:6379/0",
+            "redis://default:p@ss@127.0.0.1:6379/0",
+            "redis://default:pa#ss@127.0.0.1:6379/0",
+        ] {
+            let message = check_redis_url(raw).expect_err(raw);
+            assert!(message.contains("percent-encode"), "{raw}: {message}");
+            assert!(message.contains("redis.password"), "{raw}: {message}");
+            assert!(
+                !message.contains("pa55"),
+                "the message must not echo the password"
+            );
+        }
+        assert!(check_redis_url("http://127.0.0.1:6379").is_err());
+        assert!(check_redis_url("redis://127.0.0.1:6379/zero").is_err());
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let settings = load(&[
+            (
+                "SVC_MESSAGING__AUTH__JWT_SECRET",
+                "top-secret-value-that-is-long-enough-0123",
+            ),
+            ("SVC_MESSAGING__REDIS__PASSWORD", "hunter2-redis"),
+            (
+                "SVC_MESSAGING__REDIS__URL",
+                "redis://default:urlpass@127.0.0.1:6379/0",
+            ),
+            ("SVC_MESSAGING__S3__ACCESS_KEY_ID", "GK0123"),
+            ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", "s3-secret-key"),
+        ])
+        .expect("valid");
+        let debug = format!("{settings:?}");
+        for secret in [
+            "top-secret-value",
+            "hunter2-redis",
+            "urlpass",
+            "s3-secret-key",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked into {debug}");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The service's error vocabulary: what went wrong (an [`ErrorKind`], which decides the gRPC code)
+//! and a machine-readable [`Reason`] that clients can branch on. The only translation into
+//! `tonic::Status` lives in `grpc::status`.
+
+use std::fmt;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure this is, independent of transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed; retrying it unchanged cannot help.
+    InvalidArgument,
+    /// The caller did not prove who they are.
+    Unauthenticated,
+    /// The caller is known but may not do this.
+    PermissionDenied,
+    NotFound,
+    /// The request conflicts with an earlier one (e.g. an idempotency key reused).
+    AlreadyExists,
+    /// The state does not allow this right now.
+    FailedPrecondition,
+    /// A position outside what is kept (e.g. truncated history).
+    OutOfRange,
+    /// A limit was hit (memory, a slow consumer); retrying later may help.
+    ResourceExhausted,
+    /// A dependency is down or the server is shutting down; retrying may help.
+    Unavailable,
+    /// A dependency did not answer in time.
+    DeadlineExceeded,
+    /// Not built yet.
+    Unimplemented,
+    /// A bug or a broken invariant; details are logged, never sent.
+    Internal,
+}
+
+/// Machine-readable reasons, sent as `google.rpc.ErrorInfo.reason` with domain `messaging.v1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    InvalidField,
+    CredentialsMissing,
+    CredentialsMalformed,
+    TokenExpired,
+    TokenInvalid,
+    NotAParticipant,
+    NotConversationCreator,
+    NotMessageSender,
+    NotFileUploader,
+    ConversationNotFound,
+    MessageNotFound,
+    FileNotFound,
+    ParticipantNotFound,
+    ClientMessageIdReused,
+    RequestIdReused,
+    HistoryTruncated,
+    SlowConsumer,
+    MetadataFirst,
+    UnsupportedType,
+    FileTooLarge,
+    ContentTypeMismatch,
+    ImageTooLarge,
+    ImageUndecodable,
+    SizeMismatch,
+    ChecksumMismatch,
+    MalformedDocument,
+    UploadMemoryBusy,
+    BackendUnavailable,
+    BackendTimeout,
+    ShuttingDown,
+    NotImplemented,
+    Internal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidField => "INVALID_FIELD",
+            Reason::CredentialsMissing => "CREDENTIALS_MISSING",
+            Reason::CredentialsMalformed => "CREDENTIALS_MALFORMED",
+            Reason::TokenExpired => "TOKEN_EXPIRED",
+            Reason::TokenInvalid => "TOKEN_INVALID",
+            Reason::NotAParticipant => "NOT_A_PARTICIPANT",
+            Reason::NotConversationCreator => "NOT_CONVERSATION_CREATOR",
+            Reason::NotMessageSender => "NOT_MESSAGE_SENDER",
+            Reason::NotFileUploader => "NOT_FILE_UPLOADER",
+            Reason::ConversationNotFound => "CONVERSATION_NOT_FOUND",
+            Reason::MessageNotFound => "MESSAGE_NOT_FOUND",
+            Reason::FileNotFound => "FILE_NOT_FOUND",
+            Reason::ParticipantNotFound => "PARTICIPANT_NOT_FOUND",
+            Reason::ClientMessageIdReused => "CLIENT_MESSAGE_ID_REUSED",
+            Reason::RequestIdReused => "REQUEST_ID_REUSED",
+            Reason::HistoryTruncated => "HISTORY_TRUNCATED",
+            Reason::SlowConsumer => "SLOW_CONSUMER",
+            Reason::MetadataFirst => "METADATA_FIRST",
+            Reason::UnsupportedType => "UNSUPPORTED_TYPE",
+            Reason::FileTooLarge => "FILE_TOO_LARGE",
+            Reason::ContentTypeMismatch => "CONTENT_TYPE_MISMATCH",
+            Reason::ImageTooLarge => "IMAGE_TOO_LARGE",
+            Reason::ImageUndecodable => "IMAGE_UNDECODABLE",
+            Reason::SizeMismatch => "SIZE_MISMATCH",
+            Reason::ChecksumMismatch => "CHECKSUM_MISMATCH",
+            Reason::MalformedDocument => "MALFORMED_DOCUMENT",
+            Reason::UploadMemoryBusy => "UPLOAD_MEMORY_BUSY",
+            Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
+            Reason::BackendTimeout => "BACKEND_TIMEOUT",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::NotImplemented => "NOT_IMPLEMENTED",
+            Reason::Internal => "INTERNAL",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure with a message that is safe to show the caller. Internal detail travels in
+/// `source`, which is logged at the edge and never sent.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub reason: Reason,
+    pub message: String,
+    /// The request field at fault, reported as a `google.rpc.BadRequest` field violation.
+    pub field: Option<&'static str>,
+    /// Extra `ErrorInfo` metadata (e.g. the supported types), never secrets.
+    pub metadata: Vec<(&'static str, String)>,
+    #[source]
+    pub source: Option<BoxError>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason,
+            message: message.into(),
+            field: None,
+            metadata: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// A malformed field; `field` is its name in the request message.
+    pub fn invalid_field(field: &'static str, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, Reason::InvalidField, message).with_field(field)
+    }
+
+    pub fn invalid(reason: Reason, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, reason, message)
+    }
+
+    pub fn not_found(reason: Reason, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, reason, message)
+    }
+
+    pub fn permission_denied(reason: Reason, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, reason, message)
+    }
+
+    pub fn unimplemented(what: &str) -> Self {
+        Self::new(
+            ErrorKind::Unimplemented,
+            Reason::NotImplemented,
+            format!("{what} is not implemented yet"),
+        )
+    }
+
+    pub fn shutting_down() -> Self {
+        Self::new(
+            ErrorKind::Unavailable,
+            Reason::ShuttingDown,
+            "the server is shutting down; retry on another replica",
+        )
+    }
+
+    pub fn internal(source: impl Into<BoxError>) -> Self {
+        Self::new(ErrorKind::Internal, Reason::Internal, "internal error").with_source(source)
+    }
+
+    pub fn with_field(mut self, field: &'static str) -> Self {
+        self.field = Some(field);
+        self
+    }
+
+    pub fn with_metadata(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.metadata.push((key, value.into()));
+        self
+    }
+
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+}

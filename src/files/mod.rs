@@ -1,0 +1,3 @@
+//! File relay domain: what may be uploaded and, in later steps, the upload pipeline.
+
+pub mod policy;

@@ -1,0 +1,217 @@
+//! Which files may be uploaded: the known file kinds and the per-category limits from config.
+
+use std::time::Duration;
+
+use crate::config::UploadSettings;
+
+/// Documents and images have separate size limits; images also get dimensions and thumbnails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileCategory {
+    Document,
+    Image,
+}
+
+/// Every file kind the service knows how to recognise from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    Pdf,
+    Doc,
+    Docx,
+    Xls,
+    Xlsx,
+    Ppt,
+    Pptx,
+    Txt,
+    Csv,
+    Jpeg,
+    Png,
+    Gif,
+    Webp,
+    Heic,
+    Heif,
+}
+
+/// A MIME type the service does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown file type {0:?}")]
+pub struct FileKindError(pub String);
+
+impl FileKind {
+    pub const ALL: [FileKind; 15] = [
+        FileKind::Pdf,
+        FileKind::Doc,
+        FileKind::Docx,
+        FileKind::Xls,
+        FileKind::Xlsx,
+        FileKind::Ppt,
+        FileKind::Pptx,
+        FileKind::Txt,
+        FileKind::Csv,
+        FileKind::Jpeg,
+        FileKind::Png,
+        FileKind::Gif,
+        FileKind::Webp,
+        FileKind::Heic,
+        FileKind::Heif,
+    ];
+
+    pub fn mime_type(self) -> &'static str {
+        match self {
+            FileKind::Pdf => "application/pdf",
+            FileKind::Doc => "application/msword",
+            FileKind::Docx => {
+                "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+            }
+            FileKind::Xls => "application/vnd.ms-excel",
+            FileKind::Xlsx => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            FileKind::Ppt => "application/vnd.ms-powerpoint",
+            FileKind::Pptx => {
+                "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+            }
+            FileKind::Txt => "text/plain",
+            FileKind::Csv => "text/csv",
+            FileKind::Jpeg => "image/jpeg",
+            FileKind::Png => "image/png",
+            FileKind::Gif => "image/gif",
+            FileKind::Webp => "image/webp",
+            FileKind::Heic => "image/heic",
+            FileKind::Heif => "image/heif",
+        }
+    }
+
+    pub fn extensions(self) -> &'static [&'static str] {
+        match self {
+            FileKind::Pdf => &["pdf"],
+            FileKind::Doc => &["doc"],
+            FileKind::Docx => &["docx"],
+            FileKind::Xls => &["xls"],
+            FileKind::Xlsx => &["xlsx"],
+            FileKind::Ppt => &["ppt"],
+            FileKind::Pptx => &["pptx"],
+            FileKind::Txt => &["txt"],
+            FileKind::Csv => &["csv"],
+            FileKind::Jpeg => &["jpg", "jpeg"],
+            FileKind::Png => &["png"],
+            FileKind::Gif => &["gif"],
+            FileKind::Webp => &["webp"],
+            FileKind::Heic => &["heic"],
+            FileKind::Heif => &["heif"],
+        }
+    }
+
+    pub fn category(self) -> FileCategory {
+        match self {
+            FileKind::Jpeg
+            | FileKind::Png
+            | FileKind::Gif
+            | FileKind::Webp
+            | FileKind::Heic
+            | FileKind::Heif => FileCategory::Image,
+            _ => FileCategory::Document,
+        }
+    }
+
+    /// Parses a declared `Content-Type`, ignoring parameters such as `; charset=utf-8` and case.
+    pub fn from_mime_type(content_type: &str) -> Result<Self, FileKindError> {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        // `image/jpg` is common in the wild even though it was never registered.
+        let essence = if essence == "image/jpg" {
+            "image/jpeg".to_owned()
+        } else {
+            essence
+        };
+        FileKind::ALL
+            .into_iter()
+            .find(|kind| kind.mime_type() == essence)
+            .ok_or_else(|| FileKindError(content_type.to_owned()))
+    }
+}
+
+/// One accepted file kind with its size limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileTypeRule {
+    pub kind: FileKind,
+    pub max_size_bytes: u64,
+}
+
+/// What uploads accept, as `GetUploadPolicy` reports it and the upload pipeline enforces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadPolicy {
+    pub file_types: Vec<FileTypeRule>,
+    pub retention: Duration,
+    pub max_chunk_bytes: u64,
+    pub max_image_pixels: u64,
+}
+
+impl UploadPolicy {
+    /// Builds the policy from validated settings (unknown MIME types were rejected there).
+    pub fn from_settings(settings: &UploadSettings) -> Self {
+        let mut file_types = Vec::new();
+        for (types, max_size) in [
+            (&settings.document_types, settings.document_max_size),
+            (&settings.image_types, settings.image_max_size),
+        ] {
+            for mime in types {
+                if let Ok(kind) = FileKind::from_mime_type(mime)
+                    && !file_types
+                        .iter()
+                        .any(|rule: &FileTypeRule| rule.kind == kind)
+                {
+                    file_types.push(FileTypeRule {
+                        kind,
+                        max_size_bytes: max_size.as_u64(),
+                    });
+                }
+            }
+        }
+        Self {
+            file_types,
+            retention: settings.retention,
+            max_chunk_bytes: settings.max_chunk_bytes.as_u64(),
+            max_image_pixels: settings.max_image_pixels,
+        }
+    }
+
+    /// The rule for a declared content type, if that type is accepted.
+    pub fn rule_for(&self, content_type: &str) -> Option<&FileTypeRule> {
+        let kind = FileKind::from_mime_type(content_type).ok()?;
+        self.file_types.iter().find(|rule| rule.kind == kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_has_the_documented_types_and_limits() {
+        let policy = UploadPolicy::from_settings(&UploadSettings::default());
+        assert_eq!(policy.file_types.len(), 15);
+        let pdf = policy.rule_for("application/pdf").expect("pdf accepted");
+        assert_eq!(pdf.max_size_bytes, 50 * 1024 * 1024);
+        let jpeg = policy
+            .rule_for("IMAGE/JPG; foo=bar")
+            .expect("jpeg accepted");
+        assert_eq!(jpeg.kind, FileKind::Jpeg);
+        assert_eq!(jpeg.max_size_bytes, 10 * 1024 * 1024);
+        assert!(policy.rule_for("image/tiff").is_none());
+        assert_eq!(policy.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(policy.max_chunk_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn disabled_types_are_not_accepted() {
+        let settings = UploadSettings {
+            image_types: vec!["image/png".to_owned()],
+            ..UploadSettings::default()
+        };
+        let policy = UploadPolicy::from_settings(&settings);
+        assert!(policy.rule_for("image/png").is_some());
+        assert!(policy.rule_for("image/jpeg").is_none());
+    }
+}

@@ -1,0 +1,31 @@
+//! svc-messaging: chat conversations over gRPC — messages, live subscriptions and file relay.
+//!
+//! Data flows one way: [`grpc`] adapters -> domain ([`messaging`], [`files`]) -> [`store`].
+//!
+//! - [`app`]: builds everything from [`config::Settings`], serves gRPC and HTTP, shuts down.
+//! - [`config`]: layered, validated settings; secrets redacted.
+//! - [`auth`]: who is calling (JWT or a trusted gateway header).
+//! - [`drain`]: ends calls still open after the shutdown grace with `UNAVAILABLE`.
+//! - [`error`]: the error vocabulary (kind + machine-readable reason).
+//! - [`grpc`]: generated types, the status mapping and the thin service adapters.
+//! - [`health`]: dependency checks feeding gRPC health and the HTTP probes.
+//! - [`http`]: `/healthz`, `/readyz`, `/v1/health`, `/metrics`.
+//! - [`metrics`]: Prometheus registry and the gRPC metrics layer.
+//! - [`ids`]: identifiers parsed at the boundary.
+//! - [`files`]: upload policy and (later) the upload pipeline.
+//! - [`store`]: storage traits and backends.
+//! - [`telemetry`]: the `tracing` subscriber.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod files;
+pub mod grpc;
+pub mod health;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod store;
+pub mod telemetry;

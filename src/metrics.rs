@@ -1,0 +1,319 @@
+//! Prometheus metrics: per-method RPC counts by status code, latency, and RPCs (streams
+//! especially) in flight. A tower layer observes every gRPC call from the outside, so the
+//! handlers stay free of bookkeeping and a status sent in trailers is counted correctly.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::future::BoxFuture;
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tower::{Layer, Service};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: &'static str,
+}
+
+type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+/// The registry and the gRPC server metrics in it.
+pub struct Metrics {
+    registry: Registry,
+    handled: Family<HandledLabels, Counter>,
+    handling_seconds: HistogramFamily,
+    in_flight: Family<MethodLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling_seconds: HistogramFamily = Family::new_with_constructor(|| {
+            // 0.5 ms .. ~16 s: unary calls sit at the low end, uploads and streams at the top.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0005, 2.0, 16,
+            ))
+        });
+        let in_flight = Family::<MethodLabels, Gauge>::default();
+        registry.register(
+            "grpc_server_handled",
+            "RPCs completed, by method and gRPC status code",
+            handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Time from request to final status, by method",
+            handling_seconds.clone(),
+        );
+        registry.register(
+            "grpc_server_in_flight",
+            "RPCs (including open streams) currently in progress, by method",
+            in_flight.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            handled,
+            handling_seconds,
+            in_flight,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Observes every gRPC call passing through the server.
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl GrpcMetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetricsService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let observation = Observation::start(self.metrics.clone(), request.uri().path());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let (parts, body) = response.into_parts();
+            let mut observation = Some(observation);
+            // A trailers-only response (an immediate error) carries its status in the headers.
+            if let Some(code) = parts.headers.get("grpc-status")
+                && let Some(observation) = observation.take()
+            {
+                observation.finish(code.as_bytes());
+            }
+            Ok(http::Response::from_parts(
+                parts,
+                ObservedBody {
+                    inner: body,
+                    observation,
+                },
+            ))
+        })
+    }
+}
+
+/// One call being measured; dropping it unfinished counts the call as CANCELLED.
+struct Observation {
+    metrics: Arc<Metrics>,
+    labels: MethodLabels,
+    started: Instant,
+    finished: bool,
+}
+
+impl Observation {
+    fn start(metrics: Arc<Metrics>, path: &str) -> Self {
+        let mut segments = path.trim_start_matches('/').splitn(2, '/');
+        let labels = MethodLabels {
+            grpc_service: segments.next().unwrap_or_default().to_owned(),
+            grpc_method: segments.next().unwrap_or_default().to_owned(),
+        };
+        metrics.in_flight.get_or_create(&labels).inc();
+        Self {
+            metrics,
+            labels,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, grpc_status: &[u8]) {
+        self.record(code_name(grpc_status));
+    }
+
+    fn record(&mut self, code: &'static str) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let metrics = &self.metrics;
+        metrics.in_flight.get_or_create(&self.labels).dec();
+        metrics
+            .handling_seconds
+            .get_or_create(&self.labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        metrics
+            .handled
+            .get_or_create(&HandledLabels {
+                grpc_service: self.labels.grpc_service.clone(),
+                grpc_method: self.labels.grpc_method.clone(),
+                grpc_code: code,
+            })
+            .inc();
+    }
+}
+
+impl Drop for Observation {
+    fn drop(&mut self) {
+        self.record("CANCELLED");
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that reports the call's status once its trailers pass by.
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        observation: Option<Observation>,
+    }
+}
+
+impl<B: Body> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(observation) = this.observation.take()
+                {
+                    let code = trailers
+                        .get("grpc-status")
+                        .map_or(b"2".as_slice(), |v| v.as_bytes());
+                    observation.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut observation) = this.observation.take() {
+                    observation.record("UNKNOWN");
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(observation) = this.observation.take() {
+                    observation.finish(b"0");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn code_name(grpc_status: &[u8]) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    std::str::from_utf8(grpc_status)
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok())
+        .and_then(|code| NAMES.get(code).copied())
+        .unwrap_or("UNKNOWN")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_are_named() {
+        assert_eq!(code_name(b"0"), "OK");
+        assert_eq!(code_name(b"12"), "UNIMPLEMENTED");
+        assert_eq!(code_name(b"16"), "UNAUTHENTICATED");
+        assert_eq!(code_name(b"99"), "UNKNOWN");
+    }
+
+    #[test]
+    fn an_unfinished_call_counts_as_cancelled() {
+        let metrics = Metrics::new();
+        drop(Observation::start(metrics.clone(), "/pkg.Svc/Method"));
+        Observation::start(metrics.clone(), "/pkg.Svc/Method").finish(b"5");
+        let text = metrics.encode();
+        assert!(text.contains(
+            r#"grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Method",grpc_code="CANCELLED"} 1"#
+        ), "{text}");
+        assert!(text.contains(r#"grpc_code="NOT_FOUND"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"grpc_server_in_flight{grpc_service="pkg.Svc",grpc_method="Method"} 0"#
+            ),
+            "{text}"
+        );
+    }
+}

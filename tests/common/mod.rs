@@ -1,0 +1,234 @@
+//! Shared test helpers: spawn the real service (in-process on port 0, or the binary), and the
+//! environment of real servers that `scripts/test` starts.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use svc_messaging::{
+    app::{App, StartupError},
+    config::Settings,
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Request, transport::Channel};
+
+/// The service running inside the test process.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), StartupError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with test-friendly defaults (port 0, a fresh data dir, fast health checks), which
+    /// `customize` may change.
+    pub async fn start_with(customize: impl FnOnce(&mut Settings)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = Settings::default();
+        settings.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+        settings.server.http_addr = "127.0.0.1:0".parse().unwrap();
+        settings.server.health_check_interval = Duration::from_millis(100);
+        settings.server.shutdown_grace = Duration::from_secs(1);
+        settings.storage.data_dir = data_dir.path().join("blobs");
+        customize(&mut settings);
+        settings.validate().expect("test settings are valid");
+        let app = App::bind(settings).await.expect("bind");
+        let grpc_addr = app.grpc_addr();
+        let http_addr = app.http_addr();
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = shutdown_rx.await;
+        }));
+        let server = Self {
+            grpc_addr,
+            http_addr,
+            data_dir,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http_addr, path)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = self.http_url("/readyz");
+        while Instant::now() < deadline {
+            if let Ok(response) = reqwest::get(&url).await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the test server did not become ready");
+    }
+
+    /// Asks the server to shut down and returns its run task, to await or time.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<Result<(), StartupError>> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.task.take().expect("server still running")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// A request authenticated through the trusted `x-user-id` header.
+pub fn as_user<T>(user: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-user-id", user.parse().expect("ascii user id"));
+    request
+}
+
+/// The `google.rpc.ErrorInfo` reason of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
+/// The `svc-messaging` binary running as a child process, logging JSON lines.
+pub struct ServiceProcess {
+    pub child: Child,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServiceProcess {
+    /// Starts the binary with `env` (on top of port-0 listeners and JSON logs) and waits until it
+    /// logs its addresses.
+    pub fn spawn(env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_svc-messaging"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SVC_MESSAGING__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("SVC_MESSAGING__SERVER__HTTP_ADDR", "127.0.0.1:0")
+            .env("SVC_MESSAGING__LOG__FORMAT", "json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn svc-messaging");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
+                        && json["message"] == "serving"
+                    {
+                        let grpc = json["grpc_addr"].as_str().unwrap().parse().unwrap();
+                        let http = json["http_addr"].as_str().unwrap().parse().unwrap();
+                        let _ = addr_tx.send((grpc, http));
+                    }
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        let (grpc_addr, http_addr) = addr_rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "the service did not start; output:\n{}",
+                    output.lock().unwrap().join("\n")
+                )
+            });
+        Self {
+            child,
+            grpc_addr,
+            http_addr,
+            output,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A tool path that `scripts/test` exports; the suite is meant to run with it.
+pub fn required_tool(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the suite through scripts/test, which installs the tools")
+    })
+}

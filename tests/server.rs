@@ -1,0 +1,486 @@
+//! The server as a whole: health over gRPC and HTTP, reflection, metrics, authentication at the
+//! edge, the not-yet-built RPCs, and graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, as_user, reason};
+use futures::StreamExt;
+use prost::Message;
+use svc_messaging::grpc::pb::{
+    self, file_relay_service_client::FileRelayServiceClient,
+    messaging_service_client::MessagingServiceClient,
+};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const SERVICES: [&str; 3] = [
+    "",
+    "messaging.v1.MessagingService",
+    "messaging.v1.FileRelayService",
+];
+
+async fn check(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> ServingStatus {
+    let response = health
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+#[tokio::test]
+async fn health_check_reports_every_service_without_credentials() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in SERVICES {
+        assert_eq!(
+            check(&mut health, service).await,
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nope.v1.Nothing".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+/// Next status on a Watch stream, failing the test after a few seconds.
+async fn next_status(
+    stream: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) -> ServingStatus {
+    let response = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a health update within 5s")
+        .expect("stream open")
+        .expect("no error");
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+#[tokio::test]
+async fn health_follows_a_dependency_down_and_back_up() {
+    let server = TestServer::start().await;
+    let blob_root = server.data_dir.path().join("blobs");
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "messaging.v1.FileRelayService".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
+
+    // Break the blob store: its root becomes a plain file, so nothing can be written under it.
+    std::fs::remove_dir_all(&blob_root).unwrap();
+    std::fs::write(&blob_root, b"not a directory").unwrap();
+    assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing);
+    let readyz = reqwest::get(server.http_url("/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    let http_health =
+        reqwest::get(server.http_url("/v1/health?service=messaging.v1.MessagingService"))
+            .await
+            .unwrap();
+    assert_eq!(http_health.status(), 503);
+    assert_eq!(
+        http_health.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"status": "NOT_SERVING"})
+    );
+    // Liveness is about the process, not its dependencies.
+    assert_eq!(
+        reqwest::get(server.http_url("/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Repair it: the service recovers without a restart.
+    std::fs::remove_file(&blob_root).unwrap();
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(
+        reqwest::get(server.http_url("/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn http_probes_answer_like_grpc_gateway() {
+    let server = TestServer::start().await;
+    let healthz = reqwest::get(server.http_url("/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 200);
+    let readyz = reqwest::get(server.http_url("/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 200);
+    for service in SERVICES {
+        let response = reqwest::get(server.http_url(&format!("/v1/health?service={service}")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{service:?}");
+        assert_eq!(
+            response.json::<serde_json::Value>().await.unwrap(),
+            serde_json::json!({"status": "SERVING"})
+        );
+    }
+    let plain = reqwest::get(server.http_url("/v1/health")).await.unwrap();
+    assert_eq!(plain.status(), 200);
+    let unknown = reqwest::get(server.http_url("/v1/health?service=nope.v1.Nothing"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(
+        unknown.json::<serde_json::Value>().await.unwrap()["code"],
+        5
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_rpcs_by_method_and_code() {
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    check(&mut health, "").await;
+    check(&mut health, "").await;
+    let mut messaging = MessagingServiceClient::new(channel);
+    let status = messaging
+        .get_conversation(as_user("alice", pb::GetConversationRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    let response = reqwest::get(server.http_url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(r#"grpc_server_handled_total{grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_code="OK"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"grpc_service="messaging.v1.MessagingService",grpc_method="GetConversation",grpc_code="UNIMPLEMENTED"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("grpc_server_handling_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE grpc_server_in_flight gauge"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_show_open_streams_in_flight() {
+    let server = TestServer::start().await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    next_status(&mut watch).await;
+    let text = reqwest::get(server.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            r#"grpc_server_in_flight{grpc_service="grpc.health.v1.Health",grpc_method="Watch"} 1"#
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn public_rpcs_require_credentials() {
+    let server = TestServer::start().await;
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    let status = files
+        .get_upload_policy(pb::GetUploadPolicyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(reason(&status), "CREDENTIALS_MISSING");
+}
+
+#[tokio::test]
+async fn rpcs_of_later_issues_are_honestly_unimplemented() {
+    let server = TestServer::start().await;
+    let mut messaging = MessagingServiceClient::new(server.channel().await);
+    let status = messaging
+        .send_message(as_user("alice", pb::SendMessageRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert_eq!(reason(&status), "NOT_IMPLEMENTED");
+}
+
+#[tokio::test]
+async fn upload_policy_reports_the_configured_types_and_limits() {
+    let server = TestServer::start_with(|settings| {
+        settings.uploads.image_types = vec!["image/png".to_owned(), "image/jpeg".to_owned()];
+        settings.uploads.image_max_size = bytesize::ByteSize::mib(5);
+    })
+    .await;
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    let policy = files
+        .get_upload_policy(as_user("alice", pb::GetUploadPolicyRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policy.file_types.len(), 9 + 2);
+    let pdf = policy
+        .file_types
+        .iter()
+        .find(|rule| rule.mime_type == "application/pdf")
+        .unwrap();
+    assert_eq!(pdf.max_size_bytes, 50 * 1024 * 1024);
+    assert_eq!(pdf.category(), pb::FileCategory::Document);
+    assert_eq!(pdf.extensions, ["pdf"]);
+    let jpeg = policy
+        .file_types
+        .iter()
+        .find(|rule| rule.mime_type == "image/jpeg")
+        .unwrap();
+    assert_eq!(jpeg.max_size_bytes, 5 * 1024 * 1024);
+    assert_eq!(jpeg.extensions, ["jpg", "jpeg"]);
+    assert!(
+        policy
+            .file_types
+            .iter()
+            .all(|rule| rule.mime_type != "image/gif")
+    );
+    assert_eq!(policy.retention.unwrap().seconds, 7 * 24 * 3600);
+    assert_eq!(policy.max_chunk_bytes, 1024 * 1024);
+}
+
+mod reflection {
+    use super::*;
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    const EXPECTED: [&str; 5] = [
+        "messaging.v1.MessagingService",
+        "messaging.v1.FileRelayService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+
+    #[tokio::test]
+    async fn v1alpha_lists_services_and_serves_commented_descriptors() {
+        use v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let server = TestServer::start().await;
+        let mut client = ServerReflectionClient::new(server.channel().await);
+        let requests = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("messaging.v1.MessagingService".to_owned()),
+            MessageRequest::FileContainingSymbol("grpc.health.v1.Health".to_owned()),
+        ]
+        .map(|message| v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        });
+        let mut responses = client
+            .server_reflection_info(futures::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected a service list");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for expected in EXPECTED {
+            assert!(
+                names.contains(&expected),
+                "{expected} missing from {names:?}"
+            );
+        }
+
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            responses.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected file descriptors");
+        };
+        let messaging_file = files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+            .find(|file| file.name() == "messaging/v1/messaging.proto")
+            .expect("messaging.proto served");
+        let service = &messaging_file.service[0];
+        assert_eq!(service.name(), "MessagingService");
+        assert_eq!(service.method.len(), 10);
+        let commented = messaging_file
+            .source_code_info
+            .as_ref()
+            .expect("source info kept for describe")
+            .location
+            .iter()
+            .filter(|location| !location.leading_comments().trim().is_empty())
+            .count();
+        assert!(commented > 20, "only {commented} commented elements");
+
+        let Some(MessageResponse::FileDescriptorResponse(health_files)) =
+            responses.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected the health descriptors");
+        };
+        assert!(!health_files.file_descriptor_proto.is_empty());
+    }
+
+    #[tokio::test]
+    async fn v1_lists_services() {
+        use v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let server = TestServer::start().await;
+        let mut client = ServerReflectionClient::new(server.channel().await);
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.next().await.unwrap().unwrap().message_response
+        else {
+            panic!("expected a service list");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for expected in EXPECTED {
+            assert!(
+                names.contains(&expected),
+                "{expected} missing from {names:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn grpcurl_lists_and_describes_the_contract() {
+        let grpcurl = common::required_tool("SVC_TEST_GRPCURL");
+        let server = TestServer::start().await;
+        let addr = server.grpc_addr.to_string();
+        let run = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+            let output = tokio::process::Command::new(&grpcurl)
+                .arg("-plaintext")
+                .args(&args)
+                .output();
+            async move {
+                let output = output.await.expect("run grpcurl");
+                assert!(
+                    output.status.success(),
+                    "grpcurl {args:?}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                String::from_utf8(output.stdout).unwrap()
+            }
+        };
+        let listed = run(&[&addr, "list"]).await;
+        for expected in EXPECTED {
+            assert!(
+                listed.contains(expected),
+                "{expected} missing from {listed}"
+            );
+        }
+        let described = run(&[&addr, "describe", "messaging.v1.MessagingService"]).await;
+        assert!(described.contains("rpc SendMessage"), "{described}");
+        assert!(described.contains("//"), "comments missing: {described}");
+        let message = run(&[&addr, "describe", "messaging.v1.Message"]).await;
+        assert!(message.contains("client_message_id"), "{message}");
+        let health = run(&[
+            "-d",
+            r#"{"service":""}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+        .await;
+        assert!(health.contains("SERVING"), "{health}");
+        let policy = run(&[
+            "-H",
+            "x-user-id: alice",
+            &addr,
+            "messaging.v1.FileRelayService/GetUploadPolicy",
+        ])
+        .await;
+        assert!(policy.contains("application/pdf"), "{policy}");
+    }
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_then_cancels_open_streams() {
+    let mut server = TestServer::start_with(|settings| {
+        settings.server.shutdown_grace = Duration::from_millis(1500);
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
+
+    let started = std::time::Instant::now();
+    let run = server.begin_shutdown();
+    // The open stream sees the server turn NOT_SERVING first ...
+    assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing);
+    // ... no new connections are accepted ...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(server.grpc_addr)
+            .await
+            .is_err(),
+        "new connections must be refused while draining"
+    );
+    // ... and the stream still open after the grace period is ended, then the server stops.
+    let end = tokio::time::timeout(Duration::from_secs(6), watch.next())
+        .await
+        .expect("the stream ends after the grace period");
+    match end {
+        Some(Err(status)) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert_eq!(status.message(), "server is shutting down");
+        }
+        other => panic!("expected UNAVAILABLE after the grace period, got {other:?}"),
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(6), run)
+        .await
+        .expect("the server stops")
+        .unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "stopped before the grace: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+}
