@@ -23,8 +23,13 @@ use crate::{
     },
     health::{self, DependencyCheck, HealthBoard},
     http,
+    messaging::service::ConversationService,
     metrics::{GrpcMetricsLayer, Metrics},
-    store::fs::FsBlobStore,
+    store::{
+        fs::FsBlobStore,
+        memory::MemoryMessageStore,
+        messages::{MessageStore, Retention},
+    },
 };
 
 /// Room for a protobuf envelope around the largest accepted upload chunk.
@@ -141,8 +146,16 @@ impl App {
             .unwrap_or(usize::MAX)
             + MESSAGE_OVERHEAD;
         let policy = Arc::new(UploadPolicy::from_settings(&settings.uploads));
+        let message_store: Arc<dyn MessageStore> = Arc::new(MemoryMessageStore::new(Retention {
+            max_events: settings.messaging.history_max_events,
+            max_age: settings.messaging.history_max_age,
+        }));
+        let conversations = Arc::new(ConversationService::new(
+            message_store,
+            settings.messaging.clone(),
+        ));
         let messaging = InterceptedService::new(
-            MessagingServiceServer::new(MessagingApi::default()),
+            MessagingServiceServer::new(MessagingApi::new(conversations)),
             authenticator.clone(),
         );
         let file_relay = InterceptedService::new(

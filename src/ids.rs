@@ -8,7 +8,10 @@ use crate::error::Error;
 pub const MAX_USER_ID_CHARS: usize = 128;
 
 /// A user, as named by the identity provider's `sub` claim or the trusted gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct UserId(String);
 
 impl UserId {

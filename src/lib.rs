@@ -11,6 +11,7 @@
 //! - [`health`]: dependency checks feeding gRPC health and the HTTP probes.
 //! - [`http`]: `/healthz`, `/readyz`, `/v1/health`, `/metrics`.
 //! - [`metrics`]: Prometheus registry and the gRPC metrics layer.
+//! - [`messaging`]: conversations, messages, subscriptions (domain).
 //! - [`ids`]: identifiers parsed at the boundary.
 //! - [`files`]: upload policy and (later) the upload pipeline.
 //! - [`store`]: storage traits and backends.
@@ -26,6 +27,7 @@ pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod messaging;
 pub mod metrics;
 pub mod store;
 pub mod telemetry;

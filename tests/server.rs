@@ -8,10 +8,7 @@ use std::time::Duration;
 use common::{TestServer, as_user, reason};
 use futures::StreamExt;
 use prost::Message;
-use svc_messaging::grpc::pb::{
-    self, file_relay_service_client::FileRelayServiceClient,
-    messaging_service_client::MessagingServiceClient,
-};
+use svc_messaging::grpc::pb::{self, file_relay_service_client::FileRelayServiceClient};
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -156,9 +153,9 @@ async fn metrics_count_rpcs_by_method_and_code() {
     let mut health = HealthClient::new(channel.clone());
     check(&mut health, "").await;
     check(&mut health, "").await;
-    let mut messaging = MessagingServiceClient::new(channel);
-    let status = messaging
-        .get_conversation(as_user("alice", pb::GetConversationRequest::default()))
+    let mut files = FileRelayServiceClient::new(channel);
+    let status = files
+        .get_file(as_user("alice", pb::GetFileRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
@@ -171,7 +168,7 @@ async fn metrics_count_rpcs_by_method_and_code() {
         "{text}"
     );
     assert!(
-        text.contains(r#"grpc_service="messaging.v1.MessagingService",grpc_method="GetConversation",grpc_code="UNIMPLEMENTED"} 1"#),
+        text.contains(r#"grpc_service="messaging.v1.FileRelayService",grpc_method="GetFile",grpc_code="UNIMPLEMENTED"} 1"#),
         "{text}"
     );
     assert!(
@@ -223,9 +220,9 @@ async fn public_rpcs_require_credentials() {
 #[tokio::test]
 async fn rpcs_of_later_issues_are_honestly_unimplemented() {
     let server = TestServer::start().await;
-    let mut messaging = MessagingServiceClient::new(server.channel().await);
-    let status = messaging
-        .send_message(as_user("alice", pb::SendMessageRequest::default()))
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    let status = files
+        .get_download_url(as_user("alice", pb::GetDownloadUrlRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);

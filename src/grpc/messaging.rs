@@ -1,103 +1,213 @@
-//! `messaging.v1.MessagingService`: thin adapters from requests to the messaging domain.
+//! `messaging.v1.MessagingService`: request -> domain call -> response, nothing more.
 
-use futures::stream::BoxStream;
+use std::sync::Arc;
+
+use futures::{StreamExt, stream::BoxStream};
 use tonic::{Request, Response, Status};
 
-use super::{caller, pb};
-use crate::error::Error;
+use super::{caller, convert, pb};
+use crate::messaging::service::{ConversationService, SendContent};
 
 /// The MessagingService endpoint.
-#[derive(Clone, Default)]
-pub struct MessagingApi {}
+#[derive(Clone)]
+pub struct MessagingApi {
+    conversations: Arc<ConversationService>,
+}
+
+impl MessagingApi {
+    pub fn new(conversations: Arc<ConversationService>) -> Self {
+        Self { conversations }
+    }
+}
 
 type ApiResult<T> = Result<Response<T>, Status>;
-
-fn not_yet<T>(method: &str) -> ApiResult<T> {
-    Err(Error::unimplemented(method).into())
-}
 
 #[tonic::async_trait]
 impl pb::messaging_service_server::MessagingService for MessagingApi {
     type SubscribeMessagesStream =
         BoxStream<'static, Result<pb::SubscribeMessagesResponse, Status>>;
 
+    #[tracing::instrument(skip_all)]
     async fn create_conversation(
         &self,
         request: Request<pb::CreateConversationRequest>,
     ) -> ApiResult<pb::CreateConversationResponse> {
-        caller(&request)?;
-        not_yet("CreateConversation")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let view = self
+            .conversations
+            .create_conversation(
+                &caller,
+                &request.title,
+                &request.participant_ids,
+                &request.request_id,
+            )
+            .await?;
+        Ok(Response::new(pb::CreateConversationResponse {
+            conversation: Some(convert::conversation(view)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn get_conversation(
         &self,
         request: Request<pb::GetConversationRequest>,
     ) -> ApiResult<pb::GetConversationResponse> {
-        caller(&request)?;
-        not_yet("GetConversation")
+        let caller = caller(&request)?;
+        let view = self
+            .conversations
+            .get_conversation(&caller, &request.get_ref().conversation_id)
+            .await?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation: Some(convert::conversation(view)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn list_conversations(
         &self,
         request: Request<pb::ListConversationsRequest>,
     ) -> ApiResult<pb::ListConversationsResponse> {
-        caller(&request)?;
-        not_yet("ListConversations")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let (views, next_page_token) = self
+            .conversations
+            .list_conversations(&caller, request.page_size, &request.page_token)
+            .await?;
+        Ok(Response::new(pb::ListConversationsResponse {
+            conversations: views.into_iter().map(convert::conversation).collect(),
+            next_page_token,
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn add_participants(
         &self,
         request: Request<pb::AddParticipantsRequest>,
     ) -> ApiResult<pb::AddParticipantsResponse> {
-        caller(&request)?;
-        not_yet("AddParticipants")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let view = self
+            .conversations
+            .add_participants(&caller, &request.conversation_id, &request.user_ids)
+            .await?;
+        Ok(Response::new(pb::AddParticipantsResponse {
+            conversation: Some(convert::conversation(view)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn remove_participant(
         &self,
         request: Request<pb::RemoveParticipantRequest>,
     ) -> ApiResult<pb::RemoveParticipantResponse> {
-        caller(&request)?;
-        not_yet("RemoveParticipant")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let view = self
+            .conversations
+            .remove_participant(&caller, &request.conversation_id, &request.user_id)
+            .await?;
+        Ok(Response::new(pb::RemoveParticipantResponse {
+            conversation: Some(convert::conversation(view)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn send_message(
         &self,
         request: Request<pb::SendMessageRequest>,
     ) -> ApiResult<pb::SendMessageResponse> {
-        caller(&request)?;
-        not_yet("SendMessage")
+        use pb::send_message_request::Content;
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let content = request.content.map(|content| match content {
+            Content::Text(text) => SendContent::Text(text),
+            Content::FileId(file_id) => SendContent::FileId(file_id),
+        });
+        let message = self
+            .conversations
+            .send_message(
+                &caller,
+                &request.conversation_id,
+                &request.client_message_id,
+                content,
+            )
+            .await?;
+        Ok(Response::new(pb::SendMessageResponse {
+            message: Some(convert::message(message)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn list_messages(
         &self,
         request: Request<pb::ListMessagesRequest>,
     ) -> ApiResult<pb::ListMessagesResponse> {
-        caller(&request)?;
-        not_yet("ListMessages")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let (messages, next_page_token) = self
+            .conversations
+            .list_messages(
+                &caller,
+                &request.conversation_id,
+                request.page_size,
+                &request.page_token,
+            )
+            .await?;
+        Ok(Response::new(pb::ListMessagesResponse {
+            messages: messages.into_iter().map(convert::message).collect(),
+            next_page_token,
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn subscribe_messages(
         &self,
         request: Request<pb::SubscribeMessagesRequest>,
     ) -> ApiResult<Self::SubscribeMessagesStream> {
-        caller(&request)?;
-        not_yet("SubscribeMessages")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let events = self
+            .conversations
+            .subscribe(&caller, &request.conversation_id, request.after_sequence)
+            .await?;
+        let responses = events.map(|event| {
+            event
+                .map(|event| pb::SubscribeMessagesResponse {
+                    event: Some(convert::event(event)),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn delete_message(
         &self,
         request: Request<pb::DeleteMessageRequest>,
     ) -> ApiResult<pb::DeleteMessageResponse> {
-        caller(&request)?;
-        not_yet("DeleteMessage")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let message = self
+            .conversations
+            .delete_message(&caller, &request.conversation_id, &request.message_id)
+            .await?;
+        Ok(Response::new(pb::DeleteMessageResponse {
+            message: Some(convert::message(message)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn mark_read(
         &self,
         request: Request<pb::MarkReadRequest>,
     ) -> ApiResult<pb::MarkReadResponse> {
-        caller(&request)?;
-        not_yet("MarkRead")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let read_sequence = self
+            .conversations
+            .mark_read(&caller, &request.conversation_id, request.sequence)
+            .await?;
+        Ok(Response::new(pb::MarkReadResponse { read_sequence }))
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC edge: generated types, authentication of every public RPC, the one mapping from
 //! domain errors to `tonic::Status`, and thin adapters that turn requests into domain calls.
 
+pub mod convert;
 pub mod file_relay;
 pub mod messaging;
 pub mod status;

@@ -1,0 +1,143 @@
+//! Domain values to protobuf messages. Prost types never travel further in than this layer.
+
+use super::{file_relay::file_category_to_proto, pb};
+use crate::messaging::{
+    model::{Event, EventKind, FileAttachment, Message, MessageKind, UnixMillis},
+    service::ConversationView,
+};
+
+pub fn timestamp(millis: UnixMillis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: i32::try_from(millis.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+pub fn conversation(view: ConversationView) -> pb::Conversation {
+    let ConversationView {
+        conversation,
+        unread_count,
+        last_message,
+    } = view;
+    pb::Conversation {
+        conversation_id: conversation.id.to_string(),
+        title: conversation.title,
+        participant_ids: conversation
+            .participants
+            .iter()
+            .map(|user| user.as_str().to_owned())
+            .collect(),
+        created_by: conversation.created_by.as_str().to_owned(),
+        create_time: Some(timestamp(conversation.create_time)),
+        last_sequence: conversation.last_sequence,
+        unread_count,
+        last_message: last_message.map(message),
+    }
+}
+
+pub fn message(message: Message) -> pb::Message {
+    let Message {
+        conversation_id,
+        sequence,
+        create_time,
+        record,
+    } = message;
+    let kind = match record.kind {
+        MessageKind::Text => pb::MessageType::Text,
+        MessageKind::File => pb::MessageType::File,
+        MessageKind::Image => pb::MessageType::Image,
+    };
+    let deleted = record.is_deleted();
+    let (text, file) = match record.content {
+        Some(content) => (
+            content.text,
+            content
+                .file
+                .map(|file| file_info(file, &conversation_id.to_string())),
+        ),
+        None => (String::new(), None),
+    };
+    pb::Message {
+        message_id: record.id.to_string(),
+        conversation_id: conversation_id.to_string(),
+        sender_id: record.sender.as_str().to_owned(),
+        sequence,
+        r#type: kind.into(),
+        text,
+        file,
+        client_message_id: record.client_message_id.as_str().to_owned(),
+        create_time: Some(timestamp(create_time)),
+        deleted,
+    }
+}
+
+pub fn file_info(file: FileAttachment, conversation_id: &str) -> pb::FileInfo {
+    pb::FileInfo {
+        file_id: file.file_id,
+        conversation_id: conversation_id.to_owned(),
+        uploader_id: file.uploader.as_str().to_owned(),
+        file_name: file.file_name,
+        content_type: file.content_type,
+        size_bytes: i64::try_from(file.size_bytes).unwrap_or(i64::MAX),
+        sha256: file.sha256,
+        category: file_category_to_proto(file.category.into()).into(),
+        width: file.width,
+        height: file.height,
+        has_thumbnail: file.has_thumbnail,
+        create_time: Some(timestamp(file.create_time)),
+        expire_time: Some(timestamp(file.expire_time)),
+    }
+}
+
+pub fn event(event: Event) -> pb::ConversationEvent {
+    use pb::conversation_event::Event as Kind;
+    let created = event.created_message();
+    let kind = match event.kind {
+        EventKind::MessageCreated(_) => Kind::MessageCreated(pb::MessageCreated {
+            message: created.map(message),
+        }),
+        EventKind::MessageDeleted {
+            message_id,
+            deleted_by,
+        } => Kind::MessageDeleted(pb::MessageDeleted {
+            message_id: message_id.to_string(),
+            deleted_by: deleted_by.as_str().to_owned(),
+        }),
+        EventKind::ParticipantsChanged {
+            added,
+            removed,
+            changed_by,
+            participants,
+        } => Kind::ParticipantsChanged(pb::ParticipantsChanged {
+            added_user_ids: added.iter().map(|u| u.as_str().to_owned()).collect(),
+            removed_user_ids: removed.iter().map(|u| u.as_str().to_owned()).collect(),
+            changed_by: changed_by.as_str().to_owned(),
+            participant_ids: participants.iter().map(|u| u.as_str().to_owned()).collect(),
+        }),
+        EventKind::ReadReceipt {
+            user_id,
+            read_sequence,
+        } => Kind::ReadReceipt(pb::ReadReceipt {
+            user_id: user_id.as_str().to_owned(),
+            read_sequence,
+        }),
+    };
+    pb::ConversationEvent {
+        conversation_id: event.conversation_id.to_string(),
+        sequence: event.sequence,
+        create_time: Some(timestamp(event.create_time)),
+        event: Some(kind),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_split_millis() {
+        let ts = timestamp(1_700_000_000_123);
+        assert_eq!(ts.seconds, 1_700_000_000);
+        assert_eq!(ts.nanos, 123_000_000);
+    }
+}

@@ -1,0 +1,11 @@
+//! The messaging domain: conversations, messages, read positions and live subscriptions.
+//!
+//! - [`model`]: ids, conversations, messages, events (also the stores' storage form).
+//! - [`service`]: the rules ([`service::ConversationService`]).
+//! - [`live`]: in-replica fan-out of the store's live feed.
+//! - [`paging`]: page sizes and opaque page tokens.
+
+pub mod live;
+pub mod model;
+pub mod paging;
+pub mod service;

@@ -1,0 +1,318 @@
+//! The messaging domain's data: conversations, messages and the events that change them.
+//!
+//! Every change to a conversation is an [`Event`] with the next gap-free `sequence`, assigned by
+//! the store atomically with the change itself. These types are also what the stores persist (as
+//! JSON), so their serde form is a storage format: change it only compatibly.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    error::Error,
+    files::policy::FileCategory,
+    ids::{InvalidId, UserId},
+};
+
+/// Longest `client_message_id` / `request_id`.
+pub const MAX_CLIENT_ID_CHARS: usize = 64;
+/// Longest message text, in Unicode scalar values after trimming.
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest conversation title.
+pub const MAX_TITLE_CHARS: usize = 200;
+/// Most participants one conversation may have.
+pub const MAX_PARTICIPANTS: usize = 1000;
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A new, time-ordered id.
+            pub fn generate() -> Self {
+                Self(Uuid::now_v7())
+            }
+
+            pub fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
+
+            /// Parses the canonical text form, naming `field` in the error.
+            pub fn from_field(field: &'static str, raw: &str) -> Result<Self, Error> {
+                Self::parse(raw).map_err(|InvalidId(why)| Error::invalid_field(field, why))
+            }
+
+            pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+                if raw.is_empty() {
+                    return Err(InvalidId(concat!($what, " is required")));
+                }
+                Uuid::try_parse(raw)
+                    .map(Self)
+                    .map_err(|_| InvalidId(concat!($what, " is not a valid id")))
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// A conversation.
+    ConversationId,
+    "conversation_id"
+);
+uuid_id!(
+    /// A message.
+    MessageId,
+    "message_id"
+);
+
+impl ConversationId {
+    /// The id a `CreateConversation` retry must land on: derived from the caller and their
+    /// `request_id`, so every replica computes the same one without coordination.
+    pub fn for_request(creator: &UserId, request_id: &ClientId) -> Self {
+        let name = format!("{}\u{0}{}", creator.as_str(), request_id.as_str());
+        Self(Uuid::new_v5(&CONVERSATION_NAMESPACE, name.as_bytes()))
+    }
+}
+
+/// Namespace of request-derived conversation ids.
+const CONVERSATION_NAMESPACE: Uuid = Uuid::from_u128(0x6d2a_5c1e_8f4b_4b7a_9e3d_2c1f_0a9b_8c7d);
+
+/// A client-chosen idempotency key: `client_message_id` or `request_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientId(String);
+
+impl ClientId {
+    /// 1..=64 characters, none of them control characters.
+    pub fn from_field(field: &'static str, raw: &str) -> Result<Self, Error> {
+        let chars = raw.chars().count();
+        if chars == 0 {
+            return Err(Error::invalid_field(field, format!("{field} is required")));
+        }
+        if chars > MAX_CLIENT_ID_CHARS {
+            return Err(Error::invalid_field(
+                field,
+                format!("{field} must be at most {MAX_CLIENT_ID_CHARS} characters"),
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(Error::invalid_field(
+                field,
+                format!("{field} must not contain control characters"),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Milliseconds since the Unix epoch, as the store's clock saw them.
+pub type UnixMillis = i64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub id: ConversationId,
+    pub title: String,
+    /// In the order they joined.
+    pub participants: Vec<UserId>,
+    pub created_by: UserId,
+    pub create_time: UnixMillis,
+    /// Sequence of the newest event; 0 before the first.
+    pub last_sequence: u64,
+}
+
+impl Conversation {
+    pub fn has_participant(&self, user: &UserId) -> bool {
+        self.participants.contains(user)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageKind {
+    Text,
+    File,
+    Image,
+}
+
+/// A file carried by a FILE or IMAGE message, as it was when posted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileAttachment {
+    pub file_id: String,
+    pub uploader: UserId,
+    pub file_name: String,
+    pub content_type: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+    pub category: FileCategoryTag,
+    pub width: u32,
+    pub height: u32,
+    pub has_thumbnail: bool,
+    pub create_time: UnixMillis,
+    pub expire_time: UnixMillis,
+}
+
+/// Storage form of [`FileCategory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileCategoryTag {
+    Document,
+    Image,
+}
+
+impl From<FileCategory> for FileCategoryTag {
+    fn from(category: FileCategory) -> Self {
+        match category {
+            FileCategory::Document => Self::Document,
+            FileCategory::Image => Self::Image,
+        }
+    }
+}
+
+impl From<FileCategoryTag> for FileCategory {
+    fn from(tag: FileCategoryTag) -> Self {
+        match tag {
+            FileCategoryTag::Document => Self::Document,
+            FileCategoryTag::Image => Self::Image,
+        }
+    }
+}
+
+/// What a message says. A deleted message keeps none of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageContent {
+    /// The text, or a file's caption.
+    pub text: String,
+    pub file: Option<FileAttachment>,
+}
+
+/// The parts of a message fixed before the store assigns its sequence and time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub id: MessageId,
+    pub sender: UserId,
+    pub kind: MessageKind,
+    pub client_message_id: ClientId,
+    /// `None` once deleted.
+    pub content: Option<MessageContent>,
+}
+
+impl MessageRecord {
+    pub fn is_deleted(&self) -> bool {
+        self.content.is_none()
+    }
+
+    /// The same message with its content removed.
+    pub fn tombstone(&self) -> Self {
+        Self {
+            content: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// A message as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub conversation_id: ConversationId,
+    pub sequence: u64,
+    pub create_time: UnixMillis,
+    pub record: MessageRecord,
+}
+
+/// What happened in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Replayed as a tombstone once the message is deleted.
+    MessageCreated(MessageRecord),
+    MessageDeleted {
+        message_id: MessageId,
+        deleted_by: UserId,
+    },
+    ParticipantsChanged {
+        added: Vec<UserId>,
+        removed: Vec<UserId>,
+        changed_by: UserId,
+        /// Everyone after the change, in join order.
+        participants: Vec<UserId>,
+    },
+    ReadReceipt {
+        user_id: UserId,
+        read_sequence: u64,
+    },
+}
+
+/// One change to a conversation, in its gap-free order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub conversation_id: ConversationId,
+    pub sequence: u64,
+    pub create_time: UnixMillis,
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// The message this event created, with its sequence and time.
+    pub fn created_message(&self) -> Option<Message> {
+        match &self.kind {
+            EventKind::MessageCreated(record) => Some(Message {
+                conversation_id: self.conversation_id,
+                sequence: self.sequence,
+                create_time: self.create_time,
+                record: record.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_map_to_one_conversation_per_creator() {
+        let alice = UserId::parse("alice").unwrap();
+        let bob = UserId::parse("bob").unwrap();
+        let request = ClientId::from_field("request_id", "r-1").unwrap();
+        assert_eq!(
+            ConversationId::for_request(&alice, &request),
+            ConversationId::for_request(&alice, &request)
+        );
+        assert_ne!(
+            ConversationId::for_request(&alice, &request),
+            ConversationId::for_request(&bob, &request)
+        );
+    }
+
+    #[test]
+    fn client_ids_are_checked() {
+        assert!(ClientId::from_field("client_message_id", "m-1").is_ok());
+        assert!(ClientId::from_field("client_message_id", "").is_err());
+        assert!(ClientId::from_field("client_message_id", &"é".repeat(64)).is_ok());
+        assert!(ClientId::from_field("client_message_id", &"x".repeat(65)).is_err());
+        assert!(ClientId::from_field("client_message_id", "a\nb").is_err());
+    }
+
+    #[test]
+    fn event_kinds_have_a_stable_json_form() {
+        // The Redis store's Lua scripts write ParticipantsChanged and ReadReceipt themselves.
+        let kind = EventKind::ReadReceipt {
+            user_id: UserId::parse("bob").unwrap(),
+            read_sequence: 7,
+        };
+        assert_eq!(
+            serde_json::to_string(&kind).unwrap(),
+            r#"{"ReadReceipt":{"user_id":"bob","read_sequence":7}}"#
+        );
+    }
+}

@@ -1,0 +1,583 @@
+//! The conversation rules: who may do what, what is valid, idempotent retries, paging, and live
+//! subscriptions that resume without gaps. Storage atomicity is the store's job; everything a
+//! caller can get wrong is checked here first.
+
+use std::sync::Arc;
+
+use futures::{Stream, stream::BoxStream};
+use sha2::{Digest, Sha256};
+
+use super::{
+    live::{LiveEnd, LiveHub},
+    model::{
+        ClientId, Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, MAX_TEXT_CHARS,
+        MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind, MessageRecord,
+    },
+    paging::{self, PageSize},
+};
+use crate::{
+    auth::Caller,
+    config::MessagingSettings,
+    error::{Error, ErrorKind, Reason, Result},
+    ids::UserId,
+    store::messages::{
+        ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
+        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
+    },
+};
+
+/// Most user ids one CreateConversation / AddParticipants request may name.
+pub const MAX_USERS_PER_REQUEST: usize = 100;
+/// Events read from the store per round trip while a subscription catches up.
+const BACKFILL_BATCH: usize = 500;
+
+/// A conversation as one participant sees it.
+#[derive(Debug, Clone)]
+pub struct ConversationView {
+    pub conversation: Conversation,
+    pub unread_count: u64,
+    pub last_message: Option<Message>,
+}
+
+/// What SendMessage posts.
+#[derive(Debug, Clone)]
+pub enum SendContent {
+    Text(String),
+    FileId(String),
+}
+
+/// Conversations, messages and subscriptions over a [`MessageStore`].
+pub struct ConversationService {
+    store: Arc<dyn MessageStore>,
+    hub: Arc<LiveHub>,
+    settings: MessagingSettings,
+}
+
+impl ConversationService {
+    /// Builds the service and starts routing the store's live feed to local subscribers.
+    pub fn new(store: Arc<dyn MessageStore>, settings: MessagingSettings) -> Self {
+        let hub = LiveHub::new();
+        hub.spawn_dispatcher(store.live_events());
+        Self {
+            store,
+            hub,
+            settings,
+        }
+    }
+
+    pub async fn create_conversation(
+        &self,
+        caller: &Caller,
+        title: &str,
+        participant_ids: &[String],
+        request_id: &str,
+    ) -> Result<ConversationView> {
+        let title = title.trim();
+        if title.chars().count() > MAX_TITLE_CHARS {
+            return Err(Error::invalid_field(
+                "title",
+                format!("title must be at most {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        let others = parse_users("participant_ids", participant_ids, 0)?;
+        let mut participants = vec![caller.user_id.clone()];
+        participants.extend(others.into_iter().filter(|user| *user != caller.user_id));
+        let id = if request_id.is_empty() {
+            ConversationId::generate()
+        } else {
+            let request_id = ClientId::from_field("request_id", request_id)?;
+            ConversationId::for_request(&caller.user_id, &request_id)
+        };
+        let mut sorted: Vec<&str> = participants.iter().map(UserId::as_str).collect();
+        sorted.sort_unstable();
+        let fingerprint = fingerprint(&[title, &sorted.join("\u{0}")]);
+        let new = NewConversation {
+            id,
+            title: title.to_owned(),
+            participants,
+            created_by: caller.user_id.clone(),
+            fingerprint: fingerprint.clone(),
+        };
+        let conversation = match self
+            .store
+            .create_conversation(new)
+            .await
+            .map_err(store_error)?
+        {
+            CreateOutcome::Created(conversation) => conversation,
+            CreateOutcome::Existing {
+                conversation,
+                fingerprint: existing,
+            } => {
+                if existing != fingerprint {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        Reason::RequestIdReused,
+                        "request_id was already used for a different conversation",
+                    )
+                    .with_field("request_id"));
+                }
+                conversation
+            }
+        };
+        self.view(conversation, &caller.user_id).await
+    }
+
+    pub async fn get_conversation(&self, caller: &Caller, id: &str) -> Result<ConversationView> {
+        let conversation = self.participating(caller, id).await?;
+        self.view(conversation, &caller.user_id).await
+    }
+
+    pub async fn list_conversations(
+        &self,
+        caller: &Caller,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<ConversationView>, String)> {
+        let size = PageSize::parse(page_size)?;
+        let cursor = paging::decode_conversations_token(page_token)?;
+        let entries = self
+            .store
+            .conversations_of(&caller.user_id, cursor.as_ref(), size.get() + 1)
+            .await
+            .map_err(store_error)?;
+        let has_more = entries.len() > size.get();
+        let mut views = Vec::with_capacity(size.get());
+        let mut last_cursor = None;
+        for entry in entries.into_iter().take(size.get()) {
+            last_cursor = Some(ActivityCursor {
+                activity: entry.activity,
+                conversation_id: entry.conversation.id,
+            });
+            views.push(self.view(entry.conversation, &caller.user_id).await?);
+        }
+        let next = match (has_more, last_cursor) {
+            (true, Some(cursor)) => paging::encode_conversations_token(&cursor),
+            _ => String::new(),
+        };
+        Ok((views, next))
+    }
+
+    pub async fn add_participants(
+        &self,
+        caller: &Caller,
+        id: &str,
+        user_ids: &[String],
+    ) -> Result<ConversationView> {
+        let id = ConversationId::from_field("conversation_id", id)?;
+        let users = parse_users("user_ids", user_ids, 1)?;
+        let outcome = self
+            .store
+            .add_participants(id, &caller.user_id, &users)
+            .await
+            .map_err(store_error)?;
+        let conversation = match outcome {
+            ChangeOutcome::Changed(conversation, _) | ChangeOutcome::Unchanged(conversation) => {
+                conversation
+            }
+        };
+        self.view(conversation, &caller.user_id).await
+    }
+
+    pub async fn remove_participant(
+        &self,
+        caller: &Caller,
+        id: &str,
+        user_id: &str,
+    ) -> Result<ConversationView> {
+        let id = ConversationId::from_field("conversation_id", id)?;
+        let user = UserId::from_field("user_id", user_id)?;
+        let outcome = self
+            .store
+            .remove_participant(id, &caller.user_id, &user)
+            .await
+            .map_err(store_error)?;
+        let conversation = match outcome {
+            ChangeOutcome::Changed(conversation, _) | ChangeOutcome::Unchanged(conversation) => {
+                conversation
+            }
+        };
+        Ok(ConversationView {
+            conversation,
+            unread_count: 0,
+            last_message: None,
+        })
+    }
+
+    pub async fn send_message(
+        &self,
+        caller: &Caller,
+        id: &str,
+        client_message_id: &str,
+        content: Option<SendContent>,
+    ) -> Result<Message> {
+        let id = ConversationId::from_field("conversation_id", id)?;
+        let client_message_id = ClientId::from_field("client_message_id", client_message_id)?;
+        let text = match content {
+            Some(SendContent::Text(text)) => validate_text(&text)?,
+            Some(SendContent::FileId(_)) => {
+                return Err(Error::invalid_field(
+                    "file_id",
+                    "files are posted by FileRelayService.UploadFile; sending a file_id is not supported yet",
+                ));
+            }
+            None => {
+                return Err(Error::invalid_field(
+                    "content",
+                    "text or file_id is required",
+                ));
+            }
+        };
+        let fingerprint = fingerprint(&["text", &text]);
+        let new = NewMessage {
+            conversation_id: id,
+            record: MessageRecord {
+                id: MessageId::generate(),
+                sender: caller.user_id.clone(),
+                kind: MessageKind::Text,
+                client_message_id,
+                content: Some(MessageContent { text, file: None }),
+            },
+            fingerprint: fingerprint.clone(),
+            idempotency_window_secs: self.settings.idempotency_window.as_secs(),
+        };
+        match self.store.append_message(new).await.map_err(store_error)? {
+            AppendOutcome::Appended(event) => Ok(event
+                .created_message()
+                .expect("appending a message records MessageCreated")),
+            AppendOutcome::Duplicate {
+                message,
+                fingerprint: original,
+            } => {
+                if original == fingerprint {
+                    Ok(message)
+                } else {
+                    Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        Reason::ClientMessageIdReused,
+                        "client_message_id was already used for a different message",
+                    )
+                    .with_field("client_message_id"))
+                }
+            }
+        }
+    }
+
+    pub async fn list_messages(
+        &self,
+        caller: &Caller,
+        id: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<Message>, String)> {
+        let conversation = self.participating(caller, id).await?;
+        let size = PageSize::parse(page_size)?;
+        let before = paging::decode_messages_token(page_token, conversation.id)?;
+        let mut messages = self
+            .store
+            .messages_before(conversation.id, before, size.get() + 1)
+            .await
+            .map_err(store_error)?;
+        let has_more = messages.len() > size.get();
+        messages.truncate(size.get());
+        let next = match (has_more, messages.last()) {
+            (true, Some(oldest)) => paging::encode_messages_token(conversation.id, oldest.sequence),
+            _ => String::new(),
+        };
+        Ok((messages, next))
+    }
+
+    pub async fn delete_message(
+        &self,
+        caller: &Caller,
+        id: &str,
+        message_id: &str,
+    ) -> Result<Message> {
+        let id = ConversationId::from_field("conversation_id", id)?;
+        let message_id = MessageId::from_field("message_id", message_id)?;
+        match self
+            .store
+            .delete_message(id, message_id, &caller.user_id)
+            .await
+            .map_err(store_error)?
+        {
+            DeleteOutcome::Deleted(message, _) | DeleteOutcome::AlreadyDeleted(message) => {
+                Ok(message)
+            }
+        }
+    }
+
+    pub async fn mark_read(&self, caller: &Caller, id: &str, sequence: u64) -> Result<u64> {
+        let id = ConversationId::from_field("conversation_id", id)?;
+        match self
+            .store
+            .mark_read(id, &caller.user_id, sequence)
+            .await
+            .map_err(store_error)?
+        {
+            ReadOutcome::Advanced(event) => match event.kind {
+                EventKind::ReadReceipt { read_sequence, .. } => Ok(read_sequence),
+                _ => Err(Error::internal("mark_read recorded a non-receipt event")),
+            },
+            ReadOutcome::Unchanged { read_sequence } => Ok(read_sequence),
+        }
+    }
+
+    /// Every event after `after_sequence`, then live ones, with no gap and no duplicate.
+    ///
+    /// The live receiver is registered before history is read, and events are de-duplicated
+    /// by sequence, so nothing committed between the two is lost. A gap in the live feed (a
+    /// lost connection, a lagging dispatcher) sends the stream back to the store to catch up.
+    pub async fn subscribe(
+        &self,
+        caller: &Caller,
+        id: &str,
+        after_sequence: u64,
+    ) -> Result<BoxStream<'static, Result<Event>>> {
+        let conversation = self.participating(caller, id).await?;
+        if after_sequence > conversation.last_sequence {
+            return Err(Error::invalid_field(
+                "after_sequence",
+                format!(
+                    "after_sequence {after_sequence} is beyond the conversation's last sequence {}",
+                    conversation.last_sequence
+                ),
+            ));
+        }
+        let live = self
+            .hub
+            .register(conversation.id, self.settings.subscriber_buffer);
+        let stream = subscription(
+            self.store.clone(),
+            live,
+            conversation.id,
+            caller.user_id.clone(),
+            after_sequence,
+        );
+        Ok(Box::pin(stream))
+    }
+
+    /// The conversation, if it exists and `caller` participates.
+    async fn participating(&self, caller: &Caller, id: &str) -> Result<Conversation> {
+        let id = ConversationId::from_field("conversation_id", id)?;
+        let conversation = self
+            .store
+            .conversation(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| store_error(Rejection::ConversationNotFound.into()))?;
+        if !conversation.has_participant(&caller.user_id) {
+            return Err(store_error(Rejection::NotParticipant.into()));
+        }
+        Ok(conversation)
+    }
+
+    async fn view(&self, conversation: Conversation, user: &UserId) -> Result<ConversationView> {
+        let ReadState {
+            unread_count,
+            last_message,
+            ..
+        } = self
+            .store
+            .read_state(conversation.id, user)
+            .await
+            .map_err(store_error)?;
+        Ok(ConversationView {
+            conversation,
+            unread_count,
+            last_message,
+        })
+    }
+}
+
+fn subscription(
+    store: Arc<dyn MessageStore>,
+    mut live: super::live::LiveReceiver,
+    id: ConversationId,
+    user: UserId,
+    after_sequence: u64,
+) -> impl Stream<Item = Result<Event>> + Send + 'static {
+    async_stream::try_stream! {
+        let mut last = after_sequence;
+        loop {
+            // Catch up from the store.
+            loop {
+                let page = store
+                    .events_after(id, last, BACKFILL_BATCH)
+                    .await
+                    .map_err(store_error)?;
+                if last < page.trimmed_through {
+                    Err(Error::new(
+                        ErrorKind::OutOfRange,
+                        Reason::HistoryTruncated,
+                        format!(
+                            "events up to sequence {} were trimmed; re-sync with ListMessages and subscribe from its newest sequence",
+                            page.trimmed_through
+                        ),
+                    ))?;
+                }
+                let full = page.events.len() == BACKFILL_BATCH;
+                for event in page.events {
+                    last = event.sequence;
+                    let removed = removes(&event, &user);
+                    yield event;
+                    if removed {
+                        Err(removed_error())?;
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+            // Follow the live feed until it has a gap.
+            loop {
+                match live.recv().await {
+                    Ok(LiveSignal::Event(event)) => {
+                        if event.sequence <= last {
+                            continue;
+                        }
+                        if event.sequence != last + 1 {
+                            break;
+                        }
+                        last = event.sequence;
+                        let removed = removes(&event, &user);
+                        yield Event::clone(&event);
+                        if removed {
+                            Err(removed_error())?;
+                        }
+                    }
+                    Ok(LiveSignal::Resync) => break,
+                    Err(LiveEnd::Overflowed) => Err(Error::new(
+                        ErrorKind::ResourceExhausted,
+                        Reason::SlowConsumer,
+                        format!("the stream fell too far behind; resubscribe with after_sequence = {last}"),
+                    ))?,
+                    Err(LiveEnd::Closed) => Err(Error::new(
+                        ErrorKind::Unavailable,
+                        Reason::BackendUnavailable,
+                        format!("the live feed ended; resubscribe with after_sequence = {last}"),
+                    ))?,
+                }
+            }
+        }
+    }
+}
+
+fn removes(event: &Event, user: &UserId) -> bool {
+    matches!(&event.kind, EventKind::ParticipantsChanged { removed, .. } if removed.contains(user))
+}
+
+fn removed_error() -> Error {
+    Error::permission_denied(
+        Reason::NotAParticipant,
+        "you were removed from this conversation",
+    )
+}
+
+fn validate_text(text: &str) -> Result<String> {
+    let trimmed = text.trim();
+    let chars = trimmed.chars().count();
+    if chars == 0 {
+        return Err(Error::invalid_field("text", "text must not be empty"));
+    }
+    if chars > MAX_TEXT_CHARS {
+        return Err(Error::invalid_field(
+            "text",
+            format!("text must be at most {MAX_TEXT_CHARS} characters, got {chars}"),
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+fn parse_users(field: &'static str, raw: &[String], min: usize) -> Result<Vec<UserId>> {
+    if raw.len() < min {
+        return Err(Error::invalid_field(
+            field,
+            format!("{field} must name at least {min} user"),
+        ));
+    }
+    if raw.len() > MAX_USERS_PER_REQUEST {
+        return Err(Error::invalid_field(
+            field,
+            format!("{field} may name at most {MAX_USERS_PER_REQUEST} users per request"),
+        ));
+    }
+    let mut users: Vec<UserId> = Vec::with_capacity(raw.len());
+    for id in raw {
+        let user = UserId::from_field(field, id)?;
+        if !users.contains(&user) {
+            users.push(user);
+        }
+    }
+    if users.len() >= MAX_PARTICIPANTS {
+        return Err(Error::invalid_field(field, "too many participants"));
+    }
+    Ok(users)
+}
+
+fn fingerprint(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0xff]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Maps store failures to the error vocabulary; retryable infrastructure trouble stays
+/// retryable.
+pub(crate) fn store_error(error: StoreError) -> Error {
+    match error {
+        StoreError::Rejected(rejection) => match rejection {
+            Rejection::ConversationNotFound => {
+                Error::not_found(Reason::ConversationNotFound, "conversation not found")
+            }
+            Rejection::MessageNotFound => {
+                Error::not_found(Reason::MessageNotFound, "message not found")
+            }
+            Rejection::ParticipantNotFound => Error::not_found(
+                Reason::ParticipantNotFound,
+                "that user is not a participant",
+            ),
+            Rejection::NotParticipant => Error::permission_denied(
+                Reason::NotAParticipant,
+                "you are not a participant of this conversation",
+            ),
+            Rejection::NotCreator => Error::permission_denied(
+                Reason::NotConversationCreator,
+                "only the conversation's creator may remove other participants",
+            ),
+            Rejection::NotSender => Error::permission_denied(
+                Reason::NotMessageSender,
+                "only the sender may delete a message",
+            ),
+            Rejection::SequenceAhead => Error::invalid_field(
+                "sequence",
+                "sequence is beyond the conversation's last sequence",
+            ),
+            Rejection::TooManyParticipants => Error::new(
+                ErrorKind::FailedPrecondition,
+                Reason::TooManyParticipants,
+                format!("a conversation may have at most {MAX_PARTICIPANTS} participants"),
+            ),
+        },
+        // Connection loss or a failover: the same request may well succeed shortly.
+        StoreError::Unavailable(source) => Error::new(
+            ErrorKind::Unavailable,
+            Reason::BackendUnavailable,
+            "the message store is unavailable; retry shortly",
+        )
+        .with_source(source),
+        StoreError::Timeout => Error::new(
+            ErrorKind::Unavailable,
+            Reason::BackendTimeout,
+            "the message store did not answer in time; retry shortly",
+        ),
+        // Unreadable data will not become readable by retrying.
+        StoreError::Corrupt(detail) => Error::internal(detail),
+    }
+}

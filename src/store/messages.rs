@@ -1,0 +1,265 @@
+//! The message store: conversations, their gap-free event logs, messages, read positions and the
+//! live fan-out of new events. Every write that must be atomic (checking participation, applying
+//! the change, assigning the next sequence, recording the event, publishing it) is one store
+//! call, so replicas sharing a store agree on every sequence.
+
+use async_trait::async_trait;
+
+use crate::{
+    error::BoxError,
+    ids::UserId,
+    messaging::model::{
+        Conversation, ConversationId, Event, Message, MessageId, MessageRecord, UnixMillis,
+    },
+};
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request conflicts with the stored state; see the [`Rejection`].
+    #[error("rejected: {0:?}")]
+    Rejected(Rejection),
+    /// The backend cannot be reached or answered with an error; a retry may help.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The backend did not answer in time; a retry may help.
+    #[error("store timed out")]
+    Timeout,
+    /// Stored data could not be read back: a bug or tampering.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A write refused because of the state it found, decided atomically with the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    ConversationNotFound,
+    MessageNotFound,
+    /// The acting user is not a participant.
+    NotParticipant,
+    /// Only the creator may remove someone else.
+    NotCreator,
+    /// Only the sender may delete a message.
+    NotSender,
+    /// The user to remove is not a participant.
+    ParticipantNotFound,
+    /// A read position beyond the newest event.
+    SequenceAhead,
+    /// The change would exceed the participant limit.
+    TooManyParticipants,
+}
+
+impl From<Rejection> for StoreError {
+    fn from(rejection: Rejection) -> Self {
+        Self::Rejected(rejection)
+    }
+}
+
+/// A conversation to create.
+#[derive(Debug, Clone)]
+pub struct NewConversation {
+    pub id: ConversationId,
+    pub title: String,
+    /// The creator first, then the others, without duplicates.
+    pub participants: Vec<UserId>,
+    pub created_by: UserId,
+    /// Identifies the request's content, so a retry can be told from a conflicting reuse.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Created(Conversation),
+    /// A conversation with this id exists already (a retry, or a conflicting reuse).
+    Existing {
+        conversation: Conversation,
+        fingerprint: String,
+    },
+}
+
+/// A message to append, before the store assigns its sequence and time.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conversation_id: ConversationId,
+    pub record: MessageRecord,
+    /// Identifies the content, so a retry can be told from a conflicting reuse.
+    pub fingerprint: String,
+    /// How long `(sender, client_message_id)` is remembered.
+    pub idempotency_window_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum AppendOutcome {
+    Appended(Event),
+    /// The sender used this `client_message_id` before, within the window.
+    Duplicate {
+        message: Message,
+        fingerprint: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+// Returned once per call and moved straight out: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum ChangeOutcome {
+    /// The change happened and was recorded as this event.
+    Changed(Conversation, Event),
+    /// Nothing to change (e.g. everyone was already a participant).
+    Unchanged(Conversation),
+}
+
+#[derive(Debug, Clone)]
+// Returned once per call and moved straight out: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum DeleteOutcome {
+    /// The tombstone and the `MessageDeleted` event.
+    Deleted(Message, Event),
+    AlreadyDeleted(Message),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+// Returned once per call and moved straight out: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum ReadOutcome {
+    /// The read position moved forward; the receipt event has this sequence.
+    Advanced(Event),
+    /// The position was already at or past the one given: unchanged.
+    Unchanged { read_sequence: u64 },
+}
+
+/// Events after a point, with how much history was trimmed.
+#[derive(Debug, Clone, Default)]
+pub struct EventPage {
+    pub events: Vec<Event>,
+    /// Events with sequences up to this one were trimmed by retention (0: none).
+    pub trimmed_through: u64,
+}
+
+/// A conversation in a user's list, ordered by its latest activity.
+#[derive(Debug, Clone)]
+pub struct ConversationEntry {
+    pub conversation: Conversation,
+    pub activity: UnixMillis,
+}
+
+/// Where a page of a user's conversations starts: after this entry (exclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivityCursor {
+    pub activity: UnixMillis,
+    pub conversation_id: ConversationId,
+}
+
+/// A user's view of one conversation.
+#[derive(Debug, Clone, Default)]
+pub struct ReadState {
+    pub read_sequence: u64,
+    /// Non-deleted messages after `read_sequence` sent by others.
+    pub unread_count: u64,
+    pub last_message: Option<Message>,
+}
+
+/// Conversations, events and messages; see the module docs.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Creates the conversation, or reports the one that already has this id. Creation records no
+    /// event: `last_sequence` starts at 0.
+    async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome>;
+
+    async fn conversation(&self, id: ConversationId) -> StoreResult<Option<Conversation>>;
+
+    /// Adds `users` (those not yet participants) on behalf of participant `by`.
+    /// Rejections: ConversationNotFound, NotParticipant, TooManyParticipants.
+    async fn add_participants(
+        &self,
+        id: ConversationId,
+        by: &UserId,
+        users: &[UserId],
+    ) -> StoreResult<ChangeOutcome>;
+
+    /// Removes `user` on behalf of `by` (themselves, or anyone when `by` created it).
+    /// Rejections: ConversationNotFound, NotParticipant, NotCreator, ParticipantNotFound.
+    async fn remove_participant(
+        &self,
+        id: ConversationId,
+        by: &UserId,
+        user: &UserId,
+    ) -> StoreResult<ChangeOutcome>;
+
+    /// Appends a message from `record.sender`, unless the sender used its `client_message_id`
+    /// within the idempotency window. Rejections: ConversationNotFound, NotParticipant.
+    async fn append_message(&self, new: NewMessage) -> StoreResult<AppendOutcome>;
+
+    /// Turns the message into a tombstone (in history and in the replayed `MessageCreated`
+    /// event) and records a `MessageDeleted` event.
+    /// Rejections: ConversationNotFound, NotParticipant, MessageNotFound, NotSender.
+    async fn delete_message(
+        &self,
+        id: ConversationId,
+        message_id: MessageId,
+        by: &UserId,
+    ) -> StoreResult<DeleteOutcome>;
+
+    /// Moves `user`'s read position forward to `sequence` and records a read receipt.
+    /// Rejections: ConversationNotFound, NotParticipant, SequenceAhead.
+    async fn mark_read(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        sequence: u64,
+    ) -> StoreResult<ReadOutcome>;
+
+    /// Up to `limit` events with sequences after `after`, oldest first.
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<EventPage>;
+
+    /// Up to `limit` messages (tombstones included) with sequences below `before` (all when
+    /// `None`), newest first.
+    async fn messages_before(
+        &self,
+        id: ConversationId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>>;
+
+    async fn message(
+        &self,
+        id: ConversationId,
+        message_id: MessageId,
+    ) -> StoreResult<Option<Message>>;
+
+    /// The user's conversations, most recent activity first, starting after `cursor`.
+    async fn conversations_of(
+        &self,
+        user: &UserId,
+        cursor: Option<&ActivityCursor>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConversationEntry>>;
+
+    async fn read_state(&self, id: ConversationId, user: &UserId) -> StoreResult<ReadState>;
+
+    /// Subscribes to every event committed from now on, by any replica sharing this store.
+    fn live_events(&self) -> tokio::sync::broadcast::Receiver<LiveSignal>;
+}
+
+/// What the live feed carries.
+#[derive(Debug, Clone)]
+pub enum LiveSignal {
+    /// A committed event.
+    Event(std::sync::Arc<Event>),
+    /// The feed may have missed events (e.g. the backend connection was lost and restored):
+    /// subscribers must re-read from the store after their last sequence.
+    Resync,
+}
+
+/// How much history a conversation keeps; older events are trimmed as new ones arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_events: u64,
+    pub max_age: std::time::Duration,
+}

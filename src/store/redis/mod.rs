@@ -1,0 +1,1 @@
+//! The Redis message store (being written).

@@ -1,0 +1,668 @@
+//! One conformance suite for every `MessageStore`: the in-process store and the Redis store (on
+//! the real Redis that scripts/test starts) must behave identically.
+
+mod common;
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use svc_messaging::{
+    ids::UserId,
+    messaging::model::{
+        ClientId, ConversationId, EventKind, MessageContent, MessageId, MessageKind, MessageRecord,
+    },
+    store::{
+        memory::MemoryMessageStore,
+        messages::{
+            AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal, MessageStore,
+            NewConversation, NewMessage, ReadOutcome, Rejection, Retention, StoreError,
+        },
+    },
+};
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+const GENEROUS: Retention = Retention {
+    max_events: 100_000,
+    max_age: Duration::from_secs(30 * 24 * 3600),
+};
+
+async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> ConversationId {
+    let id = ConversationId::generate();
+    let mut participants = vec![user(creator)];
+    participants.extend(others.iter().map(|name| user(name)));
+    let outcome = store
+        .create_conversation(NewConversation {
+            id,
+            title: "test".to_owned(),
+            participants,
+            created_by: user(creator),
+            fingerprint: "fp".to_owned(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, CreateOutcome::Created(_)));
+    id
+}
+
+fn text_message(id: ConversationId, sender: &str, client_id: &str, text: &str) -> NewMessage {
+    NewMessage {
+        conversation_id: id,
+        record: MessageRecord {
+            id: MessageId::generate(),
+            sender: user(sender),
+            kind: MessageKind::Text,
+            client_message_id: ClientId::from_field("client_message_id", client_id).unwrap(),
+            content: Some(MessageContent {
+                text: text.to_owned(),
+                file: None,
+            }),
+        },
+        fingerprint: format!("fp:{text}"),
+        idempotency_window_secs: 3600,
+    }
+}
+
+async fn send(
+    store: &dyn MessageStore,
+    id: ConversationId,
+    sender: &str,
+    text: &str,
+) -> (MessageId, u64) {
+    let new = text_message(id, sender, &format!("c-{}", MessageId::generate()), text);
+    match store.append_message(new).await.unwrap() {
+        AppendOutcome::Appended(event) => {
+            let message = event.created_message().unwrap();
+            (message.record.id, message.sequence)
+        }
+        other => panic!("expected an append, got {other:?}"),
+    }
+}
+
+fn rejection<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Rejection {
+    match result {
+        Err(StoreError::Rejected(rejection)) => rejection,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
+    let id = ConversationId::generate();
+    let new = NewConversation {
+        id,
+        title: "Launch".to_owned(),
+        participants: vec![user("alice"), user("bob")],
+        created_by: user("alice"),
+        fingerprint: "first".to_owned(),
+    };
+    let CreateOutcome::Created(created) = store.create_conversation(new.clone()).await.unwrap()
+    else {
+        panic!("first create must create");
+    };
+    assert_eq!(created.last_sequence, 0);
+    assert_eq!(created.participants, [user("alice"), user("bob")]);
+    let again = NewConversation {
+        fingerprint: "second".to_owned(),
+        title: "Other".to_owned(),
+        ..new
+    };
+    match store.create_conversation(again).await.unwrap() {
+        CreateOutcome::Existing {
+            conversation,
+            fingerprint,
+        } => {
+            assert_eq!(conversation.title, "Launch");
+            assert_eq!(fingerprint, "first");
+        }
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    let loaded = store.conversation(id).await.unwrap().unwrap();
+    assert_eq!(loaded.created_by, user("alice"));
+    assert!(
+        store
+            .conversation(ConversationId::generate())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn concurrent_sends_get_gap_free_sequences(store: Arc<dyn MessageStore>) {
+    let senders: Vec<String> = (0..20).map(|n| format!("user{n}")).collect();
+    let others: Vec<&str> = senders[1..].iter().map(String::as_str).collect();
+    let id = create(&*store, &senders[0], &others).await;
+    let mut tasks = Vec::new();
+    for sender in senders {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sequences = Vec::new();
+            for n in 0..5 {
+                sequences.push(
+                    send(&*store, id, &sender, &format!("{sender} #{n}"))
+                        .await
+                        .1,
+                );
+            }
+            sequences
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=100).collect::<Vec<u64>>(), "gap-free and unique");
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        100
+    );
+    let page = store.events_after(id, 0, 1000).await.unwrap();
+    let sequences: Vec<u64> = page.events.iter().map(|event| event.sequence).collect();
+    assert_eq!(sequences, (1..=100).collect::<Vec<u64>>());
+}
+
+pub async fn retries_with_the_same_client_id_are_recognised(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob"]).await;
+    let first = text_message(id, "alice", "m-1", "hello");
+    let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
+        panic!("first send appends");
+    };
+    let original = event.created_message().unwrap();
+    // A retry carries a fresh message id (the client cannot know the first one).
+    let mut retry = text_message(id, "alice", "m-1", "something else");
+    retry.fingerprint = "different".to_owned();
+    match store.append_message(retry).await.unwrap() {
+        AppendOutcome::Duplicate {
+            message,
+            fingerprint,
+        } => {
+            assert_eq!(message, original);
+            assert_eq!(fingerprint, first.fingerprint);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    // The same client id from another sender is a different message.
+    let from_bob = text_message(id, "bob", "m-1", "hello");
+    assert!(matches!(
+        store.append_message(from_bob).await.unwrap(),
+        AppendOutcome::Appended(_)
+    ));
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        2
+    );
+}
+
+pub async fn concurrent_retries_append_once(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &[]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_message(text_message(id, "alice", "same", "hello"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut appended = 0;
+    let mut ids = BTreeSet::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            AppendOutcome::Appended(event) => {
+                appended += 1;
+                ids.insert(event.created_message().unwrap().record.id);
+            }
+            AppendOutcome::Duplicate { message, .. } => {
+                ids.insert(message.record.id);
+            }
+        }
+    }
+    assert_eq!(appended, 1);
+    assert_eq!(ids.len(), 1, "every retry sees the one message");
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        1
+    );
+}
+
+pub async fn only_participants_write(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob"]).await;
+    let missing = ConversationId::generate();
+    assert_eq!(
+        rejection(
+            store
+                .append_message(text_message(id, "mallory", "x", "hi"))
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        rejection(
+            store
+                .append_message(text_message(missing, "alice", "x", "hi"))
+                .await
+        ),
+        Rejection::ConversationNotFound
+    );
+    assert_eq!(
+        rejection(
+            store
+                .add_participants(id, &user("mallory"), &[user("eve")])
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        rejection(store.mark_read(id, &user("mallory"), 0).await),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        rejection(
+            store
+                .remove_participant(missing, &user("alice"), &user("bob"))
+                .await
+        ),
+        Rejection::ConversationNotFound
+    );
+}
+
+pub async fn participants_change_with_events(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob"]).await;
+    // Anyone participating may add; existing participants are skipped.
+    let ChangeOutcome::Changed(conversation, event) = store
+        .add_participants(
+            id,
+            &user("bob"),
+            &[user("carol"), user("alice"), user("carol")],
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("adding carol changes the conversation");
+    };
+    assert_eq!(
+        conversation.participants,
+        [user("alice"), user("bob"), user("carol")]
+    );
+    assert_eq!(event.sequence, 1);
+    assert_eq!(
+        event.kind,
+        EventKind::ParticipantsChanged {
+            added: vec![user("carol")],
+            removed: vec![],
+            changed_by: user("bob"),
+            participants: vec![user("alice"), user("bob"), user("carol")],
+        }
+    );
+    assert!(matches!(
+        store
+            .add_participants(id, &user("alice"), &[user("bob")])
+            .await
+            .unwrap(),
+        ChangeOutcome::Unchanged(_)
+    ));
+    // Only the creator removes others; anyone may leave.
+    assert_eq!(
+        rejection(
+            store
+                .remove_participant(id, &user("bob"), &user("carol"))
+                .await
+        ),
+        Rejection::NotCreator
+    );
+    assert_eq!(
+        rejection(
+            store
+                .remove_participant(id, &user("alice"), &user("zed"))
+                .await
+        ),
+        Rejection::ParticipantNotFound
+    );
+    let ChangeOutcome::Changed(conversation, event) = store
+        .remove_participant(id, &user("bob"), &user("bob"))
+        .await
+        .unwrap()
+    else {
+        panic!("leaving changes the conversation");
+    };
+    assert_eq!(conversation.participants, [user("alice"), user("carol")]);
+    assert_eq!(event.sequence, 2);
+    let ChangeOutcome::Changed(conversation, _) = store
+        .remove_participant(id, &user("alice"), &user("carol"))
+        .await
+        .unwrap()
+    else {
+        panic!("the creator removes carol");
+    };
+    assert_eq!(conversation.participants, [user("alice")]);
+    assert_eq!(conversation.last_sequence, 3);
+    // Removed users can no longer write.
+    assert_eq!(
+        rejection(
+            store
+                .append_message(text_message(id, "bob", "late", "hi"))
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+}
+
+pub async fn deleting_leaves_a_tombstone_everywhere(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob"]).await;
+    let (message_id, sequence) = send(&*store, id, "alice", "secret plans").await;
+    assert_eq!(
+        rejection(store.delete_message(id, message_id, &user("bob")).await),
+        Rejection::NotSender
+    );
+    assert_eq!(
+        rejection(
+            store
+                .delete_message(id, MessageId::generate(), &user("alice"))
+                .await
+        ),
+        Rejection::MessageNotFound
+    );
+    let DeleteOutcome::Deleted(tombstone, event) = store
+        .delete_message(id, message_id, &user("alice"))
+        .await
+        .unwrap()
+    else {
+        panic!("first delete deletes");
+    };
+    assert!(tombstone.record.is_deleted());
+    assert_eq!(tombstone.sequence, sequence);
+    assert_eq!(event.sequence, sequence + 1);
+    assert_eq!(
+        event.kind,
+        EventKind::MessageDeleted {
+            message_id,
+            deleted_by: user("alice"),
+        }
+    );
+    assert!(matches!(
+        store
+            .delete_message(id, message_id, &user("alice"))
+            .await
+            .unwrap(),
+        DeleteOutcome::AlreadyDeleted(_)
+    ));
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        2
+    );
+    // History and replay both show the tombstone, never the text.
+    let history = store.messages_before(id, None, 10).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert!(history[0].record.is_deleted());
+    let replay = store.events_after(id, 0, 10).await.unwrap();
+    let created = replay.events[0].created_message().unwrap();
+    assert!(created.record.is_deleted());
+    assert_eq!(created.record.id, message_id);
+    let stored = store.message(id, message_id).await.unwrap().unwrap();
+    assert!(stored.record.is_deleted());
+}
+
+pub async fn read_positions_and_unread_counts(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob"]).await;
+    send(&*store, id, "alice", "one").await;
+    let (two, _) = send(&*store, id, "bob", "two").await;
+    let (_, three_sequence) = send(&*store, id, "bob", "three").await;
+    let state = store.read_state(id, &user("alice")).await.unwrap();
+    assert_eq!(state.read_sequence, 0);
+    assert_eq!(
+        state.unread_count, 2,
+        "bob's two messages; alice's own do not count"
+    );
+    assert_eq!(state.last_message.unwrap().sequence, three_sequence);
+    assert_eq!(
+        store
+            .read_state(id, &user("bob"))
+            .await
+            .unwrap()
+            .unread_count,
+        1
+    );
+
+    let ReadOutcome::Advanced(receipt) = store.mark_read(id, &user("alice"), 2).await.unwrap()
+    else {
+        panic!("moving forward records a receipt");
+    };
+    assert_eq!(receipt.sequence, 4);
+    assert_eq!(
+        receipt.kind,
+        EventKind::ReadReceipt {
+            user_id: user("alice"),
+            read_sequence: 2,
+        }
+    );
+    assert_eq!(
+        store
+            .read_state(id, &user("alice"))
+            .await
+            .unwrap()
+            .unread_count,
+        1
+    );
+    assert_eq!(
+        store.mark_read(id, &user("alice"), 1).await.unwrap(),
+        ReadOutcome::Unchanged { read_sequence: 2 }
+    );
+    assert_eq!(
+        rejection(store.mark_read(id, &user("alice"), 99).await),
+        Rejection::SequenceAhead
+    );
+    // Deleted messages are not unread.
+    store.delete_message(id, two, &user("bob")).await.unwrap();
+    store.mark_read(id, &user("alice"), 1).await.unwrap();
+    let state = store.read_state(id, &user("alice")).await.unwrap();
+    assert_eq!(state.read_sequence, 2);
+    assert_eq!(state.unread_count, 1);
+}
+
+pub async fn history_pages_newest_first(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &[]).await;
+    for n in 1..=7 {
+        send(&*store, id, "alice", &format!("m{n}")).await;
+    }
+    store.mark_read(id, &user("alice"), 3).await.unwrap();
+    let first = store.messages_before(id, None, 3).await.unwrap();
+    assert_eq!(
+        first.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [7, 6, 5]
+    );
+    assert_eq!(first[0].record.content.as_ref().unwrap().text, "m7");
+    let second = store.messages_before(id, Some(5), 3).await.unwrap();
+    assert_eq!(
+        second.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [4, 3, 2]
+    );
+    let last = store.messages_before(id, Some(2), 3).await.unwrap();
+    assert_eq!(last.iter().map(|m| m.sequence).collect::<Vec<_>>(), [1]);
+    assert!(
+        store
+            .messages_before(ConversationId::generate(), None, 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn conversations_are_listed_by_activity(store: Arc<dyn MessageStore>) {
+    let me = format!("lister-{}", MessageId::generate());
+    let a = create(&*store, &me, &["x"]).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let b = create(&*store, &me, &["x"]).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let c = create(&*store, "x", &[&me]).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    send(&*store, a, "x", "bump").await;
+    let all = store.conversations_of(&user(&me), None, 10).await.unwrap();
+    let order: Vec<ConversationId> = all.iter().map(|entry| entry.conversation.id).collect();
+    assert_eq!(order, [a, c, b]);
+    // Paging by cursor.
+    let first = store.conversations_of(&user(&me), None, 2).await.unwrap();
+    let cursor = svc_messaging::store::messages::ActivityCursor {
+        activity: first[1].activity,
+        conversation_id: first[1].conversation.id,
+    };
+    let rest = store
+        .conversations_of(&user(&me), Some(&cursor), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
+        [b]
+    );
+    // Leaving removes it from the list.
+    store
+        .remove_participant(c, &user(&me), &user(&me))
+        .await
+        .unwrap();
+    let after = store.conversations_of(&user(&me), None, 10).await.unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
+        [a, b]
+    );
+}
+
+pub async fn retention_trims_by_count(store: Arc<dyn MessageStore>) {
+    // The store under test was built with max_events = 5.
+    let id = create(&*store, "alice", &["bob"]).await;
+    for n in 1..=8 {
+        send(&*store, id, "bob", &format!("m{n}")).await;
+    }
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 3);
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [4, 5, 6, 7, 8]
+    );
+    let history = store.messages_before(id, None, 100).await.unwrap();
+    assert_eq!(history.len(), 5, "trimmed messages leave history too");
+    assert_eq!(
+        store
+            .read_state(id, &user("alice"))
+            .await
+            .unwrap()
+            .unread_count,
+        5
+    );
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        8
+    );
+}
+
+pub async fn retention_trims_by_age(store: Arc<dyn MessageStore>) {
+    // The store under test was built with max_age = 1s.
+    let id = create(&*store, "alice", &[]).await;
+    send(&*store, id, "alice", "old").await;
+    send(&*store, id, "alice", "old too").await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    send(&*store, id, "alice", "new").await;
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 2);
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [3]
+    );
+}
+
+pub async fn the_live_feed_carries_commits_in_order(store: Arc<dyn MessageStore>) {
+    let mut feed = store.live_events();
+    let id = create(&*store, "alice", &["bob"]).await;
+    send(&*store, id, "alice", "one").await;
+    store.mark_read(id, &user("bob"), 1).await.unwrap();
+    send(&*store, id, "bob", "two").await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let signal = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+            .await
+            .expect("live event within 5s")
+            .expect("feed open");
+        if let LiveSignal::Event(event) = signal
+            && event.conversation_id == id
+        {
+            seen.push(event.sequence);
+        }
+    }
+    assert_eq!(seen, [1, 2, 3]);
+}
+
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn create_is_idempotent_by_id() {
+            super::create_is_idempotent_by_id($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_sends_get_gap_free_sequences() {
+            super::concurrent_sends_get_gap_free_sequences($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retries_with_the_same_client_id_are_recognised() {
+            super::retries_with_the_same_client_id_are_recognised($make(super::GENEROUS).await)
+                .await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_retries_append_once() {
+            super::concurrent_retries_append_once($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn only_participants_write() {
+            super::only_participants_write($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn participants_change_with_events() {
+            super::participants_change_with_events($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn deleting_leaves_a_tombstone_everywhere() {
+            super::deleting_leaves_a_tombstone_everywhere($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn read_positions_and_unread_counts() {
+            super::read_positions_and_unread_counts($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn history_pages_newest_first() {
+            super::history_pages_newest_first($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conversations_are_listed_by_activity() {
+            super::conversations_are_listed_by_activity($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retention_trims_by_count() {
+            let retention = super::Retention {
+                max_events: 5,
+                ..super::GENEROUS
+            };
+            super::retention_trims_by_count($make(retention).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retention_trims_by_age() {
+            let retention = super::Retention {
+                max_age: super::Duration::from_secs(1),
+                ..super::GENEROUS
+            };
+            super::retention_trims_by_age($make(retention).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_live_feed_carries_commits_in_order() {
+            super::the_live_feed_carries_commits_in_order($make(super::GENEROUS).await).await;
+        }
+    };
+}
+
+mod memory {
+    use super::*;
+
+    async fn make(retention: Retention) -> Arc<dyn MessageStore> {
+        Arc::new(MemoryMessageStore::new(retention))
+    }
+
+    conformance_suite!(make);
+}

@@ -1,0 +1,808 @@
+//! MessagingService over gRPC, end to end: validation, participation, idempotency, history,
+//! read state, and live subscriptions (seamless replay, resume, removal, slow consumers).
+//! Every scenario runs against the in-process store and against the real Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, as_user, reason};
+use futures::StreamExt;
+use svc_messaging::{config::Settings, grpc::pb};
+use tonic::{Code, Streaming, transport::Channel};
+
+type Client = pb::messaging_service_client::MessagingServiceClient<Channel>;
+
+async fn client(server: &TestServer) -> Client {
+    Client::new(server.channel().await)
+}
+
+async fn create(client: &mut Client, creator: &str, others: &[&str]) -> pb::Conversation {
+    client
+        .create_conversation(as_user(
+            creator,
+            pb::CreateConversationRequest {
+                title: "Launch".to_owned(),
+                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .expect("create conversation")
+        .into_inner()
+        .conversation
+        .unwrap()
+}
+
+fn text(conversation_id: &str, client_message_id: &str, text: &str) -> pb::SendMessageRequest {
+    pb::SendMessageRequest {
+        conversation_id: conversation_id.to_owned(),
+        client_message_id: client_message_id.to_owned(),
+        content: Some(pb::send_message_request::Content::Text(text.to_owned())),
+    }
+}
+
+async fn send(client: &mut Client, user: &str, conversation_id: &str, body: &str) -> pb::Message {
+    let client_id = format!("c-{}", uuid_like());
+    client
+        .send_message(as_user(user, text(conversation_id, &client_id, body)))
+        .await
+        .expect("send")
+        .into_inner()
+        .message
+        .unwrap()
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn subscribe(
+    client: &mut Client,
+    user: &str,
+    conversation_id: &str,
+    after_sequence: u64,
+) -> Streaming<pb::SubscribeMessagesResponse> {
+    client
+        .subscribe_messages(as_user(
+            user,
+            pb::SubscribeMessagesRequest {
+                conversation_id: conversation_id.to_owned(),
+                after_sequence,
+            },
+        ))
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+async fn next_event(
+    stream: &mut Streaming<pb::SubscribeMessagesResponse>,
+) -> pb::ConversationEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5s")
+        .expect("stream open")
+        .expect("no error")
+        .event
+        .unwrap()
+}
+
+async fn next_error(stream: &mut Streaming<pb::SubscribeMessagesResponse>) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("stream ends within 5s")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => return status,
+            None => panic!("stream ended without a status"),
+        }
+    }
+}
+
+fn text_of(event: &pb::ConversationEvent) -> Option<&str> {
+    match event.event.as_ref()? {
+        pb::conversation_event::Event::MessageCreated(created) => {
+            created.message.as_ref().map(|m| m.text.as_str())
+        }
+        _ => None,
+    }
+}
+
+pub async fn validation_errors_name_the_field(server: TestServer) {
+    let mut client = client(&server).await;
+    let conversation = create(&mut client, "alice", &["bob"]).await;
+    let id = conversation.conversation_id.as_str();
+    let cases = [
+        (text(id, "m1", "   "), "text"),
+        (text(id, "m1", &"x".repeat(4001)), "text"),
+        (text(id, "", "hi"), "client_message_id"),
+        (text(id, &"x".repeat(65), "hi"), "client_message_id"),
+        (text("not-a-uuid", "m1", "hi"), "conversation_id"),
+        (
+            pb::SendMessageRequest {
+                conversation_id: id.to_owned(),
+                client_message_id: "m1".to_owned(),
+                content: None,
+            },
+            "content",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = client
+            .send_message(as_user("alice", request))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        use tonic_types::StatusExt;
+        let violations = status.get_details_bad_request().expect("BadRequest detail");
+        assert_eq!(violations.field_violations[0].field, field);
+    }
+    // 4000 characters (not bytes) after trimming are fine.
+    let long = format!("  {}  ", "é".repeat(4000));
+    let message = client
+        .send_message(as_user("alice", text(id, "long", &long)))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap();
+    assert_eq!(message.text.chars().count(), 4000);
+
+    for (page_size, page_token) in [(-1, ""), (10, "bogus-token")] {
+        let status = client
+            .list_messages(as_user(
+                "alice",
+                pb::ListMessagesRequest {
+                    conversation_id: id.to_owned(),
+                    page_size,
+                    page_token: page_token.to_owned(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let status = client
+        .create_conversation(as_user(
+            "alice",
+            pb::CreateConversationRequest {
+                title: "x".repeat(201),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = client
+        .send_message(as_user(
+            "alice",
+            pb::SendMessageRequest {
+                conversation_id: id.to_owned(),
+                client_message_id: "f1".to_owned(),
+                content: Some(pb::send_message_request::Content::FileId("file".to_owned())),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+pub async fn only_participants_read_or_write(server: TestServer) {
+    let mut client = client(&server).await;
+    let conversation = create(&mut client, "alice", &["bob"]).await;
+    let id = conversation.conversation_id.clone();
+    send(&mut client, "alice", &id, "hello").await;
+    let denied = [
+        client
+            .get_conversation(as_user(
+                "mallory",
+                pb::GetConversationRequest {
+                    conversation_id: id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        client
+            .send_message(as_user("mallory", text(&id, "m", "hi")))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        client
+            .list_messages(as_user(
+                "mallory",
+                pb::ListMessagesRequest {
+                    conversation_id: id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        client
+            .subscribe_messages(as_user(
+                "mallory",
+                pb::SubscribeMessagesRequest {
+                    conversation_id: id.clone(),
+                    after_sequence: 0,
+                },
+            ))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        client
+            .mark_read(as_user(
+                "mallory",
+                pb::MarkReadRequest {
+                    conversation_id: id.clone(),
+                    sequence: 1,
+                },
+            ))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        client
+            .add_participants(as_user(
+                "mallory",
+                pb::AddParticipantsRequest {
+                    conversation_id: id.clone(),
+                    user_ids: vec!["mallory".to_owned()],
+                },
+            ))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ];
+    for status in denied {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
+    }
+    let unknown = client
+        .get_conversation(as_user(
+            "alice",
+            pb::GetConversationRequest {
+                conversation_id: "0190a4b8-0000-7000-8000-000000000000".to_owned(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    // bob may not remove alice; alice (the creator) may remove bob, who then cannot read.
+    let status = client
+        .remove_participant(as_user(
+            "bob",
+            pb::RemoveParticipantRequest {
+                conversation_id: id.clone(),
+                user_id: "alice".to_owned(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "NOT_CONVERSATION_CREATOR");
+    client
+        .remove_participant(as_user(
+            "alice",
+            pb::RemoveParticipantRequest {
+                conversation_id: id.clone(),
+                user_id: "bob".to_owned(),
+            },
+        ))
+        .await
+        .unwrap();
+    let status = client
+        .list_messages(as_user(
+            "bob",
+            pb::ListMessagesRequest {
+                conversation_id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+pub async fn retries_are_idempotent(server: TestServer) {
+    let mut client = client(&server).await;
+    let request = pb::CreateConversationRequest {
+        title: "Retry me".to_owned(),
+        participant_ids: vec!["bob".to_owned()],
+        request_id: format!("req-{}", uuid_like()),
+    };
+    let first = client
+        .create_conversation(as_user("alice", request.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    let again = client
+        .create_conversation(as_user("alice", request.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(first.conversation_id, again.conversation_id);
+    let conflict = client
+        .create_conversation(as_user(
+            "alice",
+            pb::CreateConversationRequest {
+                title: "Something else".to_owned(),
+                ..request
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert_eq!(reason(&conflict), "REQUEST_ID_REUSED");
+
+    let id = first.conversation_id;
+    // Concurrent retries of one send: one message, every caller gets it.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = client.clone();
+        let request = text(&id, "same-id", "hello once");
+        tasks.push(tokio::spawn(async move {
+            client
+                .send_message(as_user("alice", request))
+                .await
+                .unwrap()
+                .into_inner()
+                .message
+                .unwrap()
+        }));
+    }
+    let mut messages = Vec::new();
+    for task in tasks {
+        messages.push(task.await.unwrap());
+    }
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.message_id == messages[0].message_id)
+    );
+    assert!(messages.iter().all(|m| m.sequence == messages[0].sequence));
+    let conflict = client
+        .send_message(as_user("alice", text(&id, "same-id", "different text")))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert_eq!(reason(&conflict), "CLIENT_MESSAGE_ID_REUSED");
+    let history = client
+        .list_messages(as_user(
+            "alice",
+            pb::ListMessagesRequest {
+                conversation_id: id,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.messages.len(), 1);
+}
+
+pub async fn history_pages_are_stable_while_messages_arrive(server: TestServer) {
+    let mut client = client(&server).await;
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    for n in 1..=5 {
+        send(&mut client, "bob", &id, &format!("m{n}")).await;
+    }
+    let page = |token: String| pb::ListMessagesRequest {
+        conversation_id: id.clone(),
+        page_size: 2,
+        page_token: token,
+    };
+    let first = client
+        .list_messages(as_user("alice", page(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first
+            .messages
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>(),
+        ["m5", "m4"]
+    );
+    // New messages arrive between pages: no duplicate, no skip.
+    send(&mut client, "bob", &id, "m6").await;
+    let second = client
+        .list_messages(as_user("alice", page(first.next_page_token)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second
+            .messages
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>(),
+        ["m3", "m2"]
+    );
+    let third = client
+        .list_messages(as_user("alice", page(second.next_page_token)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        third
+            .messages
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>(),
+        ["m1"]
+    );
+    assert!(third.next_page_token.is_empty());
+}
+
+pub async fn read_state_and_conversation_list(server: TestServer) {
+    let mut client = client(&server).await;
+    let quiet = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    let busy = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    send(&mut client, "bob", &busy, "one").await;
+    let two = send(&mut client, "bob", &busy, "two").await;
+    send(&mut client, "alice", &busy, "mine").await;
+    let listed = client
+        .list_conversations(as_user("alice", pb::ListConversationsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = listed
+        .conversations
+        .iter()
+        .map(|c| c.conversation_id.as_str())
+        .collect();
+    assert_eq!(
+        &ids[..2],
+        [busy.as_str(), quiet.as_str()],
+        "most recent activity first"
+    );
+    let busy_view = &listed.conversations[0];
+    assert_eq!(busy_view.unread_count, 2);
+    assert_eq!(busy_view.last_message.as_ref().unwrap().text, "mine");
+    let read = client
+        .mark_read(as_user(
+            "alice",
+            pb::MarkReadRequest {
+                conversation_id: busy.clone(),
+                sequence: two.sequence,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.read_sequence, two.sequence);
+    // Monotonic: a lower value is ignored.
+    let read = client
+        .mark_read(as_user(
+            "alice",
+            pb::MarkReadRequest {
+                conversation_id: busy.clone(),
+                sequence: 1,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.read_sequence, two.sequence);
+    let view = client
+        .get_conversation(as_user(
+            "alice",
+            pb::GetConversationRequest {
+                conversation_id: busy.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_eq!(view.unread_count, 0);
+    let status = client
+        .mark_read(as_user(
+            "alice",
+            pb::MarkReadRequest {
+                conversation_id: busy,
+                sequence: 999,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+pub async fn subscribe_replays_then_follows_without_gaps(server: TestServer) {
+    let mut client = client(&server).await;
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    for n in 1..=3 {
+        send(&mut client, "alice", &id, &format!("early {n}")).await;
+    }
+    let mut stream = subscribe(&mut client, "bob", &id, 0).await;
+    // Sends race with the replay: every event still arrives once, in order.
+    let mut sender = client.clone();
+    let sender_id = id.clone();
+    let writer = tokio::spawn(async move {
+        for n in 1..=20 {
+            send(&mut sender, "alice", &sender_id, &format!("late {n}")).await;
+        }
+    });
+    let mut sequences = Vec::new();
+    while sequences.len() < 23 {
+        sequences.push(next_event(&mut stream).await.sequence);
+    }
+    writer.await.unwrap();
+    assert_eq!(sequences, (1..=23).collect::<Vec<u64>>());
+
+    // Resume from the middle: exactly what came after.
+    let mut resumed = subscribe(&mut client, "bob", &id, 10).await;
+    let first = next_event(&mut resumed).await;
+    assert_eq!(first.sequence, 11);
+    assert_eq!(text_of(&first), Some("late 8"));
+    // Other kinds of events are part of the stream too.
+    client
+        .mark_read(as_user(
+            "bob",
+            pb::MarkReadRequest {
+                conversation_id: id.clone(),
+                sequence: 5,
+            },
+        ))
+        .await
+        .unwrap();
+    let mut last = first;
+    while last.sequence < 24 {
+        last = next_event(&mut resumed).await;
+    }
+    assert!(matches!(
+        last.event,
+        Some(pb::conversation_event::Event::ReadReceipt(
+            pb::ReadReceipt {
+                read_sequence: 5,
+                ..
+            }
+        ))
+    ));
+    let status = client
+        .subscribe_messages(as_user(
+            "bob",
+            pb::SubscribeMessagesRequest {
+                conversation_id: id,
+                after_sequence: 999,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+pub async fn removal_ends_the_live_stream(server: TestServer) {
+    let mut client = client(&server).await;
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    let mut stream = subscribe(&mut client, "bob", &id, 0).await;
+    send(&mut client, "alice", &id, "before").await;
+    assert_eq!(text_of(&next_event(&mut stream).await), Some("before"));
+    client
+        .remove_participant(as_user(
+            "alice",
+            pb::RemoveParticipantRequest {
+                conversation_id: id.clone(),
+                user_id: "bob".to_owned(),
+            },
+        ))
+        .await
+        .unwrap();
+    let change = next_event(&mut stream).await;
+    assert!(matches!(
+        change.event,
+        Some(pb::conversation_event::Event::ParticipantsChanged(_))
+    ));
+    let status = next_error(&mut stream).await;
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
+}
+
+pub async fn deleted_messages_are_tombstones(server: TestServer) {
+    let mut client = client(&server).await;
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    let message = send(&mut client, "alice", &id, "oops").await;
+    let status = client
+        .delete_message(as_user(
+            "bob",
+            pb::DeleteMessageRequest {
+                conversation_id: id.clone(),
+                message_id: message.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "NOT_MESSAGE_SENDER");
+    let tombstone = client
+        .delete_message(as_user(
+            "alice",
+            pb::DeleteMessageRequest {
+                conversation_id: id.clone(),
+                message_id: message.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap();
+    assert!(tombstone.deleted);
+    assert!(tombstone.text.is_empty());
+    let history = client
+        .list_messages(as_user(
+            "bob",
+            pb::ListMessagesRequest {
+                conversation_id: id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.messages[0].deleted);
+    assert!(history.messages[0].text.is_empty());
+    let mut replay = subscribe(&mut client, "bob", &id, 0).await;
+    let created = next_event(&mut replay).await;
+    assert_eq!(
+        text_of(&created),
+        Some(""),
+        "the replay shows the tombstone"
+    );
+    let deleted = next_event(&mut replay).await;
+    assert!(matches!(
+        deleted.event,
+        Some(pb::conversation_event::Event::MessageDeleted(_))
+    ));
+}
+
+pub async fn slow_consumers_are_cut_off_and_resume(server: TestServer) {
+    // The server under test has messaging.subscriber_buffer = 4.
+    let mut client = client(&server).await;
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    // bob's connection advertises the smallest HTTP/2 windows, so the transport holds little.
+    let bob_channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+            .unwrap()
+            .initial_stream_window_size(Some(65_535))
+            .initial_connection_window_size(Some(65_535))
+            .connect()
+            .await
+            .unwrap();
+    let mut bob = Client::new(bob_channel);
+    let mut stream = subscribe(&mut bob, "bob", &id, 0).await;
+    // bob reads nothing while 300 events of ~4 KB are committed: far more than his buffer plus
+    // what the transport buffers (~64 KB window + h2's 400 KB send buffer).
+    for n in 1..=300 {
+        send(
+            &mut client,
+            "alice",
+            &id,
+            &format!("flood {n:03} {}", "x".repeat(3990)),
+        )
+        .await;
+    }
+    let mut last = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("progress")
+        {
+            Some(Ok(response)) => {
+                let sequence = response.event.unwrap().sequence;
+                assert_eq!(sequence, last + 1, "no gap before the cut-off");
+                last = sequence;
+            }
+            Some(Err(status)) => break status,
+            None => panic!("stream ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "SLOW_CONSUMER");
+    assert!(
+        last < 300,
+        "the consumer was cut off before the end ({last})"
+    );
+    // Resuming from the last delivered sequence misses nothing.
+    let mut resumed = subscribe(&mut client, "bob", &id, last).await;
+    for expected in last + 1..=300 {
+        assert_eq!(next_event(&mut resumed).await.sequence, expected);
+    }
+}
+
+pub async fn truncated_history_is_out_of_range(server: TestServer) {
+    // The server under test keeps messaging.history_max_events = 5.
+    let mut client = client(&server).await;
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    for n in 1..=8 {
+        send(&mut client, "alice", &id, &format!("m{n}")).await;
+    }
+    let mut stream = subscribe(&mut client, "bob", &id, 1).await;
+    let status = next_error(&mut stream).await;
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert_eq!(reason(&status), "HISTORY_TRUNCATED");
+    let mut ok = subscribe(&mut client, "bob", &id, 3).await;
+    assert_eq!(next_event(&mut ok).await.sequence, 4);
+}
+
+/// Settings for a scenario: the store and any tuning it needs.
+pub type Tune = fn(&mut Settings);
+
+macro_rules! messaging_suite {
+    ($configure:expr) => {
+        async fn server(tune: super::Tune) -> super::TestServer {
+            super::TestServer::start_with(|settings| {
+                $configure(settings);
+                tune(settings);
+            })
+            .await
+        }
+        fn plain(_: &mut super::Settings) {}
+
+        #[tokio::test]
+        async fn validation_errors_name_the_field() {
+            super::validation_errors_name_the_field(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn only_participants_read_or_write() {
+            super::only_participants_read_or_write(server(plain).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retries_are_idempotent() {
+            super::retries_are_idempotent(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn history_pages_are_stable_while_messages_arrive() {
+            super::history_pages_are_stable_while_messages_arrive(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn read_state_and_conversation_list() {
+            super::read_state_and_conversation_list(server(plain).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn subscribe_replays_then_follows_without_gaps() {
+            super::subscribe_replays_then_follows_without_gaps(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn removal_ends_the_live_stream() {
+            super::removal_ends_the_live_stream(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn deleted_messages_are_tombstones() {
+            super::deleted_messages_are_tombstones(server(plain).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn slow_consumers_are_cut_off_and_resume() {
+            super::slow_consumers_are_cut_off_and_resume(
+                server(|settings| settings.messaging.subscriber_buffer = 4).await,
+            )
+            .await;
+        }
+        #[tokio::test]
+        async fn truncated_history_is_out_of_range() {
+            super::truncated_history_is_out_of_range(
+                server(|settings| settings.messaging.history_max_events = 5).await,
+            )
+            .await;
+        }
+    };
+}
+
+mod memory {
+    messaging_suite!(|_: &mut svc_messaging::config::Settings| {});
+}
