@@ -232,3 +232,98 @@ pub fn required_tool(var: &str) -> String {
         panic!("{var} is not set: run the suite through scripts/test, which installs the tools")
     })
 }
+
+/// Points `settings` at the real Redis that scripts/test started, under a key prefix of its own
+/// so tests can share the server in parallel.
+pub fn use_test_redis(settings: &mut Settings, key_prefix: &str) {
+    use svc_messaging::config::MessageBackend;
+    let url = required_tool("SVC_TEST_REDIS_URL");
+    settings.storage.messages = MessageBackend::Redis;
+    settings.redis.url = Some(secrecy::SecretString::from(url));
+    settings.redis.key_prefix = key_prefix.to_owned();
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("t-{test}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A Redis server of the test's own (for tests that stop and restart it), on a free port.
+pub struct PrivateRedis {
+    pub port: u16,
+    pub password: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            port,
+            password: "private/pa55=word".to_owned(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.restart();
+        redis
+    }
+
+    /// redis://default:<percent-encoded password>@127.0.0.1:<port>/0
+    pub fn url(&self) -> String {
+        format!(
+            "redis://default:private%2Fpa55%3Dword@127.0.0.1:{}/0",
+            self.port
+        )
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// (Re)starts the server on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let binary = required_tool("SVC_TEST_REDIS_SERVER_BIN");
+        let child = Command::new(binary)
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            // Persisted, so a restart keeps the data as a real deployment would.
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--requirepass", &self.password])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("private redis did not start on port {}", self.port);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
