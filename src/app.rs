@@ -4,6 +4,7 @@
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
+use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
@@ -26,7 +27,7 @@ use crate::{
     messaging::service::ConversationService,
     metrics::{GrpcMetricsLayer, Metrics},
     store::{
-        fs::FsBlobStore,
+        fs::{FsBlobStore, UrlSigner},
         memory::MemoryMessageStore,
         messages::{MessageStore, Retention},
     },
@@ -114,19 +115,39 @@ impl App {
                 source,
             })?;
 
-        let blob_store = FsBlobStore::open(&settings.storage.data_dir)
-            .await
-            .map_err(|source| StartupError::DataDir {
-                path: settings.storage.data_dir.display().to_string(),
-                source,
-            })?;
+        let signing_key = match &settings.downloads.signing_key {
+            Some(key) => key.expose_secret().as_bytes().to_vec(),
+            // Only this process verifies its URLs, so a random key is enough for one replica.
+            None => {
+                let mut key = vec![0u8; 32];
+                getrandom::fill(&mut key).map_err(|error| StartupError::DataDir {
+                    path: "random signing key".to_owned(),
+                    source: io::Error::other(error.to_string()),
+                })?;
+                key
+            }
+        };
+        let base_url = settings
+            .downloads
+            .public_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let blob_store = FsBlobStore::open(
+            &settings.storage.data_dir,
+            UrlSigner::new(signing_key, &base_url),
+        )
+        .await
+        .map_err(|source| StartupError::DataDir {
+            path: settings.storage.data_dir.display().to_string(),
+            source,
+        })?;
         tracing::info!(
             messages = "memory",
             blobs = "fs",
             data_dir = %blob_store.root().display(),
             "storage backends"
         );
-        let dependencies: Vec<Arc<dyn DependencyCheck>> = vec![Arc::new(blob_store)];
+        let dependencies: Vec<Arc<dyn DependencyCheck>> = vec![Arc::new(blob_store.clone())];
 
         let authenticator = Authenticator::from_settings(&settings.auth)?;
         if authenticator.is_trusted_header() {
@@ -183,7 +204,7 @@ impl App {
         let mut grpc_task: JoinHandle<Result<(), tonic::transport::Error>> =
             tokio::spawn(grpc_server);
 
-        let http_router = http::router(board.clone(), metrics);
+        let http_router = http::router(board.clone(), metrics, Some(blob_store));
         let http_stop = stop_accepting.clone();
         let http_task = tokio::spawn(async move {
             axum::serve(http_listener, http_router)

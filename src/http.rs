@@ -13,21 +13,35 @@ use axum::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{health::HealthBoard, metrics::Metrics};
+use crate::{
+    health::HealthBoard,
+    metrics::Metrics,
+    store::{
+        blobs::{BlobError, BlobStore},
+        fs::FsBlobStore,
+    },
+};
 
 #[derive(Clone)]
 struct HttpState {
     health: HealthBoard,
     metrics: Arc<Metrics>,
+    /// Set when files live on the local filesystem: its signed download URLs are served here.
+    fs_blobs: Option<FsBlobStore>,
 }
 
-pub fn router(health: HealthBoard, metrics: Arc<Metrics>) -> Router {
+pub fn router(health: HealthBoard, metrics: Arc<Metrics>, fs_blobs: Option<FsBlobStore>) -> Router {
     Router::new()
         .route("/healthz", get(liveness))
         .route("/readyz", get(readiness))
         .route("/v1/health", get(health_check))
         .route("/metrics", get(prometheus))
-        .with_state(HttpState { health, metrics })
+        .route("/v1/blobs/{*key}", get(signed_download))
+        .with_state(HttpState {
+            health,
+            metrics,
+            fs_blobs,
+        })
 }
 
 /// Liveness: the process answers. It stays 200 while shutting down, so Kubernetes does not kill a
@@ -82,4 +96,51 @@ async fn prometheus(State(state): State<HttpState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// Serves a filesystem blob to the holder of a valid, unexpired signed URL. Like S3, a bad or
+/// expired signature is 403 and says nothing about whether the object exists.
+async fn signed_download(
+    State(state): State<HttpState>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let forbidden = || (StatusCode::FORBIDDEN, "invalid or expired signature\n").into_response();
+    let Some(store) = state.fs_blobs else {
+        return forbidden();
+    };
+    let expires = query
+        .get("expires")
+        .and_then(|value| value.parse::<u64>().ok());
+    let (Some(expires), Some(signature)) = (expires, query.get("signature")) else {
+        return forbidden();
+    };
+    if !store.signer().verify(&key, expires, signature) {
+        return forbidden();
+    }
+    let attributes = match store.attributes(&key).await {
+        Ok(attributes) => attributes,
+        Err(BlobError::NotFound) => return (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "signed download failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response();
+        }
+    };
+    let (info, body) = match (store.info(&key).await, store.read(&key, 0).await) {
+        (Ok(info), Ok(body)) => (info, body),
+        (Err(BlobError::NotFound), _) | (_, Err(BlobError::NotFound)) => {
+            return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::warn!(%error, "signed download failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response();
+        }
+    };
+    let headers = [
+        (header::CONTENT_TYPE, attributes.content_type),
+        (header::CONTENT_DISPOSITION, attributes.content_disposition),
+        (header::CONTENT_LENGTH, info.size.to_string()),
+        (header::CACHE_CONTROL, "private, no-store".to_owned()),
+    ];
+    (headers, axum::body::Body::from_stream(body)).into_response()
 }

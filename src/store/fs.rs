@@ -1,31 +1,323 @@
 //! The filesystem blob store: file bodies and thumbnails under `storage.data_dir`, for the
 //! zero-setup default (one replica, no S3).
+//!
+//! Layout: `objects/<key>` holds the bytes and `objects/<key>.attrs.json` how to serve them;
+//! uploads are written to `incoming/<random>` and renamed into place on commit, so a reader
+//! never sees half an object and an aborted upload leaves nothing under `objects/`. Download
+//! URLs point at this service's HTTP port and carry an expiry and an HMAC-SHA256 signature.
 
 use std::{
-    io,
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, stream::BoxStream};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
+use super::blobs::{BlobAttributes, BlobError, BlobInfo, BlobResult, BlobStore, BlobUpload};
 use crate::{error::BoxError, health::DependencyCheck};
 
-#[derive(Debug, Clone)]
+const OBJECTS: &str = "objects";
+const INCOMING: &str = "incoming";
+const ATTRIBUTES_SUFFIX: &str = ".attrs.json";
+/// Read size when streaming an object back.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// The path a signed download URL is served under on the HTTP port.
+pub const DOWNLOAD_PATH: &str = "/v1/blobs/";
+
+#[derive(Clone)]
 pub struct FsBlobStore {
     root: PathBuf,
+    signer: Arc<UrlSigner>,
+}
+
+/// Signs and verifies download URLs of the filesystem store.
+pub struct UrlSigner {
+    key: Vec<u8>,
+    base_url: String,
+}
+
+impl UrlSigner {
+    /// `base_url` is where the HTTP port is reachable, e.g. `http://127.0.0.1:8080`.
+    pub fn new(key: Vec<u8>, base_url: &str) -> Self {
+        Self {
+            key,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    fn signature(&self, key: &str, expires: u64) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(key.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        hex(&mac.finalize().into_bytes())
+    }
+
+    pub fn url(&self, key: &str, valid_for: Duration) -> String {
+        let expires = unix_now() + valid_for.as_secs();
+        format!(
+            "{}{DOWNLOAD_PATH}{key}?expires={expires}&signature={}",
+            self.base_url,
+            self.signature(key, expires)
+        )
+    }
+
+    /// Whether `signature` is this store's, for `key`, and not yet expired.
+    pub fn verify(&self, key: &str, expires: u64, signature: &str) -> bool {
+        if expires < unix_now() {
+            return false;
+        }
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(key.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        match decode_hex(signature) {
+            // Constant-time comparison: no timing oracle on the signature.
+            Some(bytes) => mac.verify_slice(&bytes).is_ok(),
+            None => false,
+        }
+    }
 }
 
 impl FsBlobStore {
     /// Opens (creating if needed) the store rooted at `root`.
-    pub async fn open(root: &Path) -> io::Result<Self> {
-        tokio::fs::create_dir_all(root).await?;
+    pub async fn open(root: &Path, signer: UrlSigner) -> std::io::Result<Self> {
+        tokio::fs::create_dir_all(root.join(OBJECTS)).await?;
+        tokio::fs::create_dir_all(root.join(INCOMING)).await?;
         Ok(Self {
             root: root.to_path_buf(),
+            signer: Arc::new(signer),
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    pub fn signer(&self) -> &UrlSigner {
+        &self.signer
+    }
+
+    /// The object's path, refusing keys that would leave the store.
+    fn object_path(&self, key: &str) -> BlobResult<PathBuf> {
+        let relative = Path::new(key);
+        let safe = !key.is_empty()
+            && !key.ends_with(ATTRIBUTES_SUFFIX)
+            && relative
+                .components()
+                .all(|component| matches!(component, Component::Normal(_)));
+        if !safe {
+            return Err(BlobError::NotFound);
+        }
+        Ok(self.root.join(OBJECTS).join(relative))
+    }
+
+    fn attributes_path(object: &Path) -> PathBuf {
+        let mut name = object.as_os_str().to_owned();
+        name.push(ATTRIBUTES_SUFFIX);
+        PathBuf::from(name)
+    }
+
+    /// The stored attributes of `key` (for serving downloads).
+    pub async fn attributes(&self, key: &str) -> BlobResult<BlobAttributes> {
+        let path = Self::attributes_path(&self.object_path(key)?);
+        let text = tokio::fs::read_to_string(&path).await.map_err(io_error)?;
+        let stored: StoredAttributes =
+            serde_json::from_str(&text).map_err(|error| BlobError::Unavailable(error.into()))?;
+        Ok(stored.into())
+    }
+
+    async fn write_attributes(object: &Path, attributes: &BlobAttributes) -> BlobResult<()> {
+        let json = serde_json::to_vec(&StoredAttributes::from(attributes.clone()))
+            .map_err(|error| BlobError::Unavailable(error.into()))?;
+        tokio::fs::write(Self::attributes_path(object), json)
+            .await
+            .map_err(io_error)
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAttributes {
+    content_type: String,
+    content_disposition: String,
+    metadata: Vec<(String, String)>,
+}
+
+impl From<BlobAttributes> for StoredAttributes {
+    fn from(attributes: BlobAttributes) -> Self {
+        Self {
+            content_type: attributes.content_type,
+            content_disposition: attributes.content_disposition,
+            metadata: attributes.metadata,
+        }
+    }
+}
+
+impl From<StoredAttributes> for BlobAttributes {
+    fn from(stored: StoredAttributes) -> Self {
+        Self {
+            content_type: stored.content_type,
+            content_disposition: stored.content_disposition,
+            metadata: stored.metadata,
+        }
+    }
+}
+
+struct FsUpload {
+    incoming: PathBuf,
+    object: PathBuf,
+    attributes: BlobAttributes,
+    file: Option<tokio::fs::File>,
+    finished: bool,
+}
+
+#[async_trait]
+impl BlobUpload for FsUpload {
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()> {
+        let file = self.file.as_mut().expect("written before commit or abort");
+        file.write_all(&bytes).await.map_err(io_error)
+    }
+
+    async fn commit(mut self: Box<Self>) -> BlobResult<()> {
+        let mut file = self.file.take().expect("committed once");
+        file.flush().await.map_err(io_error)?;
+        file.sync_all().await.map_err(io_error)?;
+        drop(file);
+        if let Some(parent) = self.object.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
+        }
+        FsBlobStore::write_attributes(&self.object, &self.attributes).await?;
+        tokio::fs::rename(&self.incoming, &self.object)
+            .await
+            .map_err(io_error)?;
+        self.finished = true;
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) -> BlobResult<()> {
+        self.file.take();
+        self.finished = true;
+        match tokio::fs::remove_file(&self.incoming).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error(error)),
+        }
+    }
+}
+
+impl Drop for FsUpload {
+    fn drop(&mut self) {
+        // Dropped mid-write (a cancelled RPC): remove the partial file.
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.incoming);
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn start_upload(
+        &self,
+        key: &str,
+        attributes: BlobAttributes,
+    ) -> BlobResult<Box<dyn BlobUpload>> {
+        let object = self.object_path(key)?;
+        let incoming = self
+            .root
+            .join(INCOMING)
+            .join(uuid::Uuid::now_v7().simple().to_string());
+        let file = tokio::fs::File::create(&incoming).await.map_err(io_error)?;
+        Ok(Box::new(FsUpload {
+            incoming,
+            object,
+            attributes,
+            file: Some(file),
+            finished: false,
+        }))
+    }
+
+    async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()> {
+        let mut upload = self.start_upload(key, attributes).await?;
+        upload.write(bytes).await?;
+        upload.commit().await
+    }
+
+    async fn info(&self, key: &str) -> BlobResult<BlobInfo> {
+        let path = self.object_path(key)?;
+        let metadata = tokio::fs::metadata(&path).await.map_err(io_error)?;
+        let attributes = self.attributes(key).await?;
+        Ok(BlobInfo {
+            size: metadata.len(),
+            content_type: attributes.content_type,
+        })
+    }
+
+    async fn read(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> BlobResult<BoxStream<'static, BlobResult<Bytes>>> {
+        let path = self.object_path(key)?;
+        let mut file = tokio::fs::File::open(&path).await.map_err(io_error)?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(io_error)?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
+            .map(|chunk| chunk.map_err(io_error));
+        Ok(stream.boxed())
+    }
+
+    async fn delete(&self, key: &str) -> BlobResult<()> {
+        let object = self.object_path(key)?;
+        for path in [Self::attributes_path(&object), object] {
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(io_error(error)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn download_url(&self, key: &str, valid_for: Duration) -> BlobResult<String> {
+        self.object_path(key)?;
+        Ok(self.signer.url(key, valid_for))
+    }
+
+    async fn list(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let objects = self.root.join(OBJECTS);
+        let mut keys = Vec::new();
+        let mut pending = vec![objects.clone()];
+        while let Some(dir) = pending.pop() {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(io_error(error)),
+            };
+            while let Some(entry) = entries.next_entry().await.map_err(io_error)? {
+                let path = entry.path();
+                if entry.file_type().await.map_err(io_error)?.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let Ok(relative) = path.strip_prefix(&objects) else {
+                    continue;
+                };
+                let key = relative.to_string_lossy().replace('\\', "/");
+                if !key.ends_with(ATTRIBUTES_SUFFIX) && key.starts_with(prefix) {
+                    keys.push(key);
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
     }
 }
 
@@ -35,12 +327,68 @@ impl DependencyCheck for FsBlobStore {
         "blob-store"
     }
 
-    /// The store is up when its root is a writable directory (recreated if it went missing).
+    /// The store is up when its directories are writable (recreated if they went missing).
     async fn check(&self) -> Result<(), BoxError> {
-        tokio::fs::create_dir_all(&self.root).await?;
-        let probe = self.root.join(".health-probe");
+        tokio::fs::create_dir_all(self.root.join(OBJECTS)).await?;
+        tokio::fs::create_dir_all(self.root.join(INCOMING)).await?;
+        let probe = self.root.join(INCOMING).join(".health-probe");
         tokio::fs::write(&probe, b"ok").await?;
         tokio::fs::remove_file(&probe).await?;
         Ok(())
+    }
+}
+
+fn io_error(error: std::io::Error) -> BlobError {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        BlobError::NotFound
+    } else {
+        BlobError::Unavailable(error.into())
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|index| u8::from_str_radix(text.get(index..index + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_urls_verify_only_untampered_and_unexpired() {
+        let signer = UrlSigner::new(b"k".repeat(32), "http://127.0.0.1:8080/");
+        let url = signer.url("files/c/f", Duration::from_secs(60));
+        let query = url.split_once('?').unwrap().1;
+        let params: std::collections::HashMap<_, _> = query
+            .split('&')
+            .map(|pair| pair.split_once('=').unwrap())
+            .collect();
+        let expires: u64 = params["expires"].parse().unwrap();
+        let signature = params["signature"];
+        assert!(url.starts_with("http://127.0.0.1:8080/v1/blobs/files/c/f?"));
+        assert!(signer.verify("files/c/f", expires, signature));
+        assert!(!signer.verify("files/c/other", expires, signature));
+        assert!(!signer.verify("files/c/f", expires + 1, signature));
+        assert!(!signer.verify("files/c/f", expires, "00"));
+        let other = UrlSigner::new(b"x".repeat(32), "http://127.0.0.1:8080");
+        assert!(!other.verify("files/c/f", expires, signature));
+        let expired = signer.signature("files/c/f", 1);
+        assert!(!signer.verify("files/c/f", 1, &expired));
     }
 }

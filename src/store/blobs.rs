@@ -1,0 +1,89 @@
+//! The blob store: file bodies and thumbnails, written as a stream while an upload arrives and
+//! read back as a stream or through a time-limited download URL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::error::BoxError;
+
+pub type BlobResult<T> = Result<T, BlobError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob not found")]
+    NotFound,
+    /// The backend cannot be reached or refused the request for a reason a retry may fix.
+    #[error("blob store unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// A request the backend will never accept (bad credentials, a missing bucket): a retry
+    /// cannot help, an operator must.
+    #[error("blob store misconfigured: {0}")]
+    Misconfigured(#[source] BoxError),
+}
+
+/// How an object is served back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobAttributes {
+    pub content_type: String,
+    /// A `Content-Disposition` header value.
+    pub content_disposition: String,
+    /// Extra metadata stored with the object (e.g. its sha256).
+    pub metadata: Vec<(String, String)>,
+}
+
+/// What is known about a stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub size: u64,
+    pub content_type: String,
+}
+
+/// One object being written. Bytes leave as they are written; nothing is visible under the
+/// key until [`BlobUpload::commit`], and [`BlobUpload::abort`] (or dropping the upload) removes
+/// whatever was written.
+#[async_trait]
+pub trait BlobUpload: Send {
+    /// Appends bytes. May wait while earlier parts are still in flight: that wait is the
+    /// back-pressure that reaches the client through gRPC flow control.
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()>;
+    /// Makes the object visible under its key.
+    async fn commit(self: Box<Self>) -> BlobResult<()>;
+    /// Discards everything written.
+    async fn abort(self: Box<Self>) -> BlobResult<()>;
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Starts a streamed write of `key`.
+    async fn start_upload(
+        &self,
+        key: &str,
+        attributes: BlobAttributes,
+    ) -> BlobResult<Box<dyn BlobUpload>>;
+
+    /// Writes a small object in one request (thumbnails).
+    async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()>;
+
+    /// The object's size and type, or `NotFound`.
+    async fn info(&self, key: &str) -> BlobResult<BlobInfo>;
+
+    /// Streams the object from `offset`.
+    async fn read(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> BlobResult<BoxStream<'static, BlobResult<Bytes>>>;
+
+    /// Removes the object; removing a missing one succeeds.
+    async fn delete(&self, key: &str) -> BlobResult<()>;
+
+    /// A URL that lets anyone holding it GET the object for `valid_for`, served with the
+    /// object's stored type and disposition.
+    async fn download_url(&self, key: &str, valid_for: Duration) -> BlobResult<String>;
+
+    /// Keys under `prefix` (for tests and cleanup checks).
+    async fn list(&self, prefix: &str) -> BlobResult<Vec<String>>;
+}
