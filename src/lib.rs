@@ -4,6 +4,7 @@
 //!
 //! - [`app`]: builds everything from [`config::Settings`], serves gRPC and HTTP, shuts down.
 //! - [`config`]: layered, validated settings; secrets redacted.
+//! - [`budget`]: the process-wide memory budget of upload buffers.
 //! - [`auth`]: who is calling (JWT or a trusted gateway header).
 //! - [`drain`]: ends calls still open after the shutdown grace with `UNAVAILABLE`.
 //! - [`error`]: the error vocabulary (kind + machine-readable reason).
@@ -19,6 +20,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod drain;
 pub mod error;

@@ -125,3 +125,457 @@ mod fs {
 
     blob_suite!(make);
 }
+
+/// The S3 store against the real S3-compatible server (Garage) that scripts/test starts; every
+/// test writes under a key prefix (or into a bucket) of its own.
+mod s3 {
+    use std::time::{Duration, Instant};
+
+    use secrecy::SecretString;
+    use sha2::{Digest, Sha256};
+    use svc_messaging::{
+        budget::MemoryBudget,
+        config::S3Settings,
+        health::DependencyCheck,
+        store::{
+            blobs::BlobUpload,
+            s3::{LifecycleOutcome, S3BlobStore},
+        },
+    };
+
+    use super::*;
+
+    /// S3's smallest part: a 3 MiB upload is one PutObject, 12 MiB three parts.
+    const PART: u64 = 5 * 1024 * 1024;
+    const MIB: usize = 1024 * 1024;
+
+    fn settings() -> S3Settings {
+        S3Settings {
+            endpoint: Some(common::required_tool("SVC_TEST_S3_ENDPOINT")),
+            region: common::required_tool("SVC_TEST_S3_REGION"),
+            bucket: Some(common::required_tool("SVC_TEST_S3_BUCKET")),
+            access_key_id: Some(common::required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
+            secret_access_key: Some(SecretString::from(common::required_tool(
+                "SVC_TEST_S3_SECRET_ACCESS_KEY",
+            ))),
+            force_path_style: true,
+            ..S3Settings::default()
+        }
+    }
+
+    fn store_with(settings: &S3Settings, budget: Arc<MemoryBudget>) -> S3BlobStore {
+        S3BlobStore::new(settings, PART, 2, budget).expect("valid S3 settings")
+    }
+
+    fn store() -> S3BlobStore {
+        store_with(
+            &settings(),
+            MemoryBudget::new(64 * MIB as u64, Duration::from_secs(30)),
+        )
+    }
+
+    async fn make() -> (Arc<dyn BlobStore>, String) {
+        (Arc::new(store()), common::unique_prefix("s3"))
+    }
+
+    blob_suite!(make);
+
+    fn sha256(bytes: &[u8]) -> Vec<u8> {
+        Sha256::digest(bytes).to_vec()
+    }
+
+    /// Writes `body` in 1 MiB chunks.
+    async fn write_all(upload: &mut Box<dyn BlobUpload>, body: &[u8]) {
+        for chunk in body.chunks(MIB) {
+            upload.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+    }
+
+    /// Runs `$SVC_TEST_GARAGE <args>` (bucket administration).
+    fn garage(args: &[&str]) {
+        let command = common::required_tool("SVC_TEST_GARAGE");
+        let mut words = command.split_whitespace();
+        let status = std::process::Command::new(words.next().unwrap())
+            .args(words)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run garage");
+        assert!(status.success(), "garage {args:?} failed");
+    }
+
+    /// A fresh bucket of the test's own, writable with the test key.
+    fn create_bucket(test: &str) -> String {
+        let bucket = common::unique_prefix(test);
+        garage(&["bucket", "create", &bucket]);
+        let key = std::env::var("SVC_TEST_GARAGE_KEY_NAME").unwrap_or_else(|_| "test".to_owned());
+        garage(&[
+            "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", &key,
+        ]);
+        bucket
+    }
+
+    #[tokio::test]
+    async fn large_uploads_go_multipart_and_read_back_identically() {
+        let store = store();
+        let prefix = common::unique_prefix("s3-multipart");
+        let key = format!("{prefix}/files/conv/big");
+        let body = pattern(12 * MIB + 123);
+        let mut upload = store.start_upload(&key, attributes()).await.unwrap();
+        write_all(&mut upload, &body[..6 * MIB]).await;
+        // Past one part: a multipart upload is open, and nothing is visible yet.
+        assert_eq!(
+            store.open_multipart_uploads(&prefix).await.unwrap(),
+            std::slice::from_ref(&key)
+        );
+        assert!(matches!(store.info(&key).await, Err(BlobError::NotFound)));
+        write_all(&mut upload, &body[6 * MIB..]).await;
+        upload.commit().await.unwrap();
+
+        assert!(
+            store
+                .open_multipart_uploads(&prefix)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let info = store.info(&key).await.unwrap();
+        assert_eq!(info.size, body.len() as u64);
+        assert_eq!(info.content_type, "text/plain");
+        assert_eq!(sha256(&read_all(&store, &key, 0).await), sha256(&body));
+        let offset = 7 * MIB + 5;
+        assert_eq!(
+            sha256(&read_all(&store, &key, offset as u64).await),
+            sha256(&body[offset..])
+        );
+        assert!(read_all(&store, &key, body.len() as u64).await.is_empty());
+        // Headers and metadata given at the start travel with the multipart upload.
+        let head = store
+            .client()
+            .head_object()
+            .bucket(store.bucket())
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            head.content_disposition(),
+            Some(attributes().content_disposition.as_str())
+        );
+        assert_eq!(
+            head.metadata().and_then(|metadata| metadata.get("sha256")),
+            Some(&"abc".to_owned())
+        );
+        // A three-part object's ETag says how many parts it has.
+        assert!(
+            head.e_tag().unwrap().ends_with("-3\""),
+            "{:?}",
+            head.e_tag()
+        );
+        store.delete(&key).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn aborted_and_dropped_multipart_uploads_leave_nothing() {
+        let store = store();
+        let prefix = common::unique_prefix("s3-abort");
+        let body = pattern(11 * MIB);
+
+        let aborted = format!("{prefix}/files/conv/aborted");
+        let mut upload = store.start_upload(&aborted, attributes()).await.unwrap();
+        write_all(&mut upload, &body).await;
+        assert_eq!(
+            store.open_multipart_uploads(&prefix).await.unwrap().len(),
+            1
+        );
+        upload.abort().await.unwrap();
+        assert!(
+            store
+                .open_multipart_uploads(&prefix)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        let dropped = format!("{prefix}/files/conv/dropped");
+        let mut upload = store.start_upload(&dropped, attributes()).await.unwrap();
+        write_all(&mut upload, &body).await;
+        assert_eq!(
+            store.open_multipart_uploads(&prefix).await.unwrap().len(),
+            1
+        );
+        drop(upload);
+
+        // Cancelled mid-write, most likely while the multipart upload is being created: the
+        // upload it creates must still be aborted.
+        let cancelled = format!("{prefix}/files/conv/cancelled");
+        let mut upload = store.start_upload(&cancelled, attributes()).await.unwrap();
+        let write = upload.write(Bytes::from(pattern(6 * MIB)));
+        let _ = tokio::time::timeout(Duration::from_millis(1), write).await;
+        drop(upload);
+
+        // The aborts run on tasks of their own: give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !store
+            .open_multipart_uploads(&prefix)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the dropped upload was not aborted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(store.list(&format!("{prefix}/")).await.unwrap().is_empty());
+        assert!(matches!(
+            store.info(&dropped).await,
+            Err(BlobError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn presigned_urls_serve_the_object_until_they_expire() {
+        let store = store();
+        let key = format!("{}/files/conv/notes.txt", common::unique_prefix("s3-url"));
+        store
+            .put(&key, attributes(), Bytes::from_static(b"hello, world"))
+            .await
+            .unwrap();
+
+        let url = store
+            .download_url(&key, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let response = reqwest::get(&url).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        assert_eq!(
+            headers["content-disposition"],
+            attributes().content_disposition.as_str()
+        );
+        assert_eq!(headers["content-type"], "text/plain");
+        assert_eq!(response.bytes().await.unwrap(), "hello, world");
+
+        // One character of the signature changed: refused.
+        let signature_at = url.find("X-Amz-Signature=").expect("a SigV4 URL") + 16;
+        let mut tampered = url.clone().into_bytes();
+        tampered[signature_at] = if tampered[signature_at] == b'0' {
+            b'1'
+        } else {
+            b'0'
+        };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
+
+        // Expired: Garage answers 400, AWS 403.
+        let short = store
+            .download_url(&key, Duration::from_secs(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let status = reqwest::get(&short).await.unwrap().status();
+        assert!(status == 400 || status == 403, "expired URL got {status}");
+        store.delete(&key).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lifecycle_rules_expire_files_and_stale_multipart_uploads() {
+        let bucket = create_bucket("s3-lifecycle");
+        let settings = S3Settings {
+            bucket: Some(bucket.clone()),
+            ..settings()
+        };
+        let store = store_with(
+            &settings,
+            MemoryBudget::new(64 * MIB as u64, Duration::from_secs(30)),
+        );
+        // 36 h rounds up to two days.
+        let outcome = store
+            .install_lifecycle(Duration::from_secs(36 * 3600))
+            .await
+            .unwrap();
+        assert_eq!(outcome, LifecycleOutcome::Installed);
+        // Installing again (every start-up does) replaces the rules with the same ones.
+        assert_eq!(
+            store
+                .install_lifecycle(Duration::from_secs(36 * 3600))
+                .await
+                .unwrap(),
+            LifecycleOutcome::Installed
+        );
+
+        let lifecycle = store
+            .client()
+            .get_bucket_lifecycle_configuration()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+        let rules = lifecycle.rules();
+        assert_eq!(rules.len(), 3, "{rules:?}");
+        for prefix in ["files/", "thumbs/"] {
+            let rule = rules
+                .iter()
+                .find(|rule| rule.filter().and_then(|filter| filter.prefix()) == Some(prefix))
+                .unwrap_or_else(|| panic!("no rule for {prefix}: {rules:?}"));
+            assert_eq!(rule.status().as_str(), "Enabled");
+            assert_eq!(rule.expiration().and_then(|expiry| expiry.days()), Some(2));
+        }
+        let abort = rules
+            .iter()
+            .find_map(|rule| rule.abort_incomplete_multipart_upload())
+            .unwrap_or_else(|| panic!("no rule aborting stale multipart uploads: {rules:?}"));
+        assert_eq!(abort.days_after_initiation(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_full_memory_budget_makes_uploads_fail_busy() {
+        // Room for one part buffer, not two; a short wait.
+        let budget = MemoryBudget::new(PART * 3 / 2, Duration::from_millis(300));
+        let store = store_with(&settings(), budget.clone());
+        let prefix = common::unique_prefix("s3-budget");
+        let mut first = store
+            .start_upload(&format!("{prefix}/files/conv/first"), attributes())
+            .await
+            .unwrap();
+        first.write(Bytes::from(pattern(MIB))).await.unwrap();
+        assert!(budget.available_bytes() < PART, "the first holds a part");
+
+        let mut second = store
+            .start_upload(&format!("{prefix}/files/conv/second"), attributes())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let refused = second.write(Bytes::from(pattern(MIB))).await;
+        assert!(matches!(refused, Err(BlobError::Busy(_))), "{refused:?}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // A refused upload stays refused; aborting it is fine.
+        assert!(second.write(Bytes::from_static(b"x")).await.is_err());
+        second.abort().await.unwrap();
+
+        first.commit().await.unwrap();
+        assert_eq!(budget.available_bytes(), PART * 3 / 2, "all released");
+        let mut third = store
+            .start_upload(&format!("{prefix}/files/conv/third"), attributes())
+            .await
+            .unwrap();
+        third.write(Bytes::from(pattern(MIB))).await.unwrap();
+        third.commit().await.unwrap();
+        assert_eq!(
+            store.list(&format!("{prefix}/")).await.unwrap(),
+            [
+                format!("{prefix}/files/conv/first"),
+                format!("{prefix}/files/conv/third")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn uploads_wait_for_memory_held_by_others() {
+        let budget = MemoryBudget::new(PART * 3 / 2, Duration::from_secs(20));
+        let store = Arc::new(store_with(&settings(), budget.clone()));
+        let prefix = common::unique_prefix("s3-budget-wait");
+        let mut first = store
+            .start_upload(&format!("{prefix}/files/conv/first"), attributes())
+            .await
+            .unwrap();
+        first.write(Bytes::from(pattern(MIB))).await.unwrap();
+
+        // The second waits for the first's part buffer...
+        let second_key = format!("{prefix}/files/conv/second");
+        let body = pattern(12 * MIB);
+        let second = tokio::spawn({
+            let store = store.clone();
+            let key = second_key.clone();
+            let body = body.clone();
+            async move {
+                let mut upload = store.start_upload(&key, attributes()).await.unwrap();
+                // ...and then, with room for one part buffer only, uploads its parts one by
+                // one: each next buffer waits for the previous part to be sent.
+                write_all(&mut upload, &body).await;
+                upload.commit().await.unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "the second must wait for memory");
+        first.commit().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), second)
+            .await
+            .expect("the second proceeds once the first is done")
+            .unwrap();
+        assert_eq!(
+            sha256(&read_all(&*store, &second_key, 0).await),
+            sha256(&body)
+        );
+        assert_eq!(budget.available_bytes(), PART * 3 / 2, "all released");
+    }
+
+    #[tokio::test]
+    async fn failures_say_whether_a_retry_can_help() {
+        let store = store();
+        store.check().await.expect("the test bucket answers");
+        assert_eq!(store.name(), "s3");
+
+        let wrong_secret = S3Settings {
+            secret_access_key: Some(SecretString::from("0".repeat(64))),
+            ..settings()
+        };
+        let budget = MemoryBudget::new(64 * MIB as u64, Duration::from_secs(1));
+        let wrong_secret = store_with(&wrong_secret, budget.clone());
+        assert!(wrong_secret.check().await.is_err());
+        let key = format!("{}/files/x", common::unique_prefix("s3-errors"));
+        let error = wrong_secret.info(&key).await.unwrap_err();
+        assert!(matches!(error, BlobError::Misconfigured(_)), "{error:?}");
+        let error = wrong_secret
+            .put(&key, attributes(), Bytes::from_static(b"x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, BlobError::Misconfigured(_)), "{error:?}");
+        assert!(
+            !error.to_string().contains(&"0".repeat(64)),
+            "no secret in {error}"
+        );
+
+        let missing_bucket = S3Settings {
+            bucket: Some(common::unique_prefix("no-such-bucket")),
+            ..settings()
+        };
+        let missing_bucket = store_with(&missing_bucket, budget.clone());
+        let error = missing_bucket.list("").await.unwrap_err();
+        assert!(matches!(error, BlobError::Misconfigured(_)), "{error:?}");
+        assert!(missing_bucket.check().await.is_err());
+
+        // Nothing listens there: unreachable, which a retry may fix.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let unreachable = S3Settings {
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            ..settings()
+        };
+        let error = store_with(&unreachable, budget)
+            .info(&key)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, BlobError::Unavailable(_)), "{error:?}");
+
+        let no_keys = S3Settings {
+            access_key_id: None,
+            secret_access_key: None,
+            ..settings()
+        };
+        let error = S3BlobStore::new(
+            &no_keys,
+            PART,
+            2,
+            MemoryBudget::new(PART * 3, Duration::from_secs(1)),
+        )
+        .unwrap_err();
+        assert!(matches!(error, BlobError::Misconfigured(_)), "{error:?}");
+        assert!(error.to_string().contains("s3.access_key_id"), "{error}");
+    }
+}

@@ -666,3 +666,25 @@ mod memory {
 
     conformance_suite!(make);
 }
+
+mod redis {
+    use super::*;
+    use svc_messaging::{config::RedisSettings, store::redis::RedisMessageStore};
+
+    async fn make(retention: Retention) -> Arc<dyn MessageStore> {
+        let settings = RedisSettings {
+            url: Some(secrecy::SecretString::from(common::required_tool(
+                "SVC_TEST_REDIS_URL",
+            ))),
+            password: None,
+            key_prefix: common::unique_prefix("conformance"),
+        };
+        Arc::new(
+            RedisMessageStore::connect(&settings, retention)
+                .await
+                .expect("connect to the test Redis"),
+        )
+    }
+
+    conformance_suite!(make);
+}

@@ -22,6 +22,10 @@ pub enum BlobError {
     /// cannot help, an operator must.
     #[error("blob store misconfigured: {0}")]
     Misconfigured(#[source] BoxError),
+    /// The process-wide upload memory budget stayed full for the whole wait: too many uploads
+    /// at once. Retrying later may help (`RESOURCE_EXHAUSTED`).
+    #[error("blob store busy: {0}")]
+    Busy(#[source] crate::budget::BudgetExhausted),
 }
 
 /// How an object is served back.

@@ -60,8 +60,9 @@ impl UrlSigner {
         hex(&mac.finalize().into_bytes())
     }
 
+    /// `expires` is in Unix milliseconds, so a URL never outlives its file by a rounding.
     pub fn url(&self, key: &str, valid_for: Duration) -> String {
-        let expires = unix_now() + valid_for.as_secs();
+        let expires = unix_millis() + u64::try_from(valid_for.as_millis()).unwrap_or(u64::MAX);
         format!(
             "{}{DOWNLOAD_PATH}{key}?expires={expires}&signature={}",
             self.base_url,
@@ -71,7 +72,7 @@ impl UrlSigner {
 
     /// Whether `signature` is this store's, for `key`, and not yet expired.
     pub fn verify(&self, key: &str, expires: u64, signature: &str) -> bool {
-        if expires < unix_now() {
+        if expires <= unix_millis() {
             return false;
         }
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
@@ -123,6 +124,39 @@ impl FsBlobStore {
         let mut name = object.as_os_str().to_owned();
         name.push(ATTRIBUTES_SUFFIX);
         PathBuf::from(name)
+    }
+
+    /// Deletes objects under `prefixes` written longer than `age` ago, and unfinished uploads
+    /// a crash left behind: the filesystem's stand-in for a bucket lifecycle rule.
+    pub async fn remove_expired(&self, prefixes: &[&str], age: Duration) -> BlobResult<usize> {
+        let cutoff = SystemTime::now() - age;
+        let mut removed = 0;
+        for prefix in prefixes {
+            for key in self.list(prefix).await? {
+                let path = self.object_path(&key)?;
+                let written = tokio::fs::metadata(&path)
+                    .await
+                    .and_then(|metadata| metadata.modified());
+                if matches!(written, Ok(time) if time < cutoff) {
+                    self.delete(&key).await?;
+                    removed += 1;
+                }
+            }
+        }
+        let stale_upload = SystemTime::now() - Duration::from_secs(24 * 3600);
+        let mut incoming = tokio::fs::read_dir(self.root.join(INCOMING))
+            .await
+            .map_err(io_error)?;
+        while let Some(entry) = incoming.next_entry().await.map_err(io_error)? {
+            let modified = entry
+                .metadata()
+                .await
+                .and_then(|metadata| metadata.modified());
+            if matches!(modified, Ok(time) if time < stale_upload) {
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+        Ok(removed)
     }
 
     /// The stored attributes of `key` (for serving downloads).
@@ -346,10 +380,12 @@ fn io_error(error: std::io::Error) -> BlobError {
     }
 }
 
-fn unix_now() -> u64 {
+fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -547,3 +547,47 @@ impl MessageStore for MemoryMessageStore {
         self.live.subscribe()
     }
 }
+
+/// The in-process file metadata store.
+#[derive(Default)]
+pub struct MemoryFileStore {
+    files: Mutex<HashMap<String, crate::store::files::FileRecord>>,
+}
+
+impl MemoryFileStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, crate::store::files::FileRecord>> {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl crate::store::files::FileStore for MemoryFileStore {
+    async fn put(&self, record: &crate::store::files::FileRecord) -> StoreResult<()> {
+        let now = now_millis();
+        let mut files = self.lock();
+        // Expired records go the way Redis TTLs would.
+        files.retain(|_, file| file.expire_time > now);
+        files.insert(record.file_id.clone(), record.clone());
+        Ok(())
+    }
+
+    async fn get(&self, file_id: &str) -> StoreResult<Option<crate::store::files::FileRecord>> {
+        let now = now_millis();
+        Ok(self
+            .lock()
+            .get(file_id)
+            .filter(|file| file.expire_time > now)
+            .cloned())
+    }
+
+    async fn delete(&self, file_id: &str) -> StoreResult<()> {
+        self.lock().remove(file_id);
+        Ok(())
+    }
+}

@@ -1,1 +1,797 @@
-//! The Redis message store (being written).
+//! The Redis message store, shared by every replica of the service.
+//!
+//! Each write is one Lua script over one conversation's keys, so checking participation, applying
+//! the change, taking the next sequence (`HINCRBY last_seq`), recording the event, trimming
+//! history and publishing the event happen atomically, in one place, with the server's clock.
+//!
+//! # Key layout (`P` = `redis.key_prefix`, `C` = conversation id)
+//!
+//! | key                               | type   | contents                                                    |
+//! |-----------------------------------|--------|-------------------------------------------------------------|
+//! | `P:{c:C}:meta`                    | HASH   | title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins |
+//! | `P:{c:C}:members`                 | ZSET   | participants, score = join order                            |
+//! | `P:{c:C}:events`                  | ZSET   | score = seq, member = `<seq>:<create_time_ms>:<json EventKind>` |
+//! | `P:{c:C}:etime`                   | ZSET   | score = create_time_ms, member = seq (trimming by age)      |
+//! | `P:{c:C}:msgs`                    | ZSET   | message ids incl. tombstones, score = seq                   |
+//! | `P:{c:C}:msg`                     | HASH   | message id -> `<seq>:<create_time_ms>:<json MessageRecord>` |
+//! | `P:{c:C}:live`                    | ZSET   | non-deleted message ids, score = seq                        |
+//! | `P:{c:C}:by:<user>`               | ZSET   | that sender's non-deleted message ids, score = seq          |
+//! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
+//! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
+//! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
+//! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
+//!
+//! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
+//! the layout works on Redis Cluster. Unread = `ZCOUNT live (read +inf` minus
+//! `ZCOUNT by:<user> (read +inf`.
+//!
+//! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* a script commits
+//! (`ZADD GT`, so racing updates never move activity backwards). It is derived data: it may lag
+//! briefly, and if that update fails the write still stands (logged). Readers check
+//! participation against the conversation itself, so a stale entry is never shown.
+//!
+//! Every committed event is published on the channel `P:events` as
+//! `<conversation_id>:<seq>:<create_time_ms>:<json EventKind>` from inside the script, so the
+//! publish order is the commit order; see [`live`].
+
+mod codec;
+mod error;
+mod files;
+mod keys;
+mod live;
+mod scripts;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::{
+    clients::{Client, SubscriberClient},
+    prelude::{
+        Builder, ClientLike, Config, ConnectionConfig, HashesInterface, PerformanceConfig,
+        ReconnectPolicy, SortedSetsInterface,
+    },
+    types::{
+        ConnectHandle, InfoKind,
+        config::{ClusterDiscoveryPolicy, ServerConfig, TcpConfig, UnresponsiveConfig},
+        sorted_sets::Ordering,
+    },
+};
+use futures::future::try_join_all;
+use secrecy::ExposeSecret;
+use socket2::TcpKeepalive;
+use tokio::{sync::broadcast, task::JoinHandle};
+
+use self::{keys::Keys, scripts::Scripts};
+use super::messages::{
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, DeleteOutcome,
+    EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState,
+    Retention, StoreError, StoreResult,
+};
+use crate::{
+    config::RedisSettings,
+    error::BoxError,
+    health::DependencyCheck,
+    ids::UserId,
+    messaging::model::{
+        Conversation, ConversationId, EventKind, MAX_PARTICIPANTS, Message, MessageId, UnixMillis,
+    },
+};
+
+/// Signals buffered for live subscribers before a slow one gets a resync instead.
+const LIVE_CAPACITY: usize = 4096;
+/// Longest wait for any one command (the answer to a script included).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a TCP connection (and its AUTH/SELECT).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may leave a command unanswered before it is replaced.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(10);
+/// Most index entries one `conversations_of` round trip reads.
+const INDEX_PAGE: usize = 500;
+/// Longest idempotency window Redis can hold as an expiry (100 years).
+const MAX_IDEMPOTENCY_WINDOW_SECS: u64 = 100 * 365 * 24 * 3600;
+/// How often a delete re-reads a message that changed between its read and its script.
+const DELETE_ATTEMPTS: usize = 3;
+
+/// The Redis-backed [`MessageStore`]; see the module docs for the data layout.
+pub struct RedisMessageStore {
+    client: Client,
+    subscriber: SubscriberClient,
+    keys: Keys,
+    scripts: Scripts,
+    retention: Retention,
+    live: broadcast::Sender<LiveSignal>,
+    /// The live feed task; aborted when the store is dropped.
+    tasks: Vec<JoinHandle<()>>,
+    /// The clients' connection tasks; they end when the clients quit on drop.
+    connections: Vec<ConnectHandle>,
+}
+
+impl std::fmt::Debug for RedisMessageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisMessageStore")
+            .field("keys", &self.keys)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisMessageStore {
+    /// Connects a command client and a subscriber client (for the live feed) to `redis.url`,
+    /// with `redis.password` (raw, no percent-encoding) taking precedence over the URL's.
+    /// A `redis://` URL naming one node of a Redis Cluster is followed to the whole cluster;
+    /// `rediss://` uses TLS, trusting the system's roots (or `SSL_CERT_FILE`).
+    /// Fails if Redis cannot be reached now; afterwards both clients reconnect on their own.
+    pub async fn connect(
+        settings: &RedisSettings,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
+        let mut config = client_config(settings)?;
+        let (mut client, mut connection) = start_client(&config).await?;
+        if let ServerConfig::Centralized { server } = &config.server
+            && is_cluster_node(&client).await
+        {
+            tracing::info!("redis.url names a cluster node; connecting to the cluster");
+            config.server = ServerConfig::Clustered {
+                hosts: vec![server.clone()],
+                policy: ClusterDiscoveryPolicy::default(),
+            };
+            config.database = None;
+            let _ = client.quit().await;
+            (client, connection) = start_client(&config).await?;
+        }
+        let scripts = Scripts::new();
+        if let Err(error) = scripts.load(&client).await {
+            let _ = client.quit().await;
+            return Err(error);
+        }
+        let subscriber = match builder(&config).build_subscriber_client() {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                let _ = client.quit().await;
+                return Err(error.into());
+            }
+        };
+        let mut connections = vec![connection];
+        match subscriber.init().await {
+            Ok(handle) => connections.push(handle),
+            Err(error) => {
+                let _ = client.quit().await;
+                return Err(error.into());
+            }
+        }
+
+        let keys = Keys::new(&settings.key_prefix);
+        let (live, _) = broadcast::channel(LIVE_CAPACITY);
+        let feed = match live::start(subscriber.clone(), keys.channel(), live.clone()).await {
+            Ok(feed) => feed,
+            Err(error) => {
+                let _ = client.quit().await;
+                let _ = subscriber.quit().await;
+                return Err(error.into());
+            }
+        };
+        tracing::info!(key_prefix = %settings.key_prefix, "connected to redis");
+        Ok(Self {
+            client,
+            subscriber,
+            keys,
+            scripts,
+            retention,
+            live,
+            tasks: vec![feed],
+            connections,
+        })
+    }
+
+    /// The ARGV every write script starts with (see `prelude.lua`).
+    fn write_args(&self, id: ConversationId, base: &str) -> Vec<String> {
+        let max_age_ms = i64::try_from(self.retention.max_age.as_millis()).unwrap_or(i64::MAX);
+        vec![
+            base.to_owned(),
+            id.to_string(),
+            self.keys.channel(),
+            self.retention.max_events.to_string(),
+            max_age_ms.to_string(),
+        ]
+    }
+
+    async fn load_conversation(
+        &self,
+        id: ConversationId,
+    ) -> StoreResult<Option<(Conversation, String)>> {
+        let keys = self.keys.conversation(id);
+        let reply = self
+            .scripts
+            .load_conversation
+            .run(&self.client, vec![keys.meta(), keys.members()], Vec::new())
+            .await?;
+        match reply.status() {
+            "" => Ok(None),
+            "found" => codec::conversation(id, reply.rest()).map(Some),
+            _ => Err(reply.rejection()),
+        }
+    }
+
+    /// Moves `id` to `activity` in each user's conversation index (never backwards). The write
+    /// already committed, so a failure here is logged, not returned: the index is derived.
+    async fn touch_activity(&self, id: ConversationId, users: &[UserId], activity: UnixMillis) {
+        if users.is_empty() {
+            return;
+        }
+        let pipeline = self.client.pipeline();
+        let member = id.to_string();
+        for user in users {
+            let queued: Result<(), _> = pipeline
+                .zadd(
+                    self.keys.user_conversations(user),
+                    None,
+                    Some(Ordering::GreaterThan),
+                    false,
+                    false,
+                    (activity as f64, member.as_str()),
+                )
+                .await;
+            if let Err(error) = queued {
+                tracing::warn!(%error, conversation_id = %id, "could not queue a conversation index update");
+            }
+        }
+        let failed = pipeline
+            .try_all::<i64>()
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect::<Vec<_>>();
+        if let Some(error) = failed.first() {
+            tracing::warn!(
+                %error,
+                failed = failed.len(),
+                conversation_id = %id,
+                "conversation index update failed; lists may lag until the next message"
+            );
+        }
+    }
+
+    async fn forget_conversation(&self, id: ConversationId, user: &UserId) {
+        let removed: Result<i64, _> = self
+            .client
+            .zrem(self.keys.user_conversations(user), id.to_string())
+            .await;
+        if let Err(error) = removed {
+            tracing::warn!(%error, conversation_id = %id, "conversation index removal failed");
+        }
+    }
+}
+
+/// The outcome of add_participants / remove_participant from their script's reply.
+fn change_outcome(id: ConversationId, reply: &scripts::Reply) -> StoreResult<ChangeOutcome> {
+    match reply.status() {
+        "unchanged" => Ok(ChangeOutcome::Unchanged(
+            codec::conversation(id, reply.rest())?.0,
+        )),
+        "changed" => {
+            let event = codec::event(id, reply.field(0)?)?;
+            let (conversation, _) = codec::conversation(id, &reply.rest()[1..])?;
+            Ok(ChangeOutcome::Changed(conversation, event))
+        }
+        _ => Err(reply.rejection()),
+    }
+}
+
+fn builder(config: &Config) -> Builder {
+    let mut builder = Builder::from_config(config.clone());
+    builder
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .set_performance_config(PerformanceConfig {
+            default_command_timeout: COMMAND_TIMEOUT,
+            // fred hands pub/sub messages to the live feed task through a broadcast channel;
+            // its default of 32 would turn a burst into a Resync.
+            broadcast_channel_capacity: LIVE_CAPACITY,
+            ..PerformanceConfig::default()
+        })
+        .set_connection_config(ConnectionConfig {
+            connection_timeout: CONNECT_TIMEOUT,
+            internal_command_timeout: CONNECT_TIMEOUT,
+            // A script in flight when the connection drops is not sent again: it may have run,
+            // and the caller decides whether to retry.
+            max_command_attempts: 1,
+            // A connection that leaves a command unanswered this long is closed and
+            // re-established instead of hanging every later command.
+            unresponsive: UnresponsiveConfig {
+                max_timeout: Some(UNRESPONSIVE_AFTER),
+                interval: Duration::from_secs(1),
+            },
+            tcp: TcpConfig {
+                nodelay: Some(true),
+                // The subscriber connection is idle between events: keepalive probes notice
+                // a peer that vanished without closing it.
+                keepalive: Some(
+                    TcpKeepalive::new()
+                        .with_time(Duration::from_secs(30))
+                        .with_interval(Duration::from_secs(10))
+                        .with_retries(3),
+                ),
+                ..TcpConfig::default()
+            },
+            ..ConnectionConfig::default()
+        });
+    builder
+}
+
+async fn start_client(config: &Config) -> Result<(Client, ConnectHandle), StoreError> {
+    let client = builder(config).build()?;
+    let connection = client.init().await?;
+    Ok((client, connection))
+}
+
+/// Whether the server is a Redis Cluster node. A server that refuses `INFO` (an ACL, say) is
+/// taken for a standalone one.
+async fn is_cluster_node(client: &Client) -> bool {
+    match client.info::<String>(Some(InfoKind::Cluster)).await {
+        Ok(info) => info.lines().any(|line| line.trim() == "cluster_enabled:1"),
+        Err(error) => {
+            tracing::warn!(%error, "redis INFO cluster failed; assuming a standalone server");
+            false
+        }
+    }
+}
+
+fn client_config(settings: &RedisSettings) -> Result<Config, StoreError> {
+    let url = settings.url.as_ref().ok_or_else(|| {
+        StoreError::Unavailable("redis.url is required for the redis message store".into())
+    })?;
+    // fred's URL errors name the part at fault, never the URL itself (it may hold a password).
+    let mut config = Config::from_url(url.expose_secret()).map_err(|error| {
+        StoreError::Unavailable(format!("redis.url is not usable: {}", error.details()).into())
+    })?;
+    if let Some(password) = &settings.password {
+        config.password = Some(password.expose_secret().to_owned());
+    }
+    Ok(config)
+}
+
+impl Drop for RedisMessageStore {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                // QUIT ends both connection tasks (and their reconnect loops) gracefully.
+                let client = self.client.clone();
+                let subscriber = self.subscriber.clone();
+                runtime.spawn(async move {
+                    let _ = client.quit().await;
+                    let _ = subscriber.quit().await;
+                });
+            }
+            Err(_) => {
+                for connection in &self.connections {
+                    connection.abort();
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl MessageStore for RedisMessageStore {
+    async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome> {
+        let keys = self.keys.conversation(new.id);
+        let mut args = self.write_args(new.id, keys.base());
+        args.extend([
+            new.title,
+            new.created_by.as_str().to_owned(),
+            new.fingerprint,
+        ]);
+        args.extend(new.participants.iter().map(|user| user.as_str().to_owned()));
+        let reply = self
+            .scripts
+            .create_conversation
+            .run(&self.client, keys.for_write(), args)
+            .await?;
+        let created = match reply.status() {
+            "created" => true,
+            "existing" => false,
+            _ => return Err(reply.rejection()),
+        };
+        let (conversation, fingerprint) = codec::conversation(new.id, reply.rest())?;
+        // Also on `existing`: a retry repairs an index update its first attempt did not finish.
+        self.touch_activity(new.id, &conversation.participants, conversation.create_time)
+            .await;
+        Ok(if created {
+            CreateOutcome::Created(conversation)
+        } else {
+            CreateOutcome::Existing {
+                conversation,
+                fingerprint,
+            }
+        })
+    }
+
+    async fn conversation(&self, id: ConversationId) -> StoreResult<Option<Conversation>> {
+        Ok(self
+            .load_conversation(id)
+            .await?
+            .map(|(conversation, _)| conversation))
+    }
+
+    async fn add_participants(
+        &self,
+        id: ConversationId,
+        by: &UserId,
+        users: &[UserId],
+    ) -> StoreResult<ChangeOutcome> {
+        let keys = self.keys.conversation(id);
+        let mut args = self.write_args(id, keys.base());
+        args.extend([by.as_str().to_owned(), MAX_PARTICIPANTS.to_string()]);
+        args.extend(users.iter().map(|user| user.as_str().to_owned()));
+        let reply = self
+            .scripts
+            .add_participants
+            .run(&self.client, keys.for_write(), args)
+            .await?;
+        let outcome = change_outcome(id, &reply)?;
+        if let ChangeOutcome::Changed(_, event) = &outcome
+            && let EventKind::ParticipantsChanged { added, .. } = &event.kind
+        {
+            self.touch_activity(id, added, event.create_time).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn remove_participant(
+        &self,
+        id: ConversationId,
+        by: &UserId,
+        user: &UserId,
+    ) -> StoreResult<ChangeOutcome> {
+        let keys = self.keys.conversation(id);
+        let mut args = self.write_args(id, keys.base());
+        args.extend([by.as_str().to_owned(), user.as_str().to_owned()]);
+        let reply = self
+            .scripts
+            .remove_participant
+            .run(&self.client, keys.for_write(), args)
+            .await?;
+        let outcome = change_outcome(id, &reply)?;
+        if matches!(outcome, ChangeOutcome::Changed(..)) {
+            self.forget_conversation(id, user).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn append_message(&self, new: NewMessage) -> StoreResult<AppendOutcome> {
+        let id = new.conversation_id;
+        let keys = self.keys.conversation(id);
+        let record = serde_json::to_string(&new.record)
+            .map_err(|error| StoreError::Corrupt(format!("message record: {error}")))?;
+        let sender = &new.record.sender;
+        let mut script_keys = keys.for_write();
+        script_keys.extend([
+            keys.sent_by(sender),
+            keys.idempotency(sender, new.record.client_message_id.as_str()),
+        ]);
+        let mut args = self.write_args(id, keys.base());
+        args.extend([
+            sender.as_str().to_owned(),
+            new.record.id.to_string(),
+            record,
+            new.fingerprint,
+            new.idempotency_window_secs
+                .min(MAX_IDEMPOTENCY_WINDOW_SECS)
+                .to_string(),
+        ]);
+        let reply = self
+            .scripts
+            .append_message
+            .run(&self.client, script_keys, args)
+            .await?;
+        match reply.status() {
+            "appended" => {
+                let event = codec::event(id, reply.field(0)?)?;
+                let participants = reply.rest()[1..]
+                    .iter()
+                    .filter_map(|raw| UserId::parse(raw).ok())
+                    .collect::<Vec<_>>();
+                self.touch_activity(id, &participants, event.create_time)
+                    .await;
+                Ok(AppendOutcome::Appended(event))
+            }
+            "duplicate" => Ok(AppendOutcome::Duplicate {
+                fingerprint: reply.field(0)?.to_owned(),
+                message: codec::message(id, reply.field(1)?)?,
+            }),
+            _ => Err(reply.rejection()),
+        }
+    }
+
+    async fn delete_message(
+        &self,
+        id: ConversationId,
+        message_id: MessageId,
+        by: &UserId,
+    ) -> StoreResult<DeleteOutcome> {
+        let keys = self.keys.conversation(id);
+        let deleted = serde_json::to_string(&EventKind::MessageDeleted {
+            message_id,
+            deleted_by: by.clone(),
+        })
+        .map_err(|error| StoreError::Corrupt(format!("deleted event: {error}")))?;
+        for _ in 0..DELETE_ATTEMPTS {
+            // The tombstone is built here from what is stored; the script checks that nothing
+            // changed in between. Missing messages still go through the script, which decides
+            // which rejection applies.
+            let stored: Option<String> = self
+                .client
+                .hget(keys.messages(), message_id.to_string())
+                .await?;
+            let (stored, tombstone) = match stored {
+                Some(stored) => {
+                    let message = codec::message(id, &stored)?;
+                    let tombstone = serde_json::to_string(&message.record.tombstone())
+                        .map_err(|error| StoreError::Corrupt(format!("tombstone: {error}")))?;
+                    (stored, tombstone)
+                }
+                None => (String::new(), String::new()),
+            };
+            let mut script_keys = keys.for_write();
+            script_keys.push(keys.sent_by(by));
+            let mut args = self.write_args(id, keys.base());
+            args.extend([
+                by.as_str().to_owned(),
+                message_id.to_string(),
+                stored,
+                tombstone,
+                deleted.clone(),
+            ]);
+            let reply = self
+                .scripts
+                .delete_message
+                .run(&self.client, script_keys, args)
+                .await?;
+            return match reply.status() {
+                "retry" => continue,
+                "already_deleted" => Ok(DeleteOutcome::AlreadyDeleted(codec::message(
+                    id,
+                    reply.field(0)?,
+                )?)),
+                "deleted" => Ok(DeleteOutcome::Deleted(
+                    codec::message(id, reply.field(0)?)?,
+                    codec::event(id, reply.field(1)?)?,
+                )),
+                _ => Err(reply.rejection()),
+            };
+        }
+        Err(StoreError::Unavailable(
+            "the message kept changing while it was being deleted".into(),
+        ))
+    }
+
+    async fn mark_read(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        sequence: u64,
+    ) -> StoreResult<ReadOutcome> {
+        let keys = self.keys.conversation(id);
+        let receipt = serde_json::to_string(&EventKind::ReadReceipt {
+            user_id: user.clone(),
+            read_sequence: sequence,
+        })
+        .map_err(|error| StoreError::Corrupt(format!("read receipt: {error}")))?;
+        let mut args = self.write_args(id, keys.base());
+        args.extend([user.as_str().to_owned(), sequence.to_string(), receipt]);
+        let reply = self
+            .scripts
+            .mark_read
+            .run(&self.client, keys.for_write(), args)
+            .await?;
+        match reply.status() {
+            "advanced" => Ok(ReadOutcome::Advanced(codec::event(id, reply.field(0)?)?)),
+            "unchanged" => Ok(ReadOutcome::Unchanged {
+                read_sequence: parse_number("read sequence", reply.field(0)?)?,
+            }),
+            _ => Err(reply.rejection()),
+        }
+    }
+
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<EventPage> {
+        let keys = self.keys.conversation(id);
+        let fields = self
+            .scripts
+            .events_after
+            .run(
+                &self.client,
+                vec![keys.meta(), keys.events()],
+                vec![after.to_string(), limit_arg(limit)],
+            )
+            .await?
+            .into_fields();
+        let Some((trimmed_through, members)) = fields.split_first() else {
+            return Err(StoreError::Corrupt("events_after: empty reply".to_owned()));
+        };
+        Ok(EventPage {
+            events: members
+                .iter()
+                .map(|member| codec::event(id, member))
+                .collect::<Result<_, _>>()?,
+            trimmed_through: parse_number("trimmed_through", trimmed_through)?,
+        })
+    }
+
+    async fn messages_before(
+        &self,
+        id: ConversationId,
+        before: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = self.keys.conversation(id);
+        let upper = before.map_or_else(|| "+inf".to_owned(), |before| format!("({before}"));
+        self.scripts
+            .messages_before
+            .run(
+                &self.client,
+                vec![keys.history(), keys.messages()],
+                vec![upper, limit_arg(limit)],
+            )
+            .await?
+            .into_fields()
+            .iter()
+            .map(|stored| codec::message(id, stored))
+            .collect()
+    }
+
+    async fn message(
+        &self,
+        id: ConversationId,
+        message_id: MessageId,
+    ) -> StoreResult<Option<Message>> {
+        let stored: Option<String> = self
+            .client
+            .hget(
+                self.keys.conversation(id).messages(),
+                message_id.to_string(),
+            )
+            .await?;
+        stored.map(|stored| codec::message(id, &stored)).transpose()
+    }
+
+    async fn conversations_of(
+        &self,
+        user: &UserId,
+        cursor: Option<&ActivityCursor>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConversationEntry>> {
+        let index = self.keys.user_conversations(user);
+        let mut after = cursor.map(|cursor| (cursor.activity, cursor.conversation_id.to_string()));
+        let mut entries = Vec::new();
+        while entries.len() < limit {
+            let wanted = (limit - entries.len()).min(INDEX_PAGE);
+            let (max, after_id) = match &after {
+                Some((activity, id)) => (activity.to_string(), id.clone()),
+                None => ("+inf".to_owned(), String::new()),
+            };
+            let page = self
+                .scripts
+                .conversations_page
+                .run(
+                    &self.client,
+                    vec![index.clone()],
+                    vec![max, after_id, wanted.to_string()],
+                )
+                .await?
+                .into_fields();
+            let mut listed = Vec::with_capacity(page.len() / 2);
+            for pair in page.chunks_exact(2) {
+                let id = ConversationId::parse(&pair[0])
+                    .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
+                listed.push((id, parse_score(&pair[1])?));
+            }
+            let loaded =
+                try_join_all(listed.iter().map(|(id, _)| self.load_conversation(*id))).await?;
+            for ((_, activity), conversation) in listed.iter().zip(loaded) {
+                // Entries the index still lists although the user left (the index lags) or the
+                // conversation is gone are skipped.
+                if let Some((conversation, _)) = conversation
+                    && conversation.has_participant(user)
+                {
+                    entries.push(ConversationEntry {
+                        conversation,
+                        activity: *activity,
+                    });
+                }
+            }
+            match listed.last() {
+                Some((id, activity)) if listed.len() == wanted => {
+                    after = Some((*activity, id.to_string()));
+                }
+                _ => break,
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn read_state(&self, id: ConversationId, user: &UserId) -> StoreResult<ReadState> {
+        let keys = self.keys.conversation(id);
+        let fields = self
+            .scripts
+            .read_state
+            .run(
+                &self.client,
+                vec![
+                    keys.reads(),
+                    keys.live(),
+                    keys.sent_by(user),
+                    keys.history(),
+                    keys.messages(),
+                ],
+                vec![user.as_str().to_owned()],
+            )
+            .await?
+            .into_fields();
+        let [read_sequence, unread_count, last] = fields.as_slice() else {
+            return Err(StoreError::Corrupt(format!(
+                "read_state: {} fields",
+                fields.len()
+            )));
+        };
+        Ok(ReadState {
+            read_sequence: parse_number("read sequence", read_sequence)?,
+            unread_count: parse_number("unread count", unread_count)?,
+            last_message: if last.is_empty() {
+                None
+            } else {
+                Some(codec::message(id, last)?)
+            },
+        })
+    }
+
+    fn live_events(&self) -> broadcast::Receiver<LiveSignal> {
+        self.live.subscribe()
+    }
+}
+
+#[async_trait]
+impl DependencyCheck for RedisMessageStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn check(&self) -> Result<(), BoxError> {
+        if !self.client.is_connected() {
+            return Err("not connected to redis".into());
+        }
+        if !self.subscriber.is_connected() {
+            return Err("the redis live-feed subscriber is not connected".into());
+        }
+        let _: String = self.client.ping(None).await?;
+        Ok(())
+    }
+}
+
+/// A `LIMIT` count Redis accepts (it reads a signed 64-bit number).
+fn limit_arg(limit: usize) -> String {
+    limit.min(i64::MAX as usize).to_string()
+}
+
+fn parse_number(what: &str, raw: &str) -> StoreResult<u64> {
+    raw.parse()
+        .map_err(|error| StoreError::Corrupt(format!("{what} {raw:?}: {error}")))
+}
+
+/// A ZSET score holding milliseconds (Redis may print large scores in exponent form).
+fn parse_score(raw: &str) -> StoreResult<UnixMillis> {
+    raw.parse::<i64>().or_else(|_| {
+        raw.parse::<f64>()
+            .map(|score| score as i64)
+            .map_err(|error| StoreError::Corrupt(format!("activity score {raw:?}: {error}")))
+    })
+}

@@ -1,0 +1,43 @@
+-- Appends a message unless its sender used the client message id within the idempotency window
+-- (and the message it created is still kept).
+-- KEYS: 10 by:<sender>, 11 idempotency key
+-- ARGV: 6 sender, 7 message id, 8 MessageRecord JSON, 9 fingerprint, 10 window (s)
+-- Returns {rejection} | {'duplicate', fingerprint, stored message} |
+--   {'appended', event member, participants...}
+local K_BY, K_IDEM = KEYS[10], KEYS[11]
+if redis.call('EXISTS', K_META) == 0 then
+  return {'conversation_not_found'}
+end
+local sender, message_id, record = ARGV[6], ARGV[7], ARGV[8]
+if not is_member(sender) then
+  return {'not_participant'}
+end
+local seen = redis.call('GET', K_IDEM)
+if seen then
+  local bar = string.find(seen, '|', 1, true)
+  if bar then
+    local prior = redis.call('HGET', K_MSG, string.sub(seen, 1, bar - 1))
+    if prior then
+      return {'duplicate', string.sub(seen, bar + 1), prior}
+    end
+  end
+end
+local now = now_ms()
+local member = append_event(now, '{"MessageCreated":' .. record .. '}')
+local seq = string.match(member, '^(%d+):')
+redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
+redis.call('ZADD', K_MSGS, seq, message_id)
+redis.call('ZADD', K_LIVE, seq, message_id)
+redis.call('ZADD', K_BY, seq, message_id)
+redis.call('SADD', K_SENDERS, sender)
+if tonumber(ARGV[10]) > 0 then
+  redis.call('SET', K_IDEM, message_id .. '|' .. ARGV[9], 'EX', ARGV[10])
+else
+  redis.call('DEL', K_IDEM)
+end
+trim(now)
+local out = {'appended', member}
+for _, user in ipairs(redis.call('ZRANGE', K_MEMBERS, 0, -1)) do
+  out[#out + 1] = user
+end
+return out

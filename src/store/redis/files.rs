@@ -1,0 +1,60 @@
+//! File metadata in Redis: one JSON record per file under `P:{f:FILE}:file`, with a TTL that
+//! ends at the file's expiry, so Redis forgets expired files by itself.
+
+use async_trait::async_trait;
+use fred::{
+    prelude::KeysInterface,
+    types::{Expiration, SetOptions},
+};
+
+use super::RedisMessageStore;
+use crate::{
+    messaging::model::UnixMillis,
+    store::{
+        files::{FileRecord, FileStore},
+        messages::{StoreError, StoreResult},
+    },
+};
+
+#[async_trait]
+impl FileStore for RedisMessageStore {
+    async fn put(&self, record: &FileRecord) -> StoreResult<()> {
+        let json = serde_json::to_string(record)
+            .map_err(|error| StoreError::Corrupt(format!("file record: {error}")))?;
+        // PXAT: the record and the file expire at the same instant on every replica.
+        let _: Option<String> = self
+            .client
+            .set(
+                self.keys.file(&record.file_id),
+                json,
+                Some(Expiration::PXAT(record.expire_time)),
+                None::<SetOptions>,
+                false,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, file_id: &str) -> StoreResult<Option<FileRecord>> {
+        let json: Option<String> = self.client.get(self.keys.file(file_id)).await?;
+        let Some(json) = json else {
+            return Ok(None);
+        };
+        let record: FileRecord = serde_json::from_str(&json)
+            .map_err(|error| StoreError::Corrupt(format!("file record {file_id}: {error}")))?;
+        Ok(Some(record).filter(|record| record.expire_time > now_millis()))
+    }
+
+    async fn delete(&self, file_id: &str) -> StoreResult<()> {
+        let _: i64 = self.client.del(self.keys.file(file_id)).await?;
+        Ok(())
+    }
+}
+
+fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}

@@ -1,0 +1,163 @@
+//! Key names. Every key of one conversation carries the hash tag `{c:<id>}`, so each script
+//! touches a single slot and the layout works on Redis Cluster; a user's conversation index
+//! carries `{u:<user>}` and lives elsewhere (it is derived data, written after the scripts).
+
+use crate::{ids::UserId, messaging::model::ConversationId};
+
+/// Names keys under one `redis.key_prefix`.
+#[derive(Debug, Clone)]
+pub(super) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub(super) fn conversation(&self, id: ConversationId) -> ConversationKeys {
+        ConversationKeys {
+            base: format!("{}:{{c:{id}}}:", self.prefix),
+        }
+    }
+
+    /// `P:{u:USER}:convs`: ZSET of conversation ids scored by their latest activity (ms).
+    pub(super) fn user_conversations(&self, user: &UserId) -> String {
+        format!("{}:{{u:{}}}:convs", self.prefix, user.as_str())
+    }
+
+    /// `P:{f:FILE}:file`: a file's metadata record (JSON), expiring with the file.
+    pub(super) fn file(&self, file_id: &str) -> String {
+        format!("{}:{{f:{file_id}}}:file", self.prefix)
+    }
+
+    /// The one pub/sub channel every committed event is published on.
+    pub(super) fn channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+}
+
+/// The keys of one conversation: `P:{c:C}:<name>`.
+#[derive(Debug, Clone)]
+pub(super) struct ConversationKeys {
+    base: String,
+}
+
+impl ConversationKeys {
+    /// `P:{c:C}:`, from which the scripts build the per-sender keys of the trimming pass.
+    pub(super) fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.base)
+    }
+
+    /// HASH: title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins.
+    pub(super) fn meta(&self) -> String {
+        self.key("meta")
+    }
+
+    /// ZSET of participants scored by join order.
+    pub(super) fn members(&self) -> String {
+        self.key("members")
+    }
+
+    /// ZSET of events, score = sequence, member = `<seq>:<create_time_ms>:<json EventKind>`.
+    pub(super) fn events(&self) -> String {
+        self.key("events")
+    }
+
+    /// ZSET of event sequences scored by create time, for trimming by age.
+    pub(super) fn event_times(&self) -> String {
+        self.key("etime")
+    }
+
+    /// ZSET of message ids (tombstones included) scored by sequence.
+    pub(super) fn history(&self) -> String {
+        self.key("msgs")
+    }
+
+    /// HASH message id -> `<seq>:<create_time_ms>:<json MessageRecord>`.
+    pub(super) fn messages(&self) -> String {
+        self.key("msg")
+    }
+
+    /// ZSET of non-deleted message ids scored by sequence.
+    pub(super) fn live(&self) -> String {
+        self.key("live")
+    }
+
+    /// SET of users with a `by:<user>` ZSET.
+    pub(super) fn senders(&self) -> String {
+        self.key("senders")
+    }
+
+    /// HASH user -> read sequence.
+    pub(super) fn reads(&self) -> String {
+        self.key("read")
+    }
+
+    /// ZSET of one sender's non-deleted message ids scored by sequence.
+    pub(super) fn sent_by(&self, user: &UserId) -> String {
+        format!("{}by:{}", self.base, user.as_str())
+    }
+
+    /// STRING `<message_id>|<fingerprint>` remembering a `(sender, client_message_id)`. The
+    /// sender's length comes first because user ids may contain ':'.
+    pub(super) fn idempotency(&self, sender: &UserId, client_message_id: &str) -> String {
+        let sender = sender.as_str();
+        format!(
+            "{}idem:{}:{sender}:{client_message_id}",
+            self.base,
+            sender.len()
+        )
+    }
+
+    /// The nine keys every write script takes first (see `prelude.lua`).
+    pub(super) fn for_write(&self) -> Vec<String> {
+        vec![
+            self.meta(),
+            self.members(),
+            self.events(),
+            self.event_times(),
+            self.history(),
+            self.messages(),
+            self.live(),
+            self.senders(),
+            self.reads(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversation_keys_share_one_hash_tag() {
+        let keys = Keys::new("svcmsg");
+        let id = ConversationId::parse("0190a4d6-0000-7000-8000-000000000001").unwrap();
+        let user = UserId::parse("a:b{x}").unwrap();
+        let conversation = keys.conversation(id);
+        let tag = format!("{{c:{id}}}");
+        for key in conversation.for_write().into_iter().chain([
+            conversation.sent_by(&user),
+            conversation.idempotency(&user, "m-1"),
+        ]) {
+            assert!(key.starts_with(&format!("svcmsg:{tag}:")), "{key}");
+        }
+        assert_eq!(
+            conversation.idempotency(&user, "m-1"),
+            format!("svcmsg:{tag}:idem:6:a:b{{x}}:m-1")
+        );
+        assert_ne!(
+            conversation.idempotency(&UserId::parse("a").unwrap(), "b:c"),
+            conversation.idempotency(&UserId::parse("a:b").unwrap(), "c")
+        );
+        assert_eq!(keys.user_conversations(&user), "svcmsg:{u:a:b{x}}:convs");
+        assert_eq!(keys.channel(), "svcmsg:events");
+    }
+}

@@ -1,0 +1,112 @@
+-- Prelude of every script that writes one conversation (spliced in front of it at compile time).
+--
+-- KEYS (all in the conversation's hash slot):
+--   1 meta  2 members  3 events  4 etime  5 msgs  6 msg  7 live  8 senders  9 read
+-- ARGV:
+--   1 key base "P:{c:C}:" (per-sender keys are built from it; same slot)
+--   2 conversation id   3 pub/sub channel   4 max events   5 max age (ms)
+-- Script-specific KEYS start at 10, ARGV at 6.
+--
+-- JSON is only ever built by concatenating JSON that Rust prepared, or cjson.encode of strings and
+-- string arrays (see json_array for the empty-array case). Numbers go through int() because Lua
+-- numbers are doubles and tostring() would switch to exponent notation.
+local K_META, K_MEMBERS, K_EVENTS, K_ETIME = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_MSGS, K_MSG, K_LIVE, K_SENDERS, K_READ = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local BASE, CONVERSATION_ID, CHANNEL = ARGV[1], ARGV[2], ARGV[3]
+local MAX_EVENTS, MAX_AGE_MS = tonumber(ARGV[4]), tonumber(ARGV[5])
+
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+-- The server's clock, so every replica of the service stamps events from one clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Redis' cjson encodes an empty table as {}; serde wants [].
+local function json_array(list)
+  if #list == 0 then
+    return '[]'
+  end
+  return cjson.encode(list)
+end
+
+local function is_member(user)
+  return redis.call('ZSCORE', K_MEMBERS, user) ~= false
+end
+
+-- Applies `fn(chunk)` to `list` in chunks, keeping unpack() well inside Lua's stack limit.
+local function in_chunks(list, fn)
+  for i = 1, #list, 500 do
+    fn({unpack(list, i, math.min(i + 499, #list))})
+  end
+end
+
+-- {prefix..., fingerprint, title, created_by, create_time, last_seq, participants...}
+local function snapshot(prefix)
+  local out = prefix
+  local meta = redis.call('HMGET', K_META, 'fingerprint', 'title', 'created_by', 'create_time', 'last_seq')
+  for i = 1, 5 do
+    out[#out + 1] = meta[i] or ''
+  end
+  for _, user in ipairs(redis.call('ZRANGE', K_MEMBERS, 0, -1)) do
+    out[#out + 1] = user
+  end
+  return out
+end
+
+-- Records the next event and publishes it (inside the script, so publish order is commit order).
+-- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>".
+local function append_event(now, kind_json)
+  local seq = redis.call('HINCRBY', K_META, 'last_seq', 1)
+  local member = int(seq) .. ':' .. int(now) .. ':' .. kind_json
+  redis.call('ZADD', K_EVENTS, int(seq), member)
+  redis.call('ZADD', K_ETIME, int(now), int(seq))
+  redis.call('PUBLISH', CHANNEL, CONVERSATION_ID .. ':' .. member)
+  return member
+end
+
+-- Drops events older than the max age and beyond the max count, with the messages they created,
+-- so history and unread counts never refer to trimmed events.
+local function trim(now)
+  local through = 0
+  local old = redis.call('ZREVRANGEBYSCORE', K_ETIME, '(' .. int(now - MAX_AGE_MS), '-inf', 'LIMIT', 0, 1)
+  if #old > 0 then
+    through = tonumber(old[1])
+  end
+  local count = redis.call('ZCARD', K_EVENTS)
+  if count > MAX_EVENTS then
+    local nth = count - MAX_EVENTS - 1
+    local last = redis.call('ZRANGE', K_EVENTS, nth, nth, 'WITHSCORES')
+    local seq = tonumber(last[2])
+    if seq > through then
+      through = seq
+    end
+  end
+  local trimmed = tonumber(redis.call('HGET', K_META, 'trimmed_through') or '0')
+  if through <= trimmed then
+    return
+  end
+  local upto = int(through)
+  local seqs = {}
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_EVENTS, '-inf', upto)) do
+    seqs[#seqs + 1] = string.match(member, '^(%d+):')
+  end
+  in_chunks(seqs, function(chunk) redis.call('ZREM', K_ETIME, unpack(chunk)) end)
+  redis.call('ZREMRANGEBYSCORE', K_EVENTS, '-inf', upto)
+  local ids = redis.call('ZRANGEBYSCORE', K_MSGS, '-inf', upto)
+  in_chunks(ids, function(chunk) redis.call('HDEL', K_MSG, unpack(chunk)) end)
+  redis.call('ZREMRANGEBYSCORE', K_MSGS, '-inf', upto)
+  redis.call('ZREMRANGEBYSCORE', K_LIVE, '-inf', upto)
+  for _, sender in ipairs(redis.call('SMEMBERS', K_SENDERS)) do
+    local key = BASE .. 'by:' .. sender
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', upto)
+    if redis.call('ZCARD', key) == 0 then
+      redis.call('SREM', K_SENDERS, sender)
+    end
+  end
+  redis.call('HSET', K_META, 'trimmed_through', upto)
+end
+

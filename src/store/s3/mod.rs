@@ -1,0 +1,433 @@
+//! The S3 blob store: file bodies and thumbnails in one bucket of AWS S3 or an S3-compatible
+//! server (Garage, MinIO, Ceph), shared by every replica.
+//!
+//! - Writes stream through [`upload`]: one PutObject for an object that fits in one part, a
+//!   multipart upload with bounded parts in flight for a larger one; nothing is visible under the
+//!   key before the commit, and an aborted or dropped upload aborts its multipart upload.
+//! - Download URLs are SigV4 presigned GETs: the server checks them, this service is not involved
+//!   in the download, and the object's stored type and disposition come back as headers.
+//! - [`S3BlobStore::install_lifecycle`] makes the bucket expire files and thumbnails after the
+//!   retention and drop incomplete multipart uploads (e.g. of a crashed replica) after a day.
+//! - [`errors`] is the one mapping from SDK failures to [`BlobError`].
+//!
+//! Credentials are static (`s3.access_key_id`, `s3.secret_access_key`); the AWS default chain
+//! (instance profiles, web identity) is not wired in, to keep `aws-config` and its STS/SSO
+//! clients out of the build.
+
+mod errors;
+mod upload;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use aws_sdk_s3::{
+    Client,
+    config::{BehaviorVersion, Credentials, Region},
+    presigning::PresigningConfig,
+    types::{
+        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
+        LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
+    },
+};
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+use bytes::Bytes;
+use futures::{StreamExt, stream::BoxStream};
+use secrecy::ExposeSecret;
+
+use self::{
+    errors::{Scope, has_code, map_sdk_error, status},
+    upload::{Bucket, S3Upload},
+};
+use super::blobs::{BlobAttributes, BlobError, BlobInfo, BlobResult, BlobStore, BlobUpload};
+use crate::{budget::MemoryBudget, config::S3Settings, error::BoxError, health::DependencyCheck};
+
+/// S3's smallest part (all but the last) and largest part.
+const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// Key prefixes the lifecycle rule expires: file bodies and their thumbnails.
+pub const EXPIRING_PREFIXES: [&str; 2] = ["files/", "thumbs/"];
+/// Incomplete multipart uploads older than this many days are aborted by the bucket.
+const ABORT_INCOMPLETE_AFTER_DAYS: i32 = 1;
+const SECONDS_PER_DAY: u64 = 24 * 3600;
+
+/// What [`S3BlobStore::install_lifecycle`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleOutcome {
+    Installed,
+    /// The server does not implement bucket lifecycle (`501 NotImplemented`): objects are not
+    /// expired by the bucket and stale multipart uploads stay until removed by other means.
+    Unsupported,
+}
+
+pub struct S3BlobStore {
+    bucket: Arc<Bucket>,
+    part_size: usize,
+    parts_in_flight: usize,
+    budget: Arc<MemoryBudget>,
+}
+
+impl fmt::Debug for S3BlobStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3BlobStore")
+            .field("bucket", &self.bucket.name)
+            .field("part_size", &self.part_size)
+            .field("parts_in_flight", &self.parts_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3BlobStore {
+    /// A store on `settings.bucket`, writing parts of `part_size` bytes (5 MiB..=5 GiB, S3's
+    /// limits) with at most `parts_in_flight` of them uploading at once per upload, their
+    /// buffers reserved from `budget`. Sends no request.
+    pub fn new(
+        settings: &S3Settings,
+        part_size: u64,
+        parts_in_flight: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Self, BlobError> {
+        let misconfigured = |message: &str| BlobError::Misconfigured(message.to_owned().into());
+        let bucket = settings
+            .bucket
+            .clone()
+            .filter(|bucket| !bucket.is_empty())
+            .ok_or_else(|| misconfigured("s3.bucket is required"))?;
+        let (Some(access_key_id), Some(secret_access_key)) =
+            (&settings.access_key_id, &settings.secret_access_key)
+        else {
+            return Err(misconfigured(
+                "s3.access_key_id and s3.secret_access_key are required (the AWS default credential chain is not supported)",
+            ));
+        };
+        let credentials = Credentials::new(
+            access_key_id,
+            secret_access_key.expose_secret(),
+            None,
+            None,
+            "svc-messaging-settings",
+        );
+        // rustls with ring: HTTPS to AWS, plain HTTP to a local endpoint, no aws-lc build.
+        let http_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(settings.force_path_style)
+            .http_client(http_client);
+        if let Some(endpoint) = &settings.endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        let client = Client::from_conf(config.build());
+        Self::with_client(client, bucket, part_size, parts_in_flight, budget)
+    }
+
+    /// Like [`S3BlobStore::new`] with a client configured elsewhere (tests, other credentials).
+    pub fn with_client(
+        client: Client,
+        bucket: String,
+        part_size: u64,
+        parts_in_flight: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Self, BlobError> {
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+            return Err(BlobError::Misconfigured(
+                format!("part size {part_size} is outside S3's limits of 5 MiB..=5 GiB").into(),
+            ));
+        }
+        if parts_in_flight == 0 {
+            return Err(BlobError::Misconfigured(
+                "at least one part must be allowed in flight".into(),
+            ));
+        }
+        Ok(Self {
+            bucket: Arc::new(Bucket {
+                client,
+                name: bucket,
+            }),
+            part_size: usize::try_from(part_size)
+                .map_err(|_| BlobError::Misconfigured("part size does not fit in memory".into()))?,
+            parts_in_flight,
+            budget,
+        })
+    }
+
+    /// The S3 client (for checks the blob store trait has no words for).
+    pub fn client(&self) -> &Client {
+        &self.bucket.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket.name
+    }
+
+    /// Replaces the bucket's lifecycle configuration (the bucket is the service's own) with
+    /// rules that expire [`EXPIRING_PREFIXES`] after `retention` rounded up to whole days (at
+    /// least one) and abort incomplete multipart uploads a day after they started.
+    pub async fn install_lifecycle(&self, retention: Duration) -> BlobResult<LifecycleOutcome> {
+        let days = expiry_days(retention);
+        let build = |error: aws_sdk_s3::error::BuildError| BlobError::Misconfigured(error.into());
+        let mut rules = Vec::new();
+        for prefix in EXPIRING_PREFIXES {
+            rules.push(
+                LifecycleRule::builder()
+                    .id(format!(
+                        "svc-messaging-expire-{}",
+                        prefix.trim_end_matches('/')
+                    ))
+                    .filter(LifecycleRuleFilter::builder().prefix(prefix).build())
+                    .status(ExpirationStatus::Enabled)
+                    .expiration(LifecycleExpiration::builder().days(days).build())
+                    .build()
+                    .map_err(build)?,
+            );
+        }
+        rules.push(
+            LifecycleRule::builder()
+                .id("svc-messaging-abort-incomplete-uploads")
+                .filter(LifecycleRuleFilter::builder().prefix("").build())
+                .status(ExpirationStatus::Enabled)
+                .abort_incomplete_multipart_upload(
+                    AbortIncompleteMultipartUpload::builder()
+                        .days_after_initiation(ABORT_INCOMPLETE_AFTER_DAYS)
+                        .build(),
+                )
+                .build()
+                .map_err(build)?,
+        );
+        let configuration = BucketLifecycleConfiguration::builder()
+            .set_rules(Some(rules))
+            .build()
+            .map_err(build)?;
+        match self
+            .bucket
+            .client
+            .put_bucket_lifecycle_configuration()
+            .bucket(&self.bucket.name)
+            .lifecycle_configuration(configuration)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(LifecycleOutcome::Installed),
+            Err(error) if status(&error) == Some(501) || has_code(&error, "NotImplemented") => {
+                Ok(LifecycleOutcome::Unsupported)
+            }
+            Err(error) => Err(map_sdk_error(
+                "PutBucketLifecycleConfiguration",
+                Scope::Bucket,
+                error,
+            )),
+        }
+    }
+
+    /// Keys of the multipart uploads under `prefix` that were started and neither completed nor
+    /// aborted (none should outlive its upload).
+    pub async fn open_multipart_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut upload_id_marker: Option<String> = None;
+        loop {
+            let page = self
+                .bucket
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket.name)
+                .prefix(prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_id_marker.take())
+                .send()
+                .await
+                .map_err(|error| map_sdk_error("ListMultipartUploads", Scope::Bucket, error))?;
+            keys.extend(
+                page.uploads()
+                    .iter()
+                    .filter_map(|upload| upload.key().map(str::to_owned)),
+            );
+            if page.is_truncated() != Some(true) {
+                return Ok(keys);
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            upload_id_marker = page.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && upload_id_marker.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+}
+
+/// Lifecycle rules count in whole days: `retention` rounded up, at least one, so no file expires
+/// before its retention (it may live up to a day longer).
+fn expiry_days(retention: Duration) -> i32 {
+    i32::try_from(retention.as_secs().div_ceil(SECONDS_PER_DAY).max(1)).unwrap_or(i32::MAX)
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn start_upload(
+        &self,
+        key: &str,
+        attributes: BlobAttributes,
+    ) -> BlobResult<Box<dyn BlobUpload>> {
+        Ok(Box::new(S3Upload::new(
+            self.bucket.clone(),
+            key.to_owned(),
+            attributes,
+            self.part_size,
+            self.parts_in_flight,
+            self.budget.clone(),
+        )))
+    }
+
+    async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()> {
+        self.bucket.put_object(key, &attributes, bytes).await
+    }
+
+    async fn info(&self, key: &str) -> BlobResult<BlobInfo> {
+        let head = self
+            .bucket
+            .client
+            .head_object()
+            .bucket(&self.bucket.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("HeadObject", Scope::Object, error))?;
+        Ok(BlobInfo {
+            size: head
+                .content_length()
+                .and_then(|length| u64::try_from(length).ok())
+                .unwrap_or(0),
+            content_type: head
+                .content_type()
+                .unwrap_or("application/octet-stream")
+                .to_owned(),
+        })
+    }
+
+    async fn read(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> BlobResult<BoxStream<'static, BlobResult<Bytes>>> {
+        let range = (offset > 0).then(|| format!("bytes={offset}-"));
+        let object = match self
+            .bucket
+            .client
+            .get_object()
+            .bucket(&self.bucket.name)
+            .key(key)
+            .set_range(range)
+            .send()
+            .await
+        {
+            Ok(object) => object,
+            // The object exists and `offset` is at (or past) its end: nothing left to read.
+            Err(error) if status(&error) == Some(416) || has_code(&error, "InvalidRange") => {
+                return Ok(futures::stream::empty().boxed());
+            }
+            Err(error) => return Err(map_sdk_error("GetObject", Scope::Object, error)),
+        };
+        let body = futures::stream::try_unfold(object.body, |mut body| async move {
+            match body.try_next().await {
+                Ok(Some(chunk)) => Ok(Some((chunk, body))),
+                Ok(None) => Ok(None),
+                // The connection broke mid-body: the reader may resume from where it got to.
+                Err(error) => Err(BlobError::Unavailable(
+                    format!("GetObject body: {error}").into(),
+                )),
+            }
+        });
+        Ok(body.boxed())
+    }
+
+    async fn delete(&self, key: &str) -> BlobResult<()> {
+        match self
+            .bucket
+            .client
+            .delete_object()
+            .bucket(&self.bucket.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("DeleteObject", Scope::Object, error))
+        {
+            Ok(_) | Err(BlobError::NotFound) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn download_url(&self, key: &str, valid_for: Duration) -> BlobResult<String> {
+        let presigning = PresigningConfig::expires_in(valid_for).map_err(|error| {
+            BlobError::Misconfigured(format!("download URL lifetime: {error}").into())
+        })?;
+        let request = self
+            .bucket
+            .client
+            .get_object()
+            .bucket(&self.bucket.name)
+            .key(key)
+            .presigned(presigning)
+            .await
+            .map_err(|error| map_sdk_error("GetObject (presign)", Scope::Object, error))?;
+        Ok(request.uri().to_owned())
+    }
+
+    async fn list(&self, prefix: &str) -> BlobResult<Vec<String>> {
+        let mut pages = self
+            .bucket
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket.name)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut keys = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|error| map_sdk_error("ListObjectsV2", Scope::Bucket, error))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|object| object.key().map(str::to_owned)),
+            );
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+#[async_trait]
+impl DependencyCheck for S3BlobStore {
+    fn name(&self) -> &'static str {
+        "s3"
+    }
+
+    /// The bucket answers HeadBucket with these credentials.
+    async fn check(&self) -> Result<(), BoxError> {
+        self.bucket
+            .client
+            .head_bucket()
+            .bucket(&self.bucket.name)
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("HeadBucket", Scope::Bucket, error))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_rounds_up_to_whole_days() {
+        let hours = |hours: u64| Duration::from_secs(hours * 3600);
+        assert_eq!(expiry_days(Duration::from_secs(1)), 1);
+        assert_eq!(expiry_days(hours(24)), 1);
+        assert_eq!(expiry_days(hours(24) + Duration::from_secs(1)), 2);
+        assert_eq!(expiry_days(hours(7 * 24)), 7);
+        assert_eq!(expiry_days(Duration::MAX), i32::MAX);
+    }
+}

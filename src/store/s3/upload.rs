@@ -1,0 +1,460 @@
+//! One streamed write to S3: bytes are buffered into parts of `part_size`; an object that fits in
+//! one part is sent with a single PutObject on commit, a larger one becomes a multipart upload
+//! whose parts leave while the next one fills, at most `parts_in_flight` at a time.
+//!
+//! Memory: every part buffer reserves `part_size` from the process-wide [`MemoryBudget`] before
+//! it is filled and keeps the reservation until that part is uploaded, so one upload holds at
+//! most `(parts_in_flight + 1) x part_size` and all uploads together stay within the budget.
+
+use std::{collections::HashMap, future::Future, sync::Arc};
+
+use async_trait::async_trait;
+use aws_sdk_s3::{
+    Client,
+    primitives::ByteStream,
+    types::{CompletedMultipartUpload, CompletedPart},
+};
+use bytes::{Bytes, BytesMut};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+
+use super::errors::{Scope, has_code, map_sdk_error};
+use crate::{
+    budget::{MemoryBudget, MemoryReservation},
+    store::blobs::{BlobAttributes, BlobError, BlobResult, BlobUpload},
+};
+
+/// S3 refuses part numbers above this.
+const MAX_PARTS: i32 = 10_000;
+
+/// Where objects go: the client and the bucket, shared by the store and its uploads.
+#[derive(Debug)]
+pub(super) struct Bucket {
+    pub(super) client: Client,
+    pub(super) name: String,
+}
+
+impl Bucket {
+    /// Writes a whole object in one request.
+    pub(super) async fn put_object(
+        &self,
+        key: &str,
+        attributes: &BlobAttributes,
+        bytes: Bytes,
+    ) -> BlobResult<()> {
+        self.client
+            .put_object()
+            .bucket(&self.name)
+            .key(key)
+            .content_type(&attributes.content_type)
+            .content_disposition(&attributes.content_disposition)
+            .set_metadata(metadata(attributes))
+            .content_length(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("PutObject", Scope::Object, error))?;
+        Ok(())
+    }
+
+    /// Discards a multipart upload and its parts; one that is already gone is fine.
+    pub(super) async fn abort_multipart(&self, key: &str, upload_id: &str) -> BlobResult<()> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.name)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if has_code(&error, "NoSuchUpload") => Ok(()),
+            Err(error) => Err(map_sdk_error("AbortMultipartUpload", Scope::Upload, error)),
+        }
+    }
+}
+
+fn metadata(attributes: &BlobAttributes) -> Option<HashMap<String, String>> {
+    (!attributes.metadata.is_empty()).then(|| attributes.metadata.iter().cloned().collect())
+}
+
+/// The part being filled, with the memory reserved for it.
+struct PartBuffer {
+    bytes: BytesMut,
+    reservation: MemoryReservation,
+}
+
+enum Multipart {
+    /// Everything written so far fits in one part: no request sent yet.
+    NotStarted,
+    /// CreateMultipartUpload is on its way. Its task is kept (not just awaited) so that an upload
+    /// dropped during the wait can still abort what the server creates.
+    Creating(JoinHandle<BlobResult<String>>),
+    Open(OpenMultipart),
+}
+
+struct OpenMultipart {
+    upload_id: String,
+    next_part_number: i32,
+    /// Part uploads in flight; each owns its bytes and their memory reservation.
+    in_flight: JoinSet<BlobResult<CompletedPart>>,
+    completed: Vec<CompletedPart>,
+}
+
+impl OpenMultipart {
+    /// Records the part uploads that already finished, so a failed one surfaces at the next
+    /// write rather than at the commit.
+    fn collect_finished(&mut self) -> BlobResult<()> {
+        while let Some(joined) = self.in_flight.try_join_next() {
+            self.completed.push(joined.map_err(task_failed)??);
+        }
+        Ok(())
+    }
+
+    /// Waits for one part upload to finish and records it.
+    async fn join_one(&mut self) -> BlobResult<()> {
+        if let Some(joined) = self.in_flight.join_next().await {
+            self.completed.push(joined.map_err(task_failed)??);
+        }
+        Ok(())
+    }
+}
+
+pub(super) struct S3Upload {
+    bucket: Arc<Bucket>,
+    key: String,
+    attributes: BlobAttributes,
+    part_size: usize,
+    parts_in_flight: usize,
+    budget: Arc<MemoryBudget>,
+    part: Option<PartBuffer>,
+    multipart: Multipart,
+    /// Set while a call is running and left set when it fails (or is cancelled half-way), so a
+    /// later write or commit cannot produce an object with a hole in it.
+    poisoned: bool,
+    /// Committed or aborted: nothing left for `Drop` to clean up.
+    finished: bool,
+}
+
+impl S3Upload {
+    pub(super) fn new(
+        bucket: Arc<Bucket>,
+        key: String,
+        attributes: BlobAttributes,
+        part_size: usize,
+        parts_in_flight: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> Self {
+        Self {
+            bucket,
+            key,
+            attributes,
+            part_size,
+            parts_in_flight,
+            budget,
+            part: None,
+            multipart: Multipart::NotStarted,
+            poisoned: false,
+            finished: false,
+        }
+    }
+
+    fn check_usable(&self) -> BlobResult<()> {
+        if self.poisoned {
+            return Err(BlobError::Unavailable(
+                "an earlier write of this upload failed; abort it and start again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn write_bytes(&mut self, mut bytes: Bytes) -> BlobResult<()> {
+        while !bytes.is_empty() {
+            // A full part is sent only once more bytes arrive: an object of exactly one part
+            // stays a single PutObject.
+            if self
+                .part
+                .as_ref()
+                .is_some_and(|part| part.bytes.len() == self.part_size)
+            {
+                self.send_part().await?;
+            }
+            let part = match &mut self.part {
+                Some(part) => part,
+                None => {
+                    let reservation = self
+                        .budget
+                        .reserve(self.part_size as u64)
+                        .await
+                        .map_err(BlobError::Busy)?;
+                    self.part.insert(PartBuffer {
+                        bytes: BytesMut::with_capacity(self.part_size),
+                        reservation,
+                    })
+                }
+            };
+            let take = (self.part_size - part.bytes.len()).min(bytes.len());
+            part.bytes.extend_from_slice(&bytes.split_to(take));
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered part (a full one, or the last), first waiting for a free slot among the
+    /// parts in flight: that wait is the back-pressure on the writer.
+    async fn send_part(&mut self) -> BlobResult<()> {
+        self.open_multipart().await?;
+        let Multipart::Open(multipart) = &mut self.multipart else {
+            unreachable!("open_multipart leaves the upload open");
+        };
+        multipart.collect_finished()?;
+        while multipart.in_flight.len() >= self.parts_in_flight {
+            multipart.join_one().await?;
+        }
+        let Some(part) = self.part.take() else {
+            return Ok(());
+        };
+        let number = multipart.next_part_number;
+        if number > MAX_PARTS {
+            return Err(BlobError::Misconfigured(
+                format!(
+                    "the object needs more than {MAX_PARTS} parts of {} bytes; raise uploads.part_size",
+                    self.part_size
+                )
+                .into(),
+            ));
+        }
+        multipart.next_part_number += 1;
+        let bytes = part.bytes.freeze();
+        let request = self
+            .bucket
+            .client
+            .upload_part()
+            .bucket(&self.bucket.name)
+            .key(&self.key)
+            .upload_id(&multipart.upload_id)
+            .part_number(number)
+            .content_length(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
+            .body(ByteStream::from(bytes));
+        let reservation = part.reservation;
+        multipart.in_flight.spawn(async move {
+            let output = request
+                .send()
+                .await
+                .map_err(|error| map_sdk_error("UploadPart", Scope::Upload, error));
+            // The bytes (kept by the SDK for retries) are gone now; so is their reservation.
+            drop(reservation);
+            Ok(CompletedPart::builder()
+                .set_e_tag(output?.e_tag)
+                .part_number(number)
+                .build())
+        });
+        Ok(())
+    }
+
+    /// Creates the multipart upload (with the object's headers and metadata) unless it exists.
+    async fn open_multipart(&mut self) -> BlobResult<()> {
+        if matches!(self.multipart, Multipart::NotStarted) {
+            let request = self
+                .bucket
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket.name)
+                .key(&self.key)
+                .content_type(&self.attributes.content_type)
+                .content_disposition(&self.attributes.content_disposition)
+                .set_metadata(metadata(&self.attributes));
+            self.multipart = Multipart::Creating(tokio::spawn(async move {
+                let output = request.send().await.map_err(|error| {
+                    map_sdk_error("CreateMultipartUpload", Scope::Object, error)
+                })?;
+                output.upload_id.ok_or_else(|| {
+                    BlobError::Unavailable("CreateMultipartUpload answered no upload id".into())
+                })
+            }));
+        }
+        if let Multipart::Creating(creating) = &mut self.multipart {
+            let created = creating.await.map_err(task_failed).and_then(|id| id);
+            // A failed create left nothing to abort (or nothing we can name).
+            let upload_id = created.inspect_err(|_| self.multipart = Multipart::NotStarted)?;
+            self.multipart = Multipart::Open(OpenMultipart {
+                upload_id,
+                next_part_number: 1,
+                in_flight: JoinSet::new(),
+                completed: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn commit_parts(&mut self) -> BlobResult<()> {
+        if matches!(self.multipart, Multipart::NotStarted) {
+            let bytes = self
+                .part
+                .as_mut()
+                .map(|part| std::mem::take(&mut part.bytes).freeze())
+                .unwrap_or_default();
+            let result = self
+                .bucket
+                .put_object(&self.key, &self.attributes, bytes)
+                .await;
+            self.part = None;
+            return result;
+        }
+        if self
+            .part
+            .as_ref()
+            .is_some_and(|part| !part.bytes.is_empty())
+        {
+            self.send_part().await?;
+        }
+        self.open_multipart().await?;
+        let Multipart::Open(multipart) = &mut self.multipart else {
+            unreachable!("open_multipart leaves the upload open");
+        };
+        while !multipart.in_flight.is_empty() {
+            multipart.join_one().await?;
+        }
+        let expected = usize::try_from(multipart.next_part_number - 1).unwrap_or(0);
+        if multipart.completed.len() != expected {
+            return Err(BlobError::Unavailable(
+                format!(
+                    "{} of {expected} parts were uploaded",
+                    multipart.completed.len()
+                )
+                .into(),
+            ));
+        }
+        let mut parts = std::mem::take(&mut multipart.completed);
+        parts.sort_unstable_by_key(|part| part.part_number);
+        self.bucket
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket.name)
+            .key(&self.key)
+            .upload_id(&multipart.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("CompleteMultipartUpload", Scope::Upload, error))?;
+        Ok(())
+    }
+
+    /// Takes what must be undone on the server: the parts in flight are cancelled, then the
+    /// multipart upload (once created) is aborted. The returned future owns everything, so it
+    /// can run on a task of its own and finish even if whoever started it goes away.
+    fn take_cleanup(&mut self) -> Option<impl Future<Output = BlobResult<()>> + Send + 'static> {
+        self.part = None;
+        let multipart = std::mem::replace(&mut self.multipart, Multipart::NotStarted);
+        let bucket = self.bucket.clone();
+        let key = self.key.clone();
+        let upload_id = match multipart {
+            Multipart::NotStarted => return None,
+            Multipart::Creating(creating) => UploadId::Pending(creating),
+            Multipart::Open(mut open) => {
+                open.in_flight.abort_all();
+                UploadId::Known(open.upload_id, open.in_flight)
+            }
+        };
+        Some(async move {
+            let upload_id = match upload_id {
+                UploadId::Known(id, mut in_flight) => {
+                    // Cancelled parts must be off the wire before the abort, or one could land
+                    // after it and be kept.
+                    while in_flight.join_next().await.is_some() {}
+                    id
+                }
+                UploadId::Pending(creating) => match creating.await {
+                    Ok(Ok(id)) => id,
+                    // Never created (or the answer is lost): nothing we can name to abort.
+                    Ok(Err(_)) | Err(_) => return Ok(()),
+                },
+            };
+            bucket.abort_multipart(&key, &upload_id).await
+        })
+    }
+}
+
+enum UploadId {
+    Pending(JoinHandle<BlobResult<String>>),
+    Known(String, JoinSet<BlobResult<CompletedPart>>),
+}
+
+#[async_trait]
+impl BlobUpload for S3Upload {
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()> {
+        self.check_usable()?;
+        self.poisoned = true;
+        self.write_bytes(bytes).await?;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> BlobResult<()> {
+        self.check_usable()?;
+        self.poisoned = true;
+        let result = self.commit_parts().await;
+        if result.is_err()
+            && let Some(cleanup) = self.take_cleanup()
+        {
+            // The caller cannot abort a failed commit: undo it here.
+            match tokio::spawn(cleanup).await.map_err(task_failed) {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) | Err(error) => tracing::warn!(
+                    key = %self.key,
+                    %error,
+                    "could not abort the multipart upload of a failed commit; the bucket lifecycle rule will"
+                ),
+            }
+        }
+        self.finished = true;
+        result
+    }
+
+    async fn abort(mut self: Box<Self>) -> BlobResult<()> {
+        let cleanup = self.take_cleanup();
+        self.finished = true;
+        match cleanup {
+            // On a task of its own: the abort completes even if this call is cancelled.
+            Some(cleanup) => tokio::spawn(cleanup).await.map_err(task_failed)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for S3Upload {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Dropped without commit or abort (a cancelled RPC): nothing half-written may remain.
+        let Some(cleanup) = self.take_cleanup() else {
+            return;
+        };
+        let key = self.key.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(error) = cleanup.await {
+                        tracing::warn!(
+                            %key,
+                            %error,
+                            "could not abort the multipart upload of a dropped upload; the bucket lifecycle rule will"
+                        );
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                %key,
+                "upload dropped outside a runtime; its multipart upload is left to the bucket lifecycle rule"
+            ),
+        }
+    }
+}
+
+fn task_failed(error: JoinError) -> BlobError {
+    BlobError::Unavailable(format!("an S3 request task ended early: {error}").into())
+}

@@ -1,0 +1,1074 @@
+//! Smoke tests of the Redis message store against a real Redis (`SVC_TEST_REDIS_URL`, which
+//! `scripts/test` exports). Each test uses its own key prefix, so they run in parallel.
+
+use std::{sync::Arc, time::Duration};
+
+use secrecy::SecretString;
+use svc_messaging::{
+    config::RedisSettings,
+    health::DependencyCheck,
+    ids::UserId,
+    messaging::model::{
+        ClientId, ConversationId, EventKind, MessageContent, MessageId, MessageKind, MessageRecord,
+    },
+    store::{
+        messages::{
+            ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
+            MessageStore, NewConversation, NewMessage, ReadOutcome, Rejection, Retention,
+            StoreError,
+        },
+        redis::RedisMessageStore,
+    },
+};
+
+const GENEROUS: Retention = Retention {
+    max_events: 100_000,
+    max_age: Duration::from_secs(30 * 24 * 3600),
+};
+
+fn redis_url() -> String {
+    std::env::var("SVC_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!(
+            "SVC_TEST_REDIS_URL is not set: run these tests through scripts/test, or start a \
+             redis-server and export SVC_TEST_REDIS_URL=redis://default:<percent-encoded \
+             password>@127.0.0.1:<port>/0"
+        )
+    })
+}
+
+fn settings(prefix: &str) -> RedisSettings {
+    RedisSettings {
+        url: Some(SecretString::from(redis_url())),
+        password: None,
+        key_prefix: prefix.to_owned(),
+    }
+}
+
+fn unique_prefix(test: &str) -> String {
+    format!("smoke-{test}-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn store(test: &str, retention: Retention) -> RedisMessageStore {
+    RedisMessageStore::connect(&settings(&unique_prefix(test)), retention)
+        .await
+        .expect("connect to the test redis")
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> ConversationId {
+    let id = ConversationId::generate();
+    let mut participants = vec![user(creator)];
+    participants.extend(others.iter().map(|name| user(name)));
+    let outcome = store
+        .create_conversation(NewConversation {
+            id,
+            title: "test".to_owned(),
+            participants,
+            created_by: user(creator),
+            fingerprint: "fp".to_owned(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome, CreateOutcome::Created(_)), "{outcome:?}");
+    id
+}
+
+fn text(id: ConversationId, sender: &str, client_id: &str, text: &str) -> NewMessage {
+    NewMessage {
+        conversation_id: id,
+        record: MessageRecord {
+            id: MessageId::generate(),
+            sender: user(sender),
+            kind: MessageKind::Text,
+            client_message_id: ClientId::from_field("client_message_id", client_id).unwrap(),
+            content: Some(MessageContent {
+                text: text.to_owned(),
+                file: None,
+            }),
+        },
+        fingerprint: format!("fp:{text}"),
+        idempotency_window_secs: 3600,
+    }
+}
+
+async fn send(
+    store: &dyn MessageStore,
+    id: ConversationId,
+    sender: &str,
+    body: &str,
+) -> (MessageId, u64) {
+    let new = text(id, sender, &format!("c-{}", MessageId::generate()), body);
+    match store.append_message(new).await.unwrap() {
+        AppendOutcome::Appended(event) => {
+            let message = event.created_message().unwrap();
+            (message.record.id, message.sequence)
+        }
+        other => panic!("expected an append, got {other:?}"),
+    }
+}
+
+fn rejection<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Rejection {
+    match result {
+        Err(StoreError::Rejected(rejection)) => rejection,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn create_then_existing() {
+    let store = store("create", GENEROUS).await;
+    let id = ConversationId::generate();
+    let new = NewConversation {
+        id,
+        title: "Launch / \"plans\" = ok".to_owned(),
+        participants: vec![user("alice"), user("bob"), user("carol:x")],
+        created_by: user("alice"),
+        fingerprint: "first".to_owned(),
+    };
+    let CreateOutcome::Created(created) = store.create_conversation(new.clone()).await.unwrap()
+    else {
+        panic!("first create must create");
+    };
+    assert_eq!(created.last_sequence, 0);
+    assert_eq!(created.title, new.title);
+    assert_eq!(created.participants, new.participants);
+    assert!(created.create_time > 1_600_000_000_000);
+    let again = NewConversation {
+        title: "Other".to_owned(),
+        fingerprint: "second".to_owned(),
+        ..new
+    };
+    match store.create_conversation(again).await.unwrap() {
+        CreateOutcome::Existing {
+            conversation,
+            fingerprint,
+        } => {
+            assert_eq!(conversation, created);
+            assert_eq!(fingerprint, "first");
+        }
+        other => panic!("expected Existing, got {other:?}"),
+    }
+    assert_eq!(store.conversation(id).await.unwrap(), Some(created));
+    assert_eq!(
+        store
+            .conversation(ConversationId::generate())
+            .await
+            .unwrap(),
+        None
+    );
+    store.check().await.expect("health check");
+}
+
+#[tokio::test]
+async fn concurrent_appends_get_gap_free_sequences() {
+    let store: Arc<dyn MessageStore> = Arc::new(store("concurrent", GENEROUS).await);
+    let id = create(store.as_ref(), "alice", &["bob"]).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let sender = if i % 2 == 0 { "alice" } else { "bob" };
+                send(store.as_ref(), id, sender, &format!("message {i}"))
+                    .await
+                    .1
+            })
+        })
+        .collect();
+    let mut sequences = Vec::new();
+    for task in tasks {
+        sequences.push(task.await.unwrap());
+    }
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=20).collect::<Vec<u64>>());
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<u64>>()
+    );
+    assert_eq!(page.trimmed_through, 0);
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        20
+    );
+    let newest = store.messages_before(id, None, 5).await.unwrap();
+    assert_eq!(
+        newest.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [20, 19, 18, 17, 16]
+    );
+    let older = store.messages_before(id, Some(16), 3).await.unwrap();
+    assert_eq!(
+        older.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [15, 14, 13]
+    );
+}
+
+#[tokio::test]
+async fn duplicate_client_message_ids_are_reported() {
+    let store = store("duplicate", GENEROUS).await;
+    let id = create(&store, "alice", &["bob"]).await;
+    let first = text(id, "alice", "c-1", "hello");
+    let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
+        panic!("first append must append");
+    };
+    let retry = NewMessage {
+        record: MessageRecord {
+            id: MessageId::generate(),
+            ..first.record.clone()
+        },
+        fingerprint: "fp:other".to_owned(),
+        ..first.clone()
+    };
+    match store.append_message(retry).await.unwrap() {
+        AppendOutcome::Duplicate {
+            message,
+            fingerprint,
+        } => {
+            assert_eq!(fingerprint, "fp:hello");
+            assert_eq!(Some(message), event.created_message());
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    // The same client id from another sender is a different message.
+    let bob = text(id, "bob", "c-1", "hi");
+    assert!(matches!(
+        store.append_message(bob).await.unwrap(),
+        AppendOutcome::Appended(_)
+    ));
+    assert_eq!(
+        rejection(store.append_message(text(id, "mallory", "c-2", "x")).await),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        rejection(
+            store
+                .append_message(text(ConversationId::generate(), "alice", "c-3", "x"))
+                .await
+        ),
+        Rejection::ConversationNotFound
+    );
+}
+
+#[tokio::test]
+async fn deletes_leave_tombstones() {
+    let store = store("delete", GENEROUS).await;
+    let id = create(&store, "alice", &["bob"]).await;
+    let (message_id, sequence) = send(&store, id, "alice", "secret").await;
+    assert_eq!(
+        rejection(store.delete_message(id, message_id, &user("bob")).await),
+        Rejection::NotSender
+    );
+    assert_eq!(
+        rejection(
+            store
+                .delete_message(id, MessageId::generate(), &user("alice"))
+                .await
+        ),
+        Rejection::MessageNotFound
+    );
+    assert_eq!(
+        rejection(store.delete_message(id, message_id, &user("mallory")).await),
+        Rejection::NotParticipant
+    );
+    let DeleteOutcome::Deleted(tombstone, event) = store
+        .delete_message(id, message_id, &user("alice"))
+        .await
+        .unwrap()
+    else {
+        panic!("expected Deleted");
+    };
+    assert!(tombstone.record.is_deleted());
+    assert_eq!(tombstone.sequence, sequence);
+    assert_eq!(event.sequence, sequence + 1);
+    assert_eq!(
+        event.kind,
+        EventKind::MessageDeleted {
+            message_id,
+            deleted_by: user("alice")
+        }
+    );
+    let history = store.messages_before(id, None, 10).await.unwrap();
+    assert_eq!(history, vec![tombstone.clone()]);
+    let page = store.events_after(id, 0, 10).await.unwrap();
+    assert_eq!(page.events.len(), 2);
+    assert_eq!(page.events[0].created_message(), Some(tombstone.clone()));
+    assert_eq!(page.events[1], event);
+    match store
+        .delete_message(id, message_id, &user("alice"))
+        .await
+        .unwrap()
+    {
+        DeleteOutcome::AlreadyDeleted(message) => assert_eq!(message, tombstone),
+        other => panic!("expected AlreadyDeleted, got {other:?}"),
+    }
+    assert_eq!(
+        store.message(id, message_id).await.unwrap(),
+        Some(tombstone)
+    );
+}
+
+#[tokio::test]
+async fn read_positions_and_unread_counts() {
+    let store = store("read", GENEROUS).await;
+    let id = create(&store, "alice", &["bob"]).await;
+    send(&store, id, "alice", "one").await;
+    let (deleted, _) = send(&store, id, "alice", "two").await;
+    send(&store, id, "bob", "mine").await;
+    let (_, last) = send(&store, id, "alice", "three").await;
+    store
+        .delete_message(id, deleted, &user("alice"))
+        .await
+        .unwrap();
+    let state = store.read_state(id, &user("bob")).await.unwrap();
+    assert_eq!(state.read_sequence, 0);
+    // alice's "one" and "three": the deleted one and bob's own do not count.
+    assert_eq!(state.unread_count, 2);
+    assert_eq!(state.last_message.unwrap().sequence, last);
+
+    let ReadOutcome::Advanced(receipt) = store.mark_read(id, &user("bob"), 2).await.unwrap() else {
+        panic!("expected Advanced");
+    };
+    assert_eq!(
+        receipt.kind,
+        EventKind::ReadReceipt {
+            user_id: user("bob"),
+            read_sequence: 2
+        }
+    );
+    assert_eq!(
+        store.mark_read(id, &user("bob"), 1).await.unwrap(),
+        ReadOutcome::Unchanged { read_sequence: 2 }
+    );
+    assert_eq!(
+        rejection(store.mark_read(id, &user("bob"), 1000).await),
+        Rejection::SequenceAhead
+    );
+    assert_eq!(
+        rejection(store.mark_read(id, &user("mallory"), 1).await),
+        Rejection::NotParticipant
+    );
+    let state = store.read_state(id, &user("bob")).await.unwrap();
+    assert_eq!(state.read_sequence, 2);
+    assert_eq!(state.unread_count, 1);
+    let unknown = store
+        .read_state(ConversationId::generate(), &user("bob"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.read_sequence, 0);
+    assert_eq!(unknown.unread_count, 0);
+    assert!(unknown.last_message.is_none());
+}
+
+#[tokio::test]
+async fn retention_trims_events_and_history() {
+    let store = store(
+        "retention",
+        Retention {
+            max_events: 5,
+            max_age: Duration::from_secs(3600),
+        },
+    )
+    .await;
+    let id = create(&store, "alice", &["bob"]).await;
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        sent.push(send(&store, id, "alice", &format!("m{i}")).await);
+    }
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 3);
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [4, 5, 6, 7, 8]
+    );
+    let history = store.messages_before(id, None, 100).await.unwrap();
+    assert_eq!(
+        history.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [8, 7, 6, 5, 4]
+    );
+    assert_eq!(store.message(id, sent[0].0).await.unwrap(), None);
+    assert_eq!(
+        store
+            .read_state(id, &user("bob"))
+            .await
+            .unwrap()
+            .unread_count,
+        5
+    );
+}
+
+#[tokio::test]
+async fn retention_trims_by_age() {
+    let store = store(
+        "age",
+        Retention {
+            max_events: 100,
+            max_age: Duration::from_millis(300),
+        },
+    )
+    .await;
+    let id = create(&store, "alice", &["bob"]).await;
+    send(&store, id, "alice", "old").await;
+    send(&store, id, "alice", "old too").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    send(&store, id, "bob", "new").await;
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 2);
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(store.messages_before(id, None, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn participants_and_conversation_lists() {
+    let store = store("participants", GENEROUS).await;
+    let first = create(&store, "alice", &["bob"]).await;
+    let second = create(&store, "alice", &[]).await;
+    assert_eq!(
+        rejection(
+            store
+                .add_participants(first, &user("mallory"), &[user("x")])
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    let ChangeOutcome::Changed(conversation, event) = store
+        .add_participants(
+            second,
+            &user("alice"),
+            &[user("bob"), user("carol"), user("bob")],
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("expected Changed");
+    };
+    assert_eq!(
+        conversation.participants,
+        [user("alice"), user("bob"), user("carol")]
+    );
+    assert_eq!(conversation.last_sequence, 1);
+    assert_eq!(
+        event.kind,
+        EventKind::ParticipantsChanged {
+            added: vec![user("bob"), user("carol")],
+            removed: vec![],
+            changed_by: user("alice"),
+            participants: conversation.participants.clone(),
+        }
+    );
+    assert!(matches!(
+        store
+            .add_participants(second, &user("bob"), &[user("carol")])
+            .await
+            .unwrap(),
+        ChangeOutcome::Unchanged(_)
+    ));
+    let too_many: Vec<UserId> = (0..1000).map(|i| user(&format!("u{i}"))).collect();
+    assert_eq!(
+        rejection(
+            store
+                .add_participants(second, &user("alice"), &too_many)
+                .await
+        ),
+        Rejection::TooManyParticipants
+    );
+    assert_eq!(
+        rejection(
+            store
+                .remove_participant(second, &user("bob"), &user("carol"))
+                .await
+        ),
+        Rejection::NotCreator
+    );
+    assert_eq!(
+        rejection(
+            store
+                .remove_participant(second, &user("alice"), &user("zed"))
+                .await
+        ),
+        Rejection::ParticipantNotFound
+    );
+
+    // Newest activity first: `first` gets a message after `second` changed.
+    send(&store, first, "bob", "hi").await;
+    let bobs = store
+        .conversations_of(&user("bob"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        bobs.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
+        [first, second]
+    );
+    let page = store.conversations_of(&user("bob"), None, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    let cursor = ActivityCursor {
+        activity: page[0].activity,
+        conversation_id: page[0].conversation.id,
+    };
+    let rest = store
+        .conversations_of(&user("bob"), Some(&cursor), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
+        [second]
+    );
+
+    let ChangeOutcome::Changed(conversation, event) = store
+        .remove_participant(second, &user("bob"), &user("bob"))
+        .await
+        .unwrap()
+    else {
+        panic!("expected Changed");
+    };
+    assert_eq!(conversation.participants, [user("alice"), user("carol")]);
+    assert_eq!(
+        event.kind,
+        EventKind::ParticipantsChanged {
+            added: vec![],
+            removed: vec![user("bob")],
+            changed_by: user("bob"),
+            participants: conversation.participants.clone(),
+        }
+    );
+    let bobs = store
+        .conversations_of(&user("bob"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        bobs.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
+        [first]
+    );
+}
+
+/// A plain fred client on the test Redis (following a cluster like the store does).
+async fn raw_client() -> fred::prelude::Client {
+    use fred::prelude::{Builder, ClientLike, Config, ServerConfig};
+
+    let mut config = Config::from_url(&redis_url()).unwrap();
+    let client = Builder::from_config(config.clone()).build().unwrap();
+    client.init().await.unwrap();
+    let info: String = client
+        .info(Some(fred::types::InfoKind::Cluster))
+        .await
+        .unwrap();
+    if !info.contains("cluster_enabled:1") {
+        return client;
+    }
+    client.quit().await.unwrap();
+    if let ServerConfig::Centralized { server } = &config.server {
+        config.server = ServerConfig::Clustered {
+            hosts: vec![server.clone()],
+            policy: Default::default(),
+        };
+    }
+    config.database = None;
+    let client = Builder::from_config(config).build().unwrap();
+    client.init().await.unwrap();
+    client
+}
+
+#[tokio::test]
+async fn conversation_lists_break_activity_ties_by_id() {
+    use fred::prelude::{ClientLike, SortedSetsInterface};
+
+    let prefix = unique_prefix("ties");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(create(&store, "alice", &[]).await);
+    }
+    // Force ties: five conversations share one activity, one is newer.
+    let raw = raw_client().await;
+    let index = format!("{prefix}:{{u:alice}}:convs");
+    for (i, id) in ids.iter().enumerate() {
+        let activity = if i == 3 { 2000.0 } else { 1000.0 };
+        let _: i64 = raw
+            .zadd(&index, None, None, false, false, (activity, id.to_string()))
+            .await
+            .unwrap();
+    }
+    let mut expected: Vec<(i64, ConversationId)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (if i == 3 { 2000 } else { 1000 }, *id))
+        .collect();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+
+    let all = store
+        .conversations_of(&user("alice"), None, 10)
+        .await
+        .unwrap();
+    let listed: Vec<_> = all
+        .iter()
+        .map(|e| (e.activity, e.conversation.id))
+        .collect();
+    assert_eq!(listed, expected, "newest first, then id descending");
+
+    let mut paged = Vec::new();
+    let mut cursor: Option<ActivityCursor> = None;
+    loop {
+        let page = store
+            .conversations_of(&user("alice"), cursor.as_ref(), 2)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = Some(ActivityCursor {
+            activity: last.activity,
+            conversation_id: last.conversation.id,
+        });
+        paged.extend(page.iter().map(|e| (e.activity, e.conversation.id)));
+    }
+    assert_eq!(paged, expected);
+    raw.quit().await.unwrap();
+}
+
+#[tokio::test]
+async fn live_events_come_from_every_instance_in_order() {
+    let prefix = unique_prefix("live");
+    let reader = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let writer = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let mut live = reader.live_events();
+    let id = create(&writer, "alice", &["bob"]).await;
+    for i in 0..10 {
+        send(&writer, id, "alice", &format!("m{i}")).await;
+    }
+    writer.mark_read(id, &user("bob"), 10).await.unwrap();
+    let mut sequences = Vec::new();
+    while sequences.len() < 11 {
+        let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("live event within 5 s")
+            .unwrap();
+        match signal {
+            LiveSignal::Event(event) => {
+                assert_eq!(event.conversation_id, id);
+                sequences.push(event.sequence);
+            }
+            LiveSignal::Resync => panic!("unexpected resync"),
+        }
+    }
+    assert_eq!(sequences, (1..=11).collect::<Vec<u64>>());
+    // Other prefixes' events do not leak in.
+    let other = store("live-other", GENEROUS).await;
+    let other_id = create(&other, "alice", &[]).await;
+    send(&other, other_id, "alice", "elsewhere").await;
+    send(&writer, id, "alice", "last").await;
+    let Ok(Ok(LiveSignal::Event(event))) =
+        tokio::time::timeout(Duration::from_secs(5), live.recv()).await
+    else {
+        panic!("expected the next event");
+    };
+    assert_eq!((event.conversation_id, event.sequence), (id, 12));
+}
+
+/// The URL's password, decoded, and the URL without it.
+fn split_password() -> (String, String) {
+    let mut url = url::Url::parse(&redis_url()).expect("SVC_TEST_REDIS_URL is a URL");
+    let encoded = url.password().unwrap_or_default().to_owned();
+    let password = percent_encoding::percent_decode_str(&encoded)
+        .decode_utf8()
+        .unwrap()
+        .into_owned();
+    url.set_password(None).unwrap();
+    (password, url.to_string())
+}
+
+#[tokio::test]
+async fn raw_password_setting_works_with_a_url_without_password() {
+    let (password, bare_url) = split_password();
+    let settings = RedisSettings {
+        url: Some(SecretString::from(bare_url.clone())),
+        password: Some(SecretString::from(password)),
+        key_prefix: unique_prefix("raw-password"),
+    };
+    let store = RedisMessageStore::connect(&settings, GENEROUS)
+        .await
+        .unwrap();
+    store.check().await.unwrap();
+    let id = create(&store, "alice", &[]).await;
+    assert!(store.conversation(id).await.unwrap().is_some());
+
+    let wrong = RedisSettings {
+        url: Some(SecretString::from(bare_url)),
+        password: Some(SecretString::from("not-the-password".to_owned())),
+        key_prefix: unique_prefix("wrong-password"),
+    };
+    match RedisMessageStore::connect(&wrong, GENEROUS).await {
+        Err(StoreError::Unavailable(error)) => {
+            assert!(!error.to_string().contains("not-the-password"), "{error}");
+        }
+        other => panic!("expected Unavailable, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn percent_encoded_url_works() {
+    // scripts/test's URL carries a password with '/' and '=', percent-encoded.
+    let store = store("encoded", GENEROUS).await;
+    store.check().await.unwrap();
+    assert_eq!(store.name(), "redis");
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_unavailable() {
+    let settings = RedisSettings {
+        url: Some(SecretString::from("redis://127.0.0.1:1/0".to_owned())),
+        password: None,
+        key_prefix: "unreachable".to_owned(),
+    };
+    let result = RedisMessageStore::connect(&settings, GENEROUS).await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{:?}",
+        result.map(|_| ())
+    );
+}
+
+/// A redis-server of our own (no password), for restart tests.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Self::spawn(port, dir.path());
+        Self { child, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+        let binary = std::env::var("SVC_TEST_REDIS_SERVER_BIN")
+            .unwrap_or_else(|_| "redis-server".to_owned());
+        let child = std::process::Command::new(&binary)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {binary}: {error}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, self.dir.path());
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_resyncs_the_live_feed() {
+    let mut redis = PrivateRedis::start();
+    let settings = RedisSettings {
+        url: Some(SecretString::from(redis.url())),
+        password: None,
+        key_prefix: unique_prefix("restart"),
+    };
+    let store = RedisMessageStore::connect(&settings, GENEROUS)
+        .await
+        .unwrap();
+    let mut live = store.live_events();
+    let id = create(&store, "alice", &[]).await;
+    send(&store, id, "alice", "before").await;
+    let first = tokio::time::timeout(Duration::from_secs(5), live.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first, LiveSignal::Event(_)));
+
+    redis.stop();
+    let down = store
+        .append_message(text(id, "alice", "c-down", "while down"))
+        .await;
+    assert!(
+        matches!(down, Err(StoreError::Unavailable(_) | StoreError::Timeout)),
+        "{down:?}"
+    );
+    assert!(store.check().await.is_err());
+    redis.restart();
+
+    let signal = tokio::time::timeout(Duration::from_secs(20), live.recv())
+        .await
+        .expect("a resync after reconnecting")
+        .unwrap();
+    assert!(matches!(signal, LiveSignal::Resync), "{signal:?}");
+    // The restarted server is empty (no persistence): start over, and the feed works again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let id = ConversationId::generate();
+        let created = store
+            .create_conversation(NewConversation {
+                id,
+                title: "after".to_owned(),
+                participants: vec![user("alice")],
+                created_by: user("alice"),
+                fingerprint: "fp".to_owned(),
+            })
+            .await;
+        match created {
+            Ok(_) => break id,
+            Err(error) => {
+                assert!(std::time::Instant::now() < deadline, "{error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    send(&store, id, "alice", "after").await;
+    loop {
+        let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("the event after the restart")
+            .unwrap();
+        if let LiveSignal::Event(event) = signal {
+            assert_eq!((event.conversation_id, event.sequence), (id, 1));
+            break;
+        }
+    }
+    store.check().await.unwrap();
+}
+
+#[tokio::test]
+async fn extreme_limits_and_windows_are_accepted() {
+    let store = Arc::new(store("extremes", GENEROUS).await);
+    let id = create(store.as_ref(), "alice", &["bob"]).await;
+    // More than one HMGET chunk of history.
+    let tasks: Vec<_> = (0..600)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { send(store.as_ref(), id, "alice", &format!("m{i}")).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let history = store.messages_before(id, None, usize::MAX).await.unwrap();
+    assert_eq!(history.len(), 600);
+    assert!(history.windows(2).all(|w| w[0].sequence > w[1].sequence));
+    let page = store.events_after(id, 0, usize::MAX).await.unwrap();
+    assert_eq!(page.events.len(), 600);
+    assert!(
+        store
+            .events_after(id, u64::MAX, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    assert!(
+        store
+            .messages_before(id, Some(0), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .messages_before(id, Some(1), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .conversations_of(&user("bob"), None, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        rejection(store.mark_read(id, &user("bob"), u64::MAX).await),
+        Rejection::SequenceAhead
+    );
+
+    let forever = NewMessage {
+        idempotency_window_secs: u64::MAX,
+        ..text(id, "bob", "forever", "kept")
+    };
+    assert!(matches!(
+        store.append_message(forever.clone()).await.unwrap(),
+        AppendOutcome::Appended(_)
+    ));
+    assert!(matches!(
+        store.append_message(forever).await.unwrap(),
+        AppendOutcome::Duplicate { .. }
+    ));
+    // A zero window remembers nothing.
+    let fleeting = NewMessage {
+        idempotency_window_secs: 0,
+        ..text(id, "bob", "fleeting", "once")
+    };
+    for _ in 0..2 {
+        let again = NewMessage {
+            record: MessageRecord {
+                id: MessageId::generate(),
+                ..fleeting.record.clone()
+            },
+            ..fleeting.clone()
+        };
+        assert!(matches!(
+            store.append_message(again).await.unwrap(),
+            AppendOutcome::Appended(_)
+        ));
+    }
+}
+
+/// Needs a TLS Redis: `SVC_TEST_REDIS_TLS_URL=rediss://default:<pw>@127.0.0.1:<tls port>/0` and
+/// `SSL_CERT_FILE` naming the CA that signed its certificate (for an IP, with an IP SAN).
+#[tokio::test]
+#[ignore = "needs SVC_TEST_REDIS_TLS_URL and SSL_CERT_FILE (a TLS-enabled redis-server)"]
+async fn rediss_urls_connect_with_tls() {
+    let url = std::env::var("SVC_TEST_REDIS_TLS_URL").expect("SVC_TEST_REDIS_TLS_URL");
+    let settings = RedisSettings {
+        url: Some(SecretString::from(url)),
+        password: None,
+        key_prefix: unique_prefix("tls"),
+    };
+    let store = RedisMessageStore::connect(&settings, GENEROUS)
+        .await
+        .unwrap();
+    store.check().await.unwrap();
+    let mut live = store.live_events();
+    let id = create(&store, "alice", &[]).await;
+    send(&store, id, "alice", "over tls").await;
+    let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(signal, LiveSignal::Event(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_reaches_the_live_feed_without_resync() {
+    let prefix = unique_prefix("burst");
+    let reader = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let writer = Arc::new(
+        RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+            .await
+            .unwrap(),
+    );
+    let mut live = reader.live_events();
+    let id = create(writer.as_ref(), "alice", &["bob"]).await;
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let writer = writer.clone();
+            tokio::spawn(async move { send(writer.as_ref(), id, "alice", &format!("m{i}")).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for expected in 1..=1000 {
+        let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .expect("live event within 5 s")
+            .unwrap();
+        let LiveSignal::Event(event) = signal else {
+            panic!("unexpected {signal:?} at {expected}");
+        };
+        assert_eq!(event.sequence, expected);
+    }
+}
+
+#[tokio::test]
+async fn unusual_user_ids_survive_lua_built_json() {
+    let store = store("unicode", GENEROUS).await;
+    let odd = ["zoë/ü", "a\"quote", "back\\slash", "{brace}:colon", "日本"];
+    let id = create(&store, "alice", &[]).await;
+    let users: Vec<UserId> = odd.iter().map(|name| user(name)).collect();
+    let ChangeOutcome::Changed(conversation, event) = store
+        .add_participants(id, &user("alice"), &users)
+        .await
+        .unwrap()
+    else {
+        panic!("expected Changed");
+    };
+    let mut everyone = vec![user("alice")];
+    everyone.extend(users.iter().cloned());
+    assert_eq!(conversation.participants, everyone);
+    assert_eq!(
+        event.kind,
+        EventKind::ParticipantsChanged {
+            added: users.clone(),
+            removed: vec![],
+            changed_by: user("alice"),
+            participants: everyone.clone(),
+        }
+    );
+    for name in odd {
+        let (message_id, sequence) = send(&store, id, name, "hi").await;
+        store.mark_read(id, &user(name), sequence).await.unwrap();
+        assert!(matches!(
+            store
+                .delete_message(id, message_id, &user(name))
+                .await
+                .unwrap(),
+            DeleteOutcome::Deleted(..)
+        ));
+        let listed = store.conversations_of(&user(name), None, 10).await.unwrap();
+        assert_eq!(listed.len(), 1, "{name}");
+    }
+    let ChangeOutcome::Changed(_, event) = store
+        .remove_participant(id, &user("alice"), &user("zoë/ü"))
+        .await
+        .unwrap()
+    else {
+        panic!("expected Changed");
+    };
+    let EventKind::ParticipantsChanged { removed, .. } = event.kind else {
+        panic!("wrong kind");
+    };
+    assert_eq!(removed, [user("zoë/ü")]);
+    // Everything replays.
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.events.len(), 1 + odd.len() * 3 + 1);
+}
+
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded() {
+    use fred::prelude::{ClientLike, LuaInterface};
+
+    let store = store("noscript", GENEROUS).await;
+    let id = create(&store, "alice", &[]).await;
+    let raw = raw_client().await;
+    raw.script_flush_cluster(false).await.unwrap();
+    send(&store, id, "alice", "after a flush").await;
+    assert_eq!(store.messages_before(id, None, 10).await.unwrap().len(), 1);
+    raw.quit().await.unwrap();
+}
