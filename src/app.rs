@@ -11,9 +11,10 @@ use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
     auth::Authenticator,
-    config::{ConfigError, Settings},
+    budget::MemoryBudget,
+    config::{BlobBackend, ConfigError, MessageBackend, Settings},
     drain::DrainLayer,
-    files::policy::UploadPolicy,
+    files::{policy::UploadPolicy, service::FileService},
     grpc::{
         file_relay::FileRelayApi,
         messaging::MessagingApi,
@@ -27,9 +28,13 @@ use crate::{
     messaging::service::ConversationService,
     metrics::{GrpcMetricsLayer, Metrics},
     store::{
+        blobs::{BlobError, BlobStore},
+        files::FileStore,
         fs::{FsBlobStore, UrlSigner},
-        memory::MemoryMessageStore,
-        messages::{MessageStore, Retention},
+        memory::{MemoryFileStore, MemoryMessageStore},
+        messages::{MessageStore, Retention, StoreError},
+        redis::RedisMessageStore,
+        s3::{LifecycleOutcome, S3BlobStore},
     },
 };
 
@@ -54,6 +59,10 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Config(#[from] ConfigError),
+    #[error("redis: {0}")]
+    Redis(#[from] StoreError),
+    #[error("s3: {0}")]
+    S3(#[source] BlobError),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -115,39 +124,8 @@ impl App {
                 source,
             })?;
 
-        let signing_key = match &settings.downloads.signing_key {
-            Some(key) => key.expose_secret().as_bytes().to_vec(),
-            // Only this process verifies its URLs, so a random key is enough for one replica.
-            None => {
-                let mut key = vec![0u8; 32];
-                getrandom::fill(&mut key).map_err(|error| StartupError::DataDir {
-                    path: "random signing key".to_owned(),
-                    source: io::Error::other(error.to_string()),
-                })?;
-                key
-            }
-        };
-        let base_url = settings
-            .downloads
-            .public_base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{http_addr}"));
-        let blob_store = FsBlobStore::open(
-            &settings.storage.data_dir,
-            UrlSigner::new(signing_key, &base_url),
-        )
-        .await
-        .map_err(|source| StartupError::DataDir {
-            path: settings.storage.data_dir.display().to_string(),
-            source,
-        })?;
-        tracing::info!(
-            messages = "memory",
-            blobs = "fs",
-            data_dir = %blob_store.root().display(),
-            "storage backends"
-        );
-        let dependencies: Vec<Arc<dyn DependencyCheck>> = vec![Arc::new(blob_store.clone())];
+        let backends = Backends::build(&settings, http_addr).await?;
+        let dependencies = backends.dependencies.clone();
 
         let authenticator = Authenticator::from_settings(&settings.auth)?;
         if authenticator.is_trusted_header() {
@@ -167,20 +145,24 @@ impl App {
             .unwrap_or(usize::MAX)
             + MESSAGE_OVERHEAD;
         let policy = Arc::new(UploadPolicy::from_settings(&settings.uploads));
-        let message_store: Arc<dyn MessageStore> = Arc::new(MemoryMessageStore::new(Retention {
-            max_events: settings.messaging.history_max_events,
-            max_age: settings.messaging.history_max_age,
-        }));
         let conversations = Arc::new(ConversationService::new(
-            message_store,
+            backends.messages.clone(),
+            backends.files.clone(),
             settings.messaging.clone(),
         ));
         let messaging = InterceptedService::new(
-            MessagingServiceServer::new(MessagingApi::new(conversations)),
+            MessagingServiceServer::new(MessagingApi::new(conversations.clone())),
             authenticator.clone(),
         );
+        let file_service = Arc::new(FileService::new(
+            conversations,
+            backends.blobs.clone(),
+            backends.files.clone(),
+            policy,
+            settings.downloads.url_ttl,
+        ));
         let file_relay = InterceptedService::new(
-            FileRelayServiceServer::new(FileRelayApi::new(policy))
+            FileRelayServiceServer::new(FileRelayApi::new(file_service))
                 .max_decoding_message_size(max_message),
             authenticator,
         );
@@ -204,7 +186,7 @@ impl App {
         let mut grpc_task: JoinHandle<Result<(), tonic::transport::Error>> =
             tokio::spawn(grpc_server);
 
-        let http_router = http::router(board.clone(), metrics, Some(blob_store));
+        let http_router = http::router(board.clone(), metrics, backends.fs_blobs.clone());
         let http_stop = stop_accepting.clone();
         let http_task = tokio::spawn(async move {
             axum::serve(http_listener, http_router)
@@ -212,6 +194,13 @@ impl App {
                 .await
         });
 
+        if let Some(store) = backends.fs_blobs.clone() {
+            tokio::spawn(sweep_expired_files(
+                store,
+                settings.uploads.retention,
+                stop_monitor.clone(),
+            ));
+        }
         let monitor_task = tokio::spawn(health::monitor(
             board.clone(),
             dependencies,
@@ -275,4 +264,142 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The storage backends chosen by `storage.*`, and the dependencies whose health they report.
+struct Backends {
+    messages: Arc<dyn MessageStore>,
+    files: Arc<dyn FileStore>,
+    blobs: Arc<dyn BlobStore>,
+    /// Set for the filesystem store, whose signed URLs the HTTP port serves.
+    fs_blobs: Option<FsBlobStore>,
+    dependencies: Vec<Arc<dyn DependencyCheck>>,
+}
+
+impl Backends {
+    async fn build(settings: &Settings, http_addr: SocketAddr) -> Result<Self, StartupError> {
+        let retention = Retention {
+            max_events: settings.messaging.history_max_events,
+            max_age: settings.messaging.history_max_age,
+        };
+        let mut dependencies: Vec<Arc<dyn DependencyCheck>> = Vec::new();
+        let (messages, files): (Arc<dyn MessageStore>, Arc<dyn FileStore>) =
+            match settings.storage.messages {
+                MessageBackend::Memory => (
+                    Arc::new(MemoryMessageStore::new(retention)),
+                    Arc::new(MemoryFileStore::new()),
+                ),
+                MessageBackend::Redis => {
+                    let redis =
+                        Arc::new(RedisMessageStore::connect(&settings.redis, retention).await?);
+                    dependencies.push(redis.clone());
+                    (redis.clone(), redis)
+                }
+            };
+        let budget = MemoryBudget::new(
+            settings.uploads.memory_budget.as_u64(),
+            settings.uploads.memory_wait_timeout,
+        );
+        let (blobs, fs_blobs): (Arc<dyn BlobStore>, Option<FsBlobStore>) = match settings
+            .storage
+            .blobs
+        {
+            BlobBackend::Fs => {
+                let store = open_fs_store(settings, http_addr).await?;
+                dependencies.push(Arc::new(store.clone()));
+                (Arc::new(store.clone()), Some(store))
+            }
+            BlobBackend::S3 => {
+                let store = Arc::new(
+                    S3BlobStore::new(
+                        &settings.s3,
+                        settings.uploads.part_size.as_u64(),
+                        settings.uploads.parts_in_flight as usize,
+                        budget,
+                    )
+                    .map_err(StartupError::S3)?,
+                );
+                if settings.s3.manage_lifecycle {
+                    match store.install_lifecycle(settings.uploads.retention).await {
+                        Ok(LifecycleOutcome::Installed) => {
+                            tracing::info!("bucket lifecycle rule installed");
+                        }
+                        Ok(LifecycleOutcome::Unsupported) => tracing::warn!(
+                            "the S3 server does not implement bucket lifecycle; expired files stay until deleted"
+                        ),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not install the bucket lifecycle rule");
+                        }
+                    }
+                }
+                dependencies.push(store.clone());
+                (store, None)
+            }
+        };
+        tracing::info!(
+            messages = ?settings.storage.messages,
+            blobs = ?settings.storage.blobs,
+            data_dir = %settings.storage.data_dir.display(),
+            "storage backends"
+        );
+        Ok(Self {
+            messages,
+            files,
+            blobs,
+            fs_blobs,
+            dependencies,
+        })
+    }
+}
+
+async fn open_fs_store(
+    settings: &Settings,
+    http_addr: SocketAddr,
+) -> Result<FsBlobStore, StartupError> {
+    let signing_key = match &settings.downloads.signing_key {
+        Some(key) => key.expose_secret().as_bytes().to_vec(),
+        // Only this process verifies its URLs, so a random key is enough for one replica.
+        None => {
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|error| StartupError::DataDir {
+                path: "random signing key".to_owned(),
+                source: io::Error::other(error.to_string()),
+            })?;
+            key
+        }
+    };
+    let base_url = settings
+        .downloads
+        .public_base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http_addr}"));
+    FsBlobStore::open(
+        &settings.storage.data_dir,
+        UrlSigner::new(signing_key, &base_url),
+    )
+    .await
+    .map_err(|source| StartupError::DataDir {
+        path: settings.storage.data_dir.display().to_string(),
+        source,
+    })
+}
+
+/// Removes expired files from the filesystem store (S3 has its lifecycle rule for this). The
+/// metadata stores already hide them; this reclaims the disk.
+async fn sweep_expired_files(store: FsBlobStore, retention: Duration, stop: CancellationToken) {
+    let period = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        match store
+            .remove_expired(&["files/", "thumbs/"], retention)
+            .await
+        {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed expired files"),
+            Err(error) => tracing::warn!(%error, "could not sweep expired files"),
+        }
+    }
 }

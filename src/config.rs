@@ -512,18 +512,6 @@ impl AuthSettings {
 
 impl StorageSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.messages == MessageBackend::Redis {
-            return Err(ConfigError::new(
-                "storage.messages",
-                "the redis message store is not available in this version; use \"memory\"",
-            ));
-        }
-        if self.blobs == BlobBackend::S3 {
-            return Err(ConfigError::new(
-                "storage.blobs",
-                "the s3 blob store is not available in this version; use \"fs\"",
-            ));
-        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.data_dir", "must not be empty"));
         }
@@ -629,7 +617,13 @@ impl S3Settings {
         if self.access_key_id.is_some() != self.secret_access_key.is_some() {
             return Err(ConfigError::new(
                 "s3.secret_access_key",
-                "set both s3.access_key_id and s3.secret_access_key, or neither (to use the default AWS credential chain)",
+                "set both s3.access_key_id and s3.secret_access_key",
+            ));
+        }
+        if backend == BlobBackend::S3 && self.access_key_id.is_none() {
+            return Err(ConfigError::new(
+                "s3.access_key_id",
+                "required when storage.blobs = \"s3\" (static keys; the AWS default credential chain is not supported)",
             ));
         }
         Ok(())

@@ -948,7 +948,6 @@ fn the_config_is_in_cluster_and_the_memory_budget_fits_the_limit() {
     for (expected, rendered) in every_environment() {
         let env = expected.env;
         let config = pod_config(&rendered);
-        // The intent, even while this version refuses it (see the ignored check-config test).
         assert_eq!(
             config.file_value("storage.messages").as_deref(),
             Some("redis")
@@ -1008,7 +1007,6 @@ fn the_config_passes_check_config_with_the_backends_available_today() {
 }
 
 #[test]
-#[ignore = "enabled when the redis and s3 backends land (issues 3 and 4)"]
 fn the_config_passes_check_config_as_deployed() {
     for (expected, rendered) in every_environment() {
         let (ok, output) = pod_config(&rendered).check_config(&[]);

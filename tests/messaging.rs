@@ -187,12 +187,15 @@ pub async fn validation_errors_name_the_field(server: TestServer) {
             pb::SendMessageRequest {
                 conversation_id: id.to_owned(),
                 client_message_id: "f1".to_owned(),
-                content: Some(pb::send_message_request::Content::FileId("file".to_owned())),
+                content: Some(pb::send_message_request::Content::FileId(
+                    "no-such-file".to_owned(),
+                )),
             },
         ))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(reason(&status), "FILE_NOT_FOUND");
 }
 
 pub async fn only_participants_read_or_write(server: TestServer) {
@@ -805,4 +808,11 @@ macro_rules! messaging_suite {
 
 mod memory {
     messaging_suite!(|_: &mut svc_messaging::config::Settings| {});
+}
+
+mod redis {
+    messaging_suite!(|settings: &mut svc_messaging::config::Settings| {
+        let prefix = super::common::unique_prefix("messaging");
+        super::common::use_test_redis(settings, &prefix);
+    });
 }

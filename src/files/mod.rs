@@ -1,4 +1,6 @@
-//! File relay domain: what may be uploaded and, in later steps, the upload pipeline.
+//! File relay domain: what may be uploaded ([`policy`]), checking bytes as they arrive
+//! ([`sniff`]), and the upload / download / delete rules ([`service`]).
 
 pub mod policy;
+pub mod service;
 pub mod sniff;

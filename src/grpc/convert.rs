@@ -1,9 +1,12 @@
 //! Domain values to protobuf messages. Prost types never travel further in than this layer.
 
 use super::{file_relay::file_category_to_proto, pb};
-use crate::messaging::{
-    model::{Event, EventKind, FileAttachment, Message, MessageKind, UnixMillis},
-    service::ConversationView,
+use crate::{
+    messaging::{
+        model::{Event, EventKind, FileAttachment, Message, MessageKind, UnixMillis},
+        service::ConversationView,
+    },
+    store::files::FileRecord,
 };
 
 pub fn timestamp(millis: UnixMillis) -> prost_types::Timestamp {
@@ -87,6 +90,11 @@ pub fn file_info(file: FileAttachment, conversation_id: &str) -> pb::FileInfo {
         create_time: Some(timestamp(file.create_time)),
         expire_time: Some(timestamp(file.expire_time)),
     }
+}
+
+pub fn file_record(record: &FileRecord) -> pb::FileInfo {
+    let conversation_id = record.conversation_id.to_string();
+    file_info(record.attachment(), &conversation_id)
 }
 
 pub fn event(event: Event) -> pb::ConversationEvent {

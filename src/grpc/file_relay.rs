@@ -2,83 +2,144 @@
 
 use std::sync::Arc;
 
-use futures::stream::BoxStream;
+use futures::{StreamExt, stream::BoxStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{caller, pb};
+use super::{caller, convert, pb};
 use crate::{
-    error::Error,
-    files::policy::{FileCategory, UploadPolicy},
+    error::{Error, Reason},
+    files::{
+        policy::{FileCategory, UploadPolicy},
+        service::{FileService, UploadPart, UploadRequest},
+    },
 };
 
 /// The FileRelayService endpoint.
 #[derive(Clone)]
 pub struct FileRelayApi {
-    policy: Arc<UploadPolicy>,
+    files: Arc<FileService>,
 }
 
 impl FileRelayApi {
-    pub fn new(policy: Arc<UploadPolicy>) -> Self {
-        Self { policy }
+    pub fn new(files: Arc<FileService>) -> Self {
+        Self { files }
     }
 }
 
 type ApiResult<T> = Result<Response<T>, Status>;
 
-fn not_yet<T>(method: &str) -> ApiResult<T> {
-    Err(Error::unimplemented(method).into())
-}
-
 #[tonic::async_trait]
 impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
     type DownloadFileStream = BoxStream<'static, Result<pb::DownloadFileResponse, Status>>;
 
+    #[tracing::instrument(skip_all)]
     async fn upload_file(
         &self,
         request: Request<Streaming<pb::UploadFileRequest>>,
     ) -> ApiResult<pb::UploadFileResponse> {
-        caller(&request)?;
-        not_yet("UploadFile")
+        use pb::upload_file_request::Payload;
+        let caller = caller(&request)?;
+        let parts = request.into_inner().map(|message| match message {
+            Ok(pb::UploadFileRequest {
+                payload: Some(Payload::Metadata(metadata)),
+            }) => Ok(UploadPart::Metadata(UploadRequest {
+                conversation_id: metadata.conversation_id,
+                file_name: metadata.file_name,
+                content_type: metadata.content_type,
+                size_bytes: metadata.size_bytes,
+                sha256: metadata.sha256,
+                caption: metadata.caption,
+            })),
+            Ok(pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(chunk)),
+            }) => Ok(UploadPart::Chunk(chunk)),
+            Ok(pb::UploadFileRequest { payload: None }) => Err(Error::invalid_field(
+                "payload",
+                "each message must carry metadata or a chunk",
+            )),
+            // The client's stream broke off (or sent a message over the size limit).
+            Err(status) => Err(Error::invalid(
+                Reason::InvalidField,
+                format!("the upload stream failed: {}", status.message()),
+            )),
+        });
+        let (record, message) = self.files.upload(&caller, Box::pin(parts)).await?;
+        Ok(Response::new(pb::UploadFileResponse {
+            file: Some(convert::file_record(&record)),
+            message: Some(convert::message(message)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn get_file(
         &self,
         request: Request<pb::GetFileRequest>,
     ) -> ApiResult<pb::GetFileResponse> {
-        caller(&request)?;
-        not_yet("GetFile")
+        let caller = caller(&request)?;
+        let record = self
+            .files
+            .get_file(&caller, &request.get_ref().file_id)
+            .await?;
+        Ok(Response::new(pb::GetFileResponse {
+            file: Some(convert::file_record(&record)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn get_download_url(
         &self,
         request: Request<pb::GetDownloadUrlRequest>,
     ) -> ApiResult<pb::GetDownloadUrlResponse> {
-        caller(&request)?;
-        not_yet("GetDownloadUrl")
+        let caller = caller(&request)?;
+        let urls = self
+            .files
+            .download_urls(&caller, &request.get_ref().file_id)
+            .await?;
+        Ok(Response::new(pb::GetDownloadUrlResponse {
+            url: urls.url,
+            thumbnail_url: urls.thumbnail_url.unwrap_or_default(),
+            expire_time: Some(convert::timestamp(urls.expire_time)),
+        }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn download_file(
         &self,
         request: Request<pb::DownloadFileRequest>,
     ) -> ApiResult<Self::DownloadFileStream> {
-        caller(&request)?;
-        not_yet("DownloadFile")
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        let chunks = self
+            .files
+            .download(&caller, &request.file_id, request.offset)
+            .await?;
+        let responses = chunks.map(|chunk| {
+            chunk
+                .map(|chunk| pb::DownloadFileResponse { chunk })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn delete_file(
         &self,
         request: Request<pb::DeleteFileRequest>,
     ) -> ApiResult<pb::DeleteFileResponse> {
-        caller(&request)?;
-        not_yet("DeleteFile")
+        let caller = caller(&request)?;
+        self.files
+            .delete(&caller, &request.get_ref().file_id)
+            .await?;
+        Ok(Response::new(pb::DeleteFileResponse {}))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn get_upload_policy(
         &self,
         request: Request<pb::GetUploadPolicyRequest>,
     ) -> ApiResult<pb::GetUploadPolicyResponse> {
         caller(&request)?;
-        Ok(Response::new(upload_policy_to_proto(&self.policy)))
+        Ok(Response::new(upload_policy_to_proto(self.files.policy())))
     }
 }
 

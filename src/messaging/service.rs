@@ -10,8 +10,9 @@ use sha2::{Digest, Sha256};
 use super::{
     live::{LiveEnd, LiveHub},
     model::{
-        ClientId, Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, MAX_TEXT_CHARS,
-        MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind, MessageRecord,
+        ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, FileCategoryTag,
+        MAX_PARTICIPANTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId,
+        MessageKind, MessageRecord,
     },
     paging::{self, PageSize},
 };
@@ -20,6 +21,7 @@ use crate::{
     config::MessagingSettings,
     error::{Error, ErrorKind, Reason, Result},
     ids::UserId,
+    store::files::FileStore,
     store::messages::{
         ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
         MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
@@ -49,19 +51,75 @@ pub enum SendContent {
 /// Conversations, messages and subscriptions over a [`MessageStore`].
 pub struct ConversationService {
     store: Arc<dyn MessageStore>,
+    files: Arc<dyn FileStore>,
     hub: Arc<LiveHub>,
     settings: MessagingSettings,
 }
 
 impl ConversationService {
     /// Builds the service and starts routing the store's live feed to local subscribers.
-    pub fn new(store: Arc<dyn MessageStore>, settings: MessagingSettings) -> Self {
+    /// `files` resolves the `file_id` of SendMessage.
+    pub fn new(
+        store: Arc<dyn MessageStore>,
+        files: Arc<dyn FileStore>,
+        settings: MessagingSettings,
+    ) -> Self {
         let hub = LiveHub::new();
         hub.spawn_dispatcher(store.live_events());
         Self {
             store,
+            files,
             hub,
             settings,
+        }
+    }
+
+    /// The conversation, if it exists and `caller` participates (for other domains' checks).
+    pub async fn conversation_of_participant(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+    ) -> Result<Conversation> {
+        self.participating(caller, &id.to_string()).await
+    }
+
+    /// Posts the FILE or IMAGE message announcing an upload, under a message id chosen by the
+    /// caller (so the file record can name it before it is posted).
+    pub async fn post_file(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+        message_id: MessageId,
+        attachment: FileAttachment,
+        caption: String,
+    ) -> Result<Message> {
+        let kind = match attachment.category {
+            FileCategoryTag::Image => MessageKind::Image,
+            FileCategoryTag::Document => MessageKind::File,
+        };
+        let client_message_id =
+            ClientId::from_field("client_message_id", &format!("file:{}", attachment.file_id))?;
+        let fingerprint = fingerprint(&["file", &attachment.file_id, &caption]);
+        let new = NewMessage {
+            conversation_id: id,
+            record: MessageRecord {
+                id: message_id,
+                sender: caller.user_id.clone(),
+                kind,
+                client_message_id,
+                content: Some(MessageContent {
+                    text: caption,
+                    file: Some(attachment),
+                }),
+            },
+            fingerprint,
+            idempotency_window_secs: self.settings.idempotency_window.as_secs(),
+        };
+        match self.store.append_message(new).await.map_err(store_error)? {
+            AppendOutcome::Appended(event) => Ok(event
+                .created_message()
+                .expect("appending a message records MessageCreated")),
+            AppendOutcome::Duplicate { message, .. } => Ok(message),
         }
     }
 
@@ -213,13 +271,30 @@ impl ConversationService {
     ) -> Result<Message> {
         let id = ConversationId::from_field("conversation_id", id)?;
         let client_message_id = ClientId::from_field("client_message_id", client_message_id)?;
-        let text = match content {
-            Some(SendContent::Text(text)) => validate_text(&text)?,
-            Some(SendContent::FileId(_)) => {
-                return Err(Error::invalid_field(
-                    "file_id",
-                    "files are posted by FileRelayService.UploadFile; sending a file_id is not supported yet",
-                ));
+        let (kind, content, fingerprint) = match content {
+            Some(SendContent::Text(text)) => {
+                let text = validate_text(&text)?;
+                let fingerprint = fingerprint(&["text", &text]);
+                (
+                    MessageKind::Text,
+                    MessageContent { text, file: None },
+                    fingerprint,
+                )
+            }
+            Some(SendContent::FileId(file_id)) => {
+                // Participation first, so outsiders learn nothing about the conversation's files.
+                self.participating(caller, &id.to_string()).await?;
+                let attachment = self.attachment(id, &file_id).await?;
+                let kind = match attachment.category {
+                    FileCategoryTag::Image => MessageKind::Image,
+                    FileCategoryTag::Document => MessageKind::File,
+                };
+                let fingerprint = fingerprint(&["file", &file_id]);
+                let content = MessageContent {
+                    text: String::new(),
+                    file: Some(attachment),
+                };
+                (kind, content, fingerprint)
             }
             None => {
                 return Err(Error::invalid_field(
@@ -228,15 +303,14 @@ impl ConversationService {
                 ));
             }
         };
-        let fingerprint = fingerprint(&["text", &text]);
         let new = NewMessage {
             conversation_id: id,
             record: MessageRecord {
                 id: MessageId::generate(),
                 sender: caller.user_id.clone(),
-                kind: MessageKind::Text,
+                kind,
                 client_message_id,
-                content: Some(MessageContent { text, file: None }),
+                content: Some(content),
             },
             fingerprint: fingerprint.clone(),
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
@@ -355,6 +429,25 @@ impl ConversationService {
             after_sequence,
         );
         Ok(Box::pin(stream))
+    }
+
+    /// The file `file_id` as an attachment, if it belongs to conversation `id` and is live.
+    async fn attachment(&self, id: ConversationId, file_id: &str) -> Result<FileAttachment> {
+        let not_found = || {
+            Error::not_found(Reason::FileNotFound, "file not found in this conversation")
+                .with_field("file_id")
+        };
+        if file_id.is_empty() {
+            return Err(Error::invalid_field("file_id", "file_id must not be empty"));
+        }
+        let record = self
+            .files
+            .get(file_id)
+            .await
+            .map_err(store_error)?
+            .filter(|record| record.conversation_id == id)
+            .ok_or_else(not_found)?;
+        Ok(record.attachment())
     }
 
     /// The conversation, if it exists and `caller` participates.

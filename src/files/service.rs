@@ -1,0 +1,609 @@
+//! The file relay: uploads validated while their bytes arrive and streamed to the blob store,
+//! the FILE/IMAGE message that announces them, downloads, deletion and expiry.
+//!
+//! An upload is refused at the first byte that proves it wrong, and any failure (or the client
+//! going away, which drops the upload) removes what was written: nothing half-stored remains.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, stream::BoxStream};
+use sha2::{Digest, Sha256};
+
+use super::{
+    policy::{FileCategory, FileTypeRule, UploadPolicy},
+    sniff::{ContentSniffer, SniffError},
+};
+use crate::{
+    auth::Caller,
+    error::{Error, ErrorKind, Reason, Result},
+    messaging::{
+        model::{ConversationId, Message, MessageId, UnixMillis},
+        service::{ConversationService, store_error},
+    },
+    store::{
+        blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
+        files::{FileRecord, FileStore},
+    },
+};
+
+/// Longest file name, in characters.
+pub const MAX_FILE_NAME_CHARS: usize = 255;
+
+/// One message of an UploadFile stream.
+#[derive(Debug)]
+pub enum UploadPart {
+    Metadata(UploadRequest),
+    Chunk(Bytes),
+}
+
+/// The upload's declared metadata, as the client sent it.
+#[derive(Debug, Clone, Default)]
+pub struct UploadRequest {
+    pub conversation_id: String,
+    pub file_name: String,
+    pub content_type: String,
+    pub size_bytes: i64,
+    /// Lowercase or uppercase hex; empty when not given.
+    pub sha256: String,
+    pub caption: String,
+}
+
+/// Where to download a file from.
+#[derive(Debug, Clone)]
+pub struct DownloadUrls {
+    pub url: String,
+    pub thumbnail_url: Option<String>,
+    pub expire_time: UnixMillis,
+}
+
+/// An accepted upload's plan, before any byte was read.
+struct UploadPlan {
+    conversation_id: ConversationId,
+    file_id: String,
+    rule: FileTypeRule,
+    file_name: String,
+    content_type: String,
+    declared_size: u64,
+    expected_sha256: Option<String>,
+    caption: String,
+}
+
+/// The file relay domain; see the module docs.
+pub struct FileService {
+    conversations: Arc<ConversationService>,
+    blobs: Arc<dyn BlobStore>,
+    files: Arc<dyn FileStore>,
+    policy: Arc<UploadPolicy>,
+    url_ttl: Duration,
+}
+
+impl FileService {
+    pub fn new(
+        conversations: Arc<ConversationService>,
+        blobs: Arc<dyn BlobStore>,
+        files: Arc<dyn FileStore>,
+        policy: Arc<UploadPolicy>,
+        url_ttl: Duration,
+    ) -> Self {
+        Self {
+            conversations,
+            blobs,
+            files,
+            policy,
+            url_ttl,
+        }
+    }
+
+    pub fn policy(&self) -> &UploadPolicy {
+        &self.policy
+    }
+
+    /// Receives one upload: metadata first, then the chunks. Returns the stored file and the
+    /// message that announced it.
+    pub async fn upload<S>(&self, caller: &Caller, mut parts: S) -> Result<(FileRecord, Message)>
+    where
+        S: Stream<Item = Result<UploadPart>> + Unpin + Send,
+    {
+        let request = match parts.next().await {
+            Some(Ok(UploadPart::Metadata(request))) => request,
+            Some(Err(error)) => return Err(error),
+            Some(Ok(UploadPart::Chunk(_))) | None => {
+                return Err(Error::invalid(
+                    Reason::MetadataFirst,
+                    "the first message of an upload must carry its metadata",
+                )
+                .with_field("metadata"));
+            }
+        };
+        let plan = self.plan(caller, request).await?;
+        let key = blob_key("files", plan.conversation_id, &plan.file_id);
+        let attributes = BlobAttributes {
+            content_type: plan.content_type.clone(),
+            content_disposition: attachment_disposition(&plan.file_name),
+            metadata: plan
+                .expected_sha256
+                .iter()
+                .map(|sha| ("sha256".to_owned(), sha.clone()))
+                .collect(),
+        };
+        let mut upload = self
+            .blobs
+            .start_upload(&key, attributes)
+            .await
+            .map_err(blob_error)?;
+        let received = receive(&plan, &self.policy, &mut parts, upload.as_mut()).await;
+        let (sha256, dimensions) = match received {
+            Ok(received) => received,
+            Err(error) => {
+                if let Err(abort_error) = upload.abort().await {
+                    tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+                }
+                return Err(error);
+            }
+        };
+        upload.commit().await.map_err(blob_error)?;
+
+        let now = now_millis();
+        let retention = i64::try_from(self.policy.retention.as_millis()).unwrap_or(i64::MAX);
+        let message_id = MessageId::generate();
+        let record = FileRecord {
+            file_id: plan.file_id.clone(),
+            conversation_id: plan.conversation_id,
+            uploader: caller.user_id.clone(),
+            file_name: plan.file_name.clone(),
+            content_type: plan.rule.kind.mime_type().to_owned(),
+            size_bytes: plan.declared_size,
+            sha256,
+            category: plan.rule.kind.category().into(),
+            width: dimensions.0,
+            height: dimensions.1,
+            blob_key: key.clone(),
+            thumbnail_key: None,
+            message_id: Some(message_id),
+            create_time: now,
+            expire_time: now.saturating_add(retention),
+        };
+        if let Err(error) = self.files.put(&record).await {
+            self.discard(&record).await;
+            return Err(store_error(error));
+        }
+        let posted = self
+            .conversations
+            .post_file(
+                caller,
+                plan.conversation_id,
+                message_id,
+                record.attachment(),
+                plan.caption,
+            )
+            .await;
+        match posted {
+            Ok(message) => Ok((record, message)),
+            Err(error) => {
+                self.discard(&record).await;
+                let _ = self.files.delete(&record.file_id).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// The file, if it is live and the caller participates in its conversation.
+    pub async fn get_file(&self, caller: &Caller, file_id: &str) -> Result<FileRecord> {
+        if file_id.is_empty() {
+            return Err(Error::invalid_field("file_id", "file_id is required"));
+        }
+        let record = self
+            .files
+            .get(file_id)
+            .await
+            .map_err(store_error)?
+            // The store forgets expired files on its own; this also covers the moments before.
+            .filter(|record| record.expire_time > now_millis())
+            .ok_or_else(file_not_found)?;
+        self.conversations
+            .conversation_of_participant(caller, record.conversation_id)
+            .await?;
+        Ok(record)
+    }
+
+    /// Time-limited URLs for the file (and its thumbnail), never valid past its expiry.
+    pub async fn download_urls(&self, caller: &Caller, file_id: &str) -> Result<DownloadUrls> {
+        let record = self.get_file(caller, file_id).await?;
+        let now = now_millis();
+        let remaining = Duration::from_millis(u64::try_from(record.expire_time - now).unwrap_or(0));
+        let valid_for = self.url_ttl.min(remaining);
+        if valid_for < Duration::from_secs(1) {
+            return Err(file_not_found());
+        }
+        let url = self
+            .blobs
+            .download_url(&record.blob_key, valid_for)
+            .await
+            .map_err(blob_error)?;
+        let thumbnail_url = match &record.thumbnail_key {
+            Some(key) => Some(
+                self.blobs
+                    .download_url(key, valid_for)
+                    .await
+                    .map_err(blob_error)?,
+            ),
+            None => None,
+        };
+        Ok(DownloadUrls {
+            url,
+            thumbnail_url,
+            expire_time: now + i64::try_from(valid_for.as_millis()).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// The file's bytes from `offset`, in chunks of at most the policy's chunk size.
+    pub async fn download(
+        &self,
+        caller: &Caller,
+        file_id: &str,
+        offset: i64,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let record = self.get_file(caller, file_id).await?;
+        let offset = u64::try_from(offset)
+            .ok()
+            .filter(|offset| *offset <= record.size_bytes)
+            .ok_or_else(|| {
+                Error::invalid_field(
+                    "offset",
+                    format!(
+                        "offset must be between 0 and the file size {}",
+                        record.size_bytes
+                    ),
+                )
+            })?;
+        let stream = self
+            .blobs
+            .read(&record.blob_key, offset)
+            .await
+            .map_err(blob_error)?;
+        let max_chunk = usize::try_from(self.policy.max_chunk_bytes).unwrap_or(usize::MAX);
+        let chunks = stream.flat_map(move |piece| {
+            let pieces: Vec<Result<Bytes>> = match piece {
+                Ok(mut bytes) => {
+                    let mut out = Vec::new();
+                    while bytes.len() > max_chunk {
+                        out.push(Ok(bytes.split_to(max_chunk)));
+                    }
+                    if !bytes.is_empty() {
+                        out.push(Ok(bytes));
+                    }
+                    out
+                }
+                Err(error) => vec![Err(blob_error(error))],
+            };
+            futures::stream::iter(pieces)
+        });
+        Ok(chunks.boxed())
+    }
+
+    /// Deletes the file (its uploader only): the message becomes a tombstone, then the bytes
+    /// and the record go. Safe to retry after a failure.
+    pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
+        let record = self.get_file(caller, file_id).await?;
+        if record.uploader != caller.user_id {
+            return Err(Error::permission_denied(
+                Reason::NotFileUploader,
+                "only the uploader may delete a file",
+            ));
+        }
+        if let Some(message_id) = record.message_id {
+            match self
+                .conversations
+                .delete_message(
+                    caller,
+                    &record.conversation_id.to_string(),
+                    &message_id.to_string(),
+                )
+                .await
+            {
+                Ok(_) => {}
+                // Already trimmed from history: nothing left to tombstone.
+                Err(error) if error.reason == Reason::MessageNotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
+            self.blobs.delete(key).await.map_err(blob_error)?;
+        }
+        self.files.delete(file_id).await.map_err(store_error)?;
+        Ok(())
+    }
+
+    /// Checks the metadata before any byte is read.
+    async fn plan(&self, caller: &Caller, request: UploadRequest) -> Result<UploadPlan> {
+        let conversation_id =
+            ConversationId::from_field("conversation_id", &request.conversation_id)?;
+        self.conversations
+            .conversation_of_participant(caller, conversation_id)
+            .await?;
+        let rule = self
+            .policy
+            .rule_for(&request.content_type)
+            .cloned()
+            .ok_or_else(|| self.unsupported_type(&request.content_type))?;
+        let file_name = validate_file_name(&request.file_name)?;
+        if let Some((_, extension)) = file_name.rsplit_once('.') {
+            let extension = extension.to_ascii_lowercase();
+            if !rule.kind.extensions().contains(&extension.as_str()) {
+                return Err(Error::invalid(
+                    Reason::UnsupportedType,
+                    format!(
+                        "a {} file must be named .{}",
+                        rule.kind.mime_type(),
+                        rule.kind.extensions().join(" or .")
+                    ),
+                )
+                .with_field("file_name"));
+            }
+        }
+        let declared_size = u64::try_from(request.size_bytes)
+            .ok()
+            .filter(|size| *size > 0)
+            .ok_or_else(|| {
+                Error::invalid_field("size_bytes", "size_bytes must be greater than zero")
+            })?;
+        if declared_size > rule.max_size_bytes {
+            let category = match rule.kind.category() {
+                FileCategory::Document => "documents",
+                FileCategory::Image => "images",
+            };
+            return Err(Error::invalid(
+                Reason::FileTooLarge,
+                format!(
+                    "{category} may be at most {} bytes; this one is {declared_size}",
+                    rule.max_size_bytes
+                ),
+            )
+            .with_field("size_bytes")
+            .with_metadata("max_size_bytes", rule.max_size_bytes.to_string()));
+        }
+        let expected_sha256 = match request.sha256.trim() {
+            "" => None,
+            sha if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) => {
+                Some(sha.to_ascii_lowercase())
+            }
+            _ => {
+                return Err(Error::invalid_field(
+                    "sha256",
+                    "sha256 must be 64 hexadecimal characters",
+                ));
+            }
+        };
+        let caption = request.caption.trim().to_owned();
+        if caption.chars().count() > crate::messaging::model::MAX_TEXT_CHARS {
+            return Err(Error::invalid_field(
+                "caption",
+                "caption must be at most 4000 characters",
+            ));
+        }
+        Ok(UploadPlan {
+            conversation_id,
+            file_id: uuid::Uuid::now_v7().to_string(),
+            content_type: rule.kind.mime_type().to_owned(),
+            rule,
+            file_name,
+            declared_size,
+            expected_sha256,
+            caption,
+        })
+    }
+
+    fn unsupported_type(&self, content_type: &str) -> Error {
+        let supported: Vec<&str> = self
+            .policy
+            .file_types
+            .iter()
+            .map(|rule| rule.kind.mime_type())
+            .collect();
+        Error::invalid(
+            Reason::UnsupportedType,
+            format!(
+                "{content_type:?} is not accepted; supported types: {}",
+                supported.join(", ")
+            ),
+        )
+        .with_field("content_type")
+        .with_metadata("supported_types", supported.join(","))
+    }
+
+    /// Best-effort removal of a file's bytes after a later step failed.
+    async fn discard(&self, record: &FileRecord) {
+        for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
+            if let Err(error) = self.blobs.delete(key).await {
+                tracing::warn!(%error, key, "could not remove the bytes of a failed upload");
+            }
+        }
+    }
+}
+
+/// Reads the chunks, checking each before it is stored; returns the sha256 and dimensions.
+async fn receive<S>(
+    plan: &UploadPlan,
+    policy: &UploadPolicy,
+    parts: &mut S,
+    upload: &mut dyn BlobUpload,
+) -> Result<(String, (u32, u32))>
+where
+    S: Stream<Item = Result<UploadPart>> + Unpin + Send,
+{
+    let mut sniffer = ContentSniffer::new(plan.rule.kind, policy.max_image_pixels);
+    let mut hasher = Sha256::new();
+    let mut received: u64 = 0;
+    while let Some(part) = parts.next().await {
+        let chunk = match part? {
+            UploadPart::Chunk(chunk) => chunk,
+            UploadPart::Metadata(_) => {
+                return Err(Error::invalid(
+                    Reason::MetadataFirst,
+                    "metadata may only be sent once, as the first message",
+                )
+                .with_field("metadata"));
+            }
+        };
+        if chunk.len() as u64 > policy.max_chunk_bytes {
+            return Err(Error::invalid_field(
+                "chunk",
+                format!("a chunk may be at most {} bytes", policy.max_chunk_bytes),
+            ));
+        }
+        received += chunk.len() as u64;
+        if received > plan.declared_size {
+            return Err(size_mismatch(format!(
+                "more bytes arrived than the declared size_bytes {}",
+                plan.declared_size
+            )));
+        }
+        sniffer.feed(&chunk).map_err(sniff_error)?;
+        hasher.update(&chunk);
+        upload.write(chunk).await.map_err(blob_error)?;
+    }
+    if received != plan.declared_size {
+        return Err(size_mismatch(format!(
+            "the upload ended after {received} of the declared {} bytes",
+            plan.declared_size
+        )));
+    }
+    let report = sniffer.finish().map_err(sniff_error)?;
+    let sha256: String = hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    if let Some(expected) = &plan.expected_sha256
+        && *expected != sha256
+    {
+        return Err(Error::invalid(
+            Reason::ChecksumMismatch,
+            "the SHA-256 of the received bytes differs from the declared sha256",
+        )
+        .with_field("sha256"));
+    }
+    Ok((sha256, (report.width, report.height)))
+}
+
+fn validate_file_name(raw: &str) -> Result<String> {
+    let chars = raw.chars().count();
+    if chars == 0 || chars > MAX_FILE_NAME_CHARS {
+        return Err(Error::invalid_field(
+            "file_name",
+            format!("file_name must be 1 to {MAX_FILE_NAME_CHARS} characters"),
+        ));
+    }
+    if raw.contains(['/', '\\']) || raw.chars().any(char::is_control) || raw == "." || raw == ".." {
+        return Err(Error::invalid_field(
+            "file_name",
+            "file_name must not contain path separators or control characters",
+        ));
+    }
+    Ok(raw.to_owned())
+}
+
+/// `attachment; filename*=UTF-8''<percent-encoded>` (RFC 6266 / 5987), so browsers download
+/// rather than render, whatever the name's characters.
+pub fn attachment_disposition(file_name: &str) -> String {
+    const ATTR_CHAR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'!')
+        .remove(b'#')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'+')
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'^')
+        .remove(b'_')
+        .remove(b'`')
+        .remove(b'|')
+        .remove(b'~');
+    format!(
+        "attachment; filename*=UTF-8''{}",
+        percent_encoding::utf8_percent_encode(file_name, ATTR_CHAR)
+    )
+}
+
+pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &str) -> String {
+    format!("{area}/{conversation_id}/{file_id}")
+}
+
+fn size_mismatch(message: String) -> Error {
+    Error::invalid(Reason::SizeMismatch, message).with_field("size_bytes")
+}
+
+fn file_not_found() -> Error {
+    Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
+}
+
+fn sniff_error(error: SniffError) -> Error {
+    let reason = match &error {
+        SniffError::ContentTypeMismatch { .. } => Reason::ContentTypeMismatch,
+        SniffError::ImageTooLarge { .. } => Reason::ImageTooLarge,
+        SniffError::ImageUndecodable => Reason::ImageUndecodable,
+        SniffError::MalformedDocument(_) => Reason::MalformedDocument,
+    };
+    Error::invalid(reason, error.to_string())
+}
+
+/// Maps blob store failures; outages stay retryable.
+pub(crate) fn blob_error(error: BlobError) -> Error {
+    match error {
+        BlobError::NotFound => file_not_found(),
+        BlobError::Unavailable(source) => Error::new(
+            ErrorKind::Unavailable,
+            Reason::BackendUnavailable,
+            "the file store is unavailable; retry shortly",
+        )
+        .with_source(source),
+        // Operators must fix this; clients cannot.
+        BlobError::Misconfigured(source) => Error::internal(source),
+        // Too many uploads at once: this one may succeed a little later.
+        BlobError::Busy(exhausted) => Error::new(
+            ErrorKind::ResourceExhausted,
+            Reason::UploadMemoryBusy,
+            "the server is handling too many uploads; retry shortly",
+        )
+        .with_source(exhausted),
+    }
+}
+
+fn now_millis() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispositions_are_rfc_5987_encoded() {
+        assert_eq!(
+            attachment_disposition("report 2024.pdf"),
+            "attachment; filename*=UTF-8''report%202024.pdf"
+        );
+        assert_eq!(
+            attachment_disposition("naïve\"; x=y.txt"),
+            "attachment; filename*=UTF-8''na%C3%AFve%22%3B%20x%3Dy.txt"
+        );
+    }
+
+    #[test]
+    fn file_names_are_checked() {
+        assert!(validate_file_name("notes.txt").is_ok());
+        assert!(validate_file_name("").is_err());
+        assert!(validate_file_name("../etc/passwd").is_err());
+        assert!(validate_file_name("a\\b.txt").is_err());
+        assert!(validate_file_name("bell\u{7}.txt").is_err());
+        assert!(validate_file_name(&"x".repeat(256)).is_err());
+    }
+}

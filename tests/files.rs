@@ -1,0 +1,998 @@
+//! FileRelayService end to end: uploads checked as bytes arrive, every refusal leaving nothing
+//! behind, downloads by stream and by signed URL, deletion and expiry.
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use bytes::Bytes;
+use common::{TestServer, as_user, reason, unique_prefix, use_test_redis};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use svc_messaging::grpc::pb::{
+    self, file_relay_service_client::FileRelayServiceClient,
+    messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
+};
+use tonic::{Code, transport::Channel};
+
+type Files = FileRelayServiceClient<Channel>;
+type Messaging = MessagingServiceClient<Channel>;
+
+async fn conversation(messaging: &mut Messaging, creator: &str, others: &[&str]) -> String {
+    messaging
+        .create_conversation(as_user(
+            creator,
+            pb::CreateConversationRequest {
+                title: "files".to_owned(),
+                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .conversation_id
+}
+
+fn metadata(
+    conversation_id: &str,
+    name: &str,
+    content_type: &str,
+    size: usize,
+) -> pb::UploadMetadata {
+    pb::UploadMetadata {
+        conversation_id: conversation_id.to_owned(),
+        file_name: name.to_owned(),
+        content_type: content_type.to_owned(),
+        size_bytes: size as i64,
+        sha256: String::new(),
+        caption: String::new(),
+    }
+}
+
+fn stream(
+    metadata: Option<pb::UploadMetadata>,
+    body: &[u8],
+    chunk: usize,
+) -> Vec<pb::UploadFileRequest> {
+    let mut messages = Vec::new();
+    if let Some(metadata) = metadata {
+        messages.push(pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(metadata)),
+        });
+    }
+    for piece in body.chunks(chunk.max(1)) {
+        messages.push(pb::UploadFileRequest {
+            payload: Some(Payload::Chunk(Bytes::copy_from_slice(piece))),
+        });
+    }
+    messages
+}
+
+async fn upload(
+    files: &mut Files,
+    user: &str,
+    messages: Vec<pb::UploadFileRequest>,
+) -> Result<pb::UploadFileResponse, tonic::Status> {
+    files
+        .upload_file(as_user(user, futures::stream::iter(messages)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn text_body(len: usize) -> Vec<u8> {
+    "line of text, ünïcödé included\n"
+        .bytes()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR".to_vec();
+    bytes.extend_from_slice(&width.to_be_bytes());
+    bytes.extend_from_slice(&height.to_be_bytes());
+    bytes.extend_from_slice(&[8, 6, 0, 0, 0, 0, 0, 0, 0]);
+    bytes
+}
+
+/// Every file under the filesystem store's directories (objects and unfinished uploads).
+fn stored_files(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// Where the files live: the zero-setup local stores, or Redis + the S3 server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    Cloud,
+}
+
+fn use_test_cloud(settings: &mut svc_messaging::config::Settings) {
+    use svc_messaging::config::BlobBackend;
+    use_test_redis(settings, &unique_prefix("files"));
+    settings.storage.blobs = BlobBackend::S3;
+    settings.s3 = s3_settings();
+}
+
+fn s3_settings() -> svc_messaging::config::S3Settings {
+    svc_messaging::config::S3Settings {
+        endpoint: Some(common::required_tool("SVC_TEST_S3_ENDPOINT")),
+        region: common::required_tool("SVC_TEST_S3_REGION"),
+        bucket: Some(common::required_tool("SVC_TEST_S3_BUCKET")),
+        access_key_id: Some(common::required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
+        secret_access_key: Some(secrecy::SecretString::from(common::required_tool(
+            "SVC_TEST_S3_SECRET_ACCESS_KEY",
+        ))),
+        force_path_style: true,
+        manage_lifecycle: false,
+    }
+}
+
+/// Whatever a conversation's uploads left behind: files on disk (finished or not), or objects,
+/// open multipart uploads and file records in the S3 bucket and Redis.
+async fn leftovers(backend: Backend, server: &TestServer, conversation_id: &str) -> Vec<String> {
+    match backend {
+        Backend::Local => stored_files(&blob_root(server)),
+        Backend::Cloud => {
+            use svc_messaging::store::{blobs::BlobStore, s3::S3BlobStore};
+            let budget = svc_messaging::budget::MemoryBudget::new(64 << 20, Duration::from_secs(1));
+            let s3 = S3BlobStore::new(&s3_settings(), 8 << 20, 1, budget).unwrap();
+            let mut left = Vec::new();
+            for area in ["files", "thumbs"] {
+                let prefix = format!("{area}/{conversation_id}/");
+                left.extend(s3.list(&prefix).await.unwrap());
+                left.extend(
+                    s3.open_multipart_uploads(&prefix)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .map(|key| format!("open upload {key}")),
+                );
+            }
+            left
+        }
+    }
+}
+
+struct Setup {
+    server: TestServer,
+    files: Files,
+    messaging: Messaging,
+    conversation_id: String,
+}
+
+async fn setup(backend: Backend) -> Setup {
+    setup_with(backend, |_| {}).await
+}
+
+async fn setup_with(
+    backend: Backend,
+    tune: impl FnOnce(&mut svc_messaging::config::Settings),
+) -> Setup {
+    let server = TestServer::start_with(|settings| {
+        if backend == Backend::Cloud {
+            use_test_cloud(settings);
+        }
+        tune(settings);
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut messaging = Messaging::new(channel.clone());
+    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+    Setup {
+        server,
+        files: Files::new(channel),
+        messaging,
+        conversation_id,
+    }
+}
+
+fn blob_root(server: &TestServer) -> std::path::PathBuf {
+    server.data_dir.path().join("blobs")
+}
+
+pub async fn an_upload_round_trips_through_every_download_path(backend: Backend) {
+    let Setup {
+        server,
+        mut files,
+        mut messaging,
+        conversation_id,
+    } = setup(backend).await;
+    let body = text_body(2_500_000);
+    let mut meta = metadata(&conversation_id, "notes été.txt", "text/plain", body.len());
+    meta.sha256 = sha256_hex(&body).to_uppercase();
+    meta.caption = "  the notes  ".to_owned();
+    let response = upload(&mut files, "alice", stream(Some(meta), &body, 1024 * 1024))
+        .await
+        .unwrap();
+    let file = response.file.unwrap();
+    assert_eq!(file.size_bytes, body.len() as i64);
+    assert_eq!(file.sha256, sha256_hex(&body));
+    assert_eq!(file.category(), pb::FileCategory::Document);
+    assert_eq!(file.uploader_id, "alice");
+    assert!(!file.has_thumbnail);
+    let lifetime = file.expire_time.unwrap().seconds - file.create_time.unwrap().seconds;
+    assert_eq!(lifetime, 7 * 24 * 3600);
+    let message = response.message.unwrap();
+    assert_eq!(message.r#type(), pb::MessageType::File);
+    assert_eq!(message.text, "the notes");
+    assert_eq!(message.file.as_ref().unwrap().file_id, file.file_id);
+
+    // The message is in the conversation's history for everyone.
+    let history = messaging
+        .list_messages(as_user(
+            "bob",
+            pb::ListMessagesRequest {
+                conversation_id: conversation_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        history.messages[0].file.as_ref().unwrap().file_id,
+        file.file_id
+    );
+
+    // GetFile, by another participant.
+    let got = files
+        .get_file(as_user(
+            "bob",
+            pb::GetFileRequest {
+                file_id: file.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .file
+        .unwrap();
+    assert_eq!(got, file);
+
+    // DownloadFile, whole and from an offset.
+    for offset in [0usize, 1_000_001] {
+        let mut chunks = files
+            .download_file(as_user(
+                "bob",
+                pb::DownloadFileRequest {
+                    file_id: file.file_id.clone(),
+                    offset: offset as i64,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut downloaded = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.unwrap().chunk;
+            assert!(chunk.len() <= 1024 * 1024);
+            downloaded.extend_from_slice(&chunk);
+        }
+        assert_eq!(downloaded, body[offset..]);
+    }
+    let status = files
+        .download_file(as_user(
+            "bob",
+            pb::DownloadFileRequest {
+                file_id: file.file_id.clone(),
+                offset: body.len() as i64 + 1,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // The signed URL, with plain HTTP.
+    let urls = files
+        .get_download_url(as_user(
+            "bob",
+            pb::GetDownloadUrlRequest {
+                file_id: file.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(urls.thumbnail_url.is_empty());
+    let response = reqwest::get(&urls.url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-disposition"],
+        "attachment; filename*=UTF-8''notes%20%C3%A9t%C3%A9.txt"
+    );
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    assert_eq!(
+        sha256_hex(&response.bytes().await.unwrap()),
+        sha256_hex(&body)
+    );
+    // Tampering with the URL breaks its signature.
+    // Both stores end their URLs with the hex signature: flip its last digit.
+    let mut tampered = urls.url.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'a' { 'b' } else { 'a' });
+    assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
+    let mut other_key = urls.url.clone();
+    other_key.insert(other_key.find('?').unwrap(), 'x');
+    assert_eq!(reqwest::get(&other_key).await.unwrap().status(), 403);
+    let _ = server;
+}
+
+pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
+    let Setup {
+        server,
+        mut files,
+        mut messaging,
+        conversation_id,
+    } = setup_with(backend, |settings| {
+        settings.uploads.max_chunk_bytes = bytesize_kib(64);
+    })
+    .await;
+    let id = conversation_id.as_str();
+    let text = text_body(10_000);
+    let mut bad_sha = metadata(id, "a.txt", "text/plain", text.len());
+    bad_sha.sha256 = sha256_hex(b"something else");
+    let mut pdf_no_eof = b"%PDF-1.7\n".to_vec();
+    pdf_no_eof.extend(std::iter::repeat_n(b'x', 5000));
+    let jpeg_as_png = b"\xFF\xD8\xFF\xE0\x00\x10JFIF\x00\x01".repeat(10);
+    let huge_png = {
+        let mut bytes = png_header(50_000, 50_000);
+        bytes.extend(std::iter::repeat_n(0u8, 1000));
+        bytes
+    };
+    let mut over = text.clone();
+    over.extend_from_slice(b"one more byte");
+    let cases: Vec<(&str, Vec<pb::UploadFileRequest>, Code, &str)> = vec![
+        (
+            "chunk first",
+            stream(None, &text, 1000),
+            Code::InvalidArgument,
+            "METADATA_FIRST",
+        ),
+        (
+            "empty stream",
+            vec![],
+            Code::InvalidArgument,
+            "METADATA_FIRST",
+        ),
+        (
+            "unsupported type",
+            stream(
+                Some(metadata(id, "a.exe", "application/x-msdownload", 10)),
+                b"MZ",
+                10,
+            ),
+            Code::InvalidArgument,
+            "UNSUPPORTED_TYPE",
+        ),
+        (
+            "wrong extension",
+            stream(
+                Some(metadata(id, "a.pdf", "text/plain", text.len())),
+                &text,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "UNSUPPORTED_TYPE",
+        ),
+        (
+            "path in name",
+            stream(
+                Some(metadata(id, "../a.txt", "text/plain", text.len())),
+                &text,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            "zero size",
+            stream(Some(metadata(id, "a.txt", "text/plain", 0)), b"", 1000),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            "document too large",
+            stream(
+                Some(metadata(
+                    id,
+                    "a.pdf",
+                    "application/pdf",
+                    50 * 1024 * 1024 + 1,
+                )),
+                b"%PDF-",
+                10,
+            ),
+            Code::InvalidArgument,
+            "FILE_TOO_LARGE",
+        ),
+        (
+            "image too large",
+            stream(
+                Some(metadata(id, "a.png", "image/png", 10 * 1024 * 1024 + 1)),
+                b"",
+                10,
+            ),
+            Code::InvalidArgument,
+            "FILE_TOO_LARGE",
+        ),
+        (
+            "magic mismatch",
+            stream(
+                Some(metadata(id, "a.png", "image/png", jpeg_as_png.len())),
+                &jpeg_as_png,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "CONTENT_TYPE_MISMATCH",
+        ),
+        (
+            "binary as text",
+            stream(
+                Some(metadata(id, "a.csv", "text/csv", 6)),
+                b"a,\x00b\n1",
+                1000,
+            ),
+            Code::InvalidArgument,
+            "CONTENT_TYPE_MISMATCH",
+        ),
+        (
+            "too many pixels",
+            stream(
+                Some(metadata(id, "a.png", "image/png", huge_png.len())),
+                &huge_png,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "IMAGE_TOO_LARGE",
+        ),
+        (
+            "more than declared",
+            stream(
+                Some(metadata(id, "a.txt", "text/plain", text.len())),
+                &over,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "SIZE_MISMATCH",
+        ),
+        (
+            "less than declared",
+            stream(
+                Some(metadata(id, "a.txt", "text/plain", text.len() + 5)),
+                &text,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "SIZE_MISMATCH",
+        ),
+        (
+            "chunk too big",
+            stream(
+                Some(metadata(id, "a.txt", "text/plain", 70 * 1024)),
+                &text_body(70 * 1024),
+                70 * 1024,
+            ),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            "checksum",
+            stream(Some(bad_sha), &text, 1000),
+            Code::InvalidArgument,
+            "CHECKSUM_MISMATCH",
+        ),
+        (
+            "pdf without end",
+            stream(
+                Some(metadata(id, "a.pdf", "application/pdf", pdf_no_eof.len())),
+                &pdf_no_eof,
+                1000,
+            ),
+            Code::InvalidArgument,
+            "MALFORMED_DOCUMENT",
+        ),
+        (
+            "bad sha format",
+            stream(
+                Some(pb::UploadMetadata {
+                    sha256: "xyz".to_owned(),
+                    ..metadata(id, "a.txt", "text/plain", 3)
+                }),
+                b"abc",
+                10,
+            ),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        ),
+        (
+            "unknown conversation",
+            stream(
+                Some(metadata(
+                    "0190a4b8-0000-7000-8000-000000000000",
+                    "a.txt",
+                    "text/plain",
+                    3,
+                )),
+                b"abc",
+                10,
+            ),
+            Code::NotFound,
+            "CONVERSATION_NOT_FOUND",
+        ),
+    ];
+    for (name, messages, code, expected) in cases {
+        let status = upload(&mut files, "alice", messages).await.unwrap_err();
+        assert_eq!(status.code(), code, "{name}: {status:?}");
+        assert_eq!(reason(&status), expected, "{name}: {status:?}");
+        assert!(
+            stored_files(&blob_root(&server)).is_empty(),
+            "{name}: left {:?}",
+            stored_files(&blob_root(&server))
+        );
+    }
+    // Outsiders may not upload.
+    let status = upload(
+        &mut files,
+        "mallory",
+        stream(Some(metadata(id, "a.txt", "text/plain", 3)), b"abc", 10),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
+    // No message was posted by any of them.
+    let history = messaging
+        .list_messages(as_user(
+            "alice",
+            pb::ListMessagesRequest {
+                conversation_id: conversation_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.messages.is_empty());
+}
+
+fn bytesize_kib(kib: u64) -> bytesize::ByteSize {
+    bytesize::ByteSize::kib(kib)
+}
+
+pub async fn a_cancelled_upload_leaves_nothing(backend: Backend) {
+    let Setup {
+        server,
+        mut files,
+        conversation_id,
+        ..
+    } = setup(backend).await;
+    let body = text_body(3 * 1024 * 1024);
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let mut messages = stream(
+        Some(metadata(
+            &conversation_id,
+            "big.txt",
+            "text/plain",
+            body.len(),
+        )),
+        &body,
+        256 * 1024,
+    )
+    .into_iter();
+    let call = tokio::spawn(async move {
+        files
+            .upload_file(as_user(
+                "alice",
+                tokio_stream::wrappers::ReceiverStream::new(receiver),
+            ))
+            .await
+    });
+    // Metadata and half the chunks, then the client goes away.
+    for _ in 0..7 {
+        sender.send(messages.next().unwrap()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call.abort();
+    drop(sender);
+    let mut left = leftovers(backend, &server, &conversation_id).await;
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = leftovers(backend, &server, &conversation_id).await;
+    }
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+pub async fn only_the_uploader_deletes_and_the_message_becomes_a_tombstone(backend: Backend) {
+    let Setup {
+        server,
+        mut files,
+        mut messaging,
+        conversation_id,
+    } = setup(backend).await;
+    let body = text_body(1000);
+    let response = upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(
+                &conversation_id,
+                "a.txt",
+                "text/plain",
+                body.len(),
+            )),
+            &body,
+            400,
+        ),
+    )
+    .await
+    .unwrap();
+    let file_id = response.file.unwrap().file_id;
+    let status = files
+        .delete_file(as_user(
+            "bob",
+            pb::DeleteFileRequest {
+                file_id: file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "NOT_FILE_UPLOADER");
+    files
+        .delete_file(as_user(
+            "alice",
+            pb::DeleteFileRequest {
+                file_id: file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    for call in [
+        files
+            .get_file(as_user(
+                "alice",
+                pb::GetFileRequest {
+                    file_id: file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .get_download_url(as_user(
+                "alice",
+                pb::GetDownloadUrlRequest {
+                    file_id: file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .download_file(as_user(
+                "alice",
+                pb::DownloadFileRequest {
+                    file_id: file_id.clone(),
+                    offset: 0,
+                },
+            ))
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(call.unwrap_err().code(), Code::NotFound);
+    }
+    let history = messaging
+        .list_messages(as_user(
+            "bob",
+            pb::ListMessagesRequest {
+                conversation_id: conversation_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.messages[0].deleted);
+    assert!(history.messages[0].file.is_none());
+    let left = leftovers(backend, &server, &conversation_id).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+pub async fn files_expire_after_the_retention(backend: Backend) {
+    let Setup {
+        mut files,
+        conversation_id,
+        server: _server,
+        ..
+    } = setup_with(backend, |settings| {
+        settings.uploads.retention = Duration::from_secs(2);
+    })
+    .await;
+    let body = text_body(100);
+    let response = upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(
+                &conversation_id,
+                "a.txt",
+                "text/plain",
+                body.len(),
+            )),
+            &body,
+            100,
+        ),
+    )
+    .await
+    .unwrap();
+    let file = response.file.unwrap();
+    let urls = files
+        .get_download_url(as_user(
+            "alice",
+            pb::GetDownloadUrlRequest {
+                file_id: file.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // A URL never outlives the file.
+    assert!(urls.expire_time.unwrap().seconds <= file.expire_time.unwrap().seconds);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for call in [
+        files
+            .get_file(as_user(
+                "alice",
+                pb::GetFileRequest {
+                    file_id: file.file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .get_download_url(as_user(
+                "alice",
+                pb::GetDownloadUrlRequest {
+                    file_id: file.file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .download_file(as_user(
+                "alice",
+                pb::DownloadFileRequest {
+                    file_id: file.file_id.clone(),
+                    offset: 0,
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .delete_file(as_user(
+                "alice",
+                pb::DeleteFileRequest {
+                    file_id: file.file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+    ] {
+        let status = call.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(reason(&status), "FILE_NOT_FOUND");
+    }
+    let expired = reqwest::get(&urls.url).await.unwrap().status();
+    // The filesystem store answers 403; S3 servers say 403 or 400 for an expired signature.
+    assert!(
+        expired == 403 || expired == 400,
+        "the URL expired too, got {expired}"
+    );
+    if backend == Backend::Cloud {
+        // The bucket's lifecycle rule removes the bytes, at day granularity.
+        return;
+    }
+    // The filesystem store sweeps the bytes itself.
+    let root = blob_root(&_server);
+    let mut left = stored_files(&root.join("objects"));
+    for _ in 0..60 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = stored_files(&root.join("objects"));
+    }
+    assert!(left.is_empty(), "expired bytes stayed: {left:?}");
+}
+
+pub async fn a_file_can_be_posted_again_only_in_its_conversation(backend: Backend) {
+    let Setup {
+        mut files,
+        mut messaging,
+        conversation_id,
+        server: _server,
+    } = setup(backend).await;
+    let other = conversation(&mut messaging, "alice", &[]).await;
+    let body = png_header(64, 48);
+    let response = upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(
+                &conversation_id,
+                "tiny.png",
+                "image/png",
+                body.len(),
+            )),
+            &body,
+            1000,
+        ),
+    )
+    .await
+    .unwrap();
+    let file = response.file.unwrap();
+    assert_eq!((file.width, file.height), (64, 48));
+    assert_eq!(response.message.unwrap().r#type(), pb::MessageType::Image);
+    let send = |conversation: &str| pb::SendMessageRequest {
+        conversation_id: conversation.to_owned(),
+        client_message_id: format!("again-{conversation}"),
+        content: Some(pb::send_message_request::Content::FileId(
+            file.file_id.clone(),
+        )),
+    };
+    let reposted = messaging
+        .send_message(as_user("bob", send(&conversation_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap();
+    assert_eq!(reposted.r#type(), pb::MessageType::Image);
+    assert_eq!(reposted.file.unwrap().file_id, file.file_id);
+    let status = messaging
+        .send_message(as_user("alice", send(&other)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(reason(&status), "FILE_NOT_FOUND");
+}
+
+pub async fn outsiders_cannot_reach_a_file(backend: Backend) {
+    let Setup {
+        mut files,
+        conversation_id,
+        server: _server,
+        ..
+    } = setup(backend).await;
+    let body = text_body(100);
+    let file_id = upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(
+                &conversation_id,
+                "a.txt",
+                "text/plain",
+                body.len(),
+            )),
+            &body,
+            100,
+        ),
+    )
+    .await
+    .unwrap()
+    .file
+    .unwrap()
+    .file_id;
+    for call in [
+        files
+            .get_file(as_user(
+                "mallory",
+                pb::GetFileRequest {
+                    file_id: file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .get_download_url(as_user(
+                "mallory",
+                pb::GetDownloadUrlRequest {
+                    file_id: file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .download_file(as_user(
+                "mallory",
+                pb::DownloadFileRequest {
+                    file_id: file_id.clone(),
+                    offset: 0,
+                },
+            ))
+            .await
+            .map(|_| ()),
+        files
+            .delete_file(as_user(
+                "mallory",
+                pb::DeleteFileRequest {
+                    file_id: file_id.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+    ] {
+        let status = call.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
+    }
+}
+
+macro_rules! file_suite {
+    ($backend:expr) => {
+        #[tokio::test]
+        async fn an_upload_round_trips_through_every_download_path() {
+            super::an_upload_round_trips_through_every_download_path($backend).await;
+        }
+        #[tokio::test]
+        async fn every_refusal_is_precise_and_leaves_nothing() {
+            super::every_refusal_is_precise_and_leaves_nothing($backend).await;
+        }
+        #[tokio::test]
+        async fn a_cancelled_upload_leaves_nothing() {
+            super::a_cancelled_upload_leaves_nothing($backend).await;
+        }
+        #[tokio::test]
+        async fn only_the_uploader_deletes_and_the_message_becomes_a_tombstone() {
+            super::only_the_uploader_deletes_and_the_message_becomes_a_tombstone($backend).await;
+        }
+        #[tokio::test]
+        async fn files_expire_after_the_retention() {
+            super::files_expire_after_the_retention($backend).await;
+        }
+        #[tokio::test]
+        async fn a_file_can_be_posted_again_only_in_its_conversation() {
+            super::a_file_can_be_posted_again_only_in_its_conversation($backend).await;
+        }
+        #[tokio::test]
+        async fn outsiders_cannot_reach_a_file() {
+            super::outsiders_cannot_reach_a_file($backend).await;
+        }
+    };
+}
+
+mod local {
+    file_suite!(super::Backend::Local);
+}
+
+mod cloud {
+    file_suite!(super::Backend::Cloud);
+}
