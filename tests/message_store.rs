@@ -688,3 +688,27 @@ mod redis {
 
     conformance_suite!(make);
 }
+
+/// The same suite on a three-master Redis Cluster: every conversation's keys share one hash
+/// slot, so its scripts run on one node, while conversations spread over all three.
+mod redis_cluster {
+    use super::*;
+    use svc_messaging::{config::RedisSettings, store::redis::RedisMessageStore};
+
+    async fn make(retention: Retention) -> Arc<dyn MessageStore> {
+        let settings = RedisSettings {
+            url: Some(secrecy::SecretString::from(common::required_tool(
+                "SVC_TEST_REDIS_CLUSTER_URL",
+            ))),
+            password: None,
+            key_prefix: common::unique_prefix("cluster"),
+        };
+        Arc::new(
+            RedisMessageStore::connect(&settings, retention)
+                .await
+                .expect("connect to the test Redis Cluster"),
+        )
+    }
+
+    conformance_suite!(make);
+}

@@ -296,6 +296,41 @@ garage_fail() {
   die "garage: $*"
 }
 
+# A three-master Redis Cluster (no replicas) for the cluster conformance tests:
+# start_redis_cluster PORT1 PORT2 PORT3 BUS1 BUS2 BUS3 (bus ports given explicitly: the
+# default port+10000 may not exist). Exports SVC_TEST_REDIS_CLUSTER_URL naming the first node.
+start_redis_cluster() {
+  local ports=("$1" "$2" "$3") buses=("$4" "$5" "$6") dir="$SCRATCH/redis-cluster" pw nodes=()
+  local port pid i
+  pw="cluster/pa55=word$(openssl rand -hex 8)"
+  mkdir -p "$dir"
+  for i in 0 1 2; do
+    port="${ports[$i]}"
+    mkdir -p "$dir/$port"
+    "$SVC_TEST_REDIS_SERVER_BIN" --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+      --cluster-enabled yes --cluster-port "${buses[$i]}" \
+      --cluster-config-file "$dir/$port/nodes.conf" \
+      --requirepass "$pw" --masterauth "$pw" --dir "$dir/$port" --daemonize no \
+      >"$dir/$port/redis.log" 2>&1 &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    nodes+=("127.0.0.1:$port")
+    if ! retry_for 10 redis_ping "$port" "$pw"; then
+      die "cluster node on 127.0.0.1:$port did not answer within 10 s"
+    fi
+  done
+  REDISCLI_AUTH="$pw" timeout 30 "$SVC_TEST_REDIS_CLI" --cluster create "${nodes[@]}" \
+    --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 ||
+    { cat "$dir/create.log" >&2; die "redis-cli --cluster create failed"; }
+  cluster_ok() {
+    [[ "$(REDISCLI_AUTH="$pw" timeout 2 "$SVC_TEST_REDIS_CLI" -h 127.0.0.1 -p "${ports[0]}" \
+      cluster info 2>/dev/null | tr -d '\r' | grep '^cluster_state:')" == cluster_state:ok ]]
+  }
+  retry_for 20 cluster_ok || die "the redis cluster did not reach cluster_state:ok"
+  export SVC_TEST_REDIS_CLUSTER_URL="redis://default:$(urlencode "$pw")@127.0.0.1:${ports[0]}"
+  log "redis cluster: 3 masters on ${nodes[*]}"
+}
+
 start_garage() {
   local rpc_port="$1" s3_port="$2" dir="$SCRATCH/garage"
   mkdir -p "$dir/meta" "$dir/data"
