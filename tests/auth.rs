@@ -156,3 +156,43 @@ async fn health_and_reflection_need_no_credentials() {
         .into_inner();
     assert!(responses.message().await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn es256_tokens_verify_against_the_configured_public_key() {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let server = TestServer::start_with(|settings| {
+        settings.auth.mode = AuthMode::Jwt;
+        settings.auth.jwt_algorithm = svc_messaging::config::JwtAlgorithm::ES256;
+        settings.auth.jwt_public_key_file = Some(format!("{data}/es256-public.pem").into());
+        settings.auth.leeway = Duration::ZERO;
+    })
+    .await;
+    let private = std::fs::read(format!("{data}/es256-private.pem")).unwrap();
+    let key = EncodingKey::from_ec_pem(&private).unwrap();
+    let signed = encode(
+        &Header::new(Algorithm::ES256),
+        &json!({"sub": "carol", "exp": now() + 60}),
+        &key,
+    )
+    .unwrap();
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    files
+        .get_upload_policy(with_authorization(Some(&format!("Bearer {signed}"))))
+        .await
+        .expect("an ES256 token signed by the matching key is accepted");
+    // An HS256 token is refused even with a "secret" equal to the public key: no algorithm
+    // confusion.
+    let public = std::fs::read(format!("{data}/es256-public.pem")).unwrap();
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "carol", "exp": now() + 60}),
+        &EncodingKey::from_secret(&public),
+    )
+    .unwrap();
+    let status = files
+        .get_upload_policy(with_authorization(Some(&format!("Bearer {confused}"))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(reason(&status), "TOKEN_INVALID");
+}

@@ -44,7 +44,7 @@ pub async fn streamed_writes_read_back_identically(store: Arc<dyn BlobStore>, pr
     }
     // Not visible before the commit.
     assert!(matches!(store.info(&key).await, Err(BlobError::NotFound)));
-    upload.commit().await.unwrap();
+    upload.commit(Vec::new()).await.unwrap();
     let info = store.info(&key).await.unwrap();
     assert_eq!(info.size, body.len() as u64);
     assert_eq!(info.content_type, "text/plain");
@@ -124,6 +124,36 @@ mod fs {
     }
 
     blob_suite!(make);
+
+    #[tokio::test]
+    async fn metadata_given_at_the_commit_joins_the_attributes() {
+        let store = FsBlobStore::open(
+            ROOT.path(),
+            UrlSigner::new(vec![7; 32], "http://127.0.0.1:1"),
+        )
+        .await
+        .unwrap();
+        let key = format!("{}/files/conv/file", common::unique_prefix("blob-meta"));
+        let mut upload = store.start_upload(&key, attributes()).await.unwrap();
+        upload.write(Bytes::from_static(b"hello")).await.unwrap();
+        upload
+            .commit(vec![
+                ("sha256".to_owned(), "def".to_owned()),
+                ("extra".to_owned(), "1".to_owned()),
+            ])
+            .await
+            .unwrap();
+        let stored = store.attributes(&key).await.unwrap();
+        assert_eq!(
+            stored.metadata,
+            [
+                ("sha256".to_owned(), "def".to_owned()),
+                ("extra".to_owned(), "1".to_owned())
+            ]
+        );
+        assert_eq!(stored.content_type, attributes().content_type);
+        assert_eq!(stored.content_disposition, attributes().content_disposition);
+    }
 }
 
 /// The S3 store against the real S3-compatible server (Garage) that scripts/test starts; every
@@ -230,7 +260,7 @@ mod s3 {
         );
         assert!(matches!(store.info(&key).await, Err(BlobError::NotFound)));
         write_all(&mut upload, &body[6 * MIB..]).await;
-        upload.commit().await.unwrap();
+        upload.commit(Vec::new()).await.unwrap();
 
         assert!(
             store
@@ -273,6 +303,66 @@ mod s3 {
             head.e_tag()
         );
         store.delete(&key).await.unwrap();
+    }
+
+    /// Metadata known only at the end (the sha256) reaches single-request and multipart objects
+    /// alike, without losing the headers given at the start.
+    #[tokio::test]
+    async fn metadata_given_at_the_commit_is_stored_with_the_object() {
+        let store = store();
+        let prefix = common::unique_prefix("s3-commit-meta");
+        for (name, len) in [("single", MIB), ("multipart", 11 * MIB)] {
+            let key = format!("{prefix}/files/conv/{name}");
+            let body = pattern(len);
+            let mut upload = store.start_upload(&key, attributes()).await.unwrap();
+            write_all(&mut upload, &body).await;
+            upload
+                .commit(vec![
+                    ("sha256".to_owned(), "def".to_owned()),
+                    ("extra".to_owned(), "1".to_owned()),
+                ])
+                .await
+                .unwrap();
+            let head = store
+                .client()
+                .head_object()
+                .bucket(store.bucket())
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            let metadata = head.metadata().cloned().unwrap_or_default();
+            assert_eq!(
+                metadata.get("sha256").map(String::as_str),
+                Some("def"),
+                "{name}"
+            );
+            assert_eq!(
+                metadata.get("extra").map(String::as_str),
+                Some("1"),
+                "{name}"
+            );
+            assert_eq!(head.content_type(), Some("text/plain"), "{name}");
+            assert_eq!(
+                head.content_disposition(),
+                Some(attributes().content_disposition.as_str()),
+                "{name}"
+            );
+            assert_eq!(head.content_length(), Some(len as i64), "{name}");
+            assert_eq!(
+                sha256(&read_all(&store, &key, 0).await),
+                sha256(&body),
+                "{name}"
+            );
+        }
+        assert!(
+            store
+                .open_multipart_uploads(&prefix)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.list(&format!("{prefix}/")).await.unwrap().len(), 2);
     }
 
     #[tokio::test]
@@ -455,14 +545,14 @@ mod s3 {
         assert!(second.write(Bytes::from_static(b"x")).await.is_err());
         second.abort().await.unwrap();
 
-        first.commit().await.unwrap();
+        first.commit(Vec::new()).await.unwrap();
         assert_eq!(budget.available_bytes(), PART * 3 / 2, "all released");
         let mut third = store
             .start_upload(&format!("{prefix}/files/conv/third"), attributes())
             .await
             .unwrap();
         third.write(Bytes::from(pattern(MIB))).await.unwrap();
-        third.commit().await.unwrap();
+        third.commit(Vec::new()).await.unwrap();
         assert_eq!(
             store.list(&format!("{prefix}/")).await.unwrap(),
             [
@@ -495,12 +585,12 @@ mod s3 {
                 // ...and then, with room for one part buffer only, uploads its parts one by
                 // one: each next buffer waits for the previous part to be sent.
                 write_all(&mut upload, &body).await;
-                upload.commit().await.unwrap();
+                upload.commit(Vec::new()).await.unwrap();
             }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!second.is_finished(), "the second must wait for memory");
-        first.commit().await.unwrap();
+        first.commit(Vec::new()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(30), second)
             .await
             .expect("the second proceeds once the first is done")

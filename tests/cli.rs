@@ -224,10 +224,21 @@ fn shipped_example_configs_are_valid() {
             let output = run(
                 &["--config", path.to_str().unwrap(), "check-config"],
                 // Secrets come from the environment in every example.
-                &[(
-                    "SVC_MESSAGING__AUTH__JWT_SECRET",
-                    "an-example-secret-of-at-least-32-bytes",
-                )],
+                &[
+                    (
+                        "SVC_MESSAGING__AUTH__JWT_SECRET",
+                        "an-example-secret-of-at-least-32-bytes",
+                    ),
+                    ("SVC_MESSAGING__REDIS__PASSWORD", "example/pa55=word"),
+                    (
+                        "SVC_MESSAGING__S3__ACCESS_KEY_ID",
+                        "GK0123456789abcdef01234567",
+                    ),
+                    (
+                        "SVC_MESSAGING__S3__SECRET_ACCESS_KEY",
+                        "an-example-s3-secret",
+                    ),
+                ],
             );
             assert_eq!(
                 output.status.code(),
@@ -240,7 +251,7 @@ fn shipped_example_configs_are_valid() {
         }
     }
     assert!(
-        checked >= 2,
+        checked >= 3,
         "expected the example configs, found {checked}"
     );
 }

@@ -1124,3 +1124,96 @@ fn the_probe_paths_answer_200_on_the_running_service() {
             .unwrap_or_else(|error| panic!("{env}: the gRPC port does not accept: {error}"));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The image: no container engine runs on the CI machine, so its recipe is checked statically.
+
+#[test]
+fn the_dockerfile_builds_a_small_non_root_image_without_healthcheck() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dockerfile = std::fs::read_to_string(format!("{root}/deploy/Dockerfile")).unwrap();
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    let froms: Vec<&&str> = instructions
+        .iter()
+        .filter(|l| l.starts_with("FROM "))
+        .collect();
+    assert_eq!(
+        froms.len(),
+        2,
+        "multi-stage: a build stage and a runtime stage"
+    );
+    assert!(froms[0].contains(" AS build"), "{}", froms[0]);
+    assert!(
+        froms[1].contains("distroless") && froms[1].contains("nonroot"),
+        "the runtime image has no shell and a non-root user: {}",
+        froms[1]
+    );
+    assert!(
+        instructions
+            .iter()
+            .any(|l| l.contains("cargo build --release --locked")),
+        "a locked release build"
+    );
+    let user = instructions
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("USER "))
+        .expect("a USER");
+    assert!(!user.contains("root") || user.contains("nonroot"), "{user}");
+    assert!(!user.contains(" 0") && !user.ends_with(":0"), "{user}");
+    let expose = instructions
+        .iter()
+        .find(|l| l.starts_with("EXPOSE "))
+        .expect("EXPOSE");
+    assert!(
+        expose.contains("50051") && expose.contains("8080"),
+        "{expose}"
+    );
+    assert!(
+        !instructions.iter().any(|l| l.starts_with("HEALTHCHECK")),
+        "Kubernetes probes check health, not the image"
+    );
+    assert!(
+        instructions
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("svc-messaging")),
+        "the binary is the entrypoint"
+    );
+
+    // The build context keeps everything the build reads.
+    let ignore = std::fs::read_to_string(format!("{root}/.dockerignore")).unwrap();
+    let ignored: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "src",
+        "proto",
+        "tests",
+        "benches",
+    ] {
+        assert!(
+            !ignored.iter().any(|pattern| {
+                let pattern = pattern.trim_start_matches('/').trim_end_matches('/');
+                pattern == needed || pattern == "*" || pattern == "**"
+            }),
+            ".dockerignore must keep {needed}"
+        );
+    }
+    for excluded in ["target", ".git"] {
+        assert!(
+            ignored
+                .iter()
+                .any(|pattern| pattern.trim_matches('/') == excluded),
+            ".dockerignore should leave out {excluded}"
+        );
+    }
+}

@@ -33,6 +33,10 @@ use crate::{
 /// Longest file name, in characters.
 pub const MAX_FILE_NAME_CHARS: usize = 255;
 
+/// The blob metadata entry holding the file's SHA-256 (lowercase hex); S3 serves it as
+/// `x-amz-meta-sha256`.
+pub const SHA256_METADATA: &str = "sha256";
+
 /// One message of an UploadFile stream.
 #[derive(Debug)]
 pub enum UploadPart {
@@ -121,13 +125,15 @@ impl FileService {
         };
         let plan = self.plan(caller, request).await?;
         let key = blob_key("files", plan.conversation_id, &plan.file_id);
+        // A declared sha256 travels from the start (a multipart upload then needs no rewrite of
+        // its metadata at the end); the computed one is given at the commit either way.
         let attributes = BlobAttributes {
             content_type: plan.content_type.clone(),
             content_disposition: attachment_disposition(&plan.file_name),
             metadata: plan
                 .expected_sha256
                 .iter()
-                .map(|sha| ("sha256".to_owned(), sha.clone()))
+                .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
                 .collect(),
         };
         let mut upload = self
@@ -145,7 +151,10 @@ impl FileService {
                 return Err(error);
             }
         };
-        upload.commit().await.map_err(blob_error)?;
+        upload
+            .commit(vec![(SHA256_METADATA.to_owned(), sha256.clone())])
+            .await
+            .map_err(blob_error)?;
 
         let now = now_millis();
         let retention = i64::try_from(self.policy.retention.as_millis()).unwrap_or(i64::MAX);

@@ -38,6 +38,32 @@ pub struct BlobAttributes {
     pub metadata: Vec<(String, String)>,
 }
 
+impl BlobAttributes {
+    /// Adds `metadata` to the object's metadata, a key already present taking the new value.
+    /// Returns whether anything changed.
+    pub fn merge_metadata(&mut self, metadata: Vec<(String, String)>) -> bool {
+        let mut changed = false;
+        for (key, value) in metadata {
+            match self
+                .metadata
+                .iter_mut()
+                .find(|(existing, _)| *existing == key)
+            {
+                Some((_, existing)) if *existing == value => {}
+                Some((_, existing)) => {
+                    *existing = value;
+                    changed = true;
+                }
+                None => {
+                    self.metadata.push((key, value));
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+}
+
 /// What is known about a stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
@@ -53,8 +79,10 @@ pub trait BlobUpload: Send {
     /// Appends bytes. May wait while earlier parts are still in flight: that wait is the
     /// back-pressure that reaches the client through gRPC flow control.
     async fn write(&mut self, bytes: Bytes) -> BlobResult<()>;
-    /// Makes the object visible under its key.
-    async fn commit(self: Box<Self>) -> BlobResult<()>;
+    /// Makes the object visible under its key, with `metadata` known only once every byte was
+    /// written (e.g. the computed sha256) added to the metadata given at the start (a key given
+    /// in both takes the value given here). A failed commit leaves nothing under the key.
+    async fn commit(self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()>;
     /// Discards everything written.
     async fn abort(self: Box<Self>) -> BlobResult<()>;
 }

@@ -219,7 +219,8 @@ impl BlobUpload for FsUpload {
         file.write_all(&bytes).await.map_err(io_error)
     }
 
-    async fn commit(mut self: Box<Self>) -> BlobResult<()> {
+    async fn commit(mut self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
+        self.attributes.merge_metadata(metadata);
         let mut file = self.file.take().expect("committed once");
         file.flush().await.map_err(io_error)?;
         file.sync_all().await.map_err(io_error)?;
@@ -228,9 +229,11 @@ impl BlobUpload for FsUpload {
             tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
         }
         FsBlobStore::write_attributes(&self.object, &self.attributes).await?;
-        tokio::fs::rename(&self.incoming, &self.object)
-            .await
-            .map_err(io_error)?;
+        if let Err(error) = tokio::fs::rename(&self.incoming, &self.object).await {
+            // No attributes without their object (Drop removes the incoming file).
+            let _ = tokio::fs::remove_file(FsBlobStore::attributes_path(&self.object)).await;
+            return Err(io_error(error));
+        }
         self.finished = true;
         Ok(())
     }
@@ -280,7 +283,7 @@ impl BlobStore for FsBlobStore {
     async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()> {
         let mut upload = self.start_upload(key, attributes).await?;
         upload.write(bytes).await?;
-        upload.commit().await
+        upload.commit(Vec::new()).await
     }
 
     async fn info(&self, key: &str) -> BlobResult<BlobInfo> {

@@ -343,19 +343,7 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn delete(&self, key: &str) -> BlobResult<()> {
-        match self
-            .bucket
-            .client
-            .delete_object()
-            .bucket(&self.bucket.name)
-            .key(key)
-            .send()
-            .await
-            .map_err(|error| map_sdk_error("DeleteObject", Scope::Object, error))
-        {
-            Ok(_) | Err(BlobError::NotFound) => Ok(()),
-            Err(error) => Err(error),
-        }
+        self.bucket.delete_object(key).await
     }
 
     async fn download_url(&self, key: &str, valid_for: Duration) -> BlobResult<String> {

@@ -2,6 +2,11 @@
 //! one part is sent with a single PutObject on commit, a larger one becomes a multipart upload
 //! whose parts leave while the next one fills, at most `parts_in_flight` at a time.
 //!
+//! Metadata known only at the commit (the sha256 of the bytes) goes into the PutObject; a multipart
+//! upload was created before it was known, so once completed the object gets it through a
+//! server-side copy onto itself (`x-amz-metadata-directive: REPLACE`; no bytes travel), and is
+//! deleted again if that fails.
+//!
 //! Memory: every part buffer reserves `part_size` from the process-wide [`MemoryBudget`] before
 //! it is filled and keeps the reservation until that part is uploaded, so one upload holds at
 //! most `(parts_in_flight + 1) x part_size` and all uploads together stay within the budget.
@@ -12,7 +17,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::{
     Client,
     primitives::ByteStream,
-    types::{CompletedMultipartUpload, CompletedPart},
+    types::{CompletedMultipartUpload, CompletedPart, MetadataDirective},
 };
 use bytes::{Bytes, BytesMut};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
@@ -56,6 +61,45 @@ impl Bucket {
         Ok(())
     }
 
+    /// Replaces the headers and metadata of an existing object with `attributes`: a server-side
+    /// copy of the object onto itself (S3 copies objects of up to 5 GiB this way).
+    pub(super) async fn replace_attributes(
+        &self,
+        key: &str,
+        attributes: &BlobAttributes,
+    ) -> BlobResult<()> {
+        self.client
+            .copy_object()
+            .bucket(&self.name)
+            .key(key)
+            .copy_source(copy_source(&self.name, key))
+            .metadata_directive(MetadataDirective::Replace)
+            .content_type(&attributes.content_type)
+            .content_disposition(&attributes.content_disposition)
+            .set_metadata(metadata(attributes))
+            .send()
+            .await
+            // A 404 here is the object removed under us: this write is lost, a new one may work.
+            .map_err(|error| map_sdk_error("CopyObject", Scope::Upload, error))?;
+        Ok(())
+    }
+
+    /// Removes an object; one that is already gone is fine.
+    pub(super) async fn delete_object(&self, key: &str) -> BlobResult<()> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("DeleteObject", Scope::Object, error))
+        {
+            Ok(_) | Err(BlobError::NotFound) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Discards a multipart upload and its parts; one that is already gone is fine.
     pub(super) async fn abort_multipart(&self, key: &str, upload_id: &str) -> BlobResult<()> {
         match self
@@ -76,6 +120,20 @@ impl Bucket {
 
 fn metadata(attributes: &BlobAttributes) -> Option<HashMap<String, String>> {
     (!attributes.metadata.is_empty()).then(|| attributes.metadata.iter().cloned().collect())
+}
+
+/// `x-amz-copy-source`: the bucket and the URL-encoded key.
+fn copy_source(bucket: &str, key: &str) -> String {
+    const KEY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    format!(
+        "{bucket}/{}",
+        percent_encoding::utf8_percent_encode(key, KEY)
+    )
 }
 
 /// The part being filled, with the memory reserved for it.
@@ -132,6 +190,9 @@ pub(super) struct S3Upload {
     /// Set while a call is running and left set when it fails (or is cancelled half-way), so a
     /// later write or commit cannot produce an object with a hole in it.
     poisoned: bool,
+    /// The multipart upload was completed: the object is visible under the key, so undoing the
+    /// write now means deleting it.
+    completed: bool,
     /// Committed or aborted: nothing left for `Drop` to clean up.
     finished: bool,
 }
@@ -155,6 +216,7 @@ impl S3Upload {
             part: None,
             multipart: Multipart::NotStarted,
             poisoned: false,
+            completed: false,
             finished: false,
         }
     }
@@ -286,17 +348,16 @@ impl S3Upload {
         Ok(())
     }
 
-    async fn commit_parts(&mut self) -> BlobResult<()> {
+    async fn commit_parts(&mut self, final_metadata: Vec<(String, String)>) -> BlobResult<()> {
+        let mut attributes = self.attributes.clone();
+        let metadata_changed = attributes.merge_metadata(final_metadata);
         if matches!(self.multipart, Multipart::NotStarted) {
             let bytes = self
                 .part
                 .as_mut()
                 .map(|part| std::mem::take(&mut part.bytes).freeze())
                 .unwrap_or_default();
-            let result = self
-                .bucket
-                .put_object(&self.key, &self.attributes, bytes)
-                .await;
+            let result = self.bucket.put_object(&self.key, &attributes, bytes).await;
             self.part = None;
             return result;
         }
@@ -340,6 +401,12 @@ impl S3Upload {
             .send()
             .await
             .map_err(|error| map_sdk_error("CompleteMultipartUpload", Scope::Upload, error))?;
+        self.completed = true;
+        if metadata_changed {
+            self.bucket
+                .replace_attributes(&self.key, &attributes)
+                .await?;
+        }
         Ok(())
     }
 
@@ -352,6 +419,8 @@ impl S3Upload {
         let bucket = self.bucket.clone();
         let key = self.key.clone();
         let upload_id = match multipart {
+            // Completed, but its metadata could not be finished: the object must go.
+            _ if self.completed => UploadId::Completed,
             Multipart::NotStarted => return None,
             Multipart::Creating(creating) => UploadId::Pending(creating),
             Multipart::Open(mut open) => {
@@ -361,6 +430,7 @@ impl S3Upload {
         };
         Some(async move {
             let upload_id = match upload_id {
+                UploadId::Completed => return bucket.delete_object(&key).await,
                 UploadId::Known(id, mut in_flight) => {
                     // Cancelled parts must be off the wire before the abort, or one could land
                     // after it and be kept.
@@ -378,9 +448,14 @@ impl S3Upload {
     }
 }
 
+/// What undoing an upload has to remove.
 enum UploadId {
+    /// The multipart upload CreateMultipartUpload is about to answer with.
     Pending(JoinHandle<BlobResult<String>>),
+    /// An open multipart upload, with its part uploads still to be cancelled.
     Known(String, JoinSet<BlobResult<CompletedPart>>),
+    /// No multipart upload any more: the completed object itself.
+    Completed,
 }
 
 #[async_trait]
@@ -393,10 +468,10 @@ impl BlobUpload for S3Upload {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>) -> BlobResult<()> {
+    async fn commit(mut self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
         self.check_usable()?;
         self.poisoned = true;
-        let result = self.commit_parts().await;
+        let result = self.commit_parts(metadata).await;
         if result.is_err()
             && let Some(cleanup) = self.take_cleanup()
         {
@@ -406,7 +481,7 @@ impl BlobUpload for S3Upload {
                 Ok(Err(error)) | Err(error) => tracing::warn!(
                     key = %self.key,
                     %error,
-                    "could not abort the multipart upload of a failed commit; the bucket lifecycle rule will"
+                    "could not undo a failed commit; the bucket lifecycle rule will"
                 ),
             }
         }
@@ -442,7 +517,7 @@ impl Drop for S3Upload {
                         tracing::warn!(
                             %key,
                             %error,
-                            "could not abort the multipart upload of a dropped upload; the bucket lifecycle rule will"
+                            "could not undo a dropped upload; the bucket lifecycle rule will"
                         );
                     }
                 });

@@ -1,0 +1,1232 @@
+//! The file relay on its production backends, the real Redis and S3 server (Garage) that
+//! scripts/test starts: files at the size limits round-trip byte for byte, the stored object
+//! carries its type, disposition and sha256, replicas share files, an S3 outage is UNAVAILABLE
+//! (and health says so), the bucket lifecycle rule is installed at start-up, and the upload
+//! memory budget bounds concurrent uploads. Every refusal leaves no object, no open multipart
+//! upload, no file record and no message behind.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::{TestServer, as_user, reason, required_tool, unique_prefix, use_test_redis};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use svc_messaging::{
+    app::{App, StartupError},
+    budget::MemoryBudget,
+    config::{BlobBackend, S3Settings, Settings},
+    grpc::pb::{
+        self, file_relay_service_client::FileRelayServiceClient,
+        messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
+    },
+    store::{blobs::BlobStore, s3::S3BlobStore},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+type Files = FileRelayServiceClient<Channel>;
+type Messaging = MessagingServiceClient<Channel>;
+
+const MIB: usize = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and inspection of the real servers.
+
+fn s3_settings() -> S3Settings {
+    S3Settings {
+        endpoint: Some(required_tool("SVC_TEST_S3_ENDPOINT")),
+        region: required_tool("SVC_TEST_S3_REGION"),
+        bucket: Some(required_tool("SVC_TEST_S3_BUCKET")),
+        access_key_id: Some(required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
+        secret_access_key: Some(secrecy::SecretString::from(required_tool(
+            "SVC_TEST_S3_SECRET_ACCESS_KEY",
+        ))),
+        force_path_style: true,
+        manage_lifecycle: false,
+    }
+}
+
+/// Redis under `key_prefix` and the test bucket, like production.
+fn use_cloud(settings: &mut Settings, key_prefix: &str) {
+    use_test_redis(settings, key_prefix);
+    settings.storage.blobs = BlobBackend::S3;
+    settings.s3 = s3_settings();
+}
+
+/// A store of the test's own on `settings` (for looking at the bucket directly).
+fn s3_store(settings: &S3Settings) -> S3BlobStore {
+    let budget = MemoryBudget::new(64 << 20, Duration::from_secs(5));
+    S3BlobStore::new(settings, 8 << 20, 1, budget).expect("valid S3 settings")
+}
+
+/// Objects and open multipart uploads a conversation's files left in the test bucket.
+async fn bucket_leftovers(conversation_id: &str) -> Vec<String> {
+    let s3 = s3_store(&s3_settings());
+    let mut left = Vec::new();
+    for area in ["files", "thumbs"] {
+        let prefix = format!("{area}/{conversation_id}/");
+        left.extend(s3.list(&prefix).await.unwrap());
+        left.extend(
+            s3.open_multipart_uploads(&prefix)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|key| format!("open multipart upload {key}")),
+        );
+    }
+    left
+}
+
+/// The file records kept in Redis under `key_prefix` (`P:{f:FILE}:file`), as file ids.
+fn file_records(key_prefix: &str) -> Vec<String> {
+    let output = std::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
+        .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
+        .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
+        .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
+        .args(["--scan", "--pattern", &format!("{key_prefix}:{{f:*}}:file")])
+        .output()
+        .expect("run redis-cli");
+    assert!(output.status.success(), "redis-cli: {output:?}");
+    let mut ids: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|key| {
+            key.strip_prefix(&format!("{key_prefix}:{{f:"))?
+                .strip_suffix("}:file")
+                .map(str::to_owned)
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Runs `$SVC_TEST_GARAGE <args>` (bucket administration).
+fn garage(args: &[&str]) {
+    let command = required_tool("SVC_TEST_GARAGE");
+    let mut words = command.split_whitespace();
+    let status = std::process::Command::new(words.next().unwrap())
+        .args(words)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run garage");
+    assert!(status.success(), "garage {args:?} failed");
+}
+
+/// The port of nothing: bound, read, released.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies.
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Deterministic bytes that do not repeat (xorshift64*).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        bytes.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
+}
+
+/// A PDF of exactly `len` bytes: header, binary filler, `%%EOF`.
+fn pdf(len: usize) -> Vec<u8> {
+    let head = b"%PDF-1.7\n";
+    let tail = b"\n%%EOF\n";
+    let mut bytes = head.to_vec();
+    bytes.extend(noise(len - head.len() - tail.len(), 7));
+    bytes.extend_from_slice(tail);
+    bytes
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    static TABLE: std::sync::LazyLock<[u32; 256]> = std::sync::LazyLock::new(|| {
+        let mut table = [0u32; 256];
+        for (index, entry) in table.iter_mut().enumerate() {
+            let mut crc = index as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    0xEDB8_8320 ^ (crc >> 1)
+                } else {
+                    crc >> 1
+                };
+            }
+            *entry = crc;
+        }
+        table
+    });
+    !bytes.iter().fold(!0u32, |crc, byte| {
+        TABLE[((crc ^ u32::from(*byte)) & 0xFF) as usize] ^ (crc >> 8)
+    })
+}
+
+fn adler32(bytes: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for chunk in bytes.chunks(5552) {
+        for byte in chunk {
+            a += u32::from(*byte);
+            b += a;
+        }
+        a %= 65_521;
+        b %= 65_521;
+    }
+    (b << 16) | a
+}
+
+/// A valid (decodable) `width` x `height` 8-bit RGB PNG of noise: its zlib stream holds stored
+/// (uncompressed) deflate blocks, so its size is about `3 x width x height`.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(png: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        png.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+        let start = png.len();
+        png.extend_from_slice(kind);
+        png.extend_from_slice(data);
+        let crc = crc32(&png[start..]);
+        png.extend_from_slice(&crc.to_be_bytes());
+    }
+    let row = 3 * width as usize;
+    let pixels = noise(row * height as usize, 11);
+    let mut raw = Vec::with_capacity((row + 1) * height as usize);
+    for line in pixels.chunks(row) {
+        raw.push(0); // filter: none
+        raw.extend_from_slice(line);
+    }
+    let mut zlib = vec![0x78, 0x01];
+    let blocks = raw.chunks(65_535).count();
+    for (index, block) in raw.chunks(65_535).enumerate() {
+        zlib.push(u8::from(index + 1 == blocks)); // BFINAL, BTYPE = 00 (stored)
+        let len = u16::try_from(block.len()).unwrap();
+        zlib.extend_from_slice(&len.to_le_bytes());
+        zlib.extend_from_slice(&(!len).to_le_bytes());
+        zlib.extend_from_slice(block);
+    }
+    zlib.extend_from_slice(&adler32(&raw).to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut header = Vec::new();
+    header.extend_from_slice(&width.to_be_bytes());
+    header.extend_from_slice(&height.to_be_bytes());
+    header.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter, no interlace
+    chunk(&mut png, b"IHDR", &header);
+    chunk(&mut png, b"IDAT", &zlib);
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls.
+
+async fn conversation(messaging: &mut Messaging, creator: &str, others: &[&str]) -> String {
+    messaging
+        .create_conversation(as_user(
+            creator,
+            pb::CreateConversationRequest {
+                title: "cloud files".to_owned(),
+                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .conversation_id
+}
+
+fn metadata(
+    conversation_id: &str,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+    declare_sha256: bool,
+) -> pb::UploadMetadata {
+    pb::UploadMetadata {
+        conversation_id: conversation_id.to_owned(),
+        file_name: name.to_owned(),
+        content_type: content_type.to_owned(),
+        size_bytes: body.len() as i64,
+        sha256: if declare_sha256 {
+            sha256_hex(body)
+        } else {
+            String::new()
+        },
+        caption: String::new(),
+    }
+}
+
+/// The metadata message, then `body` in `chunk`-byte chunks (slices of one buffer, no copies).
+fn messages(
+    metadata: pb::UploadMetadata,
+    body: &Bytes,
+    chunk: usize,
+) -> Vec<pb::UploadFileRequest> {
+    let mut messages = vec![pb::UploadFileRequest {
+        payload: Some(Payload::Metadata(metadata)),
+    }];
+    let mut offset = 0;
+    while offset < body.len() {
+        let end = (offset + chunk).min(body.len());
+        messages.push(pb::UploadFileRequest {
+            payload: Some(Payload::Chunk(body.slice(offset..end))),
+        });
+        offset = end;
+    }
+    messages
+}
+
+async fn upload(
+    files: &mut Files,
+    user: &str,
+    metadata: pb::UploadMetadata,
+    body: &Bytes,
+) -> Result<pb::UploadFileResponse, tonic::Status> {
+    files
+        .upload_file(as_user(
+            user,
+            futures::stream::iter(messages(metadata, body, MIB)),
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn history(messaging: &mut Messaging, user: &str, conversation_id: &str) -> Vec<pb::Message> {
+    messaging
+        .list_messages(as_user(
+            user,
+            pb::ListMessagesRequest {
+                conversation_id: conversation_id.to_owned(),
+                page_size: 100,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages
+}
+
+/// DownloadFile from offset 0, whole.
+async fn download(files: &mut Files, user: &str, file_id: &str) -> Vec<u8> {
+    let mut chunks = files
+        .download_file(as_user(
+            user,
+            pb::DownloadFileRequest {
+                file_id: file_id.to_owned(),
+                offset: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut downloaded = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.unwrap().chunk;
+        assert!(chunk.len() <= MIB, "a chunk of {} bytes", chunk.len());
+        downloaded.extend_from_slice(&chunk);
+    }
+    downloaded
+}
+
+async fn download_url(files: &mut Files, user: &str, file_id: &str) -> String {
+    files
+        .get_download_url(as_user(
+            user,
+            pb::GetDownloadUrlRequest {
+                file_id: file_id.to_owned(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .url
+}
+
+/// Asserts the conversation holds no object, no open multipart upload, no message, and that
+/// Redis holds no file record under `key_prefix` other than `kept`.
+async fn assert_nothing_left(
+    what: &str,
+    messaging: &mut Messaging,
+    key_prefix: &str,
+    conversation_id: &str,
+    kept: &[String],
+) {
+    let left = bucket_leftovers(conversation_id).await;
+    let kept_keys: Vec<String> = kept
+        .iter()
+        .map(|file_id| format!("files/{conversation_id}/{file_id}"))
+        .collect();
+    let unexpected: Vec<&String> = left.iter().filter(|key| !kept_keys.contains(key)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "{what}: left in the bucket: {unexpected:?}"
+    );
+    let mut kept_sorted = kept.to_vec();
+    kept_sorted.sort();
+    assert_eq!(
+        file_records(key_prefix),
+        kept_sorted,
+        "{what}: file records"
+    );
+    let posted: Vec<String> = history(messaging, "alice", conversation_id)
+        .await
+        .into_iter()
+        .filter_map(|message| message.file.map(|file| file.file_id))
+        .collect();
+    let mut posted_sorted = posted;
+    posted_sorted.sort();
+    assert_eq!(posted_sorted, kept_sorted, "{what}: file messages posted");
+}
+
+/// Polls `check` until it holds, for up to `limit`.
+async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn health(channel: &Channel, service: &str) -> ServingStatus {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Files at the size limits round-trip byte for byte, and the object carries its attributes.
+
+/// Checks the stored object: its size, type, download disposition and sha256 metadata.
+async fn assert_object(
+    s3: &S3BlobStore,
+    file: &pb::FileInfo,
+    conversation_id: &str,
+    disposition: &str,
+) {
+    let key = format!("files/{conversation_id}/{}", file.file_id);
+    let head = s3
+        .client()
+        .head_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("HeadObject {key}: {error:?}"));
+    assert_eq!(head.content_length(), Some(file.size_bytes), "{key}");
+    assert_eq!(
+        head.content_type(),
+        Some(file.content_type.as_str()),
+        "{key}"
+    );
+    assert_eq!(head.content_disposition(), Some(disposition), "{key}");
+    assert_eq!(
+        head.metadata().and_then(|metadata| metadata.get("sha256")),
+        Some(&file.sha256),
+        "{key}: {:?}",
+        head.metadata()
+    );
+}
+
+#[tokio::test]
+async fn files_at_the_size_limits_round_trip_byte_for_byte_with_their_attributes() {
+    let key_prefix = unique_prefix("cloud-limits");
+    let server = TestServer::start_with(|settings| use_cloud(settings, &key_prefix)).await;
+    let channel = server.channel().await;
+    let mut files = Files::new(channel.clone());
+    let mut messaging = Messaging::new(channel);
+    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+    let s3 = s3_store(&s3_settings());
+
+    let document = Bytes::from(pdf(49_900_000));
+    let image = Bytes::from(png(1800, 1833));
+    assert!(
+        (9_800_000..10_000_000).contains(&image.len()),
+        "{}",
+        image.len()
+    );
+    let small_text = Bytes::from(
+        noise(3 * MIB, 3)
+            .iter()
+            .map(|b| b'a' + b % 26)
+            .collect::<Vec<u8>>(),
+    );
+    let small_pdf = Bytes::from(pdf(2 * MIB + 5));
+    // (body, name, type, declared sha256, disposition): multipart and single-request objects,
+    // with the sha256 declared by the client or only computed by the server.
+    let cases = [
+        (
+            &document,
+            "Q3 report — final.pdf",
+            "application/pdf",
+            true,
+            "attachment; filename*=UTF-8''Q3%20report%20%E2%80%94%20final.pdf",
+        ),
+        (
+            &image,
+            "photo.png",
+            "image/png",
+            false,
+            "attachment; filename*=UTF-8''photo.png",
+        ),
+        (
+            &small_text,
+            "notes.txt",
+            "text/plain",
+            false,
+            "attachment; filename*=UTF-8''notes.txt",
+        ),
+        (
+            &small_pdf,
+            "small.pdf",
+            "application/pdf",
+            true,
+            "attachment; filename*=UTF-8''small.pdf",
+        ),
+    ];
+    let mut uploaded = Vec::new();
+    for (body, name, content_type, declare, disposition) in cases {
+        let started = Instant::now();
+        let response = upload(
+            &mut files,
+            "alice",
+            metadata(&conversation_id, name, content_type, body, declare),
+            body,
+        )
+        .await
+        .unwrap_or_else(|status| panic!("{name}: {status:?}"));
+        let file = response.file.unwrap();
+        eprintln!(
+            "{name}: {} bytes uploaded in {:?}",
+            body.len(),
+            started.elapsed()
+        );
+        assert_eq!(file.size_bytes, body.len() as i64, "{name}");
+        assert_eq!(file.sha256, sha256_hex(body), "{name}");
+        assert_eq!(file.content_type, content_type, "{name}");
+        if content_type == "image/png" {
+            assert_eq!((file.width, file.height), (1800, 1833));
+            assert_eq!(response.message.unwrap().r#type(), pb::MessageType::Image);
+        } else {
+            assert_eq!(response.message.unwrap().r#type(), pb::MessageType::File);
+        }
+        assert_object(&s3, &file, &conversation_id, disposition).await;
+
+        // (a) The presigned URL, with plain HTTP and no credentials.
+        let url = download_url(&mut files, "bob", &file.file_id).await;
+        let fetched = reqwest::get(&url).await.unwrap();
+        assert_eq!(fetched.status(), 200, "{name}");
+        assert_eq!(fetched.headers()["content-type"], content_type, "{name}");
+        assert_eq!(
+            fetched.headers()["content-disposition"],
+            disposition,
+            "{name}"
+        );
+        assert_eq!(
+            sha256_hex(&fetched.bytes().await.unwrap()),
+            file.sha256,
+            "{name}: presigned URL"
+        );
+        // (b) DownloadFile.
+        let streamed = download(&mut files, "bob", &file.file_id).await;
+        assert_eq!(streamed.len(), body.len(), "{name}");
+        assert_eq!(sha256_hex(&streamed), file.sha256, "{name}: DownloadFile");
+        uploaded.push(file.file_id);
+    }
+    // Exactly these objects, records and messages; no multipart upload left open.
+    assert_nothing_left(
+        "after the uploads",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &uploaded,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Replicas share files.
+
+#[tokio::test]
+async fn a_file_uploaded_through_one_replica_is_served_by_another() {
+    let key_prefix = unique_prefix("cloud-replicas");
+    let a = TestServer::start_with(|settings| use_cloud(settings, &key_prefix)).await;
+    let b = TestServer::start_with(|settings| use_cloud(settings, &key_prefix)).await;
+    let channel_a = a.channel().await;
+    let channel_b = b.channel().await;
+    let mut messaging_a = Messaging::new(channel_a.clone());
+    let mut files_a = Files::new(channel_a);
+    let mut files_b = Files::new(channel_b.clone());
+    let conversation_id = conversation(&mut messaging_a, "alice", &["bob"]).await;
+
+    // Multipart (three 8 MiB parts at the default part size).
+    let body = Bytes::from(pdf(17 * MIB + 3));
+    let uploaded = upload(
+        &mut files_a,
+        "alice",
+        metadata(
+            &conversation_id,
+            "shared.pdf",
+            "application/pdf",
+            &body,
+            false,
+        ),
+        &body,
+    )
+    .await
+    .unwrap()
+    .file
+    .unwrap();
+
+    let got = files_b
+        .get_file(as_user(
+            "bob",
+            pb::GetFileRequest {
+                file_id: uploaded.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .file
+        .unwrap();
+    assert_eq!(got, uploaded);
+
+    let url = download_url(&mut files_b, "bob", &uploaded.file_id).await;
+    let fetched = reqwest::get(&url).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(sha256_hex(&fetched.bytes().await.unwrap()), uploaded.sha256);
+
+    let streamed = download(&mut files_b, "bob", &uploaded.file_id).await;
+    assert_eq!(sha256_hex(&streamed), sha256_hex(&body));
+
+    // B also sees the message A posted, and outsiders get nothing from B either.
+    let mut messaging_b = Messaging::new(channel_b);
+    let posted = history(&mut messaging_b, "bob", &conversation_id).await;
+    assert_eq!(
+        posted[0].file.as_ref().map(|file| file.file_id.as_str()),
+        Some(uploaded.file_id.as_str())
+    );
+    let status = files_b
+        .get_file(as_user(
+            "mallory",
+            pb::GetFileRequest {
+                file_id: uploaded.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. An S3 outage is UNAVAILABLE, never INTERNAL, and health reports it.
+
+/// The service running in the test process without waiting for readiness (which an unreachable
+/// S3 server never grants).
+struct UnreadyServer {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    _data_dir: tempfile::TempDir,
+    _shutdown: oneshot::Sender<()>,
+    _task: JoinHandle<Result<(), StartupError>>,
+}
+
+impl UnreadyServer {
+    async fn start(customize: impl FnOnce(&mut Settings)) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+        settings.server.http_addr = "127.0.0.1:0".parse().unwrap();
+        settings.server.health_check_interval = Duration::from_millis(100);
+        settings.server.health_check_timeout = Duration::from_millis(500);
+        settings.server.shutdown_grace = Duration::from_secs(1);
+        settings.storage.data_dir = data_dir.path().join("blobs");
+        customize(&mut settings);
+        settings.validate().expect("test settings are valid");
+        let app = App::bind(settings).await.expect("bind");
+        let (grpc_addr, http_addr) = (app.grpc_addr(), app.http_addr());
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = shutdown_rx.await;
+        }));
+        Self {
+            grpc_addr,
+            http_addr,
+            _data_dir: data_dir,
+            _shutdown: shutdown,
+            _task: task,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(format!("http://{}", self.grpc_addr)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match endpoint.connect().await {
+                Ok(channel) => return channel,
+                Err(error) if Instant::now() > deadline => panic!("connect: {error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+/// Uploads that must fail because S3 cannot be reached: a small one (PutObject at the end) and
+/// one past a part (CreateMultipartUpload); both UNAVAILABLE / BACKEND_UNAVAILABLE.
+async fn assert_uploads_unavailable(files: &mut Files, conversation_id: &str) {
+    let small = Bytes::from(pdf(100_000));
+    let large = Bytes::from(pdf(12 * MIB));
+    for (name, body) in [("small.pdf", &small), ("large.pdf", &large)] {
+        let started = Instant::now();
+        let status = upload(
+            files,
+            "alice",
+            metadata(conversation_id, name, "application/pdf", body, false),
+            body,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{name}: {status:?}");
+        assert_eq!(reason(&status), "BACKEND_UNAVAILABLE", "{name}: {status:?}");
+        assert!(
+            !status.message().contains("127.0.0.1"),
+            "internal detail leaked: {status:?}"
+        );
+        eprintln!("{name}: refused after {:?}", started.elapsed());
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_s3_server_is_unavailable_not_internal() {
+    let key_prefix = unique_prefix("cloud-s3-down");
+    let server = UnreadyServer::start(|settings| {
+        use_cloud(settings, &key_prefix);
+        settings.s3.endpoint = Some(format!("http://127.0.0.1:{}", free_port()));
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut files = Files::new(channel.clone());
+    let mut messaging = Messaging::new(channel.clone());
+    // Redis answers, so conversations work; S3 does not.
+    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+
+    // Health: the s3 dependency check fails, so nothing is SERVING and /readyz says 503.
+    for service in ["", "messaging.v1.FileRelayService"] {
+        assert_eq!(health(&channel, service).await, ServingStatus::NotServing);
+    }
+    let readyz = reqwest::get(format!("http://{}/readyz", server.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let gateway = reqwest::get(format!(
+        "http://{}/v1/health?service=messaging.v1.FileRelayService",
+        server.http_addr
+    ))
+    .await
+    .unwrap();
+    assert_eq!(gateway.status(), 503);
+
+    assert_uploads_unavailable(&mut files, &conversation_id).await;
+    assert_nothing_left(
+        "uploads to an unreachable S3",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &[],
+    )
+    .await;
+}
+
+/// A TCP relay to the S3 server that the test can cut (every connection closed, the port
+/// refusing) and restore on the same port.
+struct S3Relay {
+    port: u16,
+    target: SocketAddr,
+    stop: CancellationToken,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl S3Relay {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut relay = Self {
+            port,
+            target,
+            stop: CancellationToken::new(),
+            accept: None,
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let stop = CancellationToken::new();
+        self.stop = stop.clone();
+        let target = self.target;
+        self.accept = Some(tokio::spawn(async move {
+            loop {
+                let mut inbound = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Closes every relayed connection and the listener: connections are refused from now on.
+    async fn cut(&mut self) {
+        self.stop.cancel();
+        if let Some(accept) = self.accept.take() {
+            accept.await.unwrap();
+        }
+    }
+
+    /// Listens on the same port again.
+    async fn restore(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => break listener,
+                Err(error) if Instant::now() > deadline => panic!("rebind: {error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+#[tokio::test]
+async fn an_s3_outage_turns_health_not_serving_and_uploads_unavailable_until_it_ends() {
+    let key_prefix = unique_prefix("cloud-s3-outage");
+    let garage: SocketAddr = required_tool("SVC_TEST_S3_ENDPOINT")
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let mut relay = S3Relay::start(garage).await;
+    let endpoint = relay.endpoint();
+    let server = TestServer::start_with(|settings| {
+        use_cloud(settings, &key_prefix);
+        settings.s3.endpoint = Some(endpoint);
+        settings.server.health_check_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut files = Files::new(channel.clone());
+    let mut messaging = Messaging::new(channel.clone());
+    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+    let before = Bytes::from(pdf(9 * MIB));
+    let kept = upload(
+        &mut files,
+        "alice",
+        metadata(
+            &conversation_id,
+            "before.pdf",
+            "application/pdf",
+            &before,
+            false,
+        ),
+        &before,
+    )
+    .await
+    .unwrap()
+    .file
+    .unwrap()
+    .file_id;
+    assert_eq!(health(&channel, "").await, ServingStatus::Serving);
+
+    relay.cut().await;
+    eventually(
+        Duration::from_secs(10),
+        "health is NOT_SERVING",
+        async || {
+            health(&channel, "messaging.v1.FileRelayService").await == ServingStatus::NotServing
+        },
+    )
+    .await;
+    assert_eq!(
+        reqwest::get(server.http_url("/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_uploads_unavailable(&mut files, &conversation_id).await;
+    // Reading a stored file needs S3 too: UNAVAILABLE as well.
+    let status = files
+        .download_file(as_user(
+            "bob",
+            pb::DownloadFileRequest {
+                file_id: kept.clone(),
+                offset: 0,
+            },
+        ))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    relay.restore().await;
+    eventually(
+        Duration::from_secs(10),
+        "health is SERVING again",
+        async || health(&channel, "").await == ServingStatus::Serving,
+    )
+    .await;
+    assert_nothing_left(
+        "uploads during the outage",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        std::slice::from_ref(&kept),
+    )
+    .await;
+    let after = Bytes::from(pdf(100_000));
+    upload(
+        &mut files,
+        "alice",
+        metadata(
+            &conversation_id,
+            "after.pdf",
+            "application/pdf",
+            &after,
+            true,
+        ),
+        &after,
+    )
+    .await
+    .expect("uploads work again once S3 is back");
+    assert_eq!(
+        sha256_hex(&download(&mut files, "bob", &kept).await),
+        sha256_hex(&before)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The lifecycle rule is installed at start-up when asked for.
+
+#[tokio::test]
+async fn manage_lifecycle_installs_the_rule_at_start_up() {
+    let bucket = unique_prefix("cloud-lifecycle");
+    garage(&["bucket", "create", &bucket]);
+    let key = std::env::var("SVC_TEST_GARAGE_KEY_NAME").unwrap_or_else(|_| "test".to_owned());
+    garage(&[
+        "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", &key,
+    ]);
+    let settings = S3Settings {
+        bucket: Some(bucket.clone()),
+        ..s3_settings()
+    };
+    let s3 = s3_store(&settings);
+    // A fresh bucket has no lifecycle configuration.
+    assert!(
+        s3.client()
+            .get_bucket_lifecycle_configuration()
+            .bucket(&bucket)
+            .send()
+            .await
+            .is_err(),
+        "a fresh bucket has no rules"
+    );
+
+    let key_prefix = unique_prefix("cloud-lifecycle");
+    let _server = TestServer::start_with(|server_settings| {
+        use_cloud(server_settings, &key_prefix);
+        server_settings.s3.bucket = Some(bucket.clone());
+        server_settings.s3.manage_lifecycle = true;
+        server_settings.uploads.retention = Duration::from_secs(3 * 24 * 3600);
+    })
+    .await;
+
+    let lifecycle = s3
+        .client()
+        .get_bucket_lifecycle_configuration()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("the rules are installed before the server is ready");
+    let rules = lifecycle.rules();
+    assert_eq!(rules.len(), 3, "{rules:?}");
+    for prefix in ["files/", "thumbs/"] {
+        let rule = rules
+            .iter()
+            .find(|rule| rule.filter().and_then(|filter| filter.prefix()) == Some(prefix))
+            .unwrap_or_else(|| panic!("no rule for {prefix}: {rules:?}"));
+        assert_eq!(rule.status().as_str(), "Enabled");
+        assert_eq!(rule.expiration().and_then(|expiry| expiry.days()), Some(3));
+    }
+    let abort = rules
+        .iter()
+        .find_map(|rule| rule.abort_incomplete_multipart_upload())
+        .unwrap_or_else(|| panic!("no rule aborting stale multipart uploads: {rules:?}"));
+    assert_eq!(abort.days_after_initiation(), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The memory budget bounds concurrent uploads.
+
+/// A server whose uploads share a budget of three 8 MiB part buffers (one upload's worth at two
+/// parts in flight), waiting at most `wait` for room.
+async fn budget_server(key_prefix: &str, wait: Duration) -> TestServer {
+    TestServer::start_with(|settings| {
+        use_cloud(settings, key_prefix);
+        settings.uploads.part_size = bytesize::ByteSize::mib(8);
+        settings.uploads.parts_in_flight = 2;
+        settings.uploads.memory_budget = bytesize::ByteSize::mib(24);
+        settings.uploads.memory_wait_timeout = wait;
+    })
+    .await
+}
+
+/// Starts `count` concurrent uploads of `body` and returns their results.
+async fn concurrent_uploads(
+    channel: &Channel,
+    conversation_id: &str,
+    body: &Bytes,
+    count: usize,
+) -> Vec<Result<pb::FileInfo, tonic::Status>> {
+    let uploads = (0..count).map(|index| {
+        let mut files = Files::new(channel.clone());
+        let meta = metadata(
+            conversation_id,
+            &format!("burst-{index}.pdf"),
+            "application/pdf",
+            body,
+            index % 2 == 0,
+        );
+        let body = body.clone();
+        tokio::spawn(async move {
+            upload(&mut files, "alice", meta, &body)
+                .await
+                .map(|response| response.file.unwrap())
+        })
+    });
+    futures::future::join_all(uploads)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test]
+async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_nothing() {
+    let body = Bytes::from(pdf(20_000_000));
+    let sha = sha256_hex(&body);
+
+    // A patient server: every upload waits for memory and succeeds.
+    let key_prefix = unique_prefix("cloud-budget-wait");
+    let server = budget_server(&key_prefix, Duration::from_secs(60)).await;
+    let channel = server.channel().await;
+    let mut messaging = Messaging::new(channel.clone());
+    let conversation_id = conversation(&mut messaging, "alice", &[]).await;
+    let results = concurrent_uploads(&channel, &conversation_id, &body, 4).await;
+    let mut stored = Vec::new();
+    for result in results {
+        let file = result.expect("with a long wait every upload gets its turn");
+        assert_eq!(file.sha256, sha);
+        stored.push(file.file_id);
+    }
+    assert_nothing_left(
+        "patient uploads",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &stored,
+    )
+    .await;
+    let s3 = s3_store(&s3_settings());
+    let mut files = Files::new(channel.clone());
+    for file_id in &stored {
+        let file = files
+            .get_file(as_user(
+                "alice",
+                pb::GetFileRequest {
+                    file_id: file_id.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .file
+            .unwrap();
+        assert_object(
+            &s3,
+            &file,
+            &conversation_id,
+            &format!("attachment; filename*=UTF-8''{}", file.file_name),
+        )
+        .await;
+    }
+    drop(server);
+
+    // An impatient server.
+    let key_prefix = unique_prefix("cloud-budget-busy");
+    let server = budget_server(&key_prefix, Duration::from_millis(300)).await;
+    let channel = server.channel().await;
+    let mut messaging = Messaging::new(channel.clone());
+    let mut files = Files::new(channel.clone());
+    let conversation_id = conversation(&mut messaging, "alice", &[]).await;
+
+    // Three slow clients each hold a part buffer: the whole budget. One more upload cannot get
+    // memory within the wait and is refused, leaving nothing.
+    let small = Bytes::from(pdf(2 * MIB));
+    let mut slow = Vec::new();
+    for index in 0..3 {
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let mut pending = messages(
+            metadata(
+                &conversation_id,
+                &format!("slow-{index}.pdf"),
+                "application/pdf",
+                &small,
+                false,
+            ),
+            &small,
+            MIB,
+        )
+        .into_iter();
+        // The metadata and the first chunk now, the rest later.
+        sender.send(pending.next().unwrap()).await.unwrap();
+        sender.send(pending.next().unwrap()).await.unwrap();
+        let mut client = files.clone();
+        let call = tokio::spawn(async move {
+            client
+                .upload_file(as_user(
+                    "alice",
+                    tokio_stream::wrappers::ReceiverStream::new(receiver),
+                ))
+                .await
+                .map(|response| response.into_inner().file.unwrap())
+        });
+        slow.push((sender, pending, call));
+    }
+    // Time for the three to reach the server and reserve their part buffers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let status = upload(
+        &mut files,
+        "alice",
+        metadata(
+            &conversation_id,
+            "refused.pdf",
+            "application/pdf",
+            &small,
+            true,
+        ),
+        &small,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "UPLOAD_MEMORY_BUSY", "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_nothing_left(
+        "an upload refused for memory",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &[],
+    )
+    .await;
+    // The slow ones finish once their clients send the rest.
+    let mut stored = Vec::new();
+    for (sender, pending, call) in slow {
+        for message in pending {
+            sender.send(message).await.unwrap();
+        }
+        drop(sender);
+        let file = call.await.unwrap().expect("the slow uploads complete");
+        assert_eq!(file.sha256, sha256_hex(&small));
+        stored.push(file.file_id);
+    }
+
+    // A burst: each upload either gets memory within the wait or is refused as busy, and the
+    // refused ones leave nothing.
+    let results = concurrent_uploads(&channel, &conversation_id, &body, 5).await;
+    let mut busy = 0;
+    for result in results {
+        match result {
+            Ok(file) => {
+                assert_eq!(file.sha256, sha);
+                stored.push(file.file_id);
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(reason(&status), "UPLOAD_MEMORY_BUSY", "{status:?}");
+                busy += 1;
+            }
+        }
+    }
+    eprintln!("burst: {} stored, {busy} refused as busy", 5 - busy);
+    // Aborts of refused multipart uploads may still be on their way: give them a moment.
+    eventually(
+        Duration::from_secs(10),
+        "no multipart upload is open",
+        async || {
+            let s3 = s3_store(&s3_settings());
+            s3.open_multipart_uploads(&format!("files/{conversation_id}/"))
+                .await
+                .unwrap()
+                .is_empty()
+        },
+    )
+    .await;
+    assert_nothing_left(
+        "a burst of uploads",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &stored,
+    )
+    .await;
+}
