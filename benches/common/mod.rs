@@ -1,0 +1,385 @@
+//! Shared bench helpers: the in-process service, clients, the environment `scripts/bench`
+//! prepares (the same `SVC_TEST_*` variables as the tests), and small statistics.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use svc_messaging::{
+    app::{App, StartupError},
+    config::{BlobBackend, MessageBackend, S3Settings, Settings},
+    grpc::pb::{CreateConversationRequest, messaging_service_client::MessagingServiceClient},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request,
+    transport::{Channel, Endpoint},
+};
+
+/// `cargo bench` passes `--bench` to a `harness = false` target; `cargo test --benches` (or
+/// `--all-targets`) runs the same binary without it. Returns false (after saying so) in the
+/// latter case, so a benchmark never runs as a test.
+pub fn invoked_by_cargo_bench(name: &str) -> bool {
+    if std::env::args().any(|arg| arg == "--bench") {
+        return true;
+    }
+    println!("{name}: benchmark skipped (not run by `cargo bench`; use scripts/bench {name})");
+    false
+}
+
+/// A variable `scripts/bench` exports.
+pub fn required_env(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: run the benchmarks through scripts/bench, which starts the servers"
+        )
+    })
+}
+
+/// An optional numeric knob (e.g. `SVC_BENCH_ROUNDS`), with a default.
+pub fn knob<T: std::str::FromStr>(var: &str, default: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A key prefix no other run uses.
+pub fn unique_prefix(bench: &str) -> String {
+    format!("bench-{bench}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Settings of an in-process service: port 0, Redis messages under `key_prefix`, blobs on the
+/// filesystem under `data_dir` (switch to S3 with [`use_s3`]).
+pub fn redis_settings(key_prefix: &str, data_dir: &std::path::Path) -> Settings {
+    let mut settings = Settings::default();
+    settings.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    settings.server.http_addr = "127.0.0.1:0".parse().unwrap();
+    settings.server.shutdown_grace = Duration::from_secs(1);
+    settings.storage.data_dir = data_dir.join("blobs");
+    settings.storage.messages = MessageBackend::Redis;
+    settings.redis.url = Some(secrecy::SecretString::from(required_env(
+        "SVC_TEST_REDIS_URL",
+    )));
+    settings.redis.key_prefix = key_prefix.to_owned();
+    settings
+}
+
+/// The Garage bucket `scripts/bench` started.
+pub fn s3_settings() -> S3Settings {
+    S3Settings {
+        endpoint: Some(required_env("SVC_TEST_S3_ENDPOINT")),
+        region: required_env("SVC_TEST_S3_REGION"),
+        bucket: Some(required_env("SVC_TEST_S3_BUCKET")),
+        access_key_id: Some(required_env("SVC_TEST_S3_ACCESS_KEY_ID")),
+        secret_access_key: Some(secrecy::SecretString::from(required_env(
+            "SVC_TEST_S3_SECRET_ACCESS_KEY",
+        ))),
+        force_path_style: true,
+        manage_lifecycle: false,
+    }
+}
+
+pub fn use_s3(settings: &mut Settings) {
+    settings.storage.blobs = BlobBackend::S3;
+    settings.s3 = s3_settings();
+}
+
+/// The service running inside the bench process (as `tests/common` TestServer does).
+pub struct Server {
+    pub grpc_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), StartupError>>>,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Runs the service on port 0 with [`redis_settings`] under `key_prefix` (then
+    /// `customize`), and waits until it is ready.
+    pub async fn start(key_prefix: &str, customize: impl FnOnce(&mut Settings)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = redis_settings(key_prefix, data_dir.path());
+        customize(&mut settings);
+        settings.validate().expect("bench settings are valid");
+        let app = App::bind(settings).await.expect("bind");
+        let grpc_addr = app.grpc_addr();
+        let http_addr = app.http_addr();
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = shutdown_rx.await;
+        }));
+        wait_ready(http_addr).await;
+        Self {
+            grpc_addr,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            _data_dir: data_dir,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(self.grpc_addr).await
+    }
+
+    /// Shuts the service down and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Polls `/readyz` until it answers 200 (every dependency reachable).
+pub async fn wait_ready(http_addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let url = format!("http://{http_addr}/readyz");
+    while Instant::now() < deadline {
+        if let Ok(response) = reqwest::get(&url).await
+            && response.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the service at {http_addr} did not become ready");
+}
+
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .tcp_nodelay(true)
+}
+
+pub async fn connect(addr: SocketAddr) -> Channel {
+    endpoint(addr)
+        .connect()
+        .await
+        .expect("connect to the service")
+}
+
+/// A request authenticated through the trusted `x-user-id` header (the default auth mode).
+pub fn as_user<T>(user: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-user-id", user.parse().expect("ascii user id"));
+    request
+}
+
+/// Creates a conversation of `creator` with `others`; returns its id.
+pub async fn create_conversation(channel: &Channel, creator: &str, others: &[&str]) -> String {
+    let mut client = MessagingServiceClient::new(channel.clone());
+    let response = client
+        .create_conversation(as_user(
+            creator,
+            CreateConversationRequest {
+                title: "bench".to_owned(),
+                participant_ids: others.iter().map(|user| (*user).to_owned()).collect(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .expect("create a conversation");
+    response.into_inner().conversation.unwrap().conversation_id
+}
+
+/// Runs a command with `input` on its stdin, returning its stdout; panics if it fails.
+pub fn run_with_stdin(mut command: Command, input: &str) -> String {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+// ------------------------------------------------------------------------------ statistics ---
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// (max - min) / median, in percent: how far apart the repeats were.
+pub fn spread_percent(values: &[f64]) -> f64 {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (max - min) / median(values) * 100.0
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// CPU time counters from `/proc/stat`, to tell how busy (and how stolen) the machine was.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl CpuSample {
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        let get = |i: usize| fields.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal
+        let idle = get(3) + get(4);
+        let steal = get(7);
+        let total: u64 = fields.iter().take(8).sum();
+        Self {
+            busy: total - idle - steal,
+            steal,
+            total,
+        }
+    }
+
+    /// "busy X% steal Y%" of all cores since `earlier`.
+    pub fn since(&self, earlier: &CpuSample) -> String {
+        let total = (self.total - earlier.total).max(1) as f64;
+        format!(
+            "cpu busy {:.0}%, steal {:.1}% (all cores)",
+            (self.busy - earlier.busy) as f64 / total * 100.0,
+            (self.steal - earlier.steal) as f64 / total * 100.0
+        )
+    }
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Prints a plain-text table (also valid Markdown).
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|row| row[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let cells: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("| {} |", cells.join(" | "));
+    };
+    line(header.iter().map(|cell| (*cell).to_owned()).collect());
+    line(widths.iter().map(|width| "-".repeat(*width)).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+// ------------------------------------------------------------------------------------ redis ---
+
+/// `redis-cli` against the Redis `scripts/bench` started (password through `REDISCLI_AUTH`).
+pub struct RedisCli {
+    pub cli: String,
+    pub host: String,
+    pub port: String,
+    pub password: String,
+}
+
+impl RedisCli {
+    pub fn from_env() -> Self {
+        Self {
+            cli: required_env("SVC_TEST_REDIS_CLI"),
+            host: required_env("SVC_TEST_REDIS_HOST"),
+            port: required_env("SVC_TEST_REDIS_PORT"),
+            password: required_env("SVC_TEST_REDIS_PASSWORD"),
+        }
+    }
+
+    /// Runs one command (`--raw` output); `stdin` feeds `-x` (the last argument from stdin).
+    pub async fn call(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use tokio::io::AsyncWriteExt;
+        let mut command = tokio::process::Command::new(&self.cli);
+        command
+            .env("REDISCLI_AUTH", &self.password)
+            .args(["-h", &self.host, "-p", &self.port, "--raw"])
+            .args(stdin.map(|_| "-x"))
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("run redis-cli");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(input.as_bytes()).await.unwrap();
+            drop(pipe);
+        }
+        let output = child.wait_with_output().await.expect("redis-cli output");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success() && !stdout.starts_with("ERR"),
+            "redis-cli {:?} failed: {stdout} {}",
+            args.first(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout.trim_end_matches('\n').to_owned()
+    }
+}
