@@ -14,9 +14,10 @@
 //! - [`metrics`]: Prometheus registry and the gRPC metrics layer.
 //! - [`messaging`]: conversations, messages, subscriptions (domain).
 //! - [`ids`]: identifiers parsed at the boundary.
-//! - [`files`]: upload policy and (later) the upload pipeline.
+//! - [`files`]: upload policy, content sniffing and the upload / download rules.
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
+//! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
 
 pub mod app;
 pub mod auth;
@@ -33,3 +34,4 @@ pub mod messaging;
 pub mod metrics;
 pub mod store;
 pub mod telemetry;
+pub mod thumbnails;

@@ -164,6 +164,12 @@ ensure_base_tools() {
     log "base tools: installing ${missing[*]} with apt-get"
     apt_install curl openssl util-linux coreutils
   fi
+  # libjpeg-turbo (mozjpeg-sys) assembles its SIMD code with nasm; without it the build
+  # silently falls back to plain C and JPEG thumbnails get several times slower.
+  if ! command -v nasm >/dev/null; then
+    log "base tools: installing nasm with apt-get"
+    apt_install nasm
+  fi
 }
 
 ensure_redis() {

@@ -1,0 +1,452 @@
+//! JPEG: the header read by hand (frame size, components, progressive, EXIF, Adobe marker), the
+//! pixels decoded by libjpeg-turbo (through the `mozjpeg` crate) at a reduced scale inside the
+//! IDCT, so a 12 MP photo for a 320 px thumbnail is decoded straight to 500 x 375.
+
+use std::{
+    io::{self, BufRead, Read},
+    panic::{AssertUnwindSafe, catch_unwind},
+};
+
+use super::{
+    Deadline, ThumbnailError,
+    raster::{Layout, Raster},
+};
+
+/// What the markers before the first scan say.
+#[derive(Debug, Clone)]
+pub(super) struct JpegHeader<'a> {
+    pub width: u32,
+    pub height: u32,
+    /// Horizontal and vertical sampling factor of each component.
+    pub sampling: Vec<(u8, u8)>,
+    /// Component identifiers, in the order of `sampling`.
+    pub component_ids: Vec<u8>,
+    pub progressive: bool,
+    /// Present on Adobe-written files, whose CMYK is stored inverted.
+    pub adobe: bool,
+    pub exif: Option<&'a [u8]>,
+}
+
+/// Walks the marker segments up to the first scan.
+pub(super) fn read_header(bytes: &[u8]) -> Result<JpegHeader<'_>, ThumbnailError> {
+    let undecodable = |what: &str| ThumbnailError::Undecodable(format!("JPEG header: {what}"));
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Err(undecodable("no start-of-image marker"));
+    }
+    let mut position = 2;
+    let mut exif = None;
+    let mut adobe = false;
+    // Width, height, sampling, component ids and progressive, from the SOF segment.
+    let mut frame = None;
+    loop {
+        let Some((at, marker)) = find_marker(bytes, position) else {
+            return Err(undecodable("truncated before the first scan"));
+        };
+        position = at + 2;
+        if matches!(marker, 0x01 | 0xD0..=0xD7) {
+            continue;
+        }
+        if marker == 0xD9 {
+            return Err(undecodable("no scan"));
+        }
+        let Some(length) = bytes
+            .get(position..position + 2)
+            .map(|length| usize::from(u16::from_be_bytes([length[0], length[1]])))
+        else {
+            return Err(undecodable("truncated segment"));
+        };
+        let Some(segment) = bytes.get(position + 2..position + length.max(2)) else {
+            return Err(undecodable("truncated segment"));
+        };
+        match marker {
+            0xDA => break,
+            0xE1 if exif.is_none() && segment.starts_with(b"Exif\0\0") => {
+                exif = Some(&segment[6..]);
+            }
+            0xEE if segment.starts_with(b"Adobe") => adobe = true,
+            // SOF0-SOF15, except DHT (C4), JPG (C8) and DAC (CC).
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                if segment.len() < 6 {
+                    return Err(undecodable("short frame header"));
+                }
+                let height = u32::from(u16::from_be_bytes([segment[1], segment[2]]));
+                let width = u32::from(u16::from_be_bytes([segment[3], segment[4]]));
+                let count = usize::from(segment[5]);
+                let Some(components) = segment.get(6..6 + 3 * count) else {
+                    return Err(undecodable("short frame header"));
+                };
+                let sampling: Vec<(u8, u8)> = components
+                    .chunks_exact(3)
+                    .map(|component| (component[1] >> 4, component[1] & 0x0F))
+                    .collect();
+                let component_ids: Vec<u8> = components.chunks_exact(3).map(|c| c[0]).collect();
+                let progressive = matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE);
+                frame = Some((width, height, sampling, component_ids, progressive));
+            }
+            _ => {}
+        }
+        position += length;
+    }
+    let Some((width, height, sampling, component_ids, progressive)) = frame else {
+        return Err(undecodable("no frame header"));
+    };
+    if width == 0 || height == 0 {
+        return Err(undecodable("zero width or height"));
+    }
+    if !matches!(sampling.len(), 1 | 3 | 4)
+        || sampling
+            .iter()
+            .any(|&(h, v)| !(1..=4).contains(&h) || !(1..=4).contains(&v))
+    {
+        return Err(undecodable("unsupported components"));
+    }
+    Ok(JpegHeader {
+        width,
+        height,
+        sampling,
+        component_ids,
+        progressive,
+        adobe,
+        exif,
+    })
+}
+
+/// For a progressive file decoded at 1/8: the file without the AC scans of its full-resolution
+/// components, or `None` when there is nothing to leave out.
+///
+/// At 1/8 libjpeg reduces every block of a full-resolution component (all of them in 4:4:4, the
+/// luma in 4:2:0) to its DC coefficient alone, so their AC scans, most of a progressive file,
+/// cannot change a single output pixel; subsampled components get a larger IDCT and keep all
+/// their scans. The scans are skipped by looking for the next marker, without entropy decoding.
+/// (A baseline file interleaves all coefficients in one scan, so there is nothing to skip.)
+pub(super) fn without_unused_scans(
+    bytes: &[u8],
+    header: &JpegHeader<'_>,
+) -> Result<Option<Vec<u8>>, ThumbnailError> {
+    let truncated = || ThumbnailError::Undecodable("JPEG: the file ends inside a scan".into());
+    let max_h = header.sampling.iter().map(|s| s.0).max().unwrap_or(1);
+    let max_v = header.sampling.iter().map(|s| s.1).max().unwrap_or(1);
+    let dc_only: Vec<u8> = header
+        .component_ids
+        .iter()
+        .zip(&header.sampling)
+        .filter(|(_, sampling)| **sampling == (max_h, max_v))
+        .map(|(id, _)| *id)
+        .collect();
+    let mut kept = Vec::with_capacity(bytes.len() / 2);
+    kept.extend_from_slice(&bytes[..2]);
+    let mut dropped = false;
+    let mut position = 2;
+    loop {
+        let (at, marker) = find_marker(bytes, position).ok_or_else(truncated)?;
+        position = at;
+        if marker == 0xD9 {
+            kept.extend_from_slice(&[0xFF, 0xD9]);
+            break;
+        }
+        if matches!(marker, 0x01 | 0xD0..=0xD7) {
+            position += 2;
+            continue;
+        }
+        let length = bytes
+            .get(position + 2..position + 4)
+            .map(|length| usize::from(u16::from_be_bytes([length[0], length[1]])))
+            .ok_or_else(truncated)?;
+        let segment_end = position + 2 + length;
+        let segment = bytes.get(position..segment_end).ok_or_else(truncated)?;
+        if marker != 0xDA {
+            kept.extend_from_slice(segment);
+            position = segment_end;
+            continue;
+        }
+        // SOS: count, (component id, tables) x count, Ss, Se, Ah/Al.
+        let count = usize::from(*segment.get(4).ok_or_else(truncated)?);
+        let spectral_start = *segment.get(5 + 2 * count).ok_or_else(truncated)?;
+        let unused = spectral_start > 0 && count == 1 && dc_only.contains(&segment[5]);
+        let scan_end = next_marker(bytes, segment_end).ok_or_else(truncated)?;
+        if unused {
+            dropped = true;
+        } else {
+            kept.extend_from_slice(&bytes[position..scan_end]);
+        }
+        position = scan_end;
+    }
+    Ok(dropped.then_some(kept))
+}
+
+/// The next marker at or after `position`, skipping 0xFF fill bytes and any stray bytes
+/// before it (libjpeg only warns about those): its offset and code.
+fn find_marker(bytes: &[u8], position: usize) -> Option<(usize, u8)> {
+    let mut at = position + memchr::memchr(0xFF, bytes.get(position..)?)?;
+    loop {
+        match *bytes.get(at + 1)? {
+            0xFF => at += 1,
+            0x00 => at += 2 + memchr::memchr(0xFF, bytes.get(at + 2..)?)?,
+            marker => return Some((at, marker)),
+        }
+    }
+}
+
+/// Where the entropy-coded data starting at `from` ends: the next 0xFF that is neither a
+/// stuffed zero nor a restart marker.
+fn next_marker(bytes: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr(0xFF, bytes.get(from..)?)?;
+        match bytes.get(at + 1) {
+            Some(0x00 | 0xD0..=0xD7 | 0xFF) => from = at + 1,
+            Some(_) => return Some(at),
+            None => return None,
+        }
+    }
+}
+
+/// The smallest IDCT scale (numerator over 8) whose output still covers `target` on both axes
+/// times `oversample`. Only 1/8, 2/8, 4/8 and 8/8: libjpeg-turbo has SIMD code for those; the
+/// other sizes run its plain C IDCTs, slower and no sharper.
+pub(super) fn scale_numerator(header: &JpegHeader<'_>, target: (u32, u32), oversample: u32) -> u8 {
+    let wanted = (target.0 * oversample, target.1 * oversample);
+    [1, 2, 4, 8]
+        .into_iter()
+        .find(|&numerator| {
+            let (width, height) = scaled_size(header, numerator);
+            width >= wanted.0.min(header.width) && height >= wanted.1.min(header.height)
+        })
+        .unwrap_or(8)
+}
+
+/// libjpeg's output size at `numerator / 8`.
+pub(super) fn scaled_size(header: &JpegHeader<'_>, numerator: u8) -> (u32, u32) {
+    let scale = |side: u32| (u64::from(side) * u64::from(numerator)).div_ceil(8) as u32;
+    (scale(header.width), scale(header.height))
+}
+
+/// Bytes the decode holds at its peak: the output buffer (plus its RGB copy for CMYK), the whole
+/// coefficient buffer of a progressive file (libjpeg must keep every scan), and the few rows of
+/// sample buffers a sequential decode works in.
+pub(super) fn decode_bytes(header: &JpegHeader<'_>, numerator: u8, input_len: u64) -> u64 {
+    let (width, height) = scaled_size(header, numerator);
+    let pixels = u64::from(width) * u64::from(height);
+    let components = header.sampling.len() as u64;
+    let output = pixels * if components == 4 { 4 + 3 } else { components };
+    let max_h = header
+        .sampling
+        .iter()
+        .map(|s| u64::from(s.0))
+        .max()
+        .unwrap_or(1);
+    let max_v = header
+        .sampling
+        .iter()
+        .map(|s| u64::from(s.1))
+        .max()
+        .unwrap_or(1);
+    let mcu_columns = u64::from(header.width).div_ceil(8 * max_h);
+    let mcu_rows = u64::from(header.height).div_ceil(8 * max_v);
+    // A progressive file decoded at 1/8 is first copied without its unused scans.
+    let pruned_copy = if header.progressive && numerator == 1 {
+        input_len
+    } else {
+        0
+    };
+    let coefficients = if header.progressive {
+        header
+            .sampling
+            .iter()
+            .map(|&(h, v)| mcu_columns * u64::from(h) * mcu_rows * u64::from(v) * 64 * 2)
+            .sum()
+    } else {
+        0
+    };
+    // Sample rows of one MCU row per component, at the reduced scale, twice (context rows).
+    let rows = u64::from(width) * 16 * max_v * components * 2;
+    output + pruned_copy + coefficients + rows + 256 * 1024
+}
+
+/// Decodes at `numerator / 8` into RGB or gray (CMYK is converted).
+pub(super) fn decode(
+    bytes: &[u8],
+    header: &JpegHeader<'_>,
+    numerator: u8,
+    deadline: &Deadline,
+) -> Result<Raster, ThumbnailError> {
+    let pruned = if header.progressive && numerator == 1 {
+        without_unused_scans(bytes, header)?
+    } else {
+        None
+    };
+    decode_with_libjpeg(
+        pruned.as_deref().unwrap_or(bytes),
+        header,
+        numerator,
+        deadline,
+    )
+}
+
+fn decode_with_libjpeg(
+    bytes: &[u8],
+    header: &JpegHeader<'_>,
+    numerator: u8,
+    deadline: &Deadline,
+) -> Result<Raster, ThumbnailError> {
+    // libjpeg reports fatal errors by unwinding out of the C code (the crate's error manager);
+    // nothing outlives this call, so the state it unwinds through is simply dropped.
+    match catch_unwind(AssertUnwindSafe(|| {
+        decode_unguarded(bytes, header, numerator, deadline)
+    })) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("libjpeg failed");
+            Err(ThumbnailError::Undecodable(message.to_owned()))
+        }
+    }
+}
+
+fn decode_unguarded(
+    bytes: &[u8],
+    header: &JpegHeader<'_>,
+    numerator: u8,
+    deadline: &Deadline,
+) -> Result<Raster, ThumbnailError> {
+    let undecodable = |error: io::Error| ThumbnailError::Undecodable(format!("JPEG: {error}"));
+    let mut decompress = mozjpeg::Decompress::builder()
+        .from_reader(StrictReader(bytes))
+        .map_err(undecodable)?;
+    decompress.scale(numerator);
+    // Smoothing guesses missing low AC coefficients from neighbouring blocks; here they are
+    // either all present or (after pruning) unused by the 1x1 IDCT.
+    decompress.do_block_smoothing(false);
+    let components = header.sampling.len();
+    let mut started = match components {
+        1 => decompress.grayscale(),
+        4 => decompress.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK),
+        _ => decompress.rgb(),
+    }
+    .map_err(undecodable)?;
+    let (width, height) = (started.width(), started.height());
+    let stride = width * components;
+    let mut pixels = super::raster::zeroed(stride * height)?;
+    for band in pixels.chunks_mut(stride * 16) {
+        deadline.check()?;
+        started.read_scanlines_into(band).map_err(undecodable)?;
+    }
+    started.finish().map_err(undecodable)?;
+    let (layout, pixels) = match components {
+        1 => (Layout::Gray, pixels),
+        4 => (Layout::Rgb, cmyk_to_rgb(&pixels, header.adobe)),
+        _ => (Layout::Rgb, pixels),
+    };
+    Ok(Raster {
+        width: width as u32,
+        height: height as u32,
+        layout,
+        pixels,
+        transparent: false,
+    })
+}
+
+/// Naive CMYK to RGB (no ICC profile). Adobe applications store CMYK (and YCCK, which libjpeg
+/// turns into CMYK) inverted, so 255 means no ink there.
+fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(cmyk.len() / 4 * 3);
+    for pixel in cmyk.chunks_exact(4) {
+        let ink = |value: u8| if inverted { value } else { 255 - value };
+        let black = u32::from(ink(pixel[3]));
+        for &value in &pixel[..3] {
+            rgb.push(((u32::from(ink(value)) * black + 127) / 255) as u8);
+        }
+    }
+    rgb
+}
+
+/// Hands libjpeg the whole file and fails instead of reporting end-of-file: libjpeg would
+/// otherwise pad a truncated file with gray and merely warn.
+struct StrictReader<'a>(&'a [u8]);
+
+impl Read for StrictReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let count = available.len().min(buf.len());
+        buf[..count].copy_from_slice(&available[..count]);
+        self.consume(count);
+        Ok(count)
+    }
+}
+
+impl BufRead for StrictReader<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.0.is_empty() {
+            Err(io::Error::other("the file ends in the middle of the image"))
+        } else {
+            Ok(self.0)
+        }
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.0 = &self.0[amount.min(self.0.len())..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A progressive photo-like image: gradients plus fine detail in every channel.
+    fn progressive(width: u16, height: u16, sampling: jpeg_encoder::SamplingFactor) -> Vec<u8> {
+        let mut pixels = Vec::with_capacity(usize::from(width) * usize::from(height) * 3);
+        for y in 0..u32::from(height) {
+            for x in 0..u32::from(width) {
+                let detail = ((x * 7 + y * 13) % 23) as u8;
+                pixels.extend_from_slice(&[
+                    (x / 11) as u8 ^ detail,
+                    (y / 7) as u8,
+                    ((x + y) / 13) as u8 ^ (detail << 2),
+                ]);
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, 90);
+        encoder.set_progressive(true);
+        encoder.set_sampling_factor(sampling);
+        encoder
+            .encode(&pixels, width, height, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn leaving_out_unused_scans_changes_no_pixel_at_one_eighth() {
+        for sampling in [
+            jpeg_encoder::SamplingFactor::F_2_2,
+            jpeg_encoder::SamplingFactor::F_1_1,
+        ] {
+            let bytes = progressive(1024, 768, sampling);
+            let header = read_header(&bytes).unwrap();
+            assert!(header.progressive);
+            let pruned = without_unused_scans(&bytes, &header)
+                .unwrap()
+                .expect("luma AC scans are left out");
+            assert!(pruned.len() < bytes.len(), "{sampling:?}");
+            let deadline = Deadline::none();
+            let whole = decode_with_libjpeg(&bytes, &header, 1, &deadline).unwrap();
+            let reduced = decode_with_libjpeg(&pruned, &header, 1, &deadline).unwrap();
+            assert_eq!((whole.width, whole.height), (128, 96));
+            assert!(
+                whole.pixels == reduced.pixels,
+                "{sampling:?}: pixels differ"
+            );
+        }
+    }
+
+    #[test]
+    fn stray_bytes_between_segments_are_skipped() {
+        let mut bytes = progressive(64, 48, jpeg_encoder::SamplingFactor::F_2_2);
+        // After SOI, before the first segment.
+        bytes.splice(2..2, [0x00, 0x12, 0xFF, 0xFF]);
+        let header = read_header(&bytes).unwrap();
+        assert_eq!((header.width, header.height), (64, 48));
+    }
+}

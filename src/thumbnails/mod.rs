@@ -1,0 +1,496 @@
+//! Thumbnails of uploaded images: JPEG, PNG, GIF (first frame) and WEBP in, a JPEG (opaque) or
+//! PNG (real transparency) out that fits `thumbnails.max_edge`, upright per EXIF orientation,
+//! without any metadata (the encoders write no EXIF, ICC, text or time chunks).
+//!
+//! Decoding does only what the thumbnail needs:
+//! - JPEG: libjpeg-turbo (the `mozjpeg` crate) decodes at 1/8, 1/4, 1/2 or 1/1 scale inside the
+//!   IDCT, the smallest that still covers the thumbnail (zune-jpeg has no reduced decode). A
+//!   progressive file decoded at 1/8 first loses the AC scans of its full-resolution components,
+//!   which cannot change an output pixel at that scale (a byte-identical result, 3-5x faster).
+//! - PNG: decoded row by row (`png`) and box-shrunk as the rows arrive, to no less than twice
+//!   the thumbnail, so the full-size image is never held (interlaced files excepted).
+//! - GIF and WEBP: their decoders produce whole frames; the frame is box-shrunk the same way.
+//!
+//! A final Lanczos3 pass (`fast_image_resize`, SIMD chosen at run time, alpha premultiplied so
+//! transparent pixels lend no colour to the edges) brings the image to size, then it is turned
+//! upright and encoded (`jpeg-encoder` 4:2:0, or `png`). CMYK and YCCK JPEGs are converted to
+//! RGB without a colour profile; 16-bit and palette PNGs are expanded to 8-bit.
+//!
+//! HEIC/HEIF get no thumbnail ([`ThumbnailPool::make`] returns `None`): the only well-kept
+//! decoder is the C library libheif (plus libde265), which would add system libraries to every
+//! build and image, and a large C attack surface; HEIF uploads are stored as they are.
+//!
+//! [`ThumbnailPool`] runs the work off the async runtime on at most `thumbnails.workers`
+//! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, reserves each
+//! decode's peak memory (computed from the header and the scale it decodes at, see
+//! [`DecodePlan::peak_bytes`]) from the uploads' [`MemoryBudget`] before decoding, and gives up
+//! after `thumbnails.timeout`. [`Thumbnailer`] is the synchronous core, for callers that manage
+//! their own threads (and the benchmark).
+//!
+//! libjpeg reports fatal errors by unwinding through its C frames ("C-unwind"), caught in
+//! `jpeg.rs`: the crate must not be built with `panic = "abort"`.
+
+mod gif;
+mod jpeg;
+mod output;
+mod png;
+mod raster;
+mod webp;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use raster::Orientation;
+
+use crate::{
+    budget::{MemoryBudget, MemoryReservation},
+    config::ThumbnailSettings,
+    files::policy::FileKind,
+};
+
+/// Jobs that may wait for a worker, per worker, before new ones are refused as busy.
+pub const QUEUE_PER_WORKER: usize = 8;
+
+/// A JPEG is decoded at the smallest IDCT scale that is at least this many times the thumbnail
+/// on each axis. libjpeg-turbo keeps 4:2:0 chroma at full reduced resolution even at 1/8 (it
+/// scales the chroma IDCT up instead of upsampling), so 1x is enough, as in libvips.
+const JPEG_OVERSAMPLE: u32 = 1;
+
+/// An encoded thumbnail and the size of the image it was made from.
+#[derive(Debug, Clone)]
+pub struct Thumbnail {
+    pub bytes: Bytes,
+    /// `image/jpeg` or `image/png`.
+    pub content_type: &'static str,
+    pub width: u32,
+    pub height: u32,
+    /// The source image's size as displayed, i.e. after EXIF orientation.
+    pub source_width: u32,
+    pub source_height: u32,
+}
+
+/// Why no thumbnail was made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ThumbnailError {
+    /// The header looked fine but the image is not decodable (truncated, corrupt, unsupported
+    /// variant). The upload should be refused: `INVALID_ARGUMENT`, `IMAGE_UNDECODABLE`.
+    #[error("the image cannot be decoded: {0}")]
+    Undecodable(String),
+    /// More pixels than allowed; found from the header, before any decode.
+    #[error("the image is {width}x{height} pixels, more than the {max_pixels} allowed")]
+    TooLarge {
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
+    /// The queue was full or the memory budget stayed exhausted; a retry later may succeed.
+    #[error("too many images are being decoded; retry shortly")]
+    Busy,
+    /// The decode took longer than `thumbnails.timeout`.
+    #[error("decoding the image took too long")]
+    TimedOut,
+    /// A bug or resource failure on our side, not the image's fault.
+    #[error("thumbnail failed: {0}")]
+    Internal(String),
+}
+
+/// How one image will be decoded, read from its header alone.
+#[derive(Debug, Clone)]
+pub struct DecodePlan {
+    orientation: Orientation,
+    /// Source size as stored.
+    stored: (u32, u32),
+    /// Thumbnail size before turning upright.
+    target: (u32, u32),
+    decoding: Decoding,
+    peak_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Decoding {
+    /// IDCT scale numerator over 8.
+    Jpeg {
+        numerator: u8,
+    },
+    /// Box pre-shrink factor applied while rows arrive.
+    Png {
+        factor: u32,
+    },
+    Gif,
+    Webp,
+}
+
+impl DecodePlan {
+    /// The source's size as displayed (after EXIF orientation).
+    pub fn source_size(&self) -> (u32, u32) {
+        self.orientation.displayed(self.stored.0, self.stored.1)
+    }
+
+    /// The thumbnail's size.
+    pub fn thumbnail_size(&self) -> (u32, u32) {
+        self.orientation.displayed(self.target.0, self.target.1)
+    }
+
+    pub fn orientation(&self) -> Orientation {
+        self.orientation
+    }
+
+    /// Upper bound of the bytes the decode, resize and encode hold at once (the uploaded bytes
+    /// themselves not included); this is what is reserved from the memory budget.
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak_bytes
+    }
+
+    /// The size the decoder produces before the final resize (the reduced scale).
+    pub fn decoded_size(&self) -> (u32, u32) {
+        match self.decoding {
+            Decoding::Jpeg { numerator } => {
+                let scale = |side: u32| (u64::from(side) * u64::from(numerator)).div_ceil(8) as u32;
+                (scale(self.stored.0), scale(self.stored.1))
+            }
+            Decoding::Png { factor } => (
+                self.stored.0.div_ceil(factor),
+                self.stored.1.div_ceil(factor),
+            ),
+            Decoding::Gif | Decoding::Webp => self.stored,
+        }
+    }
+}
+
+/// What an image's header says, per format.
+enum Header<'a> {
+    Jpeg(jpeg::JpegHeader<'a>),
+    Png(png::PngHeader<'a>),
+    /// The logical screen size.
+    Gif((u32, u32)),
+    Webp(webp::WebpHeader),
+}
+
+/// Stops a decode between rows once its time is up or its caller has gone.
+#[derive(Debug, Clone)]
+struct Deadline {
+    at: Option<Instant>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Deadline {
+    fn none() -> Self {
+        Self {
+            at: None,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn after(timeout: Duration) -> Self {
+        Self {
+            at: Instant::now().checked_add(timeout),
+            ..Self::none()
+        }
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    fn check(&self) -> Result<(), ThumbnailError> {
+        let expired = self.at.is_some_and(|at| Instant::now() >= at);
+        if expired || self.cancelled.load(Ordering::Relaxed) {
+            Err(ThumbnailError::TimedOut)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Cancels the decode when the waiting caller goes away (or gives up).
+struct CancelOnDrop(Deadline);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// The synchronous core: one image in, one thumbnail out, on the calling thread.
+#[derive(Debug, Clone)]
+pub struct Thumbnailer {
+    max_edge: u32,
+    jpeg_quality: u8,
+    max_pixels: u64,
+}
+
+impl Thumbnailer {
+    /// `max_pixels` is `uploads.max_image_pixels`: larger images are refused from the header.
+    pub fn new(settings: &ThumbnailSettings, max_pixels: u64) -> Self {
+        Self {
+            max_edge: settings.max_edge.max(1),
+            jpeg_quality: settings.jpeg_quality.clamp(1, 100),
+            max_pixels,
+        }
+    }
+
+    /// Reads the header only: sizes, orientation, the reduced scale and the peak memory.
+    /// `None` for kinds that get no thumbnail (HEIC/HEIF, documents).
+    pub fn plan(&self, kind: FileKind, bytes: &[u8]) -> Result<Option<DecodePlan>, ThumbnailError> {
+        let header = match kind {
+            FileKind::Jpeg => Header::Jpeg(jpeg::read_header(bytes)?),
+            FileKind::Png => Header::Png(png::read_header(bytes)?),
+            FileKind::Gif => Header::Gif(gif::read_header(bytes)?),
+            FileKind::Webp => Header::Webp(webp::read_header(bytes)?),
+            _ => return Ok(None),
+        };
+        let (stored, exif, channels, alpha) = match &header {
+            Header::Jpeg(jpeg) => (
+                (jpeg.width, jpeg.height),
+                jpeg.exif,
+                jpeg.sampling.len().min(3),
+                false,
+            ),
+            Header::Png(png) => (
+                (png.width, png.height),
+                png.exif,
+                png.layout.channels(),
+                png.layout.has_alpha(),
+            ),
+            Header::Gif(size) => (*size, None, 4, true),
+            Header::Webp(webp) => ((webp.width, webp.height), webp.exif.as_deref(), 4, true),
+        };
+        if u64::from(stored.0) * u64::from(stored.1) > self.max_pixels {
+            return Err(ThumbnailError::TooLarge {
+                width: stored.0,
+                height: stored.1,
+                max_pixels: self.max_pixels,
+            });
+        }
+        let orientation = exif.map(raster::exif_orientation).unwrap_or_default();
+        let (displayed_width, displayed_height) = orientation.displayed(stored.0, stored.1);
+        let thumbnail = raster::fit(displayed_width, displayed_height, self.max_edge);
+        let target = orientation.displayed(thumbnail.0, thumbnail.1);
+        let (decoding, decode_bytes) = match &header {
+            Header::Jpeg(jpeg) => {
+                let numerator = jpeg::scale_numerator(jpeg, target, JPEG_OVERSAMPLE);
+                let bytes = jpeg::decode_bytes(jpeg, numerator, bytes.len() as u64);
+                (Decoding::Jpeg { numerator }, bytes)
+            }
+            Header::Png(png) => {
+                let factor = raster::box_factor(stored.0, stored.1, target);
+                (Decoding::Png { factor }, png::decode_bytes(png, factor))
+            }
+            Header::Gif(_) => (Decoding::Gif, gif::decode_bytes(stored.0, stored.1)),
+            Header::Webp(webp) => (Decoding::Webp, webp::decode_bytes(webp)),
+        };
+        let mut plan = DecodePlan {
+            orientation,
+            stored,
+            target,
+            decoding,
+            peak_bytes: 0,
+        };
+        plan.peak_bytes = decode_bytes + resize_bytes(&plan, channels as u64, alpha);
+        Ok(Some(plan))
+    }
+
+    /// Decodes, resizes and encodes as `plan` says.
+    pub fn render(&self, plan: &DecodePlan, bytes: &[u8]) -> Result<Thumbnail, ThumbnailError> {
+        self.render_until(plan, bytes, &Deadline::none())
+    }
+
+    /// [`Self::plan`] and [`Self::render`] in one.
+    pub fn make(&self, kind: FileKind, bytes: &[u8]) -> Result<Option<Thumbnail>, ThumbnailError> {
+        match self.plan(kind, bytes)? {
+            Some(plan) => self.render(&plan, bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn render_until(
+        &self,
+        plan: &DecodePlan,
+        bytes: &[u8],
+        deadline: &Deadline,
+    ) -> Result<Thumbnail, ThumbnailError> {
+        let decoded = match plan.decoding {
+            Decoding::Jpeg { numerator } => {
+                let header = jpeg::read_header(bytes)?;
+                jpeg::decode(bytes, &header, numerator, deadline)?
+            }
+            Decoding::Png { factor } => {
+                let header = png::read_header(bytes)?;
+                png::decode(bytes, &header, factor, plan.peak_bytes, deadline)?
+            }
+            Decoding::Gif => {
+                let frame = gif::decode(bytes, plan.stored.0, plan.stored.1)?;
+                raster::pre_shrink(frame, plan.target)?
+            }
+            Decoding::Webp => raster::pre_shrink(webp::decode(bytes)?, plan.target)?,
+        };
+        deadline.check()?;
+        let encoded = output::finish(decoded, plan.target, plan.orientation, self.jpeg_quality)?;
+        let (source_width, source_height) = plan.source_size();
+        Ok(Thumbnail {
+            bytes: Bytes::from(encoded.bytes),
+            content_type: encoded.content_type,
+            width: encoded.width,
+            height: encoded.height,
+            source_width,
+            source_height,
+        })
+    }
+}
+
+/// The final resize's buffers: a premultiplied (or alpha-stripped) copy of the decoded image
+/// when it has alpha, the intermediate pass, the result, its upright copy, and the encoder's
+/// output and compressor state.
+fn resize_bytes(plan: &DecodePlan, channels: u64, alpha: bool) -> u64 {
+    let (source_width, source_height) = plan.decoded_size();
+    let (source_width, source_height) = (u64::from(source_width), u64::from(source_height));
+    let (width, height) = (u64::from(plan.target.0), u64::from(plan.target.1));
+    let copy = if alpha {
+        source_width * source_height * channels
+    } else {
+        0
+    };
+    let intermediate = (width * source_height).max(source_width * height) * channels;
+    copy + intermediate + 3 * width * height * channels + 512 * 1024
+}
+
+/// Runs thumbnails off the async runtime: bounded workers, a bounded queue, memory reserved
+/// from the shared budget before each decode, and a time limit.
+pub struct ThumbnailPool {
+    thumbnailer: Arc<Thumbnailer>,
+    budget: Arc<MemoryBudget>,
+    /// Jobs admitted: running or waiting for a worker.
+    admitted: Arc<Semaphore>,
+    workers: Arc<Semaphore>,
+    timeout: Duration,
+    activity: Arc<Activity>,
+}
+
+/// What the pool's decodes hold right now.
+#[derive(Debug, Default)]
+struct Activity {
+    decoding: AtomicUsize,
+    reserved_bytes: AtomicU64,
+}
+
+/// A running decode's worker slot and memory, given back when the decode has really ended.
+struct Held {
+    _worker: OwnedSemaphorePermit,
+    reservation: MemoryReservation,
+    activity: Arc<Activity>,
+}
+
+impl Held {
+    fn new(
+        worker: OwnedSemaphorePermit,
+        reservation: MemoryReservation,
+        activity: Arc<Activity>,
+    ) -> Self {
+        activity.decoding.fetch_add(1, Ordering::Relaxed);
+        activity
+            .reserved_bytes
+            .fetch_add(reservation.bytes(), Ordering::Relaxed);
+        Self {
+            _worker: worker,
+            reservation,
+            activity,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.activity.decoding.fetch_sub(1, Ordering::Relaxed);
+        self.activity
+            .reserved_bytes
+            .fetch_sub(self.reservation.bytes(), Ordering::Relaxed);
+    }
+}
+
+impl ThumbnailPool {
+    pub fn new(settings: &ThumbnailSettings, max_pixels: u64, budget: Arc<MemoryBudget>) -> Self {
+        let workers = match settings.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            workers => workers,
+        };
+        Self {
+            thumbnailer: Arc::new(Thumbnailer::new(settings, max_pixels)),
+            budget,
+            admitted: Arc::new(Semaphore::new(workers * (1 + QUEUE_PER_WORKER))),
+            workers: Arc::new(Semaphore::new(workers)),
+            timeout: settings.timeout,
+            activity: Arc::default(),
+        }
+    }
+
+    pub fn thumbnailer(&self) -> &Thumbnailer {
+        &self.thumbnailer
+    }
+
+    /// Decodes running now (each holding a worker and its memory reservation).
+    pub fn decoding(&self) -> usize {
+        self.activity.decoding.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the memory budget the running decodes hold.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.activity.reserved_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Makes the thumbnail of an image of `kind`; `None` when the kind gets none (HEIC/HEIF).
+    ///
+    /// Refused at once with [`ThumbnailError::TooLarge`] or [`ThumbnailError::Undecodable`]
+    /// when the header says so, and with [`ThumbnailError::Busy`] when the queue is full or the
+    /// memory budget stays exhausted for its wait timeout. The decode's memory stays reserved
+    /// until the decode has really stopped, also after a timeout or when this future is dropped
+    /// (which cancels the decode at its next row).
+    pub async fn make(
+        &self,
+        kind: FileKind,
+        bytes: Bytes,
+    ) -> Result<Option<Thumbnail>, ThumbnailError> {
+        let Some(plan) = self.thumbnailer.plan(kind, &bytes)? else {
+            return Ok(None);
+        };
+        let _admitted = self
+            .admitted
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ThumbnailError::Busy)?;
+        let worker = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ThumbnailError::Internal("the thumbnail pool is closed".into()))?;
+        let reservation = self
+            .budget
+            .reserve(plan.peak_bytes)
+            .await
+            .map_err(|_| ThumbnailError::Busy)?;
+        let deadline = Deadline::after(self.timeout);
+        let _cancel = CancelOnDrop(deadline.clone());
+        let held = Held::new(worker, reservation, self.activity.clone());
+        let thumbnailer = self.thumbnailer.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let result = thumbnailer.render_until(&plan, &bytes, &deadline);
+            drop(held);
+            result
+        });
+        match tokio::time::timeout(self.timeout, job).await {
+            Ok(Ok(result)) => result.map(Some),
+            Ok(Err(error)) => Err(ThumbnailError::Internal(format!(
+                "the thumbnail worker failed: {error}"
+            ))),
+            Err(_) => Err(ThumbnailError::TimedOut),
+        }
+    }
+}

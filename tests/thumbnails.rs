@@ -1,0 +1,533 @@
+//! Thumbnails: sizes and EXIF orientation, no metadata, transparency, colour models, broken
+//! images, the pixel limit, and the pool's workers, queue, memory budget and time limit.
+//!
+//! The images come from `scripts/make-test-images.py fixtures tests/data/images`.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use svc_messaging::{
+    budget::MemoryBudget,
+    config::ThumbnailSettings,
+    files::policy::FileKind,
+    thumbnails::{QUEUE_PER_WORKER, Thumbnail, ThumbnailError, ThumbnailPool, Thumbnailer},
+};
+
+const MAX_PIXELS: u64 = 40_000_000;
+
+fn image(name: &str) -> Vec<u8> {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests/data/images", name]
+        .iter()
+        .collect();
+    std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+fn thumbnailer() -> Thumbnailer {
+    Thumbnailer::new(&ThumbnailSettings::default(), MAX_PIXELS)
+}
+
+fn make(kind: FileKind, name: &str) -> Thumbnail {
+    thumbnailer()
+        .make(kind, &image(name))
+        .unwrap_or_else(|error| panic!("{name}: {error}"))
+        .unwrap_or_else(|| panic!("{name}: no thumbnail"))
+}
+
+/// Decoded thumbnail pixels: (width, height, channels, pixels); JPEGs come back as RGB.
+fn pixels(thumbnail: &Thumbnail) -> (usize, usize, usize, Vec<u8>) {
+    match thumbnail.content_type {
+        "image/jpeg" => {
+            let mut decoder = mozjpeg::Decompress::new_mem(&thumbnail.bytes)
+                .unwrap()
+                .rgb()
+                .unwrap();
+            let (width, height) = (decoder.width(), decoder.height());
+            let pixels: Vec<u8> = decoder.read_scanlines().unwrap();
+            decoder.finish().unwrap();
+            (width, height, 3, pixels)
+        }
+        "image/png" => {
+            let mut decoder = png::Decoder::new(std::io::Cursor::new(&thumbnail.bytes[..]));
+            decoder.set_transformations(png::Transformations::EXPAND);
+            let mut reader = decoder.read_info().unwrap();
+            let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+            let frame = reader.next_frame(&mut pixels).unwrap();
+            assert_eq!(frame.bit_depth, png::BitDepth::Eight);
+            let channels = frame.color_type.samples();
+            pixels.truncate(frame.buffer_size());
+            (
+                frame.width as usize,
+                frame.height as usize,
+                channels,
+                pixels,
+            )
+        }
+        other => panic!("unexpected content type {other}"),
+    }
+}
+
+/// Mean of each channel over the whole thumbnail.
+fn mean_colour(thumbnail: &Thumbnail) -> Vec<f64> {
+    let (_, _, channels, pixels) = pixels(thumbnail);
+    let count = (pixels.len() / channels) as f64;
+    (0..channels)
+        .map(|channel| {
+            pixels
+                .iter()
+                .skip(channel)
+                .step_by(channels)
+                .map(|&value| f64::from(value))
+                .sum::<f64>()
+                / count
+        })
+        .collect()
+}
+
+fn assert_colour(name: &str, thumbnail: &Thumbnail, expected: &[f64], tolerance: f64) {
+    let mean = mean_colour(thumbnail);
+    for (channel, (got, want)) in mean.iter().zip(expected).enumerate() {
+        assert!(
+            (got - want).abs() <= tolerance,
+            "{name}: channel {channel} is {got:.1}, expected {want} +/- {tolerance} (mean {mean:?})"
+        );
+    }
+}
+
+#[test]
+fn every_exif_orientation_is_turned_upright() {
+    for orientation in 1..=8 {
+        let name = format!("orientation-{orientation}.jpg");
+        let thumbnail = make(FileKind::Jpeg, &name);
+        // Stored 240x400 for 5-8, but displayed 400x240 in every file.
+        assert_eq!(
+            (thumbnail.source_width, thumbnail.source_height),
+            (400, 240),
+            "{name}"
+        );
+        assert_eq!((thumbnail.width, thumbnail.height), (320, 192), "{name}");
+        assert_eq!(thumbnail.content_type, "image/jpeg");
+        let (width, _, _, pixels) = pixels(&thumbnail);
+        let at = |x: usize, y: usize| {
+            let start = (y * width + x) * 3;
+            [pixels[start], pixels[start + 1], pixels[start + 2]]
+        };
+        let near = |got: [u8; 3], want: [u8; 3]| {
+            got.iter()
+                .zip(want)
+                .all(|(&g, w)| (i16::from(g) - i16::from(w)).abs() < 40)
+        };
+        // Red top-left, green top-right, blue bottom-left, white bottom-right.
+        assert!(near(at(80, 48), [255, 0, 0]), "{name}: {:?}", at(80, 48));
+        assert!(near(at(240, 48), [0, 255, 0]), "{name}: {:?}", at(240, 48));
+        assert!(near(at(80, 144), [0, 0, 255]), "{name}: {:?}", at(80, 144));
+        assert!(
+            near(at(240, 144), [255, 255, 255]),
+            "{name}: {:?}",
+            at(240, 144)
+        );
+    }
+}
+
+#[test]
+fn plans_report_displayed_sizes_before_decoding() {
+    let plan = thumbnailer()
+        .plan(FileKind::Jpeg, &image("orientation-6.jpg"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(plan.source_size(), (400, 240));
+    assert_eq!(plan.thumbnail_size(), (320, 192));
+    assert!(plan.orientation().swaps_axes());
+}
+
+#[test]
+fn small_images_are_never_enlarged() {
+    let thumbnail = make(FileKind::Gif, "animated.gif");
+    assert_eq!((thumbnail.width, thumbnail.height), (300, 200));
+    assert_eq!(
+        (thumbnail.source_width, thumbnail.source_height),
+        (300, 200)
+    );
+}
+
+/// The JPEG's segments before its first scan: every marker must be one the image needs.
+fn jpeg_markers(bytes: &[u8]) -> Vec<u8> {
+    let mut markers = Vec::new();
+    let mut position = 2;
+    while position + 4 <= bytes.len() {
+        assert_eq!(bytes[position], 0xFF, "segment at {position}");
+        let marker = bytes[position + 1];
+        markers.push(marker);
+        if marker == 0xDA {
+            break;
+        }
+        let length = usize::from(u16::from_be_bytes([
+            bytes[position + 2],
+            bytes[position + 3],
+        ]));
+        position += 2 + length;
+    }
+    markers
+}
+
+#[test]
+fn jpeg_thumbnails_carry_no_metadata() {
+    let source = image("exif-gps.jpg");
+    assert!(jpeg_markers(&source).contains(&0xE1), "the source has EXIF");
+    let thumbnail = make(FileKind::Jpeg, "exif-gps.jpg");
+    assert_eq!(thumbnail.content_type, "image/jpeg");
+    assert_eq!((thumbnail.width, thumbnail.height), (320, 240));
+    for marker in jpeg_markers(&thumbnail.bytes) {
+        // JFIF (APP0), quantisation and Huffman tables, frame and scan headers only.
+        assert!(
+            matches!(marker, 0xE0 | 0xDB | 0xC4 | 0xC0 | 0xDA),
+            "unexpected marker FF{marker:02X}"
+        );
+    }
+    for needle in [&b"Exif"[..], b"TestCam", b"GPS"] {
+        assert!(!contains(&thumbnail.bytes, needle));
+    }
+}
+
+fn png_chunks(bytes: &[u8]) -> Vec<String> {
+    let mut chunks = Vec::new();
+    let mut position = 8;
+    while position + 8 <= bytes.len() {
+        let length = u32::from_be_bytes(bytes[position..position + 4].try_into().unwrap()) as usize;
+        chunks.push(String::from_utf8_lossy(&bytes[position + 4..position + 8]).into_owned());
+        position += 12 + length;
+    }
+    chunks
+}
+
+#[test]
+fn png_thumbnails_carry_no_metadata() {
+    let source = png_chunks(&image("metadata.png"));
+    for chunk in ["tEXt", "iTXt", "eXIf"] {
+        assert!(source.iter().any(|c| c == chunk), "the source has {chunk}");
+    }
+    let thumbnail = make(FileKind::Png, "metadata.png");
+    assert_eq!(thumbnail.content_type, "image/png");
+    let chunks = png_chunks(&thumbnail.bytes);
+    assert!(
+        chunks
+            .iter()
+            .all(|chunk| matches!(chunk.as_str(), "IHDR" | "IDAT" | "IEND")),
+        "{chunks:?}"
+    );
+    assert!(!contains(&thumbnail.bytes, b"secret"));
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+#[test]
+fn real_transparency_gives_png_and_opaque_alpha_gives_jpeg() {
+    for (kind, name, content_type) in [
+        (FileKind::Png, "rgba-disc.png", "image/png"),
+        (FileKind::Png, "palette-trns.png", "image/png"),
+        (FileKind::Png, "rgba16-half.png", "image/png"),
+        (FileKind::Webp, "alpha.webp", "image/png"),
+        (FileKind::Png, "rgba-opaque.png", "image/jpeg"),
+        (FileKind::Png, "gray-alpha-opaque.png", "image/jpeg"),
+        (FileKind::Webp, "lossy.webp", "image/jpeg"),
+        (FileKind::Gif, "animated.gif", "image/jpeg"),
+    ] {
+        let thumbnail = make(kind, name);
+        assert_eq!(thumbnail.content_type, content_type, "{name}");
+    }
+}
+
+#[test]
+fn transparent_edges_keep_their_colour() {
+    // A red disc on transparent black: resized edge pixels must stay red (alpha premultiplied),
+    // not turn dark.
+    for (kind, name) in [
+        (FileKind::Png, "rgba-disc.png"),
+        (FileKind::Webp, "alpha.webp"),
+    ] {
+        let thumbnail = make(kind, name);
+        let (width, height, channels, pixels) = pixels(&thumbnail);
+        assert_eq!((width, height, channels), (320, 240, 4), "{name}");
+        let mut partial = 0;
+        for pixel in pixels.chunks_exact(4) {
+            if pixel[3] > 16 {
+                assert!(
+                    pixel[0] > 230 && pixel[1] < 25 && pixel[2] < 25,
+                    "{name}: fringe pixel {pixel:?}"
+                );
+                partial += usize::from(pixel[3] < 255);
+            }
+        }
+        assert!(partial > 0, "{name}: the edge is antialiased");
+        assert_eq!(pixels[3], 0, "{name}: the corner stays transparent");
+    }
+    let half = make(FileKind::Png, "rgba16-half.png");
+    assert_colour("rgba16-half.png", &half, &[0.0, 255.0, 0.0, 128.0], 1.5);
+}
+
+#[test]
+fn colour_models_decode_to_the_right_colours() {
+    let cases: &[(FileKind, &str, &[f64], f64)] = &[
+        (FileKind::Jpeg, "gray.jpg", &[90.0, 90.0, 90.0], 3.0),
+        (FileKind::Jpeg, "cmyk.jpg", &[200.0, 60.0, 40.0], 8.0),
+        (FileKind::Png, "gray.png", &[90.0, 90.0, 90.0], 3.0),
+        (FileKind::Png, "gray16.png", &[116.7, 116.7, 116.7], 3.0),
+        (FileKind::Png, "rgb16.png", &[204.0, 63.7, 25.5], 6.0),
+        (FileKind::Png, "palette.png", &[30.0, 144.0, 255.0], 6.0),
+        (FileKind::Png, "rgba-opaque.png", &[20.0, 120.0, 200.0], 6.0),
+        (FileKind::Webp, "lossy.webp", &[40.0, 160.0, 90.0], 8.0),
+        (FileKind::Gif, "animated.gif", &[250.0, 200.0, 0.0], 8.0),
+        (FileKind::Webp, "animated.webp", &[250.0, 200.0, 0.0], 8.0),
+    ];
+    for &(kind, name, expected, tolerance) in cases {
+        let thumbnail = make(kind, name);
+        assert_colour(name, &thumbnail, expected, tolerance);
+    }
+}
+
+#[test]
+fn ycck_jpegs_decode_to_the_right_colours() {
+    // Ink amounts of RGB (200, 60, 40): written as Adobe YCCK, which libjpeg turns into CMYK.
+    let ink = [55u8, 195, 215, 0].repeat(64 * 48);
+    let mut bytes = Vec::new();
+    jpeg_encoder::Encoder::new(&mut bytes, 95)
+        .encode(&ink, 64, 48, jpeg_encoder::ColorType::CmykAsYcck)
+        .unwrap();
+    let thumbnail = thumbnailer().make(FileKind::Jpeg, &bytes).unwrap().unwrap();
+    assert_colour("ycck", &thumbnail, &[200.0, 60.0, 40.0], 8.0);
+}
+
+#[test]
+fn broken_bodies_behind_good_headers_are_undecodable() {
+    for (kind, name) in [
+        (FileKind::Jpeg, "truncated.jpg"),
+        (FileKind::Png, "corrupt.png"),
+    ] {
+        let bytes = image(name);
+        let thumbnailer = thumbnailer();
+        // The header alone is fine...
+        assert!(thumbnailer.plan(kind, &bytes).unwrap().is_some(), "{name}");
+        // ...the body is not.
+        match thumbnailer.make(kind, &bytes) {
+            Err(ThumbnailError::Undecodable(_)) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn huge_images_are_refused_from_the_header() {
+    // The file is a bare 50 000 x 50 000 header: decoding would fail differently.
+    match thumbnailer().plan(FileKind::Png, &image("huge-header.png")) {
+        Err(ThumbnailError::TooLarge {
+            width: 50_000,
+            height: 50_000,
+            max_pixels: MAX_PIXELS,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn heif_gets_no_thumbnail() {
+    let mut heic = vec![0, 0, 0, 24];
+    heic.extend_from_slice(b"ftypheic\0\0\0\0mif1heic");
+    for kind in [FileKind::Heic, FileKind::Heif] {
+        assert!(thumbnailer().make(kind, &heic).unwrap().is_none());
+    }
+}
+
+/// A flat-coloured RGB PNG of `size` x `size`: tiny to store, a real decode to make.
+fn large_png(size: u32) -> Bytes {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, size, size);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header().unwrap();
+    let row: Vec<u8> = (0..size).flat_map(|x| [(x % 251) as u8, 90, 200]).collect();
+    let pixels = row.repeat(size as usize);
+    writer.write_image_data(&pixels).unwrap();
+    writer.finish().unwrap();
+    Bytes::from(bytes)
+}
+
+fn settings(workers: usize, timeout: Duration) -> ThumbnailSettings {
+    ThumbnailSettings {
+        workers,
+        timeout,
+        ..ThumbnailSettings::default()
+    }
+}
+
+/// The most decodes and reserved bytes the pool ever held at once, polled until `stop`.
+fn watch(pool: Arc<ThumbnailPool>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, u64)> {
+    tokio::spawn(async move {
+        let (mut decoding, mut reserved) = (0, 0);
+        while !stop.load(Ordering::Relaxed) {
+            decoding = pool.decoding().max(decoding);
+            reserved = pool.reserved_bytes().max(reserved);
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        (decoding, reserved)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decodes_wait_for_the_memory_budget() {
+    let bytes = large_png(1500);
+    let peak = thumbnailer()
+        .plan(FileKind::Png, &bytes)
+        .unwrap()
+        .unwrap()
+        .peak_bytes();
+    // Room for two decodes at once; eight workers, so memory is what limits them.
+    let total = peak * 5 / 2;
+    let budget = MemoryBudget::new(total, Duration::from_secs(60));
+    let pool = Arc::new(ThumbnailPool::new(
+        &settings(8, Duration::from_secs(60)),
+        MAX_PIXELS,
+        budget.clone(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch(pool.clone(), stop.clone());
+    let jobs: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, bytes) = (pool.clone(), bytes.clone());
+            tokio::spawn(async move { pool.make(FileKind::Png, bytes).await })
+        })
+        .collect();
+    for job in jobs {
+        let thumbnail = job.await.unwrap().unwrap().unwrap();
+        assert_eq!((thumbnail.width, thumbnail.height), (320, 320));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (decoding, reserved) = watcher.await.unwrap();
+    // Never more than two at once (usually exactly two): the other six waited their turn.
+    assert!((1..=2).contains(&decoding), "{decoding} decodes at once");
+    assert!(
+        reserved >= peak && reserved <= 2 * peak && reserved <= total,
+        "{reserved}"
+    );
+    assert_eq!(pool.decoding(), 0);
+    assert_eq!(budget.available_bytes(), total.next_multiple_of(1024));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decodes_that_cannot_get_memory_in_time_are_busy() {
+    let bytes = large_png(1500);
+    let peak = thumbnailer()
+        .plan(FileKind::Png, &bytes)
+        .unwrap()
+        .unwrap()
+        .peak_bytes();
+    let total = peak * 5 / 2;
+    let budget = MemoryBudget::new(total, Duration::from_millis(1));
+    let pool = Arc::new(ThumbnailPool::new(
+        &settings(8, Duration::from_secs(60)),
+        MAX_PIXELS,
+        budget.clone(),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch(pool.clone(), stop.clone());
+    let jobs: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, bytes) = (pool.clone(), bytes.clone());
+            tokio::spawn(async move { pool.make(FileKind::Png, bytes).await })
+        })
+        .collect();
+    let (mut made, mut busy) = (0, 0);
+    for job in jobs {
+        match job.await.unwrap() {
+            Ok(Some(_)) => made += 1,
+            Err(ThumbnailError::Busy) => busy += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (decoding, reserved) = watcher.await.unwrap();
+    assert!(made >= 2 && busy >= 1, "made {made}, busy {busy}");
+    assert!(
+        decoding <= 2 && reserved <= total,
+        "{decoding} decodes, {reserved} bytes"
+    );
+    assert_eq!(budget.available_bytes(), total.next_multiple_of(1024));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_new_images() {
+    let bytes = large_png(1200);
+    let budget = MemoryBudget::new(1 << 30, Duration::from_secs(60));
+    let pool = Arc::new(ThumbnailPool::new(
+        &settings(1, Duration::from_secs(60)),
+        MAX_PIXELS,
+        budget,
+    ));
+    let submitted = 2 * (1 + QUEUE_PER_WORKER);
+    let results =
+        futures::future::join_all((0..submitted).map(|_| pool.make(FileKind::Png, bytes.clone())))
+            .await;
+    let busy = results
+        .iter()
+        .filter(|result| matches!(result, Err(ThumbnailError::Busy)))
+        .count();
+    let made = results
+        .iter()
+        .filter(|result| matches!(result, Ok(Some(_))))
+        .count();
+    assert_eq!(made, 1 + QUEUE_PER_WORKER, "one running, the queue waiting");
+    assert_eq!(busy, submitted - made);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_decodes_time_out_and_release_their_memory() {
+    let bytes = large_png(2500);
+    let budget = MemoryBudget::new(1 << 30, Duration::from_secs(60));
+    let total = budget.available_bytes();
+    let pool = ThumbnailPool::new(
+        &settings(1, Duration::from_millis(2)),
+        MAX_PIXELS,
+        budget.clone(),
+    );
+    match pool.make(FileKind::Png, bytes).await {
+        Err(ThumbnailError::TimedOut) => {}
+        other => panic!("{other:?}"),
+    }
+    // The decode stops at its next row and only then gives its memory back.
+    for _ in 0..500 {
+        if budget.available_bytes() == total {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the timed-out decode kept its memory");
+}
+
+#[tokio::test]
+async fn the_pool_reports_undecodable_images() {
+    let pool = ThumbnailPool::new(
+        &ThumbnailSettings::default(),
+        MAX_PIXELS,
+        MemoryBudget::new(1 << 28, Duration::from_secs(5)),
+    );
+    let truncated = Bytes::from(image("truncated.jpg"));
+    assert!(matches!(
+        pool.make(FileKind::Jpeg, truncated).await,
+        Err(ThumbnailError::Undecodable(_))
+    ));
+    let made = pool
+        .make(FileKind::Jpeg, Bytes::from(image("exif-gps.jpg")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((made.width, made.height), (320, 240));
+}
