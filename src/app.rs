@@ -36,10 +36,14 @@ use crate::{
         redis::RedisMessageStore,
         s3::{LifecycleOutcome, S3BlobStore},
     },
+    thumbnails::ThumbnailPool,
 };
 
 /// Room for a protobuf envelope around the largest accepted upload chunk.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
+/// HTTP/2 flow-control windows; see where the server is built.
+const STREAM_WINDOW: u32 = 512 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// How long cancelled streams get to send their final status after the grace period.
 const CANCEL_FLUSH: Duration = Duration::from_secs(2);
 
@@ -154,11 +158,17 @@ impl App {
             MessagingServiceServer::new(MessagingApi::new(conversations.clone())),
             authenticator.clone(),
         );
+        let thumbnails = Arc::new(ThumbnailPool::new(
+            &settings.thumbnails,
+            settings.uploads.max_image_pixels,
+            backends.budget.clone(),
+        ));
         let file_service = Arc::new(FileService::new(
             conversations,
             backends.blobs.clone(),
             backends.files.clone(),
             policy,
+            thumbnails,
             settings.downloads.url_ttl,
         ));
         let file_relay = InterceptedService::new(
@@ -175,6 +185,12 @@ impl App {
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // A stream whose upload waits for memory stops reading; its unread bytes hold the
+            // connection's window. A connection window many times the stream window keeps one
+            // such stream from stalling the other uploads multiplexed on the connection (which
+            // would hold their memory and never release it).
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .layer(GrpcMetricsLayer::new(metrics.clone()))
             .layer(DrainLayer::new(cancel_calls.clone()))
             .add_service(health_service)
@@ -273,6 +289,8 @@ struct Backends {
     blobs: Arc<dyn BlobStore>,
     /// Set for the filesystem store, whose signed URLs the HTTP port serves.
     fs_blobs: Option<FsBlobStore>,
+    /// Bytes uploads (part buffers) and image decodes may hold together.
+    budget: Arc<MemoryBudget>,
     dependencies: Vec<Arc<dyn DependencyCheck>>,
 }
 
@@ -315,7 +333,7 @@ impl Backends {
                         &settings.s3,
                         settings.uploads.part_size.as_u64(),
                         settings.uploads.parts_in_flight as usize,
-                        budget,
+                        budget.clone(),
                     )
                     .map_err(StartupError::S3)?,
                 );
@@ -347,6 +365,7 @@ impl Backends {
             files,
             blobs,
             fs_blobs,
+            budget,
             dependencies,
         })
     }

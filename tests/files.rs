@@ -840,7 +840,8 @@ pub async fn a_file_can_be_posted_again_only_in_its_conversation(backend: Backen
         server: _server,
     } = setup(backend).await;
     let other = conversation(&mut messaging, "alice", &[]).await;
-    let body = png_header(64, 48);
+    let body = fixture("palette.png");
+    let size = imagesize::blob_size(&body).unwrap();
     let response = upload(
         &mut files,
         "alice",
@@ -858,7 +859,10 @@ pub async fn a_file_can_be_posted_again_only_in_its_conversation(backend: Backen
     .await
     .unwrap();
     let file = response.file.unwrap();
-    assert_eq!((file.width, file.height), (64, 48));
+    assert_eq!(
+        (file.width as usize, file.height as usize),
+        (size.width, size.height)
+    );
     assert_eq!(response.message.unwrap().r#type(), pb::MessageType::Image);
     let send = |conversation: &str| pb::SendMessageRequest {
         conversation_id: conversation.to_owned(),
@@ -956,6 +960,142 @@ pub async fn outsiders_cannot_reach_a_file(backend: Backend) {
     }
 }
 
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/data/images/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+pub async fn images_get_an_upright_metadata_free_thumbnail(backend: Backend) {
+    let Setup {
+        mut files,
+        conversation_id,
+        server: _server,
+        ..
+    } = setup(backend).await;
+    // Stored 240x400 with EXIF orientation 6: displayed 400x240.
+    let photo = fixture("orientation-6.jpg");
+    let file = upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(
+                &conversation_id,
+                "photo.jpg",
+                "image/jpeg",
+                photo.len(),
+            )),
+            &photo,
+            1000,
+        ),
+    )
+    .await
+    .unwrap()
+    .file
+    .unwrap();
+    assert!(file.has_thumbnail);
+    assert_eq!((file.width, file.height), (400, 240), "displayed size");
+    let urls = files
+        .get_download_url(as_user(
+            "bob",
+            pb::GetDownloadUrlRequest {
+                file_id: file.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!urls.thumbnail_url.is_empty());
+    let response = reqwest::get(&urls.thumbnail_url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "image/jpeg");
+    let thumbnail = response.bytes().await.unwrap();
+    let size = imagesize::blob_size(&thumbnail).unwrap();
+    assert_eq!(
+        (size.width, size.height),
+        (320, 192),
+        "upright and within 320 px"
+    );
+    assert!(
+        !thumbnail.windows(4).any(|window| window == b"Exif"),
+        "no EXIF in thumbnails"
+    );
+    // The original is served untouched.
+    let original = reqwest::get(&urls.url)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(original.as_ref(), photo.as_slice());
+}
+
+pub async fn undecodable_images_are_refused_and_leave_nothing(backend: Backend) {
+    let Setup {
+        server,
+        mut files,
+        mut messaging,
+        conversation_id,
+    } = setup(backend).await;
+    for (name, content_type, fixture_name) in [
+        ("cut.jpg", "image/jpeg", "truncated.jpg"),
+        ("broken.png", "image/png", "corrupt.png"),
+    ] {
+        let bytes = fixture(fixture_name);
+        let status = upload(
+            &mut files,
+            "alice",
+            stream(
+                Some(metadata(&conversation_id, name, content_type, bytes.len())),
+                &bytes,
+                4096,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert_eq!(reason(&status), "IMAGE_UNDECODABLE", "{name}");
+        let left = leftovers(backend, &server, &conversation_id).await;
+        assert!(left.is_empty(), "{name} left {left:?}");
+    }
+    let history = messaging
+        .list_messages(as_user(
+            "alice",
+            pb::ListMessagesRequest {
+                conversation_id: conversation_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.messages.is_empty());
+    // HEIC is stored without a thumbnail (no well-kept decoder is used).
+    let mut heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic".to_vec();
+    heic.extend(std::iter::repeat_n(0u8, 2000));
+    let file = upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(
+                &conversation_id,
+                "a.heic",
+                "image/heic",
+                heic.len(),
+            )),
+            &heic,
+            1000,
+        ),
+    )
+    .await
+    .unwrap()
+    .file
+    .unwrap();
+    assert!(!file.has_thumbnail);
+}
+
 macro_rules! file_suite {
     ($backend:expr) => {
         #[tokio::test]
@@ -981,6 +1121,14 @@ macro_rules! file_suite {
         #[tokio::test]
         async fn a_file_can_be_posted_again_only_in_its_conversation() {
             super::a_file_can_be_posted_again_only_in_its_conversation($backend).await;
+        }
+        #[tokio::test]
+        async fn images_get_an_upright_metadata_free_thumbnail() {
+            super::images_get_an_upright_metadata_free_thumbnail($backend).await;
+        }
+        #[tokio::test]
+        async fn undecodable_images_are_refused_and_leave_nothing() {
+            super::undecodable_images_are_refused_and_leave_nothing($backend).await;
         }
         #[tokio::test]
         async fn outsiders_cannot_reach_a_file() {

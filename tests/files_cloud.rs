@@ -377,9 +377,15 @@ async fn assert_nothing_left(
     kept: &[String],
 ) {
     let left = bucket_leftovers(conversation_id).await;
+    // A kept image may also have its thumbnail.
     let kept_keys: Vec<String> = kept
         .iter()
-        .map(|file_id| format!("files/{conversation_id}/{file_id}"))
+        .flat_map(|file_id| {
+            [
+                format!("files/{conversation_id}/{file_id}"),
+                format!("thumbs/{conversation_id}/{file_id}"),
+            ]
+        })
         .collect();
     let unexpected: Vec<&String> = left.iter().filter(|key| !kept_keys.contains(key)).collect();
     assert!(

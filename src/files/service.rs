@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, stream::BoxStream};
 use sha2::{Digest, Sha256};
 
@@ -28,6 +28,7 @@ use crate::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
         files::{FileRecord, FileStore},
     },
+    thumbnails::{ThumbnailError, ThumbnailPool},
 };
 
 /// Longest file name, in characters.
@@ -82,6 +83,7 @@ pub struct FileService {
     blobs: Arc<dyn BlobStore>,
     files: Arc<dyn FileStore>,
     policy: Arc<UploadPolicy>,
+    thumbnails: Arc<ThumbnailPool>,
     url_ttl: Duration,
 }
 
@@ -91,6 +93,7 @@ impl FileService {
         blobs: Arc<dyn BlobStore>,
         files: Arc<dyn FileStore>,
         policy: Arc<UploadPolicy>,
+        thumbnails: Arc<ThumbnailPool>,
         url_ttl: Duration,
     ) -> Self {
         Self {
@@ -98,6 +101,7 @@ impl FileService {
             blobs,
             files,
             policy,
+            thumbnails,
             url_ttl,
         }
     }
@@ -141,8 +145,31 @@ impl FileService {
             .start_upload(&key, attributes)
             .await
             .map_err(blob_error)?;
-        let received = receive(&plan, &self.policy, &mut parts, upload.as_mut()).await;
-        let (sha256, dimensions) = match received {
+        // Images are also kept in memory (at most the image size limit) for their thumbnail,
+        // which is made before anything is committed: an undecodable image stores nothing.
+        let mut image = (plan.rule.kind.category() == FileCategory::Image)
+            .then(|| BytesMut::with_capacity(usize::try_from(plan.declared_size).unwrap_or(0)));
+        let received = match receive(
+            &plan,
+            &self.policy,
+            &mut parts,
+            upload.as_mut(),
+            image.as_mut(),
+        )
+        .await
+        {
+            Ok(received) => match image {
+                Some(bytes) => self
+                    .thumbnails
+                    .make(plan.rule.kind, bytes.freeze())
+                    .await
+                    .map_err(thumbnail_error)
+                    .map(|thumbnail| (received, thumbnail)),
+                None => Ok((received, None)),
+            },
+            Err(error) => Err(error),
+        };
+        let ((sha256, mut dimensions), thumbnail) = match received {
             Ok(received) => received,
             Err(error) => {
                 if let Err(abort_error) = upload.abort().await {
@@ -155,6 +182,30 @@ impl FileService {
             .commit(vec![(SHA256_METADATA.to_owned(), sha256.clone())])
             .await
             .map_err(blob_error)?;
+        let mut thumbnail_key = None;
+        if let Some(thumbnail) = thumbnail {
+            // FileInfo reports the image as displayed, after its EXIF orientation.
+            dimensions = (thumbnail.source_width, thumbnail.source_height);
+            let key = blob_key("thumbs", plan.conversation_id, &plan.file_id);
+            let extension = if thumbnail.content_type == "image/png" {
+                "png"
+            } else {
+                "jpg"
+            };
+            let attributes = BlobAttributes {
+                content_type: thumbnail.content_type.to_owned(),
+                content_disposition: attachment_disposition(&format!("thumbnail.{extension}")),
+                metadata: Vec::new(),
+            };
+            if let Err(error) = self.blobs.put(&key, attributes, thumbnail.bytes).await {
+                let _ = self
+                    .blobs
+                    .delete(&blob_key("files", plan.conversation_id, &plan.file_id))
+                    .await;
+                return Err(blob_error(error));
+            }
+            thumbnail_key = Some(key);
+        }
 
         let now = now_millis();
         let retention = i64::try_from(self.policy.retention.as_millis()).unwrap_or(i64::MAX);
@@ -171,7 +222,7 @@ impl FileService {
             width: dimensions.0,
             height: dimensions.1,
             blob_key: key.clone(),
-            thumbnail_key: None,
+            thumbnail_key,
             message_id: Some(message_id),
             create_time: now,
             expire_time: now.saturating_add(retention),
@@ -440,6 +491,7 @@ async fn receive<S>(
     policy: &UploadPolicy,
     parts: &mut S,
     upload: &mut dyn BlobUpload,
+    mut keep: Option<&mut BytesMut>,
 ) -> Result<(String, (u32, u32))>
 where
     S: Stream<Item = Result<UploadPart>> + Unpin + Send,
@@ -473,6 +525,9 @@ where
         }
         sniffer.feed(&chunk).map_err(sniff_error)?;
         hasher.update(&chunk);
+        if let Some(keep) = keep.as_deref_mut() {
+            keep.extend_from_slice(&chunk);
+        }
         upload.write(chunk).await.map_err(blob_error)?;
     }
     if received != plan.declared_size {
@@ -548,6 +603,30 @@ fn size_mismatch(message: String) -> Error {
 
 fn file_not_found() -> Error {
     Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
+}
+
+fn thumbnail_error(error: ThumbnailError) -> Error {
+    match error {
+        ThumbnailError::Undecodable(detail) => Error::invalid(
+            Reason::ImageUndecodable,
+            format!("the image cannot be decoded: {detail}"),
+        ),
+        too_large @ ThumbnailError::TooLarge { .. } => {
+            Error::invalid(Reason::ImageTooLarge, too_large.to_string())
+        }
+        // Too many images at once: the same upload may succeed shortly.
+        ThumbnailError::Busy => Error::new(
+            ErrorKind::ResourceExhausted,
+            Reason::UploadMemoryBusy,
+            "the server is decoding too many images; retry shortly",
+        ),
+        ThumbnailError::TimedOut => Error::new(
+            ErrorKind::Unavailable,
+            Reason::BackendTimeout,
+            "making the image's thumbnail took too long; retry shortly",
+        ),
+        ThumbnailError::Internal(detail) => Error::internal(detail),
+    }
 }
 
 fn sniff_error(error: SniffError) -> Error {
