@@ -6,9 +6,11 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use bytes::Bytes;
-use common::{TestServer, as_user, reason, unique_prefix, use_test_redis};
+use common::{
+    TestServer, as_user, create_conversation, reason, sha256_hex, test_s3_settings, unique_prefix,
+    use_test_redis,
+};
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use svc_messaging::grpc::pb::{
     self, file_relay_service_client::FileRelayServiceClient,
     messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
@@ -17,24 +19,6 @@ use tonic::{Code, transport::Channel};
 
 type Files = FileRelayServiceClient<Channel>;
 type Messaging = MessagingServiceClient<Channel>;
-
-async fn conversation(messaging: &mut Messaging, creator: &str, others: &[&str]) -> String {
-    messaging
-        .create_conversation(as_user(
-            creator,
-            pb::CreateConversationRequest {
-                title: "files".to_owned(),
-                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap()
-        .conversation_id
-}
 
 fn metadata(
     conversation_id: &str,
@@ -80,13 +64,6 @@ async fn upload(
         .upload_file(as_user(user, futures::stream::iter(messages)))
         .await
         .map(tonic::Response::into_inner)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn text_body(len: usize) -> Vec<u8> {
@@ -136,21 +113,7 @@ fn use_test_cloud(settings: &mut svc_messaging::config::Settings) {
     use svc_messaging::config::BlobBackend;
     use_test_redis(settings, &unique_prefix("files"));
     settings.storage.blobs = BlobBackend::S3;
-    settings.s3 = s3_settings();
-}
-
-fn s3_settings() -> svc_messaging::config::S3Settings {
-    svc_messaging::config::S3Settings {
-        endpoint: Some(common::required_tool("SVC_TEST_S3_ENDPOINT")),
-        region: common::required_tool("SVC_TEST_S3_REGION"),
-        bucket: Some(common::required_tool("SVC_TEST_S3_BUCKET")),
-        access_key_id: Some(common::required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
-        secret_access_key: Some(secrecy::SecretString::from(common::required_tool(
-            "SVC_TEST_S3_SECRET_ACCESS_KEY",
-        ))),
-        force_path_style: true,
-        manage_lifecycle: false,
-    }
+    settings.s3 = test_s3_settings();
 }
 
 /// Whatever a conversation's uploads left behind: files on disk (finished or not), or objects,
@@ -161,7 +124,7 @@ async fn leftovers(backend: Backend, server: &TestServer, conversation_id: &str)
         Backend::Cloud => {
             use svc_messaging::store::{blobs::BlobStore, s3::S3BlobStore};
             let budget = svc_messaging::budget::MemoryBudget::new(64 << 20, Duration::from_secs(1));
-            let s3 = S3BlobStore::new(&s3_settings(), 8 << 20, 1, budget).unwrap();
+            let s3 = S3BlobStore::new(&test_s3_settings(), 8 << 20, 1, budget).unwrap();
             let mut left = Vec::new();
             for area in ["files", "thumbs"] {
                 let prefix = format!("{area}/{conversation_id}/");
@@ -203,7 +166,7 @@ async fn setup_with(
     .await;
     let channel = server.channel().await;
     let mut messaging = Messaging::new(channel.clone());
-    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
     Setup {
         server,
         files: Files::new(channel),
@@ -839,7 +802,7 @@ pub async fn a_file_can_be_posted_again_only_in_its_conversation(backend: Backen
         conversation_id,
         server: _server,
     } = setup(backend).await;
-    let other = conversation(&mut messaging, "alice", &[]).await;
+    let other = create_conversation(&mut messaging, "alice", &[]).await;
     let body = fixture("palette.png");
     let size = imagesize::blob_size(&body).unwrap();
     let response = upload(

@@ -13,9 +13,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{TestServer, as_user, reason, required_tool, unique_prefix, use_test_redis};
+use common::{
+    TestServer, as_user, create_conversation, reason, required_tool, sha256_hex, test_s3_settings,
+    unique_prefix, use_test_redis,
+};
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use svc_messaging::{
     app::{App, StartupError},
     budget::MemoryBudget,
@@ -41,25 +43,11 @@ const MIB: usize = 1024 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Configuration and inspection of the real servers.
 
-fn s3_settings() -> S3Settings {
-    S3Settings {
-        endpoint: Some(required_tool("SVC_TEST_S3_ENDPOINT")),
-        region: required_tool("SVC_TEST_S3_REGION"),
-        bucket: Some(required_tool("SVC_TEST_S3_BUCKET")),
-        access_key_id: Some(required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
-        secret_access_key: Some(secrecy::SecretString::from(required_tool(
-            "SVC_TEST_S3_SECRET_ACCESS_KEY",
-        ))),
-        force_path_style: true,
-        manage_lifecycle: false,
-    }
-}
-
 /// Redis under `key_prefix` and the test bucket, like production.
 fn use_cloud(settings: &mut Settings, key_prefix: &str) {
     use_test_redis(settings, key_prefix);
     settings.storage.blobs = BlobBackend::S3;
-    settings.s3 = s3_settings();
+    settings.s3 = test_s3_settings();
 }
 
 /// A store of the test's own on `settings` (for looking at the bucket directly).
@@ -70,7 +58,7 @@ fn s3_store(settings: &S3Settings) -> S3BlobStore {
 
 /// Objects and open multipart uploads a conversation's files left in the test bucket.
 async fn bucket_leftovers(conversation_id: &str) -> Vec<String> {
-    let s3 = s3_store(&s3_settings());
+    let s3 = s3_store(&test_s3_settings());
     let mut left = Vec::new();
     for area in ["files", "thumbs"] {
         let prefix = format!("{area}/{conversation_id}/");
@@ -133,13 +121,6 @@ fn free_port() -> u16 {
 
 // ---------------------------------------------------------------------------------------------
 // Bodies.
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
 
 /// Deterministic bytes that do not repeat (xorshift64*).
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -240,24 +221,6 @@ fn png(width: u32, height: u32) -> Vec<u8> {
 
 // ---------------------------------------------------------------------------------------------
 // Calls.
-
-async fn conversation(messaging: &mut Messaging, creator: &str, others: &[&str]) -> String {
-    messaging
-        .create_conversation(as_user(
-            creator,
-            pb::CreateConversationRequest {
-                title: "cloud files".to_owned(),
-                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap()
-        .conversation_id
-}
 
 fn metadata(
     conversation_id: &str,
@@ -473,8 +436,8 @@ async fn files_at_the_size_limits_round_trip_byte_for_byte_with_their_attributes
     let channel = server.channel().await;
     let mut files = Files::new(channel.clone());
     let mut messaging = Messaging::new(channel);
-    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
-    let s3 = s3_store(&s3_settings());
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
+    let s3 = s3_store(&test_s3_settings());
 
     let document = Bytes::from(pdf(49_900_000));
     let image = Bytes::from(png(1800, 1833));
@@ -595,7 +558,7 @@ async fn a_file_uploaded_through_one_replica_is_served_by_another() {
     let mut messaging_a = Messaging::new(channel_a.clone());
     let mut files_a = Files::new(channel_a);
     let mut files_b = Files::new(channel_b.clone());
-    let conversation_id = conversation(&mut messaging_a, "alice", &["bob"]).await;
+    let conversation_id = create_conversation(&mut messaging_a, "alice", &["bob"]).await;
 
     // Multipart (three 8 MiB parts at the default part size).
     let body = Bytes::from(pdf(17 * MIB + 3));
@@ -747,7 +710,7 @@ async fn an_unreachable_s3_server_is_unavailable_not_internal() {
     let mut files = Files::new(channel.clone());
     let mut messaging = Messaging::new(channel.clone());
     // Redis answers, so conversations work; S3 does not.
-    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
 
     // Health: the s3 dependency check fails, so nothing is SERVING and /readyz says 503.
     for service in ["", "messaging.v1.FileRelayService"] {
@@ -870,7 +833,7 @@ async fn an_s3_outage_turns_health_not_serving_and_uploads_unavailable_until_it_
     let channel = server.channel().await;
     let mut files = Files::new(channel.clone());
     let mut messaging = Messaging::new(channel.clone());
-    let conversation_id = conversation(&mut messaging, "alice", &["bob"]).await;
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
     let before = Bytes::from(pdf(9 * MIB));
     let kept = upload(
         &mut files,
@@ -971,7 +934,7 @@ async fn manage_lifecycle_installs_the_rule_at_start_up() {
     ]);
     let settings = S3Settings {
         bucket: Some(bucket.clone()),
-        ..s3_settings()
+        ..test_s3_settings()
     };
     let s3 = s3_store(&settings);
     // A fresh bucket has no lifecycle configuration.
@@ -1074,7 +1037,7 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
     let server = budget_server(&key_prefix, Duration::from_secs(60)).await;
     let channel = server.channel().await;
     let mut messaging = Messaging::new(channel.clone());
-    let conversation_id = conversation(&mut messaging, "alice", &[]).await;
+    let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
     let results = concurrent_uploads(&channel, &conversation_id, &body, 4).await;
     let mut stored = Vec::new();
     for result in results {
@@ -1090,7 +1053,7 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
         &stored,
     )
     .await;
-    let s3 = s3_store(&s3_settings());
+    let s3 = s3_store(&test_s3_settings());
     let mut files = Files::new(channel.clone());
     for file_id in &stored {
         let file = files
@@ -1121,7 +1084,7 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
     let channel = server.channel().await;
     let mut messaging = Messaging::new(channel.clone());
     let mut files = Files::new(channel.clone());
-    let conversation_id = conversation(&mut messaging, "alice", &[]).await;
+    let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
 
     // Three slow clients each hold a part buffer: the whole budget. One more upload cannot get
     // memory within the wait and is refused, leaving nothing.
@@ -1219,7 +1182,7 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
         Duration::from_secs(10),
         "no multipart upload is open",
         async || {
-            let s3 = s3_store(&s3_settings());
+            let s3 = s3_store(&test_s3_settings());
             s3.open_multipart_uploads(&format!("files/{conversation_id}/"))
                 .await
                 .unwrap()

@@ -327,3 +327,53 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// Creates a conversation as `creator` with `others` and returns its id.
+pub async fn create_conversation(
+    messaging: &mut svc_messaging::grpc::pb::messaging_service_client::MessagingServiceClient<
+        Channel,
+    >,
+    creator: &str,
+    others: &[&str],
+) -> String {
+    use svc_messaging::grpc::pb;
+    messaging
+        .create_conversation(as_user(
+            creator,
+            pb::CreateConversationRequest {
+                title: "test".to_owned(),
+                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .expect("create a conversation")
+        .into_inner()
+        .conversation
+        .expect("a conversation")
+        .conversation_id
+}
+
+/// The test bucket on the S3 server that scripts/test starts.
+pub fn test_s3_settings() -> svc_messaging::config::S3Settings {
+    svc_messaging::config::S3Settings {
+        endpoint: Some(required_tool("SVC_TEST_S3_ENDPOINT")),
+        region: required_tool("SVC_TEST_S3_REGION"),
+        bucket: Some(required_tool("SVC_TEST_S3_BUCKET")),
+        access_key_id: Some(required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
+        secret_access_key: Some(secrecy::SecretString::from(required_tool(
+            "SVC_TEST_S3_SECRET_ACCESS_KEY",
+        ))),
+        force_path_style: true,
+        manage_lifecycle: false,
+    }
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
