@@ -16,10 +16,7 @@ use serde_json::json;
 use crate::{
     health::HealthBoard,
     metrics::Metrics,
-    store::{
-        blobs::{BlobError, BlobStore},
-        fs::FsBlobStore,
-    },
+    store::{blobs::BlobError, fs::FsBlobStore},
 };
 
 #[derive(Clone)]
@@ -118,20 +115,10 @@ async fn signed_download(
     if !store.signer().verify(&key, expires, signature) {
         return forbidden();
     }
-    let attributes = match store.attributes(&key).await {
-        Ok(attributes) => attributes,
+    let (attributes, size, body) = match store.open_download(&key).await {
+        Ok(download) => download,
         Err(BlobError::NotFound) => return (StatusCode::NOT_FOUND, "not found\n").into_response(),
         Err(error) => {
-            tracing::warn!(%error, "signed download failed");
-            return (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response();
-        }
-    };
-    let (info, body) = match (store.info(&key).await, store.read(&key, 0).await) {
-        (Ok(info), Ok(body)) => (info, body),
-        (Err(BlobError::NotFound), _) | (_, Err(BlobError::NotFound)) => {
-            return (StatusCode::NOT_FOUND, "not found\n").into_response();
-        }
-        (Err(error), _) | (_, Err(error)) => {
             tracing::warn!(%error, "signed download failed");
             return (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response();
         }
@@ -139,7 +126,7 @@ async fn signed_download(
     let headers = [
         (header::CONTENT_TYPE, attributes.content_type),
         (header::CONTENT_DISPOSITION, attributes.content_disposition),
-        (header::CONTENT_LENGTH, info.size.to_string()),
+        (header::CONTENT_LENGTH, size.to_string()),
         (header::CACHE_CONTROL, "private, no-store".to_owned()),
     ];
     (headers, axum::body::Body::from_stream(body)).into_response()

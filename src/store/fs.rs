@@ -98,10 +98,6 @@ impl FsBlobStore {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn signer(&self) -> &UrlSigner {
         &self.signer
     }
@@ -157,6 +153,22 @@ impl FsBlobStore {
             }
         }
         Ok(removed)
+    }
+
+    /// What a signed download serves: the attributes, the size and the bytes, from one open
+    /// file (so the size and the bytes always belong together).
+    pub async fn open_download(
+        &self,
+        key: &str,
+    ) -> BlobResult<(BlobAttributes, u64, BoxStream<'static, BlobResult<Bytes>>)> {
+        let attributes = self.attributes(key).await?;
+        let file = tokio::fs::File::open(self.object_path(key)?)
+            .await
+            .map_err(io_error)?;
+        let size = file.metadata().await.map_err(io_error)?.len();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
+            .map(|chunk| chunk.map_err(io_error));
+        Ok((attributes, size, stream.boxed()))
     }
 
     /// The stored attributes of `key` (for serving downloads).
