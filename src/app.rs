@@ -63,6 +63,8 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Config(#[from] ConfigError),
+    #[error("no randomness for the download signing key: {0}")]
+    Randomness(String),
     #[error("redis: {0}")]
     Redis(#[from] StoreError),
     #[error("s3: {0}")]
@@ -380,10 +382,8 @@ async fn open_fs_store(
         // Only this process verifies its URLs, so a random key is enough for one replica.
         None => {
             let mut key = vec![0u8; 32];
-            getrandom::fill(&mut key).map_err(|error| StartupError::DataDir {
-                path: "random signing key".to_owned(),
-                source: io::Error::other(error.to_string()),
-            })?;
+            getrandom::fill(&mut key)
+                .map_err(|error| StartupError::Randomness(error.to_string()))?;
             key
         }
     };

@@ -7,7 +7,6 @@
 //! first request. Secrets are `SecretString`s: their `Debug` output is redacted.
 
 use std::{
-    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -853,15 +852,6 @@ fn config_crate_error(error: config::ConfigError) -> ConfigError {
             ),
         ),
         other => ConfigError::new("config", other.to_string().replace('\n', " ")),
-    }
-}
-
-/// Shows a secret as set or unset, never its value.
-pub struct Redacted<'a>(pub &'a Option<SecretString>);
-
-impl fmt::Display for Redacted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() { "[set]" } else { "[unset]" })
     }
 }
 

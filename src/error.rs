@@ -29,8 +29,6 @@ pub enum ErrorKind {
     Unavailable,
     /// A dependency did not answer in time.
     DeadlineExceeded,
-    /// Not built yet.
-    Unimplemented,
     /// A bug or a broken invariant; details are logged, never sent.
     Internal,
 }
@@ -68,8 +66,6 @@ pub enum Reason {
     UploadMemoryBusy,
     BackendUnavailable,
     BackendTimeout,
-    ShuttingDown,
-    NotImplemented,
     Internal,
 }
 
@@ -106,8 +102,6 @@ impl Reason {
             Reason::UploadMemoryBusy => "UPLOAD_MEMORY_BUSY",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::BackendTimeout => "BACKEND_TIMEOUT",
-            Reason::ShuttingDown => "SHUTTING_DOWN",
-            Reason::NotImplemented => "NOT_IMPLEMENTED",
             Reason::Internal => "INTERNAL",
         }
     }
@@ -162,22 +156,6 @@ impl Error {
 
     pub fn permission_denied(reason: Reason, message: impl Into<String>) -> Self {
         Self::new(ErrorKind::PermissionDenied, reason, message)
-    }
-
-    pub fn unimplemented(what: &str) -> Self {
-        Self::new(
-            ErrorKind::Unimplemented,
-            Reason::NotImplemented,
-            format!("{what} is not implemented yet"),
-        )
-    }
-
-    pub fn shutting_down() -> Self {
-        Self::new(
-            ErrorKind::Unavailable,
-            Reason::ShuttingDown,
-            "the server is shutting down; retry on another replica",
-        )
     }
 
     pub fn internal(source: impl Into<BoxError>) -> Self {

@@ -5,7 +5,8 @@ use std::time::Duration;
 use crate::config::UploadSettings;
 
 /// Documents and images have separate size limits; images also get dimensions and thumbnails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Stored in file records and messages as `"Document"` / `"Image"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum FileCategory {
     Document,
     Image,

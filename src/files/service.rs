@@ -218,7 +218,7 @@ impl FileService {
             content_type: plan.rule.kind.mime_type().to_owned(),
             size_bytes: plan.declared_size,
             sha256,
-            category: plan.rule.kind.category().into(),
+            category: plan.rule.kind.category(),
             width: dimensions.0,
             height: dimensions.1,
             blob_key: key.clone(),

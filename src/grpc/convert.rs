@@ -83,7 +83,7 @@ pub fn file_info(file: FileAttachment, conversation_id: &str) -> pb::FileInfo {
         content_type: file.content_type,
         size_bytes: i64::try_from(file.size_bytes).unwrap_or(i64::MAX),
         sha256: file.sha256,
-        category: file_category_to_proto(file.category.into()).into(),
+        category: file_category_to_proto(file.category).into(),
         width: file.width,
         height: file.height,
         has_thumbnail: file.has_thumbnail,

@@ -103,11 +103,6 @@ impl LiveHub {
         }
     }
 
-    /// Subscribers currently registered (all conversations).
-    pub fn subscriber_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConversationId, Vec<Subscriber>>> {
         self.subscribers
             .lock()

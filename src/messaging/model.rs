@@ -145,6 +145,16 @@ pub enum MessageKind {
     Image,
 }
 
+impl MessageKind {
+    /// The kind of message that carries a file of `category`.
+    pub fn for_file(category: FileCategory) -> Self {
+        match category {
+            FileCategory::Image => Self::Image,
+            FileCategory::Document => Self::File,
+        }
+    }
+}
+
 /// A file carried by a FILE or IMAGE message, as it was when posted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileAttachment {
@@ -154,37 +164,12 @@ pub struct FileAttachment {
     pub content_type: String,
     pub size_bytes: u64,
     pub sha256: String,
-    pub category: FileCategoryTag,
+    pub category: FileCategory,
     pub width: u32,
     pub height: u32,
     pub has_thumbnail: bool,
     pub create_time: UnixMillis,
     pub expire_time: UnixMillis,
-}
-
-/// Storage form of [`FileCategory`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FileCategoryTag {
-    Document,
-    Image,
-}
-
-impl From<FileCategory> for FileCategoryTag {
-    fn from(category: FileCategory) -> Self {
-        match category {
-            FileCategory::Document => Self::Document,
-            FileCategory::Image => Self::Image,
-        }
-    }
-}
-
-impl From<FileCategoryTag> for FileCategory {
-    fn from(tag: FileCategoryTag) -> Self {
-        match tag {
-            FileCategoryTag::Document => Self::Document,
-            FileCategoryTag::Image => Self::Image,
-        }
-    }
 }
 
 /// What a message says. A deleted message keeps none of it.

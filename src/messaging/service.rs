@@ -10,9 +10,9 @@ use sha2::{Digest, Sha256};
 use super::{
     live::{LiveEnd, LiveHub},
     model::{
-        ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, FileCategoryTag,
-        MAX_PARTICIPANTS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId,
-        MessageKind, MessageRecord,
+        ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, MAX_PARTICIPANTS,
+        MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind,
+        MessageRecord,
     },
     paging::{self, PageSize},
 };
@@ -93,10 +93,7 @@ impl ConversationService {
         attachment: FileAttachment,
         caption: String,
     ) -> Result<Message> {
-        let kind = match attachment.category {
-            FileCategoryTag::Image => MessageKind::Image,
-            FileCategoryTag::Document => MessageKind::File,
-        };
+        let kind = MessageKind::for_file(attachment.category);
         let client_message_id =
             ClientId::from_field("client_message_id", &format!("file:{}", attachment.file_id))?;
         let fingerprint = fingerprint(&["file", &attachment.file_id, &caption]);
@@ -285,10 +282,7 @@ impl ConversationService {
                 // Participation first, so outsiders learn nothing about the conversation's files.
                 self.participating(caller, &id.to_string()).await?;
                 let attachment = self.attachment(id, &file_id).await?;
-                let kind = match attachment.category {
-                    FileCategoryTag::Image => MessageKind::Image,
-                    FileCategoryTag::Document => MessageKind::File,
-                };
+                let kind = MessageKind::for_file(attachment.category);
                 let fingerprint = fingerprint(&["file", &file_id]);
                 let content = MessageContent {
                     text: String::new(),

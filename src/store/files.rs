@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use super::messages::StoreResult;
 use crate::{
+    files::policy::FileCategory,
     ids::UserId,
-    messaging::model::{ConversationId, FileAttachment, FileCategoryTag, MessageId, UnixMillis},
+    messaging::model::{ConversationId, FileAttachment, MessageId, UnixMillis},
 };
 
 /// An uploaded file, as recorded once its bytes are stored.
@@ -20,7 +21,7 @@ pub struct FileRecord {
     pub size_bytes: u64,
     /// Lowercase hex.
     pub sha256: String,
-    pub category: FileCategoryTag,
+    pub category: FileCategory,
     /// Displayed dimensions of an image (after EXIF orientation); 0 when unknown.
     pub width: u32,
     pub height: u32,
