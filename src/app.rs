@@ -26,7 +26,7 @@ use crate::{
     health::{self, DependencyCheck, HealthBoard},
     http,
     messaging::service::ConversationService,
-    metrics::{GrpcMetricsLayer, Metrics},
+    metrics::{GrpcMetricsLayer, Metrics, ServedMethods},
     store::{
         blobs::{BlobError, BlobStore},
         files::FileStore,
@@ -141,6 +141,8 @@ impl App {
         }
 
         let metrics = Metrics::new();
+        let served_methods = ServedMethods::from_descriptor_sets(&SERVED_DESCRIPTOR_SETS)
+            .expect("the compiled-in descriptor sets decode");
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let board = HealthBoard::new(health_reporter).await;
 
@@ -193,7 +195,7 @@ impl App {
             // would hold their memory and never release it).
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
-            .layer(GrpcMetricsLayer::new(metrics.clone()))
+            .layer(GrpcMetricsLayer::new(metrics.clone(), served_methods))
             .layer(DrainLayer::new(cancel_calls.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -276,13 +278,20 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
 /// Both reflection versions describe every service, each other included: grpcurl 1.8 and
 /// Python's client only speak v1alpha, newer clients v1.
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .include_reflection_service(false)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    SERVED_DESCRIPTOR_SETS.iter().fold(
+        tonic_reflection::server::Builder::configure().include_reflection_service(false),
+        |builder, set| builder.register_encoded_file_descriptor_set(set),
+    )
 }
+
+/// The descriptors of every service the gRPC port serves: reflection describes them and the
+/// metrics layer labels only their methods.
+const SERVED_DESCRIPTOR_SETS: [&[u8]; 4] = [
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    pb::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+];
 
 /// The storage backends chosen by `storage.*`, and the dependencies whose health they report.
 struct Backends {

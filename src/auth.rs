@@ -16,6 +16,8 @@ use crate::{
 
 /// Metadata key carrying the user id in `trusted-header` mode.
 pub const USER_ID_HEADER: &str = "x-user-id";
+/// Metadata key carrying `Bearer <JWT>` in `jwt` mode.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
 
 /// The authenticated caller of one RPC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +193,32 @@ fn token_error(kind: &JwtErrorKind) -> Error {
     }
 }
 
+/// The one value of credential metadata `name`, given all of its values (`None` for a value
+/// that is not printable ASCII). A credential sent twice is refused rather than taking the first:
+/// a proxy that appends its own `x-user-id` to the caller's must not leave the caller's in
+/// charge, and which copy wins differs between proxies.
+pub fn single_credential<'a>(
+    name: &str,
+    values: impl IntoIterator<Item = Option<&'a str>>,
+) -> Result<Option<&'a str>, Error> {
+    let mut values = values.into_iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(unauthenticated(
+            Reason::CredentialsMalformed,
+            format!("{name} metadata was sent more than once"),
+        ));
+    }
+    first.map(Some).ok_or_else(|| {
+        unauthenticated(
+            Reason::CredentialsMalformed,
+            format!("{name} metadata is not printable ASCII"),
+        )
+    })
+}
+
 fn unauthenticated(reason: Reason, message: impl Into<String>) -> Error {
     Error::new(ErrorKind::Unauthenticated, reason, message)
 }
@@ -295,6 +323,26 @@ mod tests {
     fn jwt_mode_ignores_the_trusted_header() {
         let auth = Authenticator::from_settings(&jwt_settings()).unwrap();
         assert!(auth.authenticate(None, Some("alice")).is_err());
+    }
+
+    #[test]
+    fn a_credential_must_be_sent_once_and_as_text() {
+        assert_eq!(single_credential("x-user-id", []).unwrap(), None);
+        assert_eq!(
+            single_credential("x-user-id", [Some("alice")]).unwrap(),
+            Some("alice")
+        );
+        for values in [
+            vec![Some("alice"), Some("mallory")],
+            vec![Some("alice"), Some("alice")],
+            vec![None],
+            vec![Some("alice"), None],
+        ] {
+            let error = single_credential("x-user-id", values.clone()).unwrap_err();
+            assert_eq!(error.kind, ErrorKind::Unauthenticated, "{values:?}");
+            assert_eq!(error.reason, Reason::CredentialsMalformed, "{values:?}");
+            assert!(error.message.contains("x-user-id"), "{error}");
+        }
     }
 
     #[test]

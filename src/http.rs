@@ -128,6 +128,13 @@ async fn signed_download(
         (header::CONTENT_DISPOSITION, attributes.content_disposition),
         (header::CONTENT_LENGTH, size.to_string()),
         (header::CACHE_CONTROL, "private, no-store".to_owned()),
+        // Caller-supplied bytes: a browser must neither guess another type (an "image" that is
+        // really HTML) nor run anything in it, even when opened inline.
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; sandbox".to_owned(),
+        ),
     ];
     (headers, axum::body::Body::from_stream(body)).into_response()
 }

@@ -1,8 +1,13 @@
 //! Prometheus metrics: per-method RPC counts by status code, latency, and RPCs (streams
 //! especially) in flight. A tower layer observes every gRPC call from the outside, so the
 //! handlers stay free of bookkeeping and a status sent in trailers is counted correctly.
+//!
+//! The layer runs before routing and authentication, so the request path is caller input: only
+//! paths of methods the server serves ([`ServedMethods`]) become labels, every other path shares
+//! one `unknown` series. The number of series is therefore fixed by the contract, not by callers.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -16,6 +21,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use prost::Message;
 use tower::{Layer, Service};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,6 +35,58 @@ struct HandledLabels {
     grpc_service: String,
     grpc_method: String,
     grpc_code: &'static str,
+}
+
+/// Label value of every path that is not a served method.
+pub const UNKNOWN_LABEL: &str = "unknown";
+
+/// The gRPC methods this server serves, keyed by request path (`/package.Service/Method`).
+#[derive(Clone, Debug, Default)]
+pub struct ServedMethods {
+    by_path: Arc<HashMap<String, MethodLabels>>,
+}
+
+impl ServedMethods {
+    /// Every method of every service in the encoded `FileDescriptorSet`s.
+    pub fn from_descriptor_sets(sets: &[&[u8]]) -> Result<Self, prost::DecodeError> {
+        let mut by_path = HashMap::new();
+        for encoded in sets {
+            let set = prost_types::FileDescriptorSet::decode(*encoded)?;
+            for file in &set.file {
+                let package = file.package();
+                for service in &file.service {
+                    let service_name = if package.is_empty() {
+                        service.name().to_owned()
+                    } else {
+                        format!("{package}.{}", service.name())
+                    };
+                    for method in &service.method {
+                        by_path.insert(
+                            format!("/{service_name}/{}", method.name()),
+                            MethodLabels {
+                                grpc_service: service_name.clone(),
+                                grpc_method: method.name().to_owned(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            by_path: Arc::new(by_path),
+        })
+    }
+
+    /// The labels of `path`: its own for a served method, the shared `unknown` ones otherwise.
+    fn labels(&self, path: &str) -> MethodLabels {
+        self.by_path
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| MethodLabels {
+                grpc_service: UNKNOWN_LABEL.to_owned(),
+                grpc_method: UNKNOWN_LABEL.to_owned(),
+            })
+    }
 }
 
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
@@ -88,11 +146,12 @@ impl Metrics {
 #[derive(Clone)]
 pub struct GrpcMetricsLayer {
     metrics: Arc<Metrics>,
+    served: ServedMethods,
 }
 
 impl GrpcMetricsLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    pub fn new(metrics: Arc<Metrics>, served: ServedMethods) -> Self {
+        Self { metrics, served }
     }
 }
 
@@ -103,6 +162,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
         GrpcMetricsService {
             inner,
             metrics: self.metrics.clone(),
+            served: self.served.clone(),
         }
     }
 }
@@ -111,6 +171,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 pub struct GrpcMetricsService<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    served: ServedMethods,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetricsService<S>
@@ -127,7 +188,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let observation = Observation::start(self.metrics.clone(), request.uri().path());
+        let labels = self.served.labels(request.uri().path());
+        let observation = Observation::start(self.metrics.clone(), labels);
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -159,12 +221,7 @@ struct Observation {
 }
 
 impl Observation {
-    fn start(metrics: Arc<Metrics>, path: &str) -> Self {
-        let mut segments = path.trim_start_matches('/').splitn(2, '/');
-        let labels = MethodLabels {
-            grpc_service: segments.next().unwrap_or_default().to_owned(),
-            grpc_method: segments.next().unwrap_or_default().to_owned(),
-        };
+    fn start(metrics: Arc<Metrics>, labels: MethodLabels) -> Self {
         metrics.in_flight.get_or_create(&labels).inc();
         Self {
             metrics,
@@ -299,11 +356,43 @@ mod tests {
         assert_eq!(code_name(b"99"), "UNKNOWN");
     }
 
+    fn labels(service: &str, method: &str) -> MethodLabels {
+        MethodLabels {
+            grpc_service: service.to_owned(),
+            grpc_method: method.to_owned(),
+        }
+    }
+
+    #[test]
+    fn only_served_methods_get_their_own_labels() {
+        let served =
+            ServedMethods::from_descriptor_sets(&[tonic_health::pb::FILE_DESCRIPTOR_SET]).unwrap();
+        assert_eq!(
+            served.labels("/grpc.health.v1.Health/Check"),
+            labels("grpc.health.v1.Health", "Check")
+        );
+        for path in [
+            "/grpc.health.v1.Health/Nope",
+            "/made.up/Path",
+            "/grpc.health.v1.Health/Check/extra",
+            "",
+        ] {
+            assert_eq!(
+                served.labels(path),
+                labels(UNKNOWN_LABEL, UNKNOWN_LABEL),
+                "{path}"
+            );
+        }
+    }
+
     #[test]
     fn an_unfinished_call_counts_as_cancelled() {
         let metrics = Metrics::new();
-        drop(Observation::start(metrics.clone(), "/pkg.Svc/Method"));
-        Observation::start(metrics.clone(), "/pkg.Svc/Method").finish(b"5");
+        drop(Observation::start(
+            metrics.clone(),
+            labels("pkg.Svc", "Method"),
+        ));
+        Observation::start(metrics.clone(), labels("pkg.Svc", "Method")).finish(b"5");
         let text = metrics.encode();
         assert!(text.contains(
             r#"grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Method",grpc_code="CANCELLED"} 1"#

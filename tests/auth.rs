@@ -118,6 +118,24 @@ async fn the_trusted_header_is_ignored_in_jwt_mode() {
 }
 
 #[tokio::test]
+async fn a_token_sent_twice_is_refused() {
+    let server = jwt_server().await;
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    let alice = format!("Bearer {}", token(claims("alice", now() + 300), SECRET));
+    let mallory = format!("Bearer {}", token(claims("mallory", now() + 300), SECRET));
+    for second in [&mallory, &alice] {
+        let mut request = with_authorization(Some(&alice));
+        request
+            .metadata_mut()
+            .append("authorization", second.parse().unwrap());
+        let status = files.get_upload_policy(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(reason(&status), "CREDENTIALS_MALFORMED");
+        assert!(status.message().contains("more than once"), "{status:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_valid_token_is_accepted() {
     let server = jwt_server().await;
     let mut files = FileRelayServiceClient::new(server.channel().await);

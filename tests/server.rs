@@ -181,6 +181,93 @@ async fn metrics_count_rpcs_by_method_and_code() {
     );
 }
 
+/// Number of sample lines (series) in a Prometheus text exposition.
+fn series_count(text: &str) -> usize {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .count()
+}
+
+#[tokio::test]
+async fn made_up_paths_share_one_unknown_series() {
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    check(&mut health, "").await;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    // Warm-up: the first unknown calls create the shared `unknown` series (one per status code).
+    let call_made_up = |index: usize| {
+        let path = if index.is_multiple_of(2) {
+            format!("/attacker.Service{index}/Method{index}")
+        } else {
+            // A served service with a made-up method, and no credentials either way.
+            format!("/messaging.v1.MessagingService/Nope{index}")
+        };
+        http::uri::PathAndQuery::try_from(path).unwrap()
+    };
+    for (index, code) in [(0, Code::Unimplemented), (1, Code::Unauthenticated)] {
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary::<(), (), _>(
+                tonic::Request::new(()),
+                call_made_up(index),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code);
+    }
+    let metrics = || async {
+        reqwest::get(server.http_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = metrics().await;
+
+    for index in 2..300 {
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary::<(), (), _>(
+                tonic::Request::new(()),
+                call_made_up(index),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(status.code(), Code::Unimplemented | Code::Unauthenticated),
+            "{status:?}"
+        );
+    }
+
+    let after = metrics().await;
+    assert_eq!(
+        series_count(&after),
+        series_count(&before),
+        "made-up paths must not create series:\n{after}"
+    );
+    assert!(!after.contains("attacker"), "{after}");
+    assert!(!after.contains("Nope"), "{after}");
+    let unknown_calls: u64 = after
+        .lines()
+        .filter(|line| {
+            line.starts_with(
+                r#"grpc_server_handled_total{grpc_service="unknown",grpc_method="unknown","#,
+            )
+        })
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(unknown_calls, 300, "{after}");
+    // Served methods keep their own labels.
+    assert!(
+        after.contains(r#"grpc_server_handled_total{grpc_service="grpc.health.v1.Health",grpc_method="Check",grpc_code="OK"} 1"#),
+        "{after}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_show_open_streams_in_flight() {
     let server = TestServer::start().await;
@@ -215,6 +302,31 @@ async fn public_rpcs_require_credentials() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     assert_eq!(reason(&status), "CREDENTIALS_MISSING");
+}
+
+#[tokio::test]
+async fn a_user_id_sent_twice_is_refused() {
+    let server = TestServer::start().await;
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    // Both orders: neither the first nor the last copy may win.
+    for (first, second) in [
+        ("alice", "mallory"),
+        ("mallory", "alice"),
+        ("alice", "alice"),
+    ] {
+        let mut request = as_user(first, pb::GetUploadPolicyRequest {});
+        request
+            .metadata_mut()
+            .append("x-user-id", second.parse().unwrap());
+        let status = files.get_upload_policy(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{first}, {second}");
+        assert_eq!(reason(&status), "CREDENTIALS_MALFORMED");
+    }
+    // One copy still works.
+    files
+        .get_upload_policy(as_user("alice", pb::GetUploadPolicyRequest {}))
+        .await
+        .expect("a single x-user-id is accepted");
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ pub mod status;
 
 use tonic::{Request, Status, service::Interceptor};
 
-use crate::auth::{Authenticator, Caller, USER_ID_HEADER};
+use crate::auth::{AUTHORIZATION_HEADER, Authenticator, Caller, USER_ID_HEADER, single_credential};
 
 /// Code generated from `proto/messaging/v1`.
 #[allow(clippy::all, clippy::pedantic)]
@@ -23,12 +23,22 @@ pub mod pb {
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let metadata = request.metadata();
-        let authorization = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok());
-        let user_id = metadata
-            .get(USER_ID_HEADER)
-            .and_then(|value| value.to_str().ok());
+        let credential = |name: &str| {
+            single_credential(
+                name,
+                metadata
+                    .get_all(name)
+                    .iter()
+                    .map(|value| value.to_str().ok()),
+            )
+        };
+        // Only the credential the mode reads is checked: a JWT caller's gateway may well
+        // forward an `x-user-id` of its own, which this mode ignores.
+        let (authorization, user_id) = if self.is_trusted_header() {
+            (None, credential(USER_ID_HEADER)?)
+        } else {
+            (credential(AUTHORIZATION_HEADER)?, None)
+        };
         let caller = self.authenticate(authorization, user_id)?;
         request.extensions_mut().insert(caller);
         Ok(request)
