@@ -112,6 +112,8 @@ pub struct AuthSettings {
     pub jwt_algorithm: JwtAlgorithm,
     /// Shared secret for HS256.
     pub jwt_secret: Option<SecretString>,
+    /// File holding `jwt_secret` (a mounted Secret).
+    pub jwt_secret_file: Option<PathBuf>,
     /// PEM public key for RS256 / ES256, inline.
     pub jwt_public_key: Option<String>,
     /// PEM public key for RS256 / ES256, read from a file (a mounted Secret, say).
@@ -131,6 +133,7 @@ impl Default for AuthSettings {
             mode: AuthMode::TrustedHeader,
             jwt_algorithm: JwtAlgorithm::HS256,
             jwt_secret: None,
+            jwt_secret_file: None,
             jwt_public_key: None,
             jwt_public_key_file: None,
             issuer: None,
@@ -182,8 +185,12 @@ impl Default for StorageSettings {
 pub struct RedisSettings {
     /// `redis://[user[:password]@]host:port[/db]`; a secret because it may hold a password.
     pub url: Option<SecretString>,
+    /// File holding `url`.
+    pub url_file: Option<PathBuf>,
     /// Password kept apart from the URL, so it needs no percent-encoding.
     pub password: Option<SecretString>,
+    /// File holding `password` (a mounted Secret).
+    pub password_file: Option<PathBuf>,
     /// Prefix of every key this service writes.
     pub key_prefix: String,
 }
@@ -192,7 +199,9 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: None,
+            url_file: None,
             password: None,
+            password_file: None,
             key_prefix: "svcmsg".to_owned(),
         }
     }
@@ -206,7 +215,11 @@ pub struct S3Settings {
     pub region: String,
     pub bucket: Option<String>,
     pub access_key_id: Option<String>,
+    /// File holding `access_key_id`.
+    pub access_key_id_file: Option<PathBuf>,
     pub secret_access_key: Option<SecretString>,
+    /// File holding `secret_access_key` (a mounted Secret).
+    pub secret_access_key_file: Option<PathBuf>,
     /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
     pub force_path_style: bool,
     /// Install the bucket lifecycle rule (expiry, aborting stale multipart uploads) at start-up.
@@ -220,7 +233,9 @@ impl Default for S3Settings {
             region: "us-east-1".to_owned(),
             bucket: None,
             access_key_id: None,
+            access_key_id_file: None,
             secret_access_key: None,
+            secret_access_key_file: None,
             force_path_style: false,
             manage_lifecycle: false,
         }
@@ -289,6 +304,8 @@ pub struct DownloadSettings {
     pub url_ttl: Duration,
     /// HMAC key of the filesystem backend's download URLs; random per process when unset.
     pub signing_key: Option<SecretString>,
+    /// File holding `signing_key` (a mounted Secret).
+    pub signing_key_file: Option<PathBuf>,
     /// Base of the filesystem backend's download URLs; `http://{server.http_addr}` when unset.
     pub public_base_url: Option<String>,
 }
@@ -298,6 +315,7 @@ impl Default for DownloadSettings {
         Self {
             url_ttl: Duration::from_secs(15 * 60),
             signing_key: None,
+            signing_key_file: None,
             public_base_url: None,
         }
     }
@@ -403,29 +421,83 @@ impl Settings {
                     .required(true),
             );
         }
-        let env_vars: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
-        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+        let prefix = format!("{ENV_PREFIX}__");
+        let mut env_vars = config::Map::new();
+        let mut env_lists = Vec::new();
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            let key = path.to_lowercase().replace("__", ".");
+            if LIST_KEYS.contains(&key.as_str()) {
+                env_lists.push((key, value));
+            } else {
+                env_vars.insert(name, value);
+            }
+        }
+        // Every value stays the string it was: no guessing of numbers or booleans (the
+        // config crate's `try_parsing` turns a password `0123` into `123` and `TRUE` into
+        // `true`). Typed settings parse their string when deserialized.
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
+            .try_parsing(false)
             .source(Some(env_vars));
-        for key in LIST_KEYS {
-            environment = environment.with_list_parse_key(key);
+        builder = builder.add_source(environment);
+        for (key, value) in env_lists {
+            let items: Vec<String> = value.split(',').map(str::to_owned).collect();
+            builder = builder
+                .set_override(key.as_str(), items)
+                .map_err(config_crate_error)?;
         }
-        let layered = builder
-            .add_source(environment)
-            .build()
-            .map_err(config_crate_error)?;
-        let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|error| {
-            let path = error.path().to_string();
-            deserialize_error(&path, &error.into_inner().to_string())
-        })?;
+        let layered = builder.build().map_err(config_crate_error)?;
+        let mut settings: Settings =
+            serde_path_to_error::deserialize(layered).map_err(|error| {
+                let path = error.path().to_string();
+                deserialize_error(&path, &error.into_inner().to_string())
+            })?;
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Fills each secret whose `<key>_file` is set from that file (the way Kubernetes mounts a
+    /// Secret). The file's bytes are the value, except one trailing line break (`echo` and
+    /// editors add it; no secret ends in one), and must be UTF-8.
+    pub fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        read_secret_file(
+            "auth.jwt_secret",
+            &mut self.auth.jwt_secret,
+            self.auth.jwt_secret_file.as_deref(),
+        )?;
+        read_secret_file(
+            "redis.url",
+            &mut self.redis.url,
+            self.redis.url_file.as_deref(),
+        )?;
+        read_secret_file(
+            "redis.password",
+            &mut self.redis.password,
+            self.redis.password_file.as_deref(),
+        )?;
+        read_secret_file(
+            "s3.secret_access_key",
+            &mut self.s3.secret_access_key,
+            self.s3.secret_access_key_file.as_deref(),
+        )?;
+        read_secret_file(
+            "downloads.signing_key",
+            &mut self.downloads.signing_key,
+            self.downloads.signing_key_file.as_deref(),
+        )?;
+        let mut access_key_id = self.s3.access_key_id.take().map(SecretString::from);
+        read_secret_file(
+            "s3.access_key_id",
+            &mut access_key_id,
+            self.s3.access_key_id_file.as_deref(),
+        )?;
+        self.s3.access_key_id = access_key_id.map(|id| id.expose_secret().to_owned());
+        Ok(())
     }
 
     /// Checks what types alone cannot: ranges, combinations and well-formed secrets.
@@ -810,6 +882,41 @@ impl LogSettings {
     }
 }
 
+/// Reads the secret `key` from `file` into `value`, refusing both at once.
+fn read_secret_file(
+    key: &str,
+    value: &mut Option<SecretString>,
+    file: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let Some(path) = file else {
+        return Ok(());
+    };
+    let file_key = format!("{key}_file");
+    if value.is_some() {
+        return Err(ConfigError::new(
+            file_key,
+            format!("set either {key} or {key}_file, not both"),
+        ));
+    }
+    let mut bytes = std::fs::read(path).map_err(|error| {
+        ConfigError::new(
+            &file_key,
+            format!("cannot read {}: {error}", path.display()),
+        )
+    })?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    let text = String::from_utf8(bytes).map_err(|_| {
+        ConfigError::new(&file_key, format!("{} is not UTF-8 text", path.display()))
+    })?;
+    *value = Some(SecretString::from(text));
+    Ok(())
+}
+
 /// Maps a serde error at `path` into a [`ConfigError`] whose key names the setting itself, also
 /// for unknown keys (serde reports those at their parent).
 fn deserialize_error(path: &str, message: &str) -> ConfigError {
@@ -988,6 +1095,164 @@ mod tests {
         }
         assert!(check_redis_url("http://127.0.0.1:6379").is_err());
         assert!(check_redis_url("redis://127.0.0.1:6379/zero").is_err());
+    }
+
+    /// Values that a type-guessing parser would change: numbers with leading zeros, exponents,
+    /// booleans in any case, padding, and the characters that break URLs.
+    const SHAPE_SHIFTERS: &[&str] = &[
+        "0123",
+        "00",
+        "1e3",
+        "1.50",
+        "-0",
+        "TRUE",
+        "False",
+        "yes",
+        "null",
+        "0x1F",
+        " padded ",
+        "a,b",
+        "[1]",
+        "pa55/w=rd@#?",
+        "ünï ćødé",
+    ];
+
+    #[test]
+    fn string_settings_arrive_byte_for_byte_from_the_environment() {
+        for value in SHAPE_SHIFTERS {
+            // The signing key must be 32 bytes long: the shape-shifter leads it.
+            let signing_key = format!("{value}{}", "0".repeat(32));
+            let settings = load(&[
+                ("SVC_MESSAGING__STORAGE__DATA_DIR", value),
+                ("SVC_MESSAGING__REDIS__PASSWORD", value),
+                ("SVC_MESSAGING__S3__ACCESS_KEY_ID", value),
+                ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", value),
+                ("SVC_MESSAGING__S3__BUCKET", value),
+                ("SVC_MESSAGING__AUTH__ISSUER", value),
+                ("SVC_MESSAGING__DOWNLOADS__SIGNING_KEY", &signing_key),
+            ])
+            .unwrap_or_else(|error| panic!("{value:?}: {error}"));
+            assert_eq!(settings.storage.data_dir, PathBuf::from(value));
+            let password = settings.redis.password.as_ref().unwrap();
+            assert_eq!(password.expose_secret(), *value);
+            assert_eq!(settings.s3.access_key_id.as_deref(), Some(*value));
+            assert_eq!(
+                settings
+                    .s3
+                    .secret_access_key
+                    .as_ref()
+                    .unwrap()
+                    .expose_secret(),
+                *value
+            );
+            assert_eq!(settings.s3.bucket.as_deref(), Some(*value));
+            assert_eq!(settings.auth.issuer.as_deref(), Some(*value));
+            assert_eq!(
+                settings
+                    .downloads
+                    .signing_key
+                    .as_ref()
+                    .unwrap()
+                    .expose_secret(),
+                signing_key
+            );
+        }
+    }
+
+    #[test]
+    fn string_settings_arrive_byte_for_byte_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for value in SHAPE_SHIFTERS {
+            let path = dir.path().join("config.toml");
+            let quoted = serde_json::to_string(value).unwrap();
+            std::fs::write(
+                &path,
+                format!("[storage]\ndata_dir = {quoted}\n[redis]\npassword = {quoted}\n"),
+            )
+            .unwrap();
+            let settings = Settings::load_from(Some(&path), Vec::new())
+                .unwrap_or_else(|error| panic!("{value:?}: {error}"));
+            assert_eq!(settings.storage.data_dir, PathBuf::from(value));
+            let password = settings.redis.password.as_ref().unwrap();
+            assert_eq!(password.expose_secret(), *value);
+        }
+    }
+
+    #[test]
+    fn typed_settings_still_parse_from_the_environment() {
+        let settings = load(&[
+            ("SVC_MESSAGING__S3__FORCE_PATH_STYLE", "TRUE"),
+            ("SVC_MESSAGING__UPLOADS__MAX_CHUNK_BYTES", "65536"),
+            ("SVC_MESSAGING__MESSAGING__SUBSCRIBER_BUFFER", "0064"),
+            (
+                "SVC_MESSAGING__UPLOADS__DOCUMENT_TYPES",
+                "application/pdf,text/csv",
+            ),
+        ])
+        .expect("valid");
+        assert!(settings.s3.force_path_style);
+        assert_eq!(settings.uploads.max_chunk_bytes, ByteSize::b(65536));
+        assert_eq!(settings.messaging.subscriber_buffer, 64);
+        assert_eq!(
+            settings.uploads.document_types,
+            ["application/pdf", "text/csv"]
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_files_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path.display().to_string()
+        };
+        let password = file("password", b"0123\n");
+        let jwt = file("jwt", b"  a-secret-that-is-long-enough-0123456789  \r\n");
+        let key = file("key", b"1e3");
+        let id = file("id", b"GK00123\n");
+        let url = file("url", b"redis://default@127.0.0.1:6379/0\n");
+        let signing = file("signing", b"TRUE-and-32-bytes-0123456789abcdef\n\n");
+        let settings = load(&[
+            ("SVC_MESSAGING__REDIS__PASSWORD_FILE", &password),
+            ("SVC_MESSAGING__REDIS__URL_FILE", &url),
+            ("SVC_MESSAGING__AUTH__JWT_SECRET_FILE", &jwt),
+            ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY_FILE", &key),
+            ("SVC_MESSAGING__S3__ACCESS_KEY_ID_FILE", &id),
+            ("SVC_MESSAGING__DOWNLOADS__SIGNING_KEY_FILE", &signing),
+        ])
+        .expect("valid");
+        let exposed =
+            |secret: &Option<SecretString>| secret.as_ref().unwrap().expose_secret().to_owned();
+        assert_eq!(exposed(&settings.redis.password), "0123");
+        assert_eq!(
+            exposed(&settings.redis.url),
+            "redis://default@127.0.0.1:6379/0"
+        );
+        // Only one trailing line break goes; inner and leading bytes stay.
+        assert_eq!(
+            exposed(&settings.auth.jwt_secret),
+            "  a-secret-that-is-long-enough-0123456789  "
+        );
+        assert_eq!(exposed(&settings.s3.secret_access_key), "1e3");
+        assert_eq!(settings.s3.access_key_id.as_deref(), Some("GK00123"));
+        assert_eq!(
+            exposed(&settings.downloads.signing_key),
+            "TRUE-and-32-bytes-0123456789abcdef\n"
+        );
+
+        let error = load(&[
+            ("SVC_MESSAGING__REDIS__PASSWORD_FILE", &password),
+            ("SVC_MESSAGING__REDIS__PASSWORD", "inline"),
+        ])
+        .unwrap_err();
+        assert_eq!(error.key, "redis.password_file", "{error}");
+        let missing = dir.path().join("missing").display().to_string();
+        let error = load(&[("SVC_MESSAGING__S3__SECRET_ACCESS_KEY_FILE", &missing)]).unwrap_err();
+        assert_eq!(error.key, "s3.secret_access_key_file", "{error}");
+        let binary = file("binary", &[0xff, 0xfe, 0x00]);
+        let error = load(&[("SVC_MESSAGING__AUTH__JWT_SECRET_FILE", &binary)]).unwrap_err();
+        assert_eq!(error.key, "auth.jwt_secret_file", "{error}");
     }
 
     #[test]

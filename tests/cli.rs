@@ -382,3 +382,80 @@ async fn secrets_never_reach_the_logs() {
         );
     }
 }
+
+/// Sets the password of the private Redis (from `old`) to `new` with redis-cli.
+fn set_redis_password(redis: &common::PrivateRedis, old: &str, new: &str) {
+    let output = Command::new(common::required_tool("SVC_TEST_REDIS_CLI"))
+        .env("REDISCLI_AUTH", old)
+        .args(["-h", "127.0.0.1", "-p", &redis.port.to_string()])
+        .args(["config", "set", "requirepass", new])
+        .output()
+        .expect("run redis-cli");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "OK",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The service, configured from the environment only, works against a real Redis whose password
+/// is a value that a type-guessing config parser would have changed: from an environment
+/// variable, and from a mounted file.
+#[tokio::test]
+async fn redis_passwords_arrive_byte_for_byte_from_env_and_files() {
+    let redis = common::PrivateRedis::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let url = format!("redis://default@127.0.0.1:{}/0", redis.port);
+    let mut current = redis.password.clone();
+    for (index, password) in ["0123", "1e3", "TRUE", "00", " 0.50 "].iter().enumerate() {
+        set_redis_password(&redis, &current, password);
+        current = (*password).to_owned();
+        let password_file = secrets.path().join(format!("password-{index}"));
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        let password_file = password_file.display().to_string();
+        for source in ["env", "file"] {
+            let (key, value) = if source == "env" {
+                ("SVC_MESSAGING__REDIS__PASSWORD", *password)
+            } else {
+                (
+                    "SVC_MESSAGING__REDIS__PASSWORD_FILE",
+                    password_file.as_str(),
+                )
+            };
+            let mut service = ServiceProcess::spawn(&[
+                ("SVC_MESSAGING__STORAGE__MESSAGES", "redis"),
+                ("SVC_MESSAGING__REDIS__URL", &url),
+                ("SVC_MESSAGING__REDIS__KEY_PREFIX", "byte-for-byte"),
+                (key, value),
+            ]);
+            let channel =
+                tonic::transport::Channel::from_shared(format!("http://{}", service.grpc_addr))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+            let mut messaging = pb::messaging_service_client::MessagingServiceClient::new(channel);
+            let created = messaging
+                .create_conversation(as_user(
+                    "alice",
+                    pb::CreateConversationRequest {
+                        title: format!("{source} {password:?}"),
+                        participant_ids: vec!["bob".to_owned()],
+                        ..Default::default()
+                    },
+                ))
+                .await;
+            assert!(
+                created.is_ok(),
+                "password {password:?} from {source}: {created:?}\n{}",
+                service.output()
+            );
+            service.signal("TERM");
+            tokio::task::spawn_blocking(move || service.wait_exit(Duration::from_secs(10)))
+                .await
+                .unwrap()
+                .expect("the service exits");
+        }
+    }
+}

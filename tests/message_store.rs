@@ -678,6 +678,7 @@ mod redis {
             ))),
             password: None,
             key_prefix: common::unique_prefix("conformance"),
+            ..Default::default()
         };
         Arc::new(
             RedisMessageStore::connect(&settings, retention)
@@ -702,6 +703,7 @@ mod redis_cluster {
             ))),
             password: None,
             key_prefix: common::unique_prefix("cluster"),
+            ..Default::default()
         };
         Arc::new(
             RedisMessageStore::connect(&settings, retention)

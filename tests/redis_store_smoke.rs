@@ -41,6 +41,7 @@ fn settings(prefix: &str) -> RedisSettings {
         url: Some(SecretString::from(redis_url())),
         password: None,
         key_prefix: prefix.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -688,6 +689,7 @@ async fn raw_password_setting_works_with_a_url_without_password() {
         url: Some(SecretString::from(bare_url.clone())),
         password: Some(SecretString::from(password)),
         key_prefix: unique_prefix("raw-password"),
+        ..Default::default()
     };
     let store = RedisMessageStore::connect(&settings, GENEROUS)
         .await
@@ -700,6 +702,7 @@ async fn raw_password_setting_works_with_a_url_without_password() {
         url: Some(SecretString::from(bare_url)),
         password: Some(SecretString::from("not-the-password".to_owned())),
         key_prefix: unique_prefix("wrong-password"),
+        ..Default::default()
     };
     match RedisMessageStore::connect(&wrong, GENEROUS).await {
         Err(StoreError::Unavailable(error)) => {
@@ -723,6 +726,7 @@ async fn unreachable_redis_is_unavailable() {
         url: Some(SecretString::from("redis://127.0.0.1:1/0".to_owned())),
         password: None,
         key_prefix: "unreachable".to_owned(),
+        ..Default::default()
     };
     let result = RedisMessageStore::connect(&settings, GENEROUS).await;
     assert!(
@@ -797,6 +801,7 @@ async fn a_redis_restart_resyncs_the_live_feed() {
         url: Some(SecretString::from(redis.url())),
         password: None,
         key_prefix: unique_prefix("restart"),
+        ..Default::default()
     };
     let store = RedisMessageStore::connect(&settings, GENEROUS)
         .await
@@ -957,6 +962,7 @@ async fn rediss_urls_connect_with_tls() {
         url: Some(SecretString::from(url)),
         password: None,
         key_prefix: unique_prefix("tls"),
+        ..Default::default()
     };
     let store = RedisMessageStore::connect(&settings, GENEROUS)
         .await

@@ -80,6 +80,7 @@ pub fn s3_settings() -> S3Settings {
         ))),
         force_path_style: true,
         manage_lifecycle: false,
+        ..Default::default()
     }
 }
 

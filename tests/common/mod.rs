@@ -366,6 +366,7 @@ pub fn test_s3_settings() -> svc_messaging::config::S3Settings {
         ))),
         force_path_style: true,
         manage_lifecycle: false,
+        ..Default::default()
     }
 }
 
