@@ -37,6 +37,7 @@ use crate::{
         s3::{LifecycleOutcome, S3BlobStore},
     },
     thumbnails::ThumbnailPool,
+    transport::LimitedIncoming,
 };
 
 /// Room for a protobuf envelope around the largest accepted upload chunk.
@@ -144,10 +145,17 @@ impl App {
         let served_methods = ServedMethods::from_descriptor_sets(&SERVED_DESCRIPTOR_SETS)
             .expect("the compiled-in descriptor sets decode");
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let max_request =
+            usize::try_from(settings.server.max_request_bytes.as_u64()).unwrap_or(usize::MAX);
+        let health_service = health_service.max_decoding_message_size(max_request);
         let board = HealthBoard::new(health_reporter).await;
 
-        let reflection_v1 = reflection_builder().build_v1()?;
-        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+        let reflection_v1 = reflection_builder()
+            .build_v1()?
+            .max_decoding_message_size(max_request);
+        let reflection_v1alpha = reflection_builder()
+            .build_v1alpha()?
+            .max_decoding_message_size(max_request);
 
         let max_message = usize::try_from(settings.uploads.max_chunk_bytes.as_u64())
             .unwrap_or(usize::MAX)
@@ -159,7 +167,8 @@ impl App {
             settings.messaging.clone(),
         ));
         let messaging = InterceptedService::new(
-            MessagingServiceServer::new(MessagingApi::new(conversations.clone())),
+            MessagingServiceServer::new(MessagingApi::new(conversations.clone()))
+                .max_decoding_message_size(max_request),
             authenticator.clone(),
         );
         let thumbnails = Arc::new(ThumbnailPool::new(
@@ -185,9 +194,17 @@ impl App {
         let stop_monitor = CancellationToken::new();
         let cancel_calls = CancellationToken::new();
 
-        let grpc_incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let grpc_incoming = LimitedIncoming::new(
+            grpc_listener,
+            settings.server.max_connections,
+            settings.server.handshake_timeout,
+            metrics.connections.clone(),
+        );
         let grpc_server = Server::builder()
+            .max_concurrent_streams(Some(settings.server.max_concurrent_streams))
+            .http2_max_header_list_size(Some(
+                u32::try_from(settings.server.max_header_list_size.as_u64()).unwrap_or(u32::MAX),
+            ))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             // A stream whose upload waits for memory stops reading; its unread bytes hold the
             // connection's window. A connection window many times the stream window keeps one

@@ -75,6 +75,18 @@ pub struct ServerSettings {
     /// How long one dependency check may take before it counts as down.
     #[serde(with = "humantime_serde")]
     pub health_check_timeout: Duration,
+    /// gRPC connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// How long a new gRPC connection may take to send the HTTP/2 preface.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// HTTP/2 streams (calls) open at once on one connection; more are refused (REFUSED_STREAM).
+    pub max_concurrent_streams: u32,
+    /// Largest HTTP/2 header block (request metadata) accepted.
+    pub max_header_list_size: ByteSize,
+    /// Largest request message of every RPC but UploadFile (whose chunks follow
+    /// `uploads.max_chunk_bytes`).
+    pub max_request_bytes: ByteSize,
 }
 
 impl Default for ServerSettings {
@@ -85,6 +97,11 @@ impl Default for ServerSettings {
             shutdown_grace: Duration::from_secs(20),
             health_check_interval: Duration::from_secs(5),
             health_check_timeout: Duration::from_secs(2),
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 256,
+            max_header_list_size: ByteSize::kib(16),
+            max_request_bytes: ByteSize::kib(256),
         }
     }
 }
@@ -533,6 +550,36 @@ impl ServerSettings {
             return Err(ConfigError::new(
                 "server.health_check_timeout",
                 "must be greater than zero",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "server.handshake_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError::new(
+                "server.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if !(ByteSize::kib(1)..=ByteSize::mib(1)).contains(&self.max_header_list_size) {
+            return Err(ConfigError::new(
+                "server.max_header_list_size",
+                "must be between 1KiB and 1MiB",
+            ));
+        }
+        if !(ByteSize::kib(16)..=ByteSize::mib(16)).contains(&self.max_request_bytes) {
+            return Err(ConfigError::new(
+                "server.max_request_bytes",
+                "must be between 16KiB and 16MiB",
             ));
         }
         Ok(())

@@ -18,6 +18,7 @@
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
 //! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
+//! - [`transport`]: connection limits of the gRPC port (count, time to send the preface).
 
 pub mod app;
 pub mod auth;
@@ -35,3 +36,4 @@ pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod thumbnails;
+pub mod transport;

@@ -24,6 +24,8 @@ use prometheus_client::{
 use prost::Message;
 use tower::{Layer, Service};
 
+use crate::transport::ConnectionMetrics;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     grpc_service: String,
@@ -94,6 +96,8 @@ type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 /// The registry and the gRPC server metrics in it.
 pub struct Metrics {
     registry: Registry,
+    /// Connections of the gRPC port, counted by [`crate::transport::LimitedIncoming`].
+    pub connections: ConnectionMetrics,
     handled: Family<HandledLabels, Counter>,
     handling_seconds: HistogramFamily,
     in_flight: Family<MethodLabels, Gauge>,
@@ -125,8 +129,25 @@ impl Metrics {
             "RPCs (including open streams) currently in progress, by method",
             in_flight.clone(),
         );
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "grpc_server_connections",
+            "gRPC connections open now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "grpc_server_connections_refused",
+            "gRPC connections closed at once because server.max_connections were open",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "grpc_server_handshake_timeouts",
+            "gRPC connections closed for not sending the HTTP/2 preface within server.handshake_timeout",
+            connections.handshake_timeouts.clone(),
+        );
         Arc::new(Self {
             registry,
+            connections,
             handled,
             handling_seconds,
             in_flight,

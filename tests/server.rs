@@ -581,3 +581,208 @@ async fn graceful_shutdown_drains_then_cancels_open_streams() {
     );
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transport limits: connections, the time to send the preface, streams per connection, header
+// and message sizes.
+
+/// The HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits until the server closes `socket` (a read returns end-of-file or an error), at most
+/// `limit`; true when it did.
+async fn closed_by_server(socket: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // The server's SETTINGS frame and the like: keep reading.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn metric(server: &TestServer, name: &str) -> f64 {
+    let text = reqwest::get(server.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    let server = TestServer::start_with(|settings| {
+        settings.server.max_connections = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut socket = tokio::net::TcpStream::connect(server.grpc_addr)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut socket, PREFACE)
+            .await
+            .unwrap();
+        held.push(socket);
+    }
+    // Let the server accept both before the third arrives.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut third, Duration::from_secs(2)).await,
+        "a connection over server.max_connections must be closed"
+    );
+    assert!(metric(&server, "grpc_server_connections_refused_total").await >= 1.0);
+    assert_eq!(metric(&server, "grpc_server_connections").await, 2.0);
+    // A gRPC client over the limit fails fast with RESOURCE_EXHAUSTED (it may back off or try
+    // another replica)...
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+                .unwrap()
+                .connect_lazy();
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+    })
+    .await
+    .expect("the refusal is immediate")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // ...and is served again once a slot is free.
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut health = HealthClient::new(server.channel().await);
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn a_connection_that_does_not_send_the_preface_in_time_is_closed() {
+    let server = TestServer::start_with(|settings| {
+        settings.server.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Silent.
+    let mut silent = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    // Trickling: one byte of the preface every 100 ms never completes it in 300 ms.
+    let mut trickle = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    let trickler = tokio::spawn(async move {
+        for byte in PREFACE {
+            if tokio::io::AsyncWriteExt::write_all(&mut trickle, &[*byte])
+                .await
+                .is_err()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        closed_by_server(&mut trickle, Duration::from_secs(1)).await
+    });
+    let started = std::time::Instant::now();
+    assert!(closed_by_server(&mut silent, Duration::from_secs(3)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        trickler.await.unwrap(),
+        "a trickling handshake must be cut off"
+    );
+    assert!(metric(&server, "grpc_server_handshake_timeouts_total").await >= 2.0);
+    // A real client is not affected, also after the timeout has passed on its connection.
+    let mut health = HealthClient::new(server.channel().await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(metric(&server, "grpc_server_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn streams_per_connection_are_capped() {
+    let server = TestServer::start_with(|settings| {
+        settings.server.max_concurrent_streams = 2;
+    })
+    .await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut first = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let second = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    next_status(&mut first).await;
+    // The third call on the same connection waits for a free stream...
+    let mut third = health.clone();
+    let waiting = tokio::spawn(async move { third.check(HealthCheckRequest::default()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third stream must not open while two are open"
+    );
+    // ...and proceeds as soon as one ends.
+    drop(second);
+    let response = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the third call proceeds once a stream is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn oversized_metadata_and_messages_are_refused() {
+    let server = TestServer::start_with(|settings| {
+        settings.server.max_header_list_size = bytesize::ByteSize::kib(8);
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut files = FileRelayServiceClient::new(channel.clone());
+    let mut request = as_user("alice", pb::GetUploadPolicyRequest {});
+    request
+        .metadata_mut()
+        .insert("x-padding", "p".repeat(16 * 1024).parse().unwrap());
+    let status = files.get_upload_policy(request).await.unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    // The connection and the server go on serving normal requests.
+    let mut files = FileRelayServiceClient::new(server.channel().await);
+    files
+        .get_upload_policy(as_user("alice", pb::GetUploadPolicyRequest {}))
+        .await
+        .expect("a normal request is served");
+
+    // A request message over server.max_request_bytes (256 KiB by default).
+    let mut messaging =
+        pb::messaging_service_client::MessagingServiceClient::new(server.channel().await);
+    let status = messaging
+        .send_message(as_user(
+            "alice",
+            pb::SendMessageRequest {
+                conversation_id: uuid::Uuid::now_v7().to_string(),
+                client_message_id: "big".to_owned(),
+                content: Some(pb::send_message_request::Content::Text(
+                    "x".repeat(300 * 1024),
+                )),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+}

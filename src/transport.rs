@@ -1,0 +1,217 @@
+//! Connection limits of the gRPC port, below HTTP/2.
+//!
+//! hyper bounds what happens inside a connection (streams, header sizes, resets); nothing bounds
+//! the connections themselves. [`LimitedIncoming`] accepts at most `server.max_connections` at
+//! once (one more is answered with an HTTP/2 GOAWAY `ENHANCE_YOUR_CALM` and closed, which gRPC
+//! clients report as `RESOURCE_EXHAUSTED` at once, so they can back off or try another replica
+//! instead of waiting in the backlog), and gives each new connection
+//! `server.handshake_timeout` to send the HTTP/2 connection preface, so sockets that connect and
+//! then say nothing, or trickle a byte at a time, cannot hold the slots.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::Stream;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
+};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`), the
+/// first thing every gRPC client sends.
+const PREFACE_LEN: usize = 24;
+/// Refused connections being answered at once; beyond this they are just closed.
+const REFUSALS_IN_FLIGHT: usize = 64;
+/// How long a refused connection is given to read the GOAWAY.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Connection counts for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `server.max_connections` were open.
+    pub refused: Counter,
+    /// Connections closed because they did not send the preface in time.
+    pub handshake_timeouts: Counter,
+}
+
+/// Accepted connections of the gRPC port, within the connection limits (see the module docs).
+pub struct LimitedIncoming {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+    handshake_timeout: Duration,
+    metrics: ConnectionMetrics,
+}
+
+impl LimitedIncoming {
+    pub fn new(
+        listener: TcpListener,
+        max_connections: usize,
+        handshake_timeout: Duration,
+        metrics: ConnectionMetrics,
+    ) -> Self {
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
+            handshake_timeout,
+            metrics,
+        }
+    }
+}
+
+impl Stream for LimitedIncoming {
+    type Item = io::Result<LimitedConnection>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            let (stream, _) = match this.listener.poll_accept(cx) {
+                Poll::Pending => return Poll::Pending,
+                // tonic logs accept errors and goes on accepting, as with its own TcpIncoming.
+                Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(Ok(accepted)) => accepted,
+            };
+            let Ok(slot) = this.slots.clone().try_acquire_owned() else {
+                this.metrics.refused.inc();
+                tracing::warn!("server.max_connections reached; refusing a new connection");
+                if let Ok(permit) = this.refusals.clone().try_acquire_owned() {
+                    tokio::spawn(refuse(stream, permit));
+                }
+                continue;
+            };
+            // Small messages (health checks, sends) must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            this.metrics.open.inc();
+            return Poll::Ready(Some(Ok(LimitedConnection {
+                stream,
+                _slot: slot,
+                preface_left: PREFACE_LEN,
+                handshake_deadline: Some(Box::pin(tokio::time::sleep(this.handshake_timeout))),
+                metrics: this.metrics.clone(),
+            })));
+        }
+    }
+}
+
+/// Answers a connection over the limit with the server preface and a GOAWAY
+/// (`ENHANCE_YOUR_CALM`, no stream processed), then closes it. Its bytes are read and dropped
+/// meanwhile: closing a socket with unread input resets it, and the reset could destroy the
+/// GOAWAY before the client reads it.
+async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DEBUG: &[u8] = b"server.max_connections reached";
+    let mut frames = Vec::with_capacity(9 + 9 + 8 + DEBUG.len());
+    // SETTINGS, empty: the server connection preface.
+    frames.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    // GOAWAY: last stream 0, error ENHANCE_YOUR_CALM (0xb), a reason for the client's logs.
+    let length = u32::try_from(8 + DEBUG.len()).expect("a short frame");
+    frames.extend_from_slice(&length.to_be_bytes()[1..]);
+    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0xb]);
+    frames.extend_from_slice(DEBUG);
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(&frames).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
+}
+
+/// One accepted connection; its slot is released when hyper drops it.
+pub struct LimitedConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    /// Preface bytes still to arrive before the handshake deadline is lifted.
+    preface_left: usize,
+    handshake_deadline: Option<Pin<Box<Sleep>>>,
+    metrics: ConnectionMetrics,
+}
+
+impl Drop for LimitedConnection {
+    fn drop(&mut self) {
+        self.metrics.open.dec();
+    }
+}
+
+impl Connected for LimitedConnection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Some(deadline) = &mut this.handshake_deadline {
+            if let Poll::Ready(Ok(())) = polled {
+                let read = buf.filled().len() - before;
+                this.preface_left = this.preface_left.saturating_sub(read);
+                if this.preface_left == 0 || read == 0 {
+                    this.handshake_deadline = None;
+                }
+                return polled;
+            }
+            if polled.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                this.handshake_deadline = None;
+                this.metrics.handshake_timeouts.inc();
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not send the HTTP/2 preface within server.handshake_timeout",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for LimitedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
