@@ -9,7 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -478,7 +478,7 @@ async fn a_full_queue_refuses_new_images() {
             .await;
     let busy = results
         .iter()
-        .filter(|result| matches!(result, Err(ThumbnailError::Busy)))
+        .filter(|result| matches!(result, Err(ThumbnailError::WorkersBusy)))
         .count();
     let made = results
         .iter()
@@ -530,4 +530,310 @@ async fn the_pool_reports_undecodable_images() {
         .unwrap()
         .unwrap();
     assert_eq!((made.width, made.height), (320, 240));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile JPEGs: decodes that would run for minutes, bounded by the scan limit and the deadline.
+
+/// Writes the entropy-coded data of one scan: bits MSB first, 0xFF stuffed, padded with ones.
+#[derive(Default)]
+struct Bits {
+    bytes: Vec<u8>,
+    buffer: u32,
+    count: u32,
+}
+
+impl Bits {
+    fn put(&mut self, value: u32, width: u32) {
+        for bit in (0..width).rev() {
+            self.buffer = (self.buffer << 1) | ((value >> bit) & 1);
+            self.count += 1;
+            if self.count == 8 {
+                self.push_byte();
+            }
+        }
+    }
+
+    fn push_byte(&mut self) {
+        let byte = self.buffer as u8;
+        self.bytes.push(byte);
+        if byte == 0xFF {
+            self.bytes.push(0);
+        }
+        self.buffer = 0;
+        self.count = 0;
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.count > 0 {
+            let pad = 8 - self.count;
+            self.put((1 << pad) - 1, pad);
+        }
+        self.bytes
+    }
+}
+
+/// A hand-written progressive 4:2:0 JPEG of a flat gray `width` x `height` image (every
+/// coefficient zero), a few bytes per scan whatever the size, with a valid progression:
+/// one DC scan per component, then for each of the first `coefficients` AC coefficients of
+/// each component a first scan at bit `refinements` and `refinements` refinement scans, all
+/// end-of-band runs. Each scan costs libjpeg a pass over all the blocks of its component. The
+/// last scan is then repeated `repeats` times: with `refinements == 0` that is the shape of a
+/// file of a million scans, which libjpeg accepts without a warning.
+fn many_scan_jpeg(
+    width: u16,
+    height: u16,
+    coefficients: u8,
+    refinements: u8,
+    repeats: usize,
+) -> Vec<u8> {
+    fn segment(jpeg: &mut Vec<u8>, marker: u8, body: &[u8]) {
+        jpeg.extend_from_slice(&[0xFF, marker]);
+        jpeg.extend_from_slice(&u16::try_from(body.len() + 2).unwrap().to_be_bytes());
+        jpeg.extend_from_slice(body);
+    }
+    // (id, sampling): Y at 2x2, Cb and Cr at 1x1.
+    let components = [(1u8, 2usize), (2, 1), (3, 1)];
+    let blocks = |sampling: usize| {
+        let side = |pixels: u16| (usize::from(pixels) * sampling).div_ceil(2).div_ceil(8);
+        side(width) * side(height)
+    };
+    // An AC scan: end-of-band runs of at most 32767 blocks (symbol r << 4, then r bits).
+    let end_of_bands = |mut left: usize| {
+        let mut bits = Bits::default();
+        while left > 0 {
+            let run = left.min(32_767);
+            let r = run.ilog2();
+            bits.put(r, 4);
+            bits.put((run - (1 << r)) as u32, r);
+            left -= run;
+        }
+        bits.finish()
+    };
+    let scan = |id: u8, band: (u8, u8), ah_al: u8, data: &[u8]| {
+        let mut scan = vec![0xFF, 0xDA, 0, 8, 1, id, 0x00, band.0, band.1, ah_al];
+        scan.extend_from_slice(data);
+        scan
+    };
+    let mut jpeg = vec![0xFF, 0xD8];
+    let mut quantisation = vec![0u8];
+    quantisation.extend_from_slice(&[1; 64]);
+    segment(&mut jpeg, 0xDB, &quantisation);
+    let mut frame = vec![8];
+    frame.extend_from_slice(&height.to_be_bytes());
+    frame.extend_from_slice(&width.to_be_bytes());
+    frame.push(3);
+    for (id, sampling) in components {
+        frame.extend_from_slice(&[id, (sampling as u8) * 0x11, 0]);
+    }
+    segment(&mut jpeg, 0xC2, &frame);
+    // DC: one symbol (difference category 0), code "0". AC: the 15 end-of-band run symbols,
+    // codes 0000..1110.
+    let mut dc_table = vec![0x00, 1];
+    dc_table.extend_from_slice(&[0; 15]);
+    dc_table.push(0x00);
+    segment(&mut jpeg, 0xC4, &dc_table);
+    let mut ac_table = vec![0x10, 0, 0, 0, 15];
+    ac_table.extend_from_slice(&[0; 12]);
+    ac_table.extend((0..15u8).map(|r| r << 4));
+    segment(&mut jpeg, 0xC4, &ac_table);
+    let mut last = Vec::new();
+    for (id, sampling) in components {
+        let mut bits = Bits::default();
+        for _ in 0..blocks(sampling) {
+            bits.put(0, 1);
+        }
+        last = scan(id, (0, 0), 0x00, &bits.finish());
+        jpeg.extend_from_slice(&last);
+    }
+    for (id, sampling) in components {
+        let data = end_of_bands(blocks(sampling));
+        for coefficient in 1..=coefficients {
+            let band = (coefficient, coefficient);
+            last = scan(id, band, refinements, &data);
+            jpeg.extend_from_slice(&last);
+            for bit in (1..=refinements).rev() {
+                last = scan(id, band, (bit << 4) | (bit - 1), &data);
+                jpeg.extend_from_slice(&last);
+            }
+        }
+    }
+    for _ in 0..repeats {
+        jpeg.extend_from_slice(&last);
+    }
+    jpeg.extend_from_slice(&[0xFF, 0xD9]);
+    jpeg
+}
+
+/// A valid JPEG whose decode takes many seconds (thousands of scans over a 36 MP frame): only
+/// the deadline, a cancellation or the shutdown stops it.
+fn slow_jpeg() -> Bytes {
+    Bytes::from(many_scan_jpeg(6000, 6000, 63, 13, 0))
+}
+
+/// Scans in `slow_jpeg`: one DC and 63 x 14 AC scans per component.
+const SLOW_JPEG_SCANS: u32 = 3 * (1 + 63 * 14);
+
+/// Settings under which `slow_jpeg` is decoded at full scale (so no scan is left out) and
+/// within the scan limit.
+fn slow_settings(workers: usize, timeout: Duration) -> ThumbnailSettings {
+    ThumbnailSettings {
+        max_jpeg_scans: SLOW_JPEG_SCANS,
+        max_edge: 4096,
+        ..settings(workers, timeout)
+    }
+}
+
+#[test]
+fn generated_many_scan_jpegs_are_valid() {
+    let small = many_scan_jpeg(64, 48, 5, 2, 0);
+    let thumbnail = thumbnailer().make(FileKind::Jpeg, &small).unwrap().unwrap();
+    assert_eq!((thumbnail.width, thumbnail.height), (64, 48));
+    assert_colour("many scans", &thumbnail, &[128.0, 128.0, 128.0], 1.0);
+}
+
+/// A pool of `workers` over a budget of `budget` bytes that lets decodes wait a minute for it.
+fn pool(settings: &ThumbnailSettings, budget: u64) -> (Arc<ThumbnailPool>, Arc<MemoryBudget>) {
+    let budget = MemoryBudget::new(budget, Duration::from_secs(60));
+    let pool = ThumbnailPool::new(settings, MAX_PIXELS, budget.clone());
+    (Arc::new(pool), budget)
+}
+
+/// Polls until the pool runs `count` decodes.
+async fn until_decoding(pool: &ThumbnailPool, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.decoding() != count {
+        assert!(
+            Instant::now() < deadline,
+            "{} decodes, not {count}",
+            pool.decoding()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jpeg_of_many_scans_is_refused_before_it_takes_a_worker() {
+    // The reported file: a million tiny scans that libjpeg accepts without a warning.
+    let hostile = Bytes::from(many_scan_jpeg(2048, 2048, 1, 0, 100_000));
+    let (pool, _) = pool(&settings(1, Duration::from_secs(60)), 1 << 30);
+    let started = Instant::now();
+    match pool.make(FileKind::Jpeg, hostile).await {
+        Err(ThumbnailError::TooManyScans { max_scans: 256 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(pool.decoding(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_past_its_deadline_gives_back_its_worker_and_memory_when_it_answers() {
+    let (pool, budget) = pool(&slow_settings(1, Duration::from_millis(300)), 1 << 30);
+    let total = budget.available_bytes();
+    let started = Instant::now();
+    match pool.make(FileKind::Jpeg, slow_jpeg()).await {
+        Err(ThumbnailError::TimedOut) => {}
+        other => panic!("{other:?}"),
+    }
+    // libjpeg's progress monitor stopped it inside the scans: nothing is held any more.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(pool.decoding(), 0);
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert_eq!(budget.available_bytes(), total);
+    let made = pool
+        .make(FileKind::Png, large_png(64))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((made.width, made.height), (64, 64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_worker_ends_busy_after_the_queue_timeout() {
+    let settings = ThumbnailSettings {
+        queue_timeout: Duration::from_millis(200),
+        ..slow_settings(1, Duration::from_secs(60))
+    };
+    let (pool, budget) = pool(&settings, 1 << 30);
+    let total = budget.available_bytes();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
+    });
+    until_decoding(&pool, 1).await;
+    let started = Instant::now();
+    match pool.make(FileKind::Png, large_png(64)).await {
+        Err(ThumbnailError::WorkersBusy) => {}
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    // The caller going away cancels the slow decode.
+    slow.abort();
+    until_decoding(&pool, 0).await;
+    assert_eq!(budget.available_bytes(), total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_larger_than_the_whole_budget_is_refused_at_once() {
+    // 4000 x 3000 progressive: libjpeg must hold every coefficient, about 36 MB.
+    let jpeg = Bytes::from(many_scan_jpeg(4000, 3000, 1, 0, 0));
+    let budget_bytes = 8 << 20;
+    let (pool, budget) = pool(&settings(1, Duration::from_secs(60)), budget_bytes);
+    let started = Instant::now();
+    match pool.make(FileKind::Jpeg, jpeg).await {
+        Err(ThumbnailError::TooLargeToDecode {
+            needed_bytes,
+            budget_bytes: reported,
+        }) => {
+            assert!(needed_bytes > 36_000_000, "{needed_bytes}");
+            assert_eq!(reported, budget_bytes);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Not after the budget's minute-long wait.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(budget.available_bytes(), budget_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_pool_stops_the_running_decodes() {
+    let (pool, budget) = pool(&slow_settings(1, Duration::from_secs(60)), 1 << 30);
+    let total = budget.available_bytes();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
+    });
+    until_decoding(&pool, 1).await;
+    let started = Instant::now();
+    pool.close();
+    match slow.await.unwrap() {
+        Err(ThumbnailError::ShuttingDown) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(budget.available_bytes(), total);
+    assert!(matches!(
+        pool.make(FileKind::Png, large_png(64)).await,
+        Err(ThumbnailError::ShuttingDown)
+    ));
 }
