@@ -1,7 +1,13 @@
 //! Thumbnails: sizes and EXIF orientation, no metadata, transparency, colour models, broken
-//! images, the pixel limit, and the pool's workers, queue, memory budget and time limit.
+//! images, the pixel limit, and the pool's workers, queue, memory budget and time limit; then
+//! hostile JPEGs against the real service on Redis and S3 (Garage): a file of many scans, a
+//! decode past its deadline, a full pool, a decode larger than the memory budget, and SIGTERM
+//! while a decode runs.
 //!
-//! The images come from `scripts/make-test-images.py fixtures tests/data/images`.
+//! The images come from `scripts/make-test-images.py fixtures tests/data/images`; the hostile
+//! JPEGs are written by `many_scan_jpeg`.
+
+mod common;
 
 use std::{
     path::PathBuf,
@@ -836,4 +842,335 @@ async fn closing_the_pool_stops_the_running_decodes() {
         pool.make(FileKind::Png, large_png(64)).await,
         Err(ThumbnailError::ShuttingDown)
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same through the real service, on Redis and the S3 server that scripts/test starts.
+
+mod service {
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use svc_messaging::{
+        budget::MemoryBudget,
+        config::{BlobBackend, Settings},
+        grpc::pb::{
+            self, file_relay_service_client::FileRelayServiceClient,
+            messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
+        },
+        store::{blobs::BlobStore, s3::S3BlobStore},
+    };
+    use tonic::{Code, Status, transport::Channel};
+    use tonic_types::StatusExt;
+
+    use super::{SLOW_JPEG_SCANS, common, large_png, many_scan_jpeg, slow_jpeg};
+    use common::{
+        ServiceProcess, TestServer, as_user, create_conversation, reason, required_tool,
+        test_s3_settings, unique_prefix, use_test_redis,
+    };
+
+    type Files = FileRelayServiceClient<Channel>;
+
+    /// One worker, Redis under its own prefix, the test bucket; `customize` adds the rest.
+    async fn server(key_prefix: &str, customize: impl FnOnce(&mut Settings)) -> TestServer {
+        TestServer::start_with(|settings| {
+            use_test_redis(settings, key_prefix);
+            settings.storage.blobs = BlobBackend::S3;
+            settings.s3 = test_s3_settings();
+            settings.thumbnails.workers = 1;
+            customize(settings);
+        })
+        .await
+    }
+
+    /// Lets `slow_jpeg` through the scan limit and decodes it at full scale (no scan left out).
+    fn allow_slow_jpeg(settings: &mut Settings) {
+        settings.thumbnails.max_jpeg_scans = SLOW_JPEG_SCANS;
+        settings.thumbnails.max_edge = 4096;
+        settings.uploads.memory_budget = bytesize::ByteSize::gib(1);
+    }
+
+    async fn upload(
+        channel: &Channel,
+        conversation_id: &str,
+        name: &str,
+        body: Bytes,
+    ) -> Result<pb::FileInfo, Status> {
+        let content_type = if name.ends_with(".png") {
+            "image/png"
+        } else {
+            "image/jpeg"
+        };
+        let mut requests = vec![pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(pb::UploadMetadata {
+                conversation_id: conversation_id.to_owned(),
+                file_name: name.to_owned(),
+                content_type: content_type.to_owned(),
+                size_bytes: body.len() as i64,
+                sha256: String::new(),
+                caption: String::new(),
+            })),
+        }];
+        for offset in (0..body.len()).step_by(1 << 20) {
+            let end = (offset + (1 << 20)).min(body.len());
+            requests.push(pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(body.slice(offset..end))),
+            });
+        }
+        Files::new(channel.clone())
+            .upload_file(as_user("alice", futures::stream::iter(requests)))
+            .await
+            .map(|response| response.into_inner().file.expect("file info"))
+    }
+
+    /// Objects and open multipart uploads under the conversation, and the file records in Redis
+    /// under `key_prefix`: everything an upload leaves behind.
+    async fn leftovers(key_prefix: &str, conversation_id: &str) -> Vec<String> {
+        let budget = MemoryBudget::new(64 << 20, Duration::from_secs(5));
+        let s3 = S3BlobStore::new(&test_s3_settings(), 8 << 20, 1, budget).unwrap();
+        let mut left = Vec::new();
+        for area in ["files", "thumbs"] {
+            let prefix = format!("{area}/{conversation_id}/");
+            left.extend(s3.list(&prefix).await.unwrap());
+            for key in s3.open_multipart_uploads(&prefix).await.unwrap() {
+                left.push(format!("open multipart upload {key}"));
+            }
+        }
+        let output = std::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
+            .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
+            .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
+            .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
+            .args(["--scan", "--pattern", &format!("{key_prefix}:{{f:*}}:file")])
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli: {output:?}");
+        left.extend(
+            String::from_utf8(output.stdout)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+        left.sort();
+        left
+    }
+
+    /// What a stored image leaves: its object, its thumbnail and its record.
+    fn kept(key_prefix: &str, conversation_id: &str, file_id: &str) -> Vec<String> {
+        let mut kept = vec![
+            format!("files/{conversation_id}/{file_id}"),
+            format!("thumbs/{conversation_id}/{file_id}"),
+            format!("{key_prefix}:{{f:{file_id}}}:file"),
+        ];
+        kept.sort();
+        kept
+    }
+
+    async fn conversation(server: &TestServer) -> (Channel, String) {
+        let channel = server.channel().await;
+        let mut messaging = MessagingServiceClient::new(channel.clone());
+        let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
+        (channel, conversation_id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jpeg_of_many_scans_is_refused_at_once_and_a_png_next_to_it_gets_its_thumbnail() {
+        let key_prefix = unique_prefix("thumbs-many-scans");
+        let server = server(&key_prefix, |_| {}).await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let hostile = Bytes::from(many_scan_jpeg(2048, 2048, 1, 0, 100_000));
+        let started = Instant::now();
+        let (refused, stored) = tokio::join!(
+            upload(&channel, &conversation_id, "scans.jpg", hostile),
+            upload(&channel, &conversation_id, "small.png", large_png(8)),
+        );
+        let status = refused.expect_err("many scans are refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason(&status), "IMAGE_TOO_COMPLEX");
+        assert!(
+            status.message().contains("256 scans"),
+            "{}",
+            status.message()
+        );
+        let stored = stored.expect("the PNG is stored");
+        assert!(stored.has_thumbnail, "{stored:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            leftovers(&key_prefix, &conversation_id).await,
+            kept(&key_prefix, &conversation_id, &stored.file_id)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decode_past_its_deadline_frees_the_only_worker_for_the_next_upload() {
+        let key_prefix = unique_prefix("thumbs-deadline");
+        let server = server(&key_prefix, |settings| {
+            allow_slow_jpeg(settings);
+            settings.thumbnails.timeout = Duration::from_millis(300);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let started = Instant::now();
+        let status = upload(&channel, &conversation_id, "slow.jpg", slow_jpeg())
+            .await
+            .expect_err("the decode times out");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "IMAGE_DECODE_TIMEOUT");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // The worker is free at once: the decode did not run on behind the answer.
+        let started = Instant::now();
+        let stored = upload(&channel, &conversation_id, "next.png", large_png(8))
+            .await
+            .expect("the next image gets the worker");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            leftovers(&key_prefix, &conversation_id).await,
+            kept(&key_prefix, &conversation_id, &stored.file_id)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_busy_worker_ends_resource_exhausted_with_retry_info() {
+        let key_prefix = unique_prefix("thumbs-queue");
+        let server = server(&key_prefix, |settings| {
+            allow_slow_jpeg(settings);
+            settings.thumbnails.timeout = Duration::from_secs(60);
+            settings.thumbnails.queue_timeout = Duration::from_millis(300);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let slow = tokio::spawn({
+            let (channel, conversation_id) = (channel.clone(), conversation_id.clone());
+            async move { upload(&channel, &conversation_id, "slow.jpg", slow_jpeg()).await }
+        });
+        // PNGs go through until the slow JPEG holds the worker; then one waits and is refused.
+        let mut stored = Vec::new();
+        let status = loop {
+            let started = Instant::now();
+            match upload(&channel, &conversation_id, "next.png", large_png(8)).await {
+                Ok(file) => stored.push(file.file_id),
+                Err(status) => {
+                    let waited = started.elapsed();
+                    assert!(
+                        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+                        "{waited:?}"
+                    );
+                    break status;
+                }
+            }
+            assert!(stored.len() < 100, "the slow JPEG never took the worker");
+        };
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(reason(&status), "THUMBNAIL_WORKERS_BUSY");
+        let retry = status.get_details_retry_info().expect("RetryInfo attached");
+        assert!(
+            retry
+                .retry_delay
+                .is_some_and(|delay| delay > Duration::ZERO)
+        );
+        // The slow upload's caller goes away: its decode is cancelled, its upload aborted.
+        slow.abort();
+        let mut expected: Vec<String> = stored
+            .iter()
+            .flat_map(|file_id| kept(&key_prefix, &conversation_id, file_id))
+            .collect();
+        expected.sort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = leftovers(&key_prefix, &conversation_id).await;
+            if left == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "left behind: {left:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decode_that_could_never_fit_the_memory_budget_is_refused_at_once() {
+        let key_prefix = unique_prefix("thumbs-over-budget");
+        let server = server(&key_prefix, |settings| {
+            settings.uploads.part_size = bytesize::ByteSize::mib(5);
+            settings.uploads.parts_in_flight = 1;
+            settings.uploads.memory_budget = bytesize::ByteSize::mib(12);
+            settings.uploads.memory_wait_timeout = Duration::from_secs(30);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        // 4000 x 3000 progressive: decoding holds about 36 MB of coefficients.
+        let jpeg = Bytes::from(many_scan_jpeg(4000, 3000, 1, 0, 0));
+        let started = Instant::now();
+        let status = upload(&channel, &conversation_id, "large.jpg", jpeg)
+            .await
+            .expect_err("refused");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason(&status), "IMAGE_TOO_LARGE_TO_DECODE");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(
+            info.metadata["memory_budget_bytes"],
+            (12u64 << 20).to_string()
+        );
+        assert!(leftovers(&key_prefix, &conversation_id).await.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_service_exits_0_within_the_grace_while_a_decode_runs() {
+        let scans = SLOW_JPEG_SCANS.to_string();
+        let mut service = ServiceProcess::spawn(&[
+            ("SVC_MESSAGING__SERVER__SHUTDOWN_GRACE", "1s"),
+            ("SVC_MESSAGING__THUMBNAILS__WORKERS", "1"),
+            ("SVC_MESSAGING__THUMBNAILS__TIMEOUT", "5m"),
+            ("SVC_MESSAGING__THUMBNAILS__MAX_EDGE", "4096"),
+            ("SVC_MESSAGING__THUMBNAILS__MAX_JPEG_SCANS", &scans),
+            ("SVC_MESSAGING__UPLOADS__MEMORY_BUDGET", "1GiB"),
+        ]);
+        let channel = Channel::from_shared(format!("http://{}", service.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut messaging = MessagingServiceClient::new(channel.clone());
+        let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
+        let slow = tokio::spawn({
+            let (channel, conversation_id) = (channel.clone(), conversation_id.clone());
+            async move { upload(&channel, &conversation_id, "slow.jpg", slow_jpeg()).await }
+        });
+        // The upload has arrived and its decode started (it runs for many seconds more).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!slow.is_finished());
+        let signalled = Instant::now();
+        service.signal("TERM");
+        let exit = tokio::task::spawn_blocking(move || {
+            let exit = service.wait_exit(Duration::from_secs(10));
+            (exit, service)
+        });
+        let (exit, service) = exit.await.unwrap();
+        let exit = exit.expect("the service exits");
+        let took = signalled.elapsed();
+        assert!(exit.success(), "{exit:?}: {}", service.output());
+        // The grace, then at most the 2 s given to cancelled calls and 1 s to blocking threads.
+        assert!(
+            took < Duration::from_millis(1000 + 3500),
+            "exit after {took:?}"
+        );
+        // The decode was still running when the grace ended: the upload was cut off.
+        let status = slow.await.unwrap().expect_err("cut off by the shutdown");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
 }
