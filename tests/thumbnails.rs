@@ -367,10 +367,12 @@ fn large_png(size: u32) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// `workers` decoding for at most `timeout`, images waiting for a worker as long as it takes.
 fn settings(workers: usize, timeout: Duration) -> ThumbnailSettings {
     ThumbnailSettings {
         workers,
         timeout,
+        queue_timeout: Duration::from_secs(600),
         ..ThumbnailSettings::default()
     }
 }

@@ -107,8 +107,9 @@ pub enum ThumbnailError {
     /// ten): refused from its markers, or stopped by libjpeg's progress monitor.
     #[error("the JPEG has more than {max_scans} scans")]
     TooManyScans { max_scans: u32 },
-    /// The decode needs more memory than the whole budget (`uploads.memory_budget`): it could
-    /// never run, so it is refused at once instead of waiting.
+    /// The decode's peak memory plus the uploaded bytes it reads exceed the whole budget
+    /// (`uploads.memory_budget`): it could never run, so it is refused at once, not after
+    /// waiting.
     #[error(
         "decoding the image needs {needed_bytes} bytes of memory, more than the {budget_bytes} \
          the server has for all uploads"
@@ -535,10 +536,12 @@ impl ThumbnailPool {
         let Some(plan) = self.thumbnailer.plan(kind, &bytes)? else {
             return Ok(None);
         };
+        // The uploaded body stays reserved by its upload while the decode runs.
+        let needed_bytes = plan.peak_bytes + bytes.len() as u64;
         let budget_bytes = self.budget.total_bytes();
-        if plan.peak_bytes > budget_bytes {
+        if needed_bytes > budget_bytes {
             return Err(ThumbnailError::TooLargeToDecode {
-                needed_bytes: plan.peak_bytes,
+                needed_bytes,
                 budget_bytes,
             });
         }
