@@ -108,7 +108,8 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then drains: NOT_SERVING at once, no new connections,
-    /// in-flight RPCs get `server.shutdown_grace` to finish before the rest are cancelled.
+    /// in-flight RPCs get `server.shutdown_grace` to finish before the rest are cancelled, along
+    /// with any image decode still running.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -181,7 +182,7 @@ impl App {
             backends.blobs.clone(),
             backends.files.clone(),
             policy,
-            thumbnails,
+            thumbnails.clone(),
             settings.downloads.url_ttl,
         ));
         let file_relay = InterceptedService::new(
@@ -273,6 +274,9 @@ impl App {
         if !drained {
             tracing::warn!("shutdown grace elapsed; cancelling the RPCs still running");
             cancel_calls.cancel();
+            // Dropping an upload's future cancels its decode too, but only once the drained
+            // connection lets go of it; this stops every decode now.
+            thumbnails.close();
             if tokio::time::timeout(CANCEL_FLUSH, &mut grpc_task)
                 .await
                 .is_err()

@@ -65,6 +65,11 @@ impl MemoryBudget {
         }
     }
 
+    /// Bytes of the whole budget.
+    pub fn total_bytes(&self) -> u64 {
+        u64::from(self.total_units) * UNIT
+    }
+
     /// Bytes currently free.
     pub fn available_bytes(&self) -> u64 {
         self.permits.available_permits() as u64 * UNIT

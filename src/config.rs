@@ -376,6 +376,12 @@ pub struct ThumbnailSettings {
     /// Longest a decode may take before the upload fails.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Longest an image waits for a free worker before the upload fails with
+    /// `RESOURCE_EXHAUSTED`.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Most scans a JPEG may have (a progressive one has about ten); more is refused.
+    pub max_jpeg_scans: u32,
 }
 
 impl Default for ThumbnailSettings {
@@ -385,6 +391,8 @@ impl Default for ThumbnailSettings {
             jpeg_quality: 80,
             workers: 0,
             timeout: Duration::from_secs(10),
+            queue_timeout: Duration::from_secs(5),
+            max_jpeg_scans: 256,
         }
     }
 }
@@ -915,6 +923,18 @@ impl ThumbnailSettings {
             return Err(ConfigError::new(
                 "thumbnails.timeout",
                 "must be greater than zero",
+            ));
+        }
+        if self.queue_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "thumbnails.queue_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if !(1..=65_535).contains(&self.max_jpeg_scans) {
+            return Err(ConfigError::new(
+                "thumbnails.max_jpeg_scans",
+                "must be between 1 and 65535",
             ));
         }
         Ok(())

@@ -60,6 +60,10 @@ pub enum Reason {
     ContentTypeMismatch,
     ImageTooLarge,
     ImageUndecodable,
+    ImageTooComplex,
+    ImageTooLargeToDecode,
+    ImageDecodeTimeout,
+    ThumbnailWorkersBusy,
     SizeMismatch,
     ChecksumMismatch,
     MalformedDocument,
@@ -96,6 +100,10 @@ impl Reason {
             Reason::ContentTypeMismatch => "CONTENT_TYPE_MISMATCH",
             Reason::ImageTooLarge => "IMAGE_TOO_LARGE",
             Reason::ImageUndecodable => "IMAGE_UNDECODABLE",
+            Reason::ImageTooComplex => "IMAGE_TOO_COMPLEX",
+            Reason::ImageTooLargeToDecode => "IMAGE_TOO_LARGE_TO_DECODE",
+            Reason::ImageDecodeTimeout => "IMAGE_DECODE_TIMEOUT",
+            Reason::ThumbnailWorkersBusy => "THUMBNAIL_WORKERS_BUSY",
             Reason::SizeMismatch => "SIZE_MISMATCH",
             Reason::ChecksumMismatch => "CHECKSUM_MISMATCH",
             Reason::MalformedDocument => "MALFORMED_DOCUMENT",
@@ -125,6 +133,8 @@ pub struct Error {
     pub field: Option<&'static str>,
     /// Extra `ErrorInfo` metadata (e.g. the supported types), never secrets.
     pub metadata: Vec<(&'static str, String)>,
+    /// When a retry may succeed, sent as `google.rpc.RetryInfo`.
+    pub retry_delay: Option<std::time::Duration>,
     #[source]
     pub source: Option<BoxError>,
 }
@@ -137,6 +147,7 @@ impl Error {
             message: message.into(),
             field: None,
             metadata: Vec::new(),
+            retry_delay: None,
             source: None,
         }
     }
@@ -169,6 +180,11 @@ impl Error {
 
     pub fn with_metadata(mut self, key: &'static str, value: impl Into<String>) -> Self {
         self.metadata.push((key, value.into()));
+        self
+    }
+
+    pub fn with_retry_delay(mut self, delay: std::time::Duration) -> Self {
+        self.retry_delay = Some(delay);
         self
     }
 

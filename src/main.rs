@@ -31,6 +31,11 @@ enum Command {
 /// Exit code for a config that cannot be used.
 const EXIT_CONFIG: u8 = 2;
 
+/// How long the runtime waits at exit for blocking threads. Every image decode has been told to
+/// stop by then and does so within a row; this only bounds one that cannot be interrupted (a
+/// WEBP frame), which would otherwise hold the process past the shutdown grace.
+const BLOCKING_THREADS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref()) {
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
         let app = App::bind(settings).await?;
         app.run_until(shutdown_signal()).await
     });
+    runtime.shutdown_timeout(BLOCKING_THREADS_GRACE);
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -1,7 +1,13 @@
 //! Thumbnails: sizes and EXIF orientation, no metadata, transparency, colour models, broken
-//! images, the pixel limit, and the pool's workers, queue, memory budget and time limit.
+//! images, the pixel limit, and the pool's workers, queue, memory budget and time limit; then
+//! hostile JPEGs against the real service on Redis and S3 (Garage): a file of many scans, a
+//! decode past its deadline, a full pool, a decode larger than the memory budget, and SIGTERM
+//! while a decode runs.
 //!
-//! The images come from `scripts/make-test-images.py fixtures tests/data/images`.
+//! The images come from `scripts/make-test-images.py fixtures tests/data/images`; the hostile
+//! JPEGs are written by `many_scan_jpeg`.
+
+mod common;
 
 use std::{
     path::PathBuf,
@@ -9,7 +15,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -361,10 +367,12 @@ fn large_png(size: u32) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// `workers` decoding for at most `timeout`, images waiting for a worker as long as it takes.
 fn settings(workers: usize, timeout: Duration) -> ThumbnailSettings {
     ThumbnailSettings {
         workers,
         timeout,
+        queue_timeout: Duration::from_secs(600),
         ..ThumbnailSettings::default()
     }
 }
@@ -478,7 +486,7 @@ async fn a_full_queue_refuses_new_images() {
             .await;
     let busy = results
         .iter()
-        .filter(|result| matches!(result, Err(ThumbnailError::Busy)))
+        .filter(|result| matches!(result, Err(ThumbnailError::WorkersBusy)))
         .count();
     let made = results
         .iter()
@@ -530,4 +538,641 @@ async fn the_pool_reports_undecodable_images() {
         .unwrap()
         .unwrap();
     assert_eq!((made.width, made.height), (320, 240));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile JPEGs: decodes that would run for minutes, bounded by the scan limit and the deadline.
+
+/// Writes the entropy-coded data of one scan: bits MSB first, 0xFF stuffed, padded with ones.
+#[derive(Default)]
+struct Bits {
+    bytes: Vec<u8>,
+    buffer: u32,
+    count: u32,
+}
+
+impl Bits {
+    fn put(&mut self, value: u32, width: u32) {
+        for bit in (0..width).rev() {
+            self.buffer = (self.buffer << 1) | ((value >> bit) & 1);
+            self.count += 1;
+            if self.count == 8 {
+                self.push_byte();
+            }
+        }
+    }
+
+    fn push_byte(&mut self) {
+        let byte = self.buffer as u8;
+        self.bytes.push(byte);
+        if byte == 0xFF {
+            self.bytes.push(0);
+        }
+        self.buffer = 0;
+        self.count = 0;
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.count > 0 {
+            let pad = 8 - self.count;
+            self.put((1 << pad) - 1, pad);
+        }
+        self.bytes
+    }
+}
+
+/// A hand-written progressive 4:2:0 JPEG of a flat gray `width` x `height` image (every
+/// coefficient zero), a few bytes per scan whatever the size, with a valid progression:
+/// one DC scan per component, then for each of the first `coefficients` AC coefficients of
+/// each component a first scan at bit `refinements` and `refinements` refinement scans, all
+/// end-of-band runs. Each scan costs libjpeg a pass over all the blocks of its component. The
+/// last scan is then repeated `repeats` times: with `refinements == 0` that is the shape of a
+/// file of a million scans, which libjpeg accepts without a warning.
+fn many_scan_jpeg(
+    width: u16,
+    height: u16,
+    coefficients: u8,
+    refinements: u8,
+    repeats: usize,
+) -> Vec<u8> {
+    fn segment(jpeg: &mut Vec<u8>, marker: u8, body: &[u8]) {
+        jpeg.extend_from_slice(&[0xFF, marker]);
+        jpeg.extend_from_slice(&u16::try_from(body.len() + 2).unwrap().to_be_bytes());
+        jpeg.extend_from_slice(body);
+    }
+    // (id, sampling): Y at 2x2, Cb and Cr at 1x1.
+    let components = [(1u8, 2usize), (2, 1), (3, 1)];
+    let blocks = |sampling: usize| {
+        let side = |pixels: u16| (usize::from(pixels) * sampling).div_ceil(2).div_ceil(8);
+        side(width) * side(height)
+    };
+    // An AC scan: end-of-band runs of at most 32767 blocks (symbol r << 4, then r bits).
+    let end_of_bands = |mut left: usize| {
+        let mut bits = Bits::default();
+        while left > 0 {
+            let run = left.min(32_767);
+            let r = run.ilog2();
+            bits.put(r, 4);
+            bits.put((run - (1 << r)) as u32, r);
+            left -= run;
+        }
+        bits.finish()
+    };
+    let scan = |id: u8, band: (u8, u8), ah_al: u8, data: &[u8]| {
+        let mut scan = vec![0xFF, 0xDA, 0, 8, 1, id, 0x00, band.0, band.1, ah_al];
+        scan.extend_from_slice(data);
+        scan
+    };
+    let mut jpeg = vec![0xFF, 0xD8];
+    let mut quantisation = vec![0u8];
+    quantisation.extend_from_slice(&[1; 64]);
+    segment(&mut jpeg, 0xDB, &quantisation);
+    let mut frame = vec![8];
+    frame.extend_from_slice(&height.to_be_bytes());
+    frame.extend_from_slice(&width.to_be_bytes());
+    frame.push(3);
+    for (id, sampling) in components {
+        frame.extend_from_slice(&[id, (sampling as u8) * 0x11, 0]);
+    }
+    segment(&mut jpeg, 0xC2, &frame);
+    // DC: one symbol (difference category 0), code "0". AC: the 15 end-of-band run symbols,
+    // codes 0000..1110.
+    let mut dc_table = vec![0x00, 1];
+    dc_table.extend_from_slice(&[0; 15]);
+    dc_table.push(0x00);
+    segment(&mut jpeg, 0xC4, &dc_table);
+    let mut ac_table = vec![0x10, 0, 0, 0, 15];
+    ac_table.extend_from_slice(&[0; 12]);
+    ac_table.extend((0..15u8).map(|r| r << 4));
+    segment(&mut jpeg, 0xC4, &ac_table);
+    let mut last = Vec::new();
+    for (id, sampling) in components {
+        let mut bits = Bits::default();
+        for _ in 0..blocks(sampling) {
+            bits.put(0, 1);
+        }
+        last = scan(id, (0, 0), 0x00, &bits.finish());
+        jpeg.extend_from_slice(&last);
+    }
+    for (id, sampling) in components {
+        let data = end_of_bands(blocks(sampling));
+        for coefficient in 1..=coefficients {
+            let band = (coefficient, coefficient);
+            last = scan(id, band, refinements, &data);
+            jpeg.extend_from_slice(&last);
+            for bit in (1..=refinements).rev() {
+                last = scan(id, band, (bit << 4) | (bit - 1), &data);
+                jpeg.extend_from_slice(&last);
+            }
+        }
+    }
+    for _ in 0..repeats {
+        jpeg.extend_from_slice(&last);
+    }
+    jpeg.extend_from_slice(&[0xFF, 0xD9]);
+    jpeg
+}
+
+/// A valid JPEG whose decode takes many seconds (thousands of scans over a 36 MP frame): only
+/// the deadline, a cancellation or the shutdown stops it.
+fn slow_jpeg() -> Bytes {
+    Bytes::from(many_scan_jpeg(6000, 6000, 63, 13, 0))
+}
+
+/// Scans in `slow_jpeg`: one DC and 63 x 14 AC scans per component.
+const SLOW_JPEG_SCANS: u32 = 3 * (1 + 63 * 14);
+
+/// Settings under which `slow_jpeg` is decoded at full scale (so no scan is left out) and
+/// within the scan limit.
+fn slow_settings(workers: usize, timeout: Duration) -> ThumbnailSettings {
+    ThumbnailSettings {
+        max_jpeg_scans: SLOW_JPEG_SCANS,
+        max_edge: 4096,
+        ..settings(workers, timeout)
+    }
+}
+
+#[test]
+fn generated_many_scan_jpegs_are_valid() {
+    let small = many_scan_jpeg(64, 48, 5, 2, 0);
+    let thumbnail = thumbnailer().make(FileKind::Jpeg, &small).unwrap().unwrap();
+    assert_eq!((thumbnail.width, thumbnail.height), (64, 48));
+    assert_colour("many scans", &thumbnail, &[128.0, 128.0, 128.0], 1.0);
+}
+
+/// A pool of `workers` over a budget of `budget` bytes that lets decodes wait a minute for it.
+fn pool(settings: &ThumbnailSettings, budget: u64) -> (Arc<ThumbnailPool>, Arc<MemoryBudget>) {
+    let budget = MemoryBudget::new(budget, Duration::from_secs(60));
+    let pool = ThumbnailPool::new(settings, MAX_PIXELS, budget.clone());
+    (Arc::new(pool), budget)
+}
+
+/// Polls until the pool runs `count` decodes.
+async fn until_decoding(pool: &ThumbnailPool, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.decoding() != count {
+        assert!(
+            Instant::now() < deadline,
+            "{} decodes, not {count}",
+            pool.decoding()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jpeg_of_many_scans_is_refused_before_it_takes_a_worker() {
+    // The reported file: a million tiny scans that libjpeg accepts without a warning.
+    let hostile = Bytes::from(many_scan_jpeg(2048, 2048, 1, 0, 100_000));
+    let (pool, _) = pool(&settings(1, Duration::from_secs(60)), 1 << 30);
+    let started = Instant::now();
+    match pool.make(FileKind::Jpeg, hostile).await {
+        Err(ThumbnailError::TooManyScans { max_scans: 256 }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(pool.decoding(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_past_its_deadline_gives_back_its_worker_and_memory_when_it_answers() {
+    let (pool, budget) = pool(&slow_settings(1, Duration::from_millis(300)), 1 << 30);
+    let total = budget.available_bytes();
+    let started = Instant::now();
+    match pool.make(FileKind::Jpeg, slow_jpeg()).await {
+        Err(ThumbnailError::TimedOut) => {}
+        other => panic!("{other:?}"),
+    }
+    // libjpeg's progress monitor stopped it inside the scans: nothing is held any more.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(pool.decoding(), 0);
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert_eq!(budget.available_bytes(), total);
+    let made = pool
+        .make(FileKind::Png, large_png(64))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((made.width, made.height), (64, 64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_worker_ends_busy_after_the_queue_timeout() {
+    let settings = ThumbnailSettings {
+        queue_timeout: Duration::from_millis(200),
+        ..slow_settings(1, Duration::from_secs(60))
+    };
+    let (pool, budget) = pool(&settings, 1 << 30);
+    let total = budget.available_bytes();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
+    });
+    until_decoding(&pool, 1).await;
+    let started = Instant::now();
+    match pool.make(FileKind::Png, large_png(64)).await {
+        Err(ThumbnailError::WorkersBusy) => {}
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    // The caller going away cancels the slow decode.
+    slow.abort();
+    until_decoding(&pool, 0).await;
+    assert_eq!(budget.available_bytes(), total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_larger_than_the_whole_budget_is_refused_at_once() {
+    // 4000 x 3000 progressive: libjpeg must hold every coefficient, about 36 MB.
+    let jpeg = Bytes::from(many_scan_jpeg(4000, 3000, 1, 0, 0));
+    let budget_bytes = 8 << 20;
+    let (pool, budget) = pool(&settings(1, Duration::from_secs(60)), budget_bytes);
+    let started = Instant::now();
+    match pool.make(FileKind::Jpeg, jpeg).await {
+        Err(ThumbnailError::TooLargeToDecode {
+            needed_bytes,
+            budget_bytes: reported,
+        }) => {
+            assert!(needed_bytes > 36_000_000, "{needed_bytes}");
+            assert_eq!(reported, budget_bytes);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Not after the budget's minute-long wait.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(budget.available_bytes(), budget_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_pool_stops_the_running_decodes() {
+    let (pool, budget) = pool(&slow_settings(1, Duration::from_secs(60)), 1 << 30);
+    let total = budget.available_bytes();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
+    });
+    until_decoding(&pool, 1).await;
+    let started = Instant::now();
+    pool.close();
+    match slow.await.unwrap() {
+        Err(ThumbnailError::ShuttingDown) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(budget.available_bytes(), total);
+    assert!(matches!(
+        pool.make(FileKind::Png, large_png(64)).await,
+        Err(ThumbnailError::ShuttingDown)
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same through the real service, on Redis and the S3 server that scripts/test starts.
+
+mod service {
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use svc_messaging::{
+        budget::MemoryBudget,
+        config::{BlobBackend, Settings},
+        grpc::pb::{
+            self, file_relay_service_client::FileRelayServiceClient,
+            messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
+        },
+        store::{blobs::BlobStore, s3::S3BlobStore},
+    };
+    use tonic::{Code, Status, transport::Channel};
+    use tonic_types::StatusExt;
+
+    use super::{SLOW_JPEG_SCANS, common, large_png, many_scan_jpeg, slow_jpeg};
+    use common::{
+        ServiceProcess, TestServer, as_user, create_conversation, reason, required_tool,
+        test_s3_settings, unique_prefix, use_test_redis,
+    };
+
+    type Files = FileRelayServiceClient<Channel>;
+
+    /// One worker, Redis under its own prefix, the test bucket; `customize` adds the rest.
+    async fn server(key_prefix: &str, customize: impl FnOnce(&mut Settings)) -> TestServer {
+        TestServer::start_with(|settings| {
+            use_test_redis(settings, key_prefix);
+            settings.storage.blobs = BlobBackend::S3;
+            settings.s3 = test_s3_settings();
+            settings.thumbnails.workers = 1;
+            customize(settings);
+        })
+        .await
+    }
+
+    /// Lets `slow_jpeg` through the scan limit and decodes it at full scale (no scan left out).
+    fn allow_slow_jpeg(settings: &mut Settings) {
+        settings.thumbnails.max_jpeg_scans = SLOW_JPEG_SCANS;
+        settings.thumbnails.max_edge = 4096;
+        settings.uploads.memory_budget = bytesize::ByteSize::gib(1);
+    }
+
+    async fn upload(
+        channel: &Channel,
+        conversation_id: &str,
+        name: &str,
+        body: Bytes,
+    ) -> Result<pb::FileInfo, Status> {
+        let content_type = if name.ends_with(".png") {
+            "image/png"
+        } else {
+            "image/jpeg"
+        };
+        let mut requests = vec![pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(pb::UploadMetadata {
+                conversation_id: conversation_id.to_owned(),
+                file_name: name.to_owned(),
+                content_type: content_type.to_owned(),
+                size_bytes: body.len() as i64,
+                sha256: String::new(),
+                caption: String::new(),
+            })),
+        }];
+        for offset in (0..body.len()).step_by(1 << 20) {
+            let end = (offset + (1 << 20)).min(body.len());
+            requests.push(pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(body.slice(offset..end))),
+            });
+        }
+        Files::new(channel.clone())
+            .upload_file(as_user("alice", futures::stream::iter(requests)))
+            .await
+            .map(|response| response.into_inner().file.expect("file info"))
+    }
+
+    /// Objects and open multipart uploads under the conversation, and the file records in Redis
+    /// under `key_prefix`: everything an upload leaves behind.
+    async fn leftovers(key_prefix: &str, conversation_id: &str) -> Vec<String> {
+        let budget = MemoryBudget::new(64 << 20, Duration::from_secs(5));
+        let s3 = S3BlobStore::new(&test_s3_settings(), 8 << 20, 1, budget).unwrap();
+        let mut left = Vec::new();
+        for area in ["files", "thumbs"] {
+            let prefix = format!("{area}/{conversation_id}/");
+            left.extend(s3.list(&prefix).await.unwrap());
+            for key in s3.open_multipart_uploads(&prefix).await.unwrap() {
+                left.push(format!("open multipart upload {key}"));
+            }
+        }
+        let output = std::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
+            .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
+            .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
+            .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
+            .args(["--scan", "--pattern", &format!("{key_prefix}:{{f:*}}:file")])
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli: {output:?}");
+        left.extend(
+            String::from_utf8(output.stdout)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+        left.sort();
+        left
+    }
+
+    /// What a stored image leaves: its object, its thumbnail and its record.
+    fn kept(key_prefix: &str, conversation_id: &str, file_id: &str) -> Vec<String> {
+        let mut kept = vec![
+            format!("files/{conversation_id}/{file_id}"),
+            format!("thumbs/{conversation_id}/{file_id}"),
+            format!("{key_prefix}:{{f:{file_id}}}:file"),
+        ];
+        kept.sort();
+        kept
+    }
+
+    async fn conversation(server: &TestServer) -> (Channel, String) {
+        let channel = server.channel().await;
+        let mut messaging = MessagingServiceClient::new(channel.clone());
+        let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
+        (channel, conversation_id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jpeg_of_many_scans_is_refused_at_once_and_a_png_next_to_it_gets_its_thumbnail() {
+        let key_prefix = unique_prefix("thumbs-many-scans");
+        let server = server(&key_prefix, |_| {}).await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let hostile = Bytes::from(many_scan_jpeg(2048, 2048, 1, 0, 100_000));
+        let started = Instant::now();
+        let (refused, stored) = tokio::join!(
+            upload(&channel, &conversation_id, "scans.jpg", hostile),
+            upload(&channel, &conversation_id, "small.png", large_png(8)),
+        );
+        let status = refused.expect_err("many scans are refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason(&status), "IMAGE_TOO_COMPLEX");
+        assert!(
+            status.message().contains("256 scans"),
+            "{}",
+            status.message()
+        );
+        let stored = stored.expect("the PNG is stored");
+        assert!(stored.has_thumbnail, "{stored:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            leftovers(&key_prefix, &conversation_id).await,
+            kept(&key_prefix, &conversation_id, &stored.file_id)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decode_past_its_deadline_frees_the_only_worker_for_the_next_upload() {
+        let key_prefix = unique_prefix("thumbs-deadline");
+        let server = server(&key_prefix, |settings| {
+            allow_slow_jpeg(settings);
+            settings.thumbnails.timeout = Duration::from_millis(300);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let started = Instant::now();
+        let status = upload(&channel, &conversation_id, "slow.jpg", slow_jpeg())
+            .await
+            .expect_err("the decode times out");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "IMAGE_DECODE_TIMEOUT");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // The worker is free at once: the decode did not run on behind the answer.
+        let started = Instant::now();
+        let stored = upload(&channel, &conversation_id, "next.png", large_png(8))
+            .await
+            .expect("the next image gets the worker");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            leftovers(&key_prefix, &conversation_id).await,
+            kept(&key_prefix, &conversation_id, &stored.file_id)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_busy_worker_ends_resource_exhausted_with_retry_info() {
+        let key_prefix = unique_prefix("thumbs-queue");
+        let server = server(&key_prefix, |settings| {
+            allow_slow_jpeg(settings);
+            settings.thumbnails.timeout = Duration::from_secs(60);
+            settings.thumbnails.queue_timeout = Duration::from_millis(300);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let slow = tokio::spawn({
+            let (channel, conversation_id) = (channel.clone(), conversation_id.clone());
+            async move { upload(&channel, &conversation_id, "slow.jpg", slow_jpeg()).await }
+        });
+        // PNGs go through until the slow JPEG holds the worker; then one waits and is refused.
+        let mut stored = Vec::new();
+        let status = loop {
+            let started = Instant::now();
+            match upload(&channel, &conversation_id, "next.png", large_png(8)).await {
+                Ok(file) => stored.push(file.file_id),
+                Err(status) => {
+                    let waited = started.elapsed();
+                    assert!(
+                        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+                        "{waited:?}"
+                    );
+                    break status;
+                }
+            }
+            assert!(stored.len() < 100, "the slow JPEG never took the worker");
+        };
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(reason(&status), "THUMBNAIL_WORKERS_BUSY");
+        let retry = status.get_details_retry_info().expect("RetryInfo attached");
+        assert!(
+            retry
+                .retry_delay
+                .is_some_and(|delay| delay > Duration::ZERO)
+        );
+        // The slow upload's caller goes away: its decode is cancelled, its upload aborted.
+        slow.abort();
+        let mut expected: Vec<String> = stored
+            .iter()
+            .flat_map(|file_id| kept(&key_prefix, &conversation_id, file_id))
+            .collect();
+        expected.sort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = leftovers(&key_prefix, &conversation_id).await;
+            if left == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "left behind: {left:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decode_that_could_never_fit_the_memory_budget_is_refused_at_once() {
+        let key_prefix = unique_prefix("thumbs-over-budget");
+        let server = server(&key_prefix, |settings| {
+            settings.uploads.part_size = bytesize::ByteSize::mib(5);
+            settings.uploads.parts_in_flight = 1;
+            settings.uploads.memory_budget = bytesize::ByteSize::mib(12);
+            settings.uploads.memory_wait_timeout = Duration::from_secs(30);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        // 4000 x 3000 progressive: decoding holds about 36 MB of coefficients.
+        let jpeg = Bytes::from(many_scan_jpeg(4000, 3000, 1, 0, 0));
+        let started = Instant::now();
+        let status = upload(&channel, &conversation_id, "large.jpg", jpeg)
+            .await
+            .expect_err("refused");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason(&status), "IMAGE_TOO_LARGE_TO_DECODE");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(
+            info.metadata["memory_budget_bytes"],
+            (12u64 << 20).to_string()
+        );
+        assert!(leftovers(&key_prefix, &conversation_id).await.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_service_exits_0_within_the_grace_while_a_decode_runs() {
+        let scans = SLOW_JPEG_SCANS.to_string();
+        let mut service = ServiceProcess::spawn(&[
+            ("SVC_MESSAGING__SERVER__SHUTDOWN_GRACE", "1s"),
+            ("SVC_MESSAGING__THUMBNAILS__WORKERS", "1"),
+            ("SVC_MESSAGING__THUMBNAILS__TIMEOUT", "5m"),
+            ("SVC_MESSAGING__THUMBNAILS__MAX_EDGE", "4096"),
+            ("SVC_MESSAGING__THUMBNAILS__MAX_JPEG_SCANS", &scans),
+            ("SVC_MESSAGING__UPLOADS__MEMORY_BUDGET", "1GiB"),
+        ]);
+        let channel = Channel::from_shared(format!("http://{}", service.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut messaging = MessagingServiceClient::new(channel.clone());
+        let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
+        let slow = tokio::spawn({
+            let (channel, conversation_id) = (channel.clone(), conversation_id.clone());
+            async move { upload(&channel, &conversation_id, "slow.jpg", slow_jpeg()).await }
+        });
+        // The upload has arrived and its decode started (it runs for many seconds more).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!slow.is_finished());
+        let signalled = Instant::now();
+        service.signal("TERM");
+        let exit = tokio::task::spawn_blocking(move || {
+            let exit = service.wait_exit(Duration::from_secs(10));
+            (exit, service)
+        });
+        let (exit, service) = exit.await.unwrap();
+        let exit = exit.expect("the service exits");
+        let took = signalled.elapsed();
+        assert!(exit.success(), "{exit:?}: {}", service.output());
+        // The grace, then at most the 2 s given to cancelled calls and 1 s to blocking threads.
+        assert!(
+            took < Duration::from_millis(1000 + 3500),
+            "exit after {took:?}"
+        );
+        // The decode was still running when the grace ended: the upload was cut off.
+        let status = slow.await.unwrap().expect_err("cut off by the shutdown");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
 }

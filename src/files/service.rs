@@ -605,6 +605,9 @@ fn file_not_found() -> Error {
     Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
 }
 
+/// How soon a thumbnail refused for lack of workers or memory is worth retrying.
+const THUMBNAIL_RETRY_DELAY: Duration = Duration::from_secs(1);
+
 fn thumbnail_error(error: ThumbnailError) -> Error {
     match error {
         ThumbnailError::Undecodable(detail) => Error::invalid(
@@ -614,16 +617,46 @@ fn thumbnail_error(error: ThumbnailError) -> Error {
         too_large @ ThumbnailError::TooLarge { .. } => {
             Error::invalid(Reason::ImageTooLarge, too_large.to_string())
         }
+        ThumbnailError::TooManyScans { max_scans } => Error::invalid(
+            Reason::ImageTooComplex,
+            format!("a JPEG may have at most {max_scans} scans; this one has more"),
+        )
+        .with_metadata("max_jpeg_scans", max_scans.to_string()),
+        // Fits no budget this server will ever have free: retrying cannot help.
+        ThumbnailError::TooLargeToDecode {
+            needed_bytes,
+            budget_bytes,
+        } => Error::invalid(
+            Reason::ImageTooLargeToDecode,
+            format!(
+                "decoding the image needs {needed_bytes} bytes of memory, more than the \
+                 {budget_bytes} this server has for all uploads together"
+            ),
+        )
+        .with_metadata("decode_bytes", needed_bytes.to_string())
+        .with_metadata("memory_budget_bytes", budget_bytes.to_string()),
         // Too many images at once: the same upload may succeed shortly.
         ThumbnailError::Busy => Error::new(
             ErrorKind::ResourceExhausted,
             Reason::UploadMemoryBusy,
             "the server is decoding too many images; retry shortly",
-        ),
+        )
+        .with_retry_delay(THUMBNAIL_RETRY_DELAY),
+        ThumbnailError::WorkersBusy => Error::new(
+            ErrorKind::ResourceExhausted,
+            Reason::ThumbnailWorkersBusy,
+            "every image decoder is busy; retry shortly",
+        )
+        .with_retry_delay(THUMBNAIL_RETRY_DELAY),
         ThumbnailError::TimedOut => Error::new(
             ErrorKind::Unavailable,
-            Reason::BackendTimeout,
+            Reason::ImageDecodeTimeout,
             "making the image's thumbnail took too long; retry shortly",
+        ),
+        ThumbnailError::ShuttingDown => Error::new(
+            ErrorKind::Unavailable,
+            Reason::BackendUnavailable,
+            "the server is shutting down; retry",
         ),
         ThumbnailError::Internal(detail) => Error::internal(detail),
     }

@@ -46,6 +46,9 @@ impl From<Error> for Status {
         if let Some(field) = error.field {
             details.add_bad_request_violation(field, error.message.clone());
         }
+        if let Some(delay) = error.retry_delay {
+            details.set_retry_info(Some(delay));
+        }
         Status::with_error_details(code, error.message, details)
     }
 }

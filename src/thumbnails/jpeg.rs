@@ -1,14 +1,14 @@
 //! JPEG: the header read by hand (frame size, components, progressive, EXIF, Adobe marker), the
-//! pixels decoded by libjpeg-turbo (through the `mozjpeg` crate) at a reduced scale inside the
-//! IDCT, so a 12 MP photo for a 320 px thumbnail is decoded straight to 500 x 375.
+//! scans counted by walking the markers, the pixels decoded by libjpeg-turbo (see [`libjpeg`]
+//! for how a decode is bounded) at a reduced scale inside the IDCT, so a 12 MP photo for a
+//! 320 px thumbnail is decoded straight to 500 x 375.
 
-use std::{
-    io::{self, BufRead, Read},
-    panic::{AssertUnwindSafe, catch_unwind},
-};
+mod libjpeg;
+
+pub(super) use libjpeg::Limits;
 
 use super::{
-    Deadline, ThumbnailError,
+    ThumbnailError,
     raster::{Layout, Raster},
 };
 
@@ -174,6 +174,40 @@ pub(super) fn without_unused_scans(
     Ok(dropped.then_some(kept))
 }
 
+/// Whether the file has more than `max` scans, counted by walking its markers and skipping the
+/// entropy-coded data without decoding it (stops at scan `max + 1`). libjpeg's progress monitor
+/// enforces the same limit during the decode; this refuses such a file before it takes a worker.
+pub(super) fn has_more_scans_than(bytes: &[u8], max: u32) -> bool {
+    let mut scans = 0;
+    let mut position = 2;
+    while let Some((at, marker)) = find_marker(bytes, position) {
+        position = at + 2;
+        match marker {
+            0xD9 => break,
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(length) = bytes
+            .get(position..position + 2)
+            .map(|length| usize::from(u16::from_be_bytes([length[0], length[1]])))
+        else {
+            break;
+        };
+        position += length;
+        if marker == 0xDA {
+            scans += 1;
+            if scans > max {
+                return true;
+            }
+            match next_marker(bytes, position) {
+                Some(end) => position = end,
+                None => break,
+            }
+        }
+    }
+    false
+}
+
 /// The next marker at or after `position`, skipping 0xFF fill bytes and any stray bytes
 /// before it (libjpeg only warns about those): its offset and code.
 fn find_marker(bytes: &[u8], position: usize) -> Option<(usize, u8)> {
@@ -267,81 +301,28 @@ pub(super) fn decode(
     bytes: &[u8],
     header: &JpegHeader<'_>,
     numerator: u8,
-    deadline: &Deadline,
+    limits: &Limits<'_>,
 ) -> Result<Raster, ThumbnailError> {
     let pruned = if header.progressive && numerator == 1 {
         without_unused_scans(bytes, header)?
     } else {
         None
     };
-    decode_with_libjpeg(
-        pruned.as_deref().unwrap_or(bytes),
-        header,
-        numerator,
-        deadline,
-    )
-}
-
-fn decode_with_libjpeg(
-    bytes: &[u8],
-    header: &JpegHeader<'_>,
-    numerator: u8,
-    deadline: &Deadline,
-) -> Result<Raster, ThumbnailError> {
-    // libjpeg reports fatal errors by unwinding out of the C code (the crate's error manager);
-    // nothing outlives this call, so the state it unwinds through is simply dropped.
-    match catch_unwind(AssertUnwindSafe(|| {
-        decode_unguarded(bytes, header, numerator, deadline)
-    })) {
-        Ok(result) => result,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("libjpeg failed");
-            Err(ThumbnailError::Undecodable(message.to_owned()))
-        }
-    }
-}
-
-fn decode_unguarded(
-    bytes: &[u8],
-    header: &JpegHeader<'_>,
-    numerator: u8,
-    deadline: &Deadline,
-) -> Result<Raster, ThumbnailError> {
-    let undecodable = |error: io::Error| ThumbnailError::Undecodable(format!("JPEG: {error}"));
-    let mut decompress = mozjpeg::Decompress::builder()
-        .from_reader(StrictReader(bytes))
-        .map_err(undecodable)?;
-    decompress.scale(numerator);
-    // Smoothing guesses missing low AC coefficients from neighbouring blocks; here they are
-    // either all present or (after pruning) unused by the 1x1 IDCT.
-    decompress.do_block_smoothing(false);
     let components = header.sampling.len();
-    let mut started = match components {
-        1 => decompress.grayscale(),
-        4 => decompress.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK),
-        _ => decompress.rgb(),
-    }
-    .map_err(undecodable)?;
-    let (width, height) = (started.width(), started.height());
-    let stride = width * components;
-    let mut pixels = super::raster::zeroed(stride * height)?;
-    for band in pixels.chunks_mut(stride * 16) {
-        deadline.check()?;
-        started.read_scanlines_into(band).map_err(undecodable)?;
-    }
-    started.finish().map_err(undecodable)?;
+    let decoded = libjpeg::decode(
+        pruned.as_deref().unwrap_or(bytes),
+        numerator,
+        components,
+        limits,
+    )?;
     let (layout, pixels) = match components {
-        1 => (Layout::Gray, pixels),
-        4 => (Layout::Rgb, cmyk_to_rgb(&pixels, header.adobe)),
-        _ => (Layout::Rgb, pixels),
+        1 => (Layout::Gray, decoded.pixels),
+        4 => (Layout::Rgb, cmyk_to_rgb(&decoded.pixels, header.adobe)),
+        _ => (Layout::Rgb, decoded.pixels),
     };
     Ok(Raster {
-        width: width as u32,
-        height: height as u32,
+        width: decoded.width as u32,
+        height: decoded.height as u32,
         layout,
         pixels,
         transparent: false,
@@ -362,37 +343,10 @@ fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
     rgb
 }
 
-/// Hands libjpeg the whole file and fails instead of reporting end-of-file: libjpeg would
-/// otherwise pad a truncated file with gray and merely warn.
-struct StrictReader<'a>(&'a [u8]);
-
-impl Read for StrictReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let available = self.fill_buf()?;
-        let count = available.len().min(buf.len());
-        buf[..count].copy_from_slice(&available[..count]);
-        self.consume(count);
-        Ok(count)
-    }
-}
-
-impl BufRead for StrictReader<'_> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        if self.0.is_empty() {
-            Err(io::Error::other("the file ends in the middle of the image"))
-        } else {
-            Ok(self.0)
-        }
-    }
-
-    fn consume(&mut self, amount: usize) {
-        self.0 = &self.0[amount.min(self.0.len())..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::thumbnails::Deadline;
 
     /// A progressive photo-like image: gradients plus fine detail in every channel.
     fn progressive(width: u16, height: u16, sampling: jpeg_encoder::SamplingFactor) -> Vec<u8> {
@@ -431,13 +385,103 @@ mod tests {
                 .expect("luma AC scans are left out");
             assert!(pruned.len() < bytes.len(), "{sampling:?}");
             let deadline = Deadline::none();
-            let whole = decode_with_libjpeg(&bytes, &header, 1, &deadline).unwrap();
-            let reduced = decode_with_libjpeg(&pruned, &header, 1, &deadline).unwrap();
+            let limits = Limits {
+                max_scans: 100,
+                max_memory: 1 << 30,
+                deadline: &deadline,
+            };
+            let whole = libjpeg::decode(&bytes, 1, 3, &limits).unwrap();
+            let reduced = libjpeg::decode(&pruned, 1, 3, &limits).unwrap();
             assert_eq!((whole.width, whole.height), (128, 96));
             assert!(
                 whole.pixels == reduced.pixels,
                 "{sampling:?}: pixels differ"
             );
+        }
+    }
+
+    fn limits(deadline: &Deadline, max_scans: u32) -> Limits<'_> {
+        Limits {
+            max_scans,
+            max_memory: 1 << 30,
+            deadline,
+        }
+    }
+
+    /// Where the file's scans start: the offsets of its SOS markers.
+    fn scan_offsets(bytes: &[u8]) -> Vec<usize> {
+        let header = read_header(bytes).unwrap();
+        assert!(header.progressive);
+        (0..bytes.len() - 1)
+            .filter(|&at| bytes[at] == 0xFF && bytes[at + 1] == 0xDA)
+            .collect()
+    }
+
+    #[test]
+    fn scans_are_counted_from_the_markers() {
+        let bytes = progressive(64, 48, jpeg_encoder::SamplingFactor::F_2_2);
+        let scans = scan_offsets(&bytes).len() as u32;
+        assert!(scans > 3, "{scans} scans");
+        assert!(has_more_scans_than(&bytes, scans - 1));
+        assert!(!has_more_scans_than(&bytes, scans));
+    }
+
+    #[test]
+    fn the_progress_monitor_stops_at_the_scan_limit() {
+        let bytes = progressive(64, 48, jpeg_encoder::SamplingFactor::F_2_2);
+        let deadline = Deadline::none();
+        match libjpeg::decode(&bytes, 8, 3, &limits(&deadline, 3)) {
+            Err(ThumbnailError::TooManyScans { max_scans: 3 }) => {}
+            other => panic!("{:?}", other.map(|decoded| decoded.width)),
+        }
+        let scans = scan_offsets(&bytes).len() as u32;
+        let decoded = libjpeg::decode(&bytes, 8, 3, &limits(&deadline, scans)).unwrap();
+        assert_eq!((decoded.width, decoded.height), (64, 48));
+    }
+
+    #[test]
+    fn the_progress_monitor_stops_a_cancelled_decode_before_any_row() {
+        let bytes = progressive(256, 192, jpeg_encoder::SamplingFactor::F_2_2);
+        let deadline = Deadline::none();
+        deadline.cancel();
+        match libjpeg::decode(&bytes, 8, 3, &limits(&deadline, 100)) {
+            Err(ThumbnailError::TimedOut) => {}
+            other => panic!("{:?}", other.map(|decoded| decoded.width)),
+        }
+    }
+
+    #[test]
+    fn a_refinement_of_bits_never_sent_is_a_bogus_progression_and_undecodable() {
+        let bytes = progressive(64, 48, jpeg_encoder::SamplingFactor::F_2_2);
+        let last_scan = *scan_offsets(&bytes).last().unwrap();
+        let end = bytes.len() - 2;
+        let mut repeated = bytes[..end].to_vec();
+        let mut again = bytes[last_scan..end].to_vec();
+        // SOS: marker, length, count, (id, tables) x count, Ss, Se, then Ah/Al: claim to
+        // refine bit 1 of coefficients already known to full precision (Al = 0).
+        let count = usize::from(again[4]);
+        again[5 + 2 * count + 2] = 0x10;
+        repeated.extend_from_slice(&again);
+        repeated.extend_from_slice(&[0xFF, 0xD9]);
+        let deadline = Deadline::none();
+        match libjpeg::decode(&repeated, 8, 3, &limits(&deadline, 100)) {
+            Err(ThumbnailError::Undecodable(message)) => {
+                assert!(message.contains("progression"), "{message}");
+            }
+            other => panic!("{:?}", other.map(|decoded| decoded.width)),
+        }
+    }
+
+    #[test]
+    fn a_truncated_file_is_undecodable() {
+        let bytes = progressive(64, 48, jpeg_encoder::SamplingFactor::F_2_2);
+        let deadline = Deadline::none();
+        let cut = &bytes[..bytes.len() * 2 / 3];
+        match libjpeg::decode(cut, 8, 3, &limits(&deadline, 100)) {
+            Err(ThumbnailError::Undecodable(message)) => {
+                assert!(message.contains("Premature end"), "{message}");
+            }
+            other => panic!("{:?}", other.map(|decoded| decoded.width)),
         }
     }
 

@@ -21,14 +21,22 @@
 //! build and image, and a large C attack surface; HEIF uploads are stored as they are.
 //!
 //! [`ThumbnailPool`] runs the work off the async runtime on at most `thumbnails.workers`
-//! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, reserves each
-//! decode's peak memory (computed from the header and the scale it decodes at, see
-//! [`DecodePlan::peak_bytes`]) from the uploads' [`MemoryBudget`] before decoding, and gives up
-//! after `thumbnails.timeout`. [`Thumbnailer`] is the synchronous core, for callers that manage
-//! their own threads (and the benchmark).
+//! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, each waiting
+//! at most `thumbnails.queue_timeout`, refuses a decode whose peak memory (computed from the
+//! header and the scale it decodes at, see [`DecodePlan::peak_bytes`]) exceeds the whole
+//! uploads' [`MemoryBudget`] and reserves it from the budget otherwise, and gives up after
+//! `thumbnails.timeout`.
 //!
-//! libjpeg reports fatal errors by unwinding through its C frames ("C-unwind"), caught in
-//! `jpeg.rs`: the crate must not be built with `panic = "abort"`.
+//! The work itself is bounded too, so that a timeout really frees the worker and the memory:
+//! every decoder checks the deadline (and the caller's cancellation, and the pool's shutdown)
+//! between rows; libjpeg from its progress monitor, which also stops a JPEG at its
+//! `thumbnails.max_jpeg_scans`-th scan (files with more are refused from their markers before
+//! they take a worker). [`Thumbnailer`] is the synchronous core, for callers that manage their
+//! own threads (and the benchmark).
+//!
+//! libjpeg reports fatal errors (and the progress monitor its stops) by unwinding through its C
+//! frames ("C-unwind"), caught in `jpeg/libjpeg.rs`: the crate must not be built with
+//! `panic = "abort"`.
 
 mod gif;
 mod jpeg;
@@ -58,6 +66,10 @@ use crate::{
 
 /// Jobs that may wait for a worker, per worker, before new ones are refused as busy.
 pub const QUEUE_PER_WORKER: usize = 8;
+
+/// After its deadline, how long a decode gets to notice and stop before the caller is answered
+/// anyway (libjpeg, PNG and GIF check between rows; a WEBP frame cannot be interrupted).
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// A JPEG is decoded at the smallest IDCT scale that is at least this many times the thumbnail
 /// on each axis. libjpeg-turbo keeps 4:2:0 chroma at full reduced resolution even at 1/8 (it
@@ -91,12 +103,34 @@ pub enum ThumbnailError {
         height: u32,
         max_pixels: u64,
     },
-    /// The queue was full or the memory budget stayed exhausted; a retry later may succeed.
+    /// A JPEG with more scans than `thumbnails.max_jpeg_scans` (a progressive file has about
+    /// ten): refused from its markers, or stopped by libjpeg's progress monitor.
+    #[error("the JPEG has more than {max_scans} scans")]
+    TooManyScans { max_scans: u32 },
+    /// The decode's peak memory plus the uploaded bytes it reads exceed the whole budget
+    /// (`uploads.memory_budget`): it could never run, so it is refused at once, not after
+    /// waiting.
+    #[error(
+        "decoding the image needs {needed_bytes} bytes of memory, more than the {budget_bytes} \
+         the server has for all uploads"
+    )]
+    TooLargeToDecode {
+        needed_bytes: u64,
+        budget_bytes: u64,
+    },
+    /// The memory budget stayed exhausted for its wait timeout; a retry later may succeed.
     #[error("too many images are being decoded; retry shortly")]
     Busy,
-    /// The decode took longer than `thumbnails.timeout`.
+    /// The queue was full, or no worker came free within `thumbnails.queue_timeout`; a retry
+    /// later may succeed.
+    #[error("every thumbnail worker is busy; retry shortly")]
+    WorkersBusy,
+    /// The decode took longer than `thumbnails.timeout` (or its caller went away).
     #[error("decoding the image took too long")]
     TimedOut,
+    /// The pool was closed by the server's shutdown.
+    #[error("the server is shutting down")]
+    ShuttingDown,
     /// A bug or resource failure on our side, not the image's fault.
     #[error("thumbnail failed: {0}")]
     Internal(String),
@@ -174,11 +208,13 @@ enum Header<'a> {
     Webp(webp::WebpHeader),
 }
 
-/// Stops a decode between rows once its time is up or its caller has gone.
+/// Stops a decode between rows once its time is up, its caller has gone, or the pool closed.
 #[derive(Debug, Clone)]
 struct Deadline {
     at: Option<Instant>,
     cancelled: Arc<AtomicBool>,
+    /// The pool's: set once, at shutdown, for every decode.
+    closed: Arc<AtomicBool>,
 }
 
 impl Deadline {
@@ -186,12 +222,14 @@ impl Deadline {
         Self {
             at: None,
             cancelled: Arc::new(AtomicBool::new(false)),
+            closed: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn after(timeout: Duration) -> Self {
+    fn after(timeout: Duration, closed: Arc<AtomicBool>) -> Self {
         Self {
             at: Instant::now().checked_add(timeout),
+            closed,
             ..Self::none()
         }
     }
@@ -201,6 +239,9 @@ impl Deadline {
     }
 
     fn check(&self) -> Result<(), ThumbnailError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(ThumbnailError::ShuttingDown);
+        }
         let expired = self.at.is_some_and(|at| Instant::now() >= at);
         if expired || self.cancelled.load(Ordering::Relaxed) {
             Err(ThumbnailError::TimedOut)
@@ -225,6 +266,7 @@ pub struct Thumbnailer {
     max_edge: u32,
     jpeg_quality: u8,
     max_pixels: u64,
+    max_jpeg_scans: u32,
 }
 
 impl Thumbnailer {
@@ -234,11 +276,13 @@ impl Thumbnailer {
             max_edge: settings.max_edge.max(1),
             jpeg_quality: settings.jpeg_quality.clamp(1, 100),
             max_pixels,
+            max_jpeg_scans: settings.max_jpeg_scans.max(1),
         }
     }
 
-    /// Reads the header only: sizes, orientation, the reduced scale and the peak memory.
-    /// `None` for kinds that get no thumbnail (HEIC/HEIF, documents).
+    /// Reads the header only (and a JPEG's markers, to count its scans): sizes, orientation,
+    /// the reduced scale and the peak memory. `None` for kinds that get no thumbnail
+    /// (HEIC/HEIF, documents).
     pub fn plan(&self, kind: FileKind, bytes: &[u8]) -> Result<Option<DecodePlan>, ThumbnailError> {
         let header = match kind {
             FileKind::Jpeg => Header::Jpeg(jpeg::read_header(bytes)?),
@@ -268,6 +312,13 @@ impl Thumbnailer {
                 width: stored.0,
                 height: stored.1,
                 max_pixels: self.max_pixels,
+            });
+        }
+        if matches!(header, Header::Jpeg(_))
+            && jpeg::has_more_scans_than(bytes, self.max_jpeg_scans)
+        {
+            return Err(ThumbnailError::TooManyScans {
+                max_scans: self.max_jpeg_scans,
             });
         }
         let orientation = exif.map(raster::exif_orientation).unwrap_or_default();
@@ -320,17 +371,27 @@ impl Thumbnailer {
         let decoded = match plan.decoding {
             Decoding::Jpeg { numerator } => {
                 let header = jpeg::read_header(bytes)?;
-                jpeg::decode(bytes, &header, numerator, deadline)?
+                let limits = jpeg::Limits {
+                    max_scans: self.max_jpeg_scans,
+                    max_memory: plan.peak_bytes,
+                    deadline,
+                };
+                jpeg::decode(bytes, &header, numerator, &limits)?
             }
             Decoding::Png { factor } => {
                 let header = png::read_header(bytes)?;
                 png::decode(bytes, &header, factor, plan.peak_bytes, deadline)?
             }
             Decoding::Gif => {
-                let frame = gif::decode(bytes, plan.stored.0, plan.stored.1)?;
+                let frame = gif::decode(bytes, plan.stored.0, plan.stored.1, deadline)?;
                 raster::pre_shrink(frame, plan.target)?
             }
-            Decoding::Webp => raster::pre_shrink(webp::decode(bytes)?, plan.target)?,
+            // image-webp decodes a frame in one call, with no point to stop at: its work is
+            // bounded by the pixel limit alone.
+            Decoding::Webp => {
+                deadline.check()?;
+                raster::pre_shrink(webp::decode(bytes)?, plan.target)?
+            }
         };
         deadline.check()?;
         let encoded = output::finish(decoded, plan.target, plan.orientation, self.jpeg_quality)?;
@@ -362,8 +423,8 @@ fn resize_bytes(plan: &DecodePlan, channels: u64, alpha: bool) -> u64 {
     copy + intermediate + 3 * width * height * channels + 512 * 1024
 }
 
-/// Runs thumbnails off the async runtime: bounded workers, a bounded queue, memory reserved
-/// from the shared budget before each decode, and a time limit.
+/// Runs thumbnails off the async runtime: bounded workers, a bounded queue with a bounded wait,
+/// memory reserved from the shared budget before each decode, and a time limit.
 pub struct ThumbnailPool {
     thumbnailer: Arc<Thumbnailer>,
     budget: Arc<MemoryBudget>,
@@ -371,6 +432,9 @@ pub struct ThumbnailPool {
     admitted: Arc<Semaphore>,
     workers: Arc<Semaphore>,
     timeout: Duration,
+    queue_timeout: Duration,
+    /// Set by [`ThumbnailPool::close`]; every decode checks it.
+    closed: Arc<AtomicBool>,
     activity: Arc<Activity>,
 }
 
@@ -427,8 +491,17 @@ impl ThumbnailPool {
             admitted: Arc::new(Semaphore::new(workers * (1 + QUEUE_PER_WORKER))),
             workers: Arc::new(Semaphore::new(workers)),
             timeout: settings.timeout,
+            queue_timeout: settings.queue_timeout,
+            closed: Arc::new(AtomicBool::new(false)),
             activity: Arc::default(),
         }
+    }
+
+    /// Stops every running decode at its next check and refuses new ones: at shutdown, so no
+    /// blocking thread outlives the grace period.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.workers.close();
     }
 
     pub fn thumbnailer(&self) -> &Thumbnailer {
@@ -447,11 +520,14 @@ impl ThumbnailPool {
 
     /// Makes the thumbnail of an image of `kind`; `None` when the kind gets none (HEIC/HEIF).
     ///
-    /// Refused at once with [`ThumbnailError::TooLarge`] or [`ThumbnailError::Undecodable`]
-    /// when the header says so, and with [`ThumbnailError::Busy`] when the queue is full or the
-    /// memory budget stays exhausted for its wait timeout. The decode's memory stays reserved
-    /// until the decode has really stopped, also after a timeout or when this future is dropped
-    /// (which cancels the decode at its next row).
+    /// Refused at once with [`ThumbnailError::TooLarge`], [`ThumbnailError::TooManyScans`] or
+    /// [`ThumbnailError::Undecodable`] when the header says so, with
+    /// [`ThumbnailError::TooLargeToDecode`] when its memory could never fit the budget, with
+    /// [`ThumbnailError::WorkersBusy`] when the queue is full or no worker comes free within
+    /// `thumbnails.queue_timeout`, and with [`ThumbnailError::Busy`] when the memory budget
+    /// stays exhausted for its wait timeout. A decode stops at its next row once
+    /// `thumbnails.timeout` passes or this future is dropped; the timeout is answered once it
+    /// has stopped (or after [`STOP_WAIT`]), so its worker and memory are free again by then.
     pub async fn make(
         &self,
         kind: FileKind,
@@ -460,37 +536,55 @@ impl ThumbnailPool {
         let Some(plan) = self.thumbnailer.plan(kind, &bytes)? else {
             return Ok(None);
         };
+        // The uploaded body stays reserved by its upload while the decode runs.
+        let needed_bytes = plan.peak_bytes + bytes.len() as u64;
+        let budget_bytes = self.budget.total_bytes();
+        if needed_bytes > budget_bytes {
+            return Err(ThumbnailError::TooLargeToDecode {
+                needed_bytes,
+                budget_bytes,
+            });
+        }
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(ThumbnailError::ShuttingDown);
+        }
         let _admitted = self
             .admitted
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ThumbnailError::Busy)?;
-        let worker = self
-            .workers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ThumbnailError::Internal("the thumbnail pool is closed".into()))?;
+            .map_err(|_| ThumbnailError::WorkersBusy)?;
+        let worker =
+            match tokio::time::timeout(self.queue_timeout, self.workers.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(worker)) => worker,
+                Ok(Err(_closed)) => return Err(ThumbnailError::ShuttingDown),
+                Err(_) => return Err(ThumbnailError::WorkersBusy),
+            };
         let reservation = self
             .budget
             .reserve(plan.peak_bytes)
             .await
             .map_err(|_| ThumbnailError::Busy)?;
-        let deadline = Deadline::after(self.timeout);
-        let _cancel = CancelOnDrop(deadline.clone());
+        let deadline = Deadline::after(self.timeout, self.closed.clone());
+        let cancel = CancelOnDrop(deadline.clone());
         let held = Held::new(worker, reservation, self.activity.clone());
         let thumbnailer = self.thumbnailer.clone();
-        let job = tokio::task::spawn_blocking(move || {
+        let mut job = tokio::task::spawn_blocking(move || {
             let result = thumbnailer.render_until(&plan, &bytes, &deadline);
             drop(held);
             result
         });
-        match tokio::time::timeout(self.timeout, job).await {
+        match tokio::time::timeout(self.timeout, &mut job).await {
             Ok(Ok(result)) => result.map(Some),
             Ok(Err(error)) => Err(ThumbnailError::Internal(format!(
                 "the thumbnail worker failed: {error}"
             ))),
-            Err(_) => Err(ThumbnailError::TimedOut),
+            Err(_) => {
+                cancel.0.cancel();
+                let _ = tokio::time::timeout(STOP_WAIT, job).await;
+                Err(ThumbnailError::TimedOut)
+            }
         }
     }
 }

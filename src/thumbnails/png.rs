@@ -137,9 +137,21 @@ pub(super) fn decode(
             .output_buffer_size()
             .ok_or_else(|| ThumbnailError::Undecodable("PNG: image too large".into()))?;
         let mut whole = super::raster::zeroed(size)?;
-        deadline.check()?;
-        let frame = reader.next_frame(&mut whole).map_err(undecodable)?;
-        for row in whole[..frame.buffer_size()].chunks_exact(frame.line_size) {
+        let stride = size / header.height as usize;
+        let (color_type, bit_depth) = reader.output_color_type();
+        let bits_per_pixel = color_type.samples() as u8 * bit_depth as u8;
+        // Pass by pass, row by row (what `next_frame` does, with a deadline check between).
+        let mut rows: u32 = 0;
+        while let Some(row) = reader.next_interlaced_row().map_err(undecodable)? {
+            if let png::InterlaceInfo::Adam7(pass) = row.interlace() {
+                png::expand_interlaced_row(&mut whole, stride, row.data(), pass, bits_per_pixel);
+            }
+            rows += 1;
+            if rows.is_multiple_of(64) {
+                deadline.check()?;
+            }
+        }
+        for row in whole.chunks_exact(stride) {
             reducer.push_row(row);
         }
     } else {
