@@ -13,8 +13,9 @@ use svc_messaging::{
     store::{
         memory::MemoryMessageStore,
         messages::{
-            AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal, MessageStore,
-            NewConversation, NewMessage, ReadOutcome, Rejection, Retention, StoreError,
+            AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome, LiveSignal,
+            MessageStore, NewConversation, NewMessage, ReadOutcome, Rejection, Retention,
+            StoreError,
         },
     },
 };
@@ -39,6 +40,7 @@ async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> Con
             participants,
             created_by: user(creator),
             fingerprint: "fp".to_owned(),
+            request: None,
         })
         .await
         .unwrap();
@@ -95,6 +97,7 @@ pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
         participants: vec![user("alice"), user("bob")],
         created_by: user("alice"),
         fingerprint: "first".to_owned(),
+        request: None,
     };
     let CreateOutcome::Created(created) = store.create_conversation(new.clone()).await.unwrap()
     else {
@@ -126,6 +129,68 @@ pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
             .unwrap()
             .is_none()
     );
+}
+
+/// A creator's `request_id` finds the conversation it created for exactly the window; other
+/// creators' equal `request_id`s are theirs; after the window it creates a new conversation.
+pub async fn request_ids_are_remembered_for_the_window(store: Arc<dyn MessageStore>) {
+    const WINDOW: Duration = Duration::from_millis(1500);
+    let new = |creator: &str, request_id: &str| NewConversation {
+        id: ConversationId::generate(),
+        title: "Launch".to_owned(),
+        participants: vec![user(creator), user("bob")],
+        created_by: user(creator),
+        fingerprint: "fp".to_owned(),
+        request: Some(CreateRequest {
+            request_id: ClientId::from_field("request_id", request_id).unwrap(),
+            window: WINDOW,
+        }),
+    };
+    let request_id = format!("r-{}", MessageId::generate());
+    let first = new("alice", &request_id);
+    let CreateOutcome::Created(created) = store.create_conversation(first.clone()).await.unwrap()
+    else {
+        panic!("the first create creates");
+    };
+    assert_eq!(created.id, first.id);
+    let retry = new("alice", &request_id);
+    match store.create_conversation(retry.clone()).await.unwrap() {
+        CreateOutcome::Existing {
+            conversation,
+            fingerprint,
+        } => {
+            assert_eq!(conversation.id, created.id);
+            assert_eq!(fingerprint, "fp");
+        }
+        other => panic!("a retry within the window finds the original, got {other:?}"),
+    }
+    assert!(store.conversation(retry.id).await.unwrap().is_none());
+    let CreateOutcome::Created(carols) = store
+        .create_conversation(new("carol", &request_id))
+        .await
+        .unwrap()
+    else {
+        panic!("another creator's request_id is theirs");
+    };
+    assert_ne!(carols.id, created.id);
+
+    tokio::time::sleep(WINDOW + Duration::from_millis(200)).await;
+    let late = new("alice", &request_id);
+    let CreateOutcome::Created(fresh) = store.create_conversation(late.clone()).await.unwrap()
+    else {
+        panic!("after the window the request_id creates a new conversation");
+    };
+    assert_eq!(fresh.id, late.id);
+    assert_ne!(fresh.id, created.id);
+    // ... and is remembered again, for a new window.
+    match store
+        .create_conversation(new("alice", &request_id))
+        .await
+        .unwrap()
+    {
+        CreateOutcome::Existing { conversation, .. } => assert_eq!(conversation.id, fresh.id),
+        other => panic!("expected the new conversation, got {other:?}"),
+    }
 }
 
 pub async fn concurrent_sends_get_gap_free_sequences(store: Arc<dyn MessageStore>) {
@@ -596,6 +661,10 @@ macro_rules! conformance_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn create_is_idempotent_by_id() {
             super::create_is_idempotent_by_id($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn request_ids_are_remembered_for_the_window() {
+            super::request_ids_are_remembered_for_the_window($make(super::GENEROUS).await).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_sends_get_gap_free_sequences() {

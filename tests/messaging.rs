@@ -395,6 +395,65 @@ pub async fn retries_are_idempotent(server: TestServer) {
     assert_eq!(history.messages.len(), 1);
 }
 
+/// Issue 9 item 5: a replayed CreateConversation is a read like any other, and its answer is
+/// only for participants; the id it lands on cannot be computed from (user, request_id).
+pub async fn replayed_creates_check_participation(server: TestServer) {
+    let mut client = client(&server).await;
+    let request = pb::CreateConversationRequest {
+        title: "Secret plans".to_owned(),
+        participant_ids: vec!["bob".to_owned()],
+        request_id: "replay-me".to_owned(),
+    };
+    let created = client
+        .create_conversation(as_user("alice", request.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    let id = created.conversation_id.clone();
+    client
+        .remove_participant(as_user(
+            "alice",
+            pb::RemoveParticipantRequest {
+                conversation_id: id.clone(),
+                user_id: "alice".to_owned(),
+            },
+        ))
+        .await
+        .unwrap();
+    send(&mut client, "bob", &id, "after alice left").await;
+    let status = client
+        .create_conversation(as_user("alice", request.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
+    assert!(!status.message().contains("after alice left"));
+
+    // Bob's identical request_id is his own: a new conversation.
+    let bobs = client
+        .create_conversation(as_user("bob", request.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_ne!(bobs.conversation_id, id);
+    // Another server (another store) given the same (user, request_id) picks another id: ids
+    // are random, not derived.
+    let other = TestServer::start().await;
+    let mut other_client = Client::new(other.channel().await);
+    let elsewhere = other_client
+        .create_conversation(as_user("alice", request))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_ne!(elsewhere.conversation_id, id);
+}
+
 pub async fn history_pages_are_stable_while_messages_arrive(server: TestServer) {
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -768,6 +827,10 @@ macro_rules! messaging_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn retries_are_idempotent() {
             super::retries_are_idempotent(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn replayed_creates_check_participation() {
+            super::replayed_creates_check_participation(server(plain).await).await;
         }
         #[tokio::test]
         async fn history_pages_are_stable_while_messages_arrive() {

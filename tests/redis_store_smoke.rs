@@ -69,6 +69,7 @@ async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> Con
             participants,
             created_by: user(creator),
             fingerprint: "fp".to_owned(),
+            request: None,
         })
         .await
         .unwrap();
@@ -127,6 +128,7 @@ async fn create_then_existing() {
         participants: vec![user("alice"), user("bob"), user("carol:x")],
         created_by: user("alice"),
         fingerprint: "first".to_owned(),
+        request: None,
     };
     let CreateOutcome::Created(created) = store.create_conversation(new.clone()).await.unwrap()
     else {
@@ -837,6 +839,7 @@ async fn a_redis_restart_resyncs_the_live_feed() {
                 participants: vec![user("alice")],
                 created_by: user("alice"),
                 fingerprint: "fp".to_owned(),
+                request: None,
             })
             .await;
         match created {
@@ -1070,5 +1073,71 @@ async fn a_flushed_script_cache_is_reloaded() {
     raw.script_flush_cluster(false).await.unwrap();
     send(&store, id, "alice", "after a flush").await;
     assert_eq!(store.messages_before(id, None, 10).await.unwrap().len(), 1);
+    raw.quit().await.unwrap();
+}
+
+/// Every key under `prefix` on the (single-node) test Redis.
+async fn keys_under(
+    raw: &fred::prelude::Client,
+    prefix: &str,
+) -> std::collections::BTreeSet<String> {
+    use fred::{
+        prelude::ClientLike,
+        types::{ClusterHash, CustomCommand},
+    };
+    let command = CustomCommand::new_static("KEYS", ClusterHash::FirstKey, false);
+    let keys: Vec<String> = raw
+        .custom(command, vec![format!("{prefix}:*")])
+        .await
+        .unwrap();
+    keys.into_iter().collect()
+}
+
+/// Issue 9 item 5: a `request_id` is remembered in one key that expires with the window, and a
+/// replay adds no key.
+#[tokio::test]
+async fn request_ids_expire_with_the_window_and_replays_add_no_keys() {
+    use fred::prelude::{ClientLike, KeysInterface};
+    use svc_messaging::store::messages::CreateRequest;
+
+    const WINDOW: Duration = Duration::from_secs(24 * 3600);
+    let prefix = unique_prefix("request-window");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let new = || NewConversation {
+        id: ConversationId::generate(),
+        title: "Launch".to_owned(),
+        participants: vec![user("alice"), user("bob")],
+        created_by: user("alice"),
+        fingerprint: "fp".to_owned(),
+        request: Some(CreateRequest {
+            request_id: ClientId::from_field("request_id", "r-1").unwrap(),
+            window: WINDOW,
+        }),
+    };
+    let CreateOutcome::Created(created) = store.create_conversation(new()).await.unwrap() else {
+        panic!("the first create creates");
+    };
+    let raw = raw_client().await;
+    let keys = keys_under(&raw, &prefix).await;
+    let requests: Vec<&String> = keys
+        .iter()
+        .filter(|key| key.starts_with(&format!("{prefix}:{{u:alice}}:req:")))
+        .collect();
+    assert_eq!(requests.len(), 1, "{keys:?}");
+    // The key is in alice's slot and does not spell the request id.
+    assert!(!requests[0].contains("r-1"));
+    let ttl: i64 = raw.pttl(requests[0].as_str()).await.unwrap();
+    let window_ms = WINDOW.as_millis() as i64;
+    assert!(
+        (window_ms - 5_000..=window_ms).contains(&ttl),
+        "PTTL {ttl} ms, window {window_ms} ms"
+    );
+    match store.create_conversation(new()).await.unwrap() {
+        CreateOutcome::Existing { conversation, .. } => assert_eq!(conversation.id, created.id),
+        other => panic!("expected the original, got {other:?}"),
+    }
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
     raw.quit().await.unwrap();
 }

@@ -23,8 +23,9 @@ use crate::{
     ids::UserId,
     store::files::FileStore,
     store::messages::{
-        ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
-        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
+        ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
+        LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection,
+        StoreError,
     },
 };
 
@@ -137,21 +138,26 @@ impl ConversationService {
         let others = parse_users("participant_ids", participant_ids, 0)?;
         let mut participants = vec![caller.user_id.clone()];
         participants.extend(others.into_iter().filter(|user| *user != caller.user_id));
-        let id = if request_id.is_empty() {
-            ConversationId::generate()
+        // Ids are random, never derived from (user, request_id): nobody can compute another
+        // user's conversation ids. The store remembers which one a request_id created.
+        let request = if request_id.is_empty() {
+            None
         } else {
-            let request_id = ClientId::from_field("request_id", request_id)?;
-            ConversationId::for_request(&caller.user_id, &request_id)
+            Some(CreateRequest {
+                request_id: ClientId::from_field("request_id", request_id)?,
+                window: self.settings.idempotency_window,
+            })
         };
         let mut sorted: Vec<&str> = participants.iter().map(UserId::as_str).collect();
         sorted.sort_unstable();
         let fingerprint = fingerprint(&[title, &sorted.join("\u{0}")]);
         let new = NewConversation {
-            id,
+            id: ConversationId::generate(),
             title: title.to_owned(),
             participants,
             created_by: caller.user_id.clone(),
             fingerprint: fingerprint.clone(),
+            request,
         };
         let conversation = match self
             .store
@@ -171,6 +177,14 @@ impl ConversationService {
                         "request_id was already used for a different conversation",
                     )
                     .with_field("request_id"));
+                }
+                // A replay answers with the conversation as it is now: only to a participant,
+                // like every read (the creator may have left since).
+                if !conversation.has_participant(&caller.user_id) {
+                    return Err(Error::permission_denied(
+                        Reason::NotAParticipant,
+                        "request_id created a conversation you no longer participate in",
+                    ));
                 }
                 conversation
             }

@@ -3,7 +3,7 @@
 //! write atomic, and events are published while it is held, so the live feed is in commit order.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::messages::{
-    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, DeleteOutcome,
-    EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState,
-    Rejection, Retention, StoreResult,
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
+    DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
+    ReadState, Rejection, Retention, StoreResult,
 };
 use crate::{
     ids::UserId,
@@ -38,6 +38,46 @@ struct State {
     conversations: HashMap<ConversationId, ConversationState>,
     /// Per user: their conversations and each one's latest activity.
     activity: HashMap<UserId, HashMap<ConversationId, UnixMillis>>,
+    /// `(creator, request_id)` -> the conversation it created, until the window ends.
+    requests: HashMap<(UserId, ClientId), (ConversationId, Instant)>,
+    /// The keys of `requests` in the order they were made, so expired ones are dropped without
+    /// scanning them all.
+    request_order: VecDeque<(Instant, (UserId, ClientId))>,
+}
+
+impl State {
+    /// The conversation `request` created, if its window is still open; else claims the window
+    /// for `candidate`. Returns the id to create (or find) the conversation under.
+    fn claim_request(
+        &mut self,
+        creator: &UserId,
+        request: &CreateRequest,
+        candidate: ConversationId,
+    ) -> ConversationId {
+        let now = Instant::now();
+        while let Some((expires, _)) = self.request_order.front()
+            && *expires <= now
+        {
+            let (_, key) = self.request_order.pop_front().expect("front exists");
+            if self
+                .requests
+                .get(&key)
+                .is_some_and(|(_, expires)| *expires <= now)
+            {
+                self.requests.remove(&key);
+            }
+        }
+        let key = (creator.clone(), request.request_id.clone());
+        if let Some((id, expires)) = self.requests.get(&key)
+            && *expires > now
+        {
+            return *id;
+        }
+        let expires = now + request.window;
+        self.requests.insert(key.clone(), (candidate, expires));
+        self.request_order.push_back((expires, key));
+        candidate
+    }
 }
 
 struct ConversationState {
@@ -161,8 +201,11 @@ impl ConversationState {
 
 #[async_trait]
 impl MessageStore for MemoryMessageStore {
-    async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome> {
+    async fn create_conversation(&self, mut new: NewConversation) -> StoreResult<CreateOutcome> {
         let mut state = self.lock();
+        if let Some(request) = &new.request {
+            new.id = state.claim_request(&new.created_by, request, new.id);
+        }
         if let Some(existing) = state.conversations.get(&new.id) {
             return Ok(CreateOutcome::Existing {
                 conversation: existing.conversation.clone(),

@@ -3,13 +3,16 @@
 //! the change, assigning the next sequence, recording the event, publishing it) is one store
 //! call, so replicas sharing a store agree on every sequence.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::{
     error::BoxError,
     ids::UserId,
     messaging::model::{
-        Conversation, ConversationId, Event, Message, MessageId, MessageRecord, UnixMillis,
+        ClientId, Conversation, ConversationId, Event, Message, MessageId, MessageRecord,
+        UnixMillis,
     },
 };
 
@@ -60,6 +63,7 @@ impl From<Rejection> for StoreError {
 /// A conversation to create.
 #[derive(Debug, Clone)]
 pub struct NewConversation {
+    /// The id to create it under: fresh and random, unless `request` was seen before.
     pub id: ConversationId,
     pub title: String,
     /// The creator first, then the others, without duplicates.
@@ -67,12 +71,23 @@ pub struct NewConversation {
     pub created_by: UserId,
     /// Identifies the request's content, so a retry can be told from a conflicting reuse.
     pub fingerprint: String,
+    /// The creator's idempotency key, if the request has one.
+    pub request: Option<CreateRequest>,
+}
+
+/// A `request_id` and how long the store remembers which conversation it created.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub request_id: ClientId,
+    /// Exactly this long after the first create, the same `request_id` creates a new one.
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub enum CreateOutcome {
     Created(Conversation),
-    /// A conversation with this id exists already (a retry, or a conflicting reuse).
+    /// A conversation with this id exists already, or the creator's `request_id` created this
+    /// one within its window (a retry, or a conflicting reuse).
     Existing {
         conversation: Conversation,
         fingerprint: String,
@@ -163,8 +178,9 @@ pub struct ReadState {
 /// Conversations, events and messages; see the module docs.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
-    /// Creates the conversation, or reports the one that already has this id. Creation records no
-    /// event: `last_sequence` starts at 0.
+    /// Creates the conversation, or reports the one that already has this id, or the one
+    /// `new.request` created within its window (its id then differs from `new.id`). Creation
+    /// records no event: `last_sequence` starts at 0.
     async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome>;
 
     async fn conversation(&self, id: ConversationId) -> StoreResult<Option<Conversation>>;

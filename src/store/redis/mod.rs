@@ -20,6 +20,7 @@
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
 //! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
 //! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
+//! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
 //! the layout works on Redis Cluster. Unread = `ZCOUNT live (read +inf` minus
@@ -29,6 +30,14 @@
 //! (`ZADD GT`, so racing updates never move activity backwards). It is derived data: it may lag
 //! briefly, and if that update fails the write still stands (logged). Readers check
 //! participation against the conversation itself, so a stale entry is never shown.
+//!
+//! `P:{u:USER}:req:<digest>` maps a creator's `request_id` to the conversation it created. It
+//! lives in the creator's slot, so `create_conversation` claims it (`claim_request.lua`: the
+//! existing id, or the fresh candidate with a `PX` of the idempotency window) before the
+//! conversation's own script runs. Conversation ids are random (UUIDv7), not derived from
+//! `(user, request_id)`: storing the mapping needs no server secret shared by every replica,
+//! and it makes the window exact. A crash between the two steps leaves a claim whose retry
+//! creates the conversation under the claimed id.
 //!
 //! Every committed event is published on the channel `P:events` as
 //! `<conversation_id>:<seq>:<create_time_ms>:<json EventKind>` from inside the script, so the
@@ -63,9 +72,9 @@ use tokio::{sync::broadcast, task::JoinHandle};
 
 use self::{keys::Keys, scripts::Scripts};
 use super::messages::{
-    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, DeleteOutcome,
-    EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState,
-    Retention, StoreError, StoreResult,
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
+    DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
+    ReadState, Retention, StoreError, StoreResult,
 };
 use crate::{
     config::RedisSettings,
@@ -193,6 +202,37 @@ impl RedisMessageStore {
             self.retention.max_events.to_string(),
             max_age_ms.to_string(),
         ]
+    }
+
+    /// The conversation id `request` maps to: the one it created within its window, else
+    /// `candidate`, now remembered for the window.
+    async fn claim_request(
+        &self,
+        creator: &UserId,
+        request: &CreateRequest,
+        candidate: ConversationId,
+    ) -> StoreResult<ConversationId> {
+        let window_ms = u64::try_from(request.window.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(MAX_IDEMPOTENCY_WINDOW_SECS * 1000);
+        // A zero window remembers nothing (and PX refuses 0).
+        if window_ms == 0 {
+            return Ok(candidate);
+        }
+        let reply = self
+            .scripts
+            .claim_request
+            .run(
+                &self.client,
+                vec![
+                    self.keys
+                        .create_request(creator, request.request_id.as_str()),
+                ],
+                vec![candidate.to_string(), window_ms.to_string()],
+            )
+            .await?;
+        ConversationId::parse(reply.status())
+            .map_err(|error| StoreError::Corrupt(format!("request claim: {error}")))
     }
 
     async fn load_conversation(
@@ -375,7 +415,10 @@ impl Drop for RedisMessageStore {
 
 #[async_trait]
 impl MessageStore for RedisMessageStore {
-    async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome> {
+    async fn create_conversation(&self, mut new: NewConversation) -> StoreResult<CreateOutcome> {
+        if let Some(request) = &new.request {
+            new.id = self.claim_request(&new.created_by, request, new.id).await?;
+        }
         let keys = self.keys.conversation(new.id);
         let mut args = self.write_args(new.id, keys.base());
         args.extend([

@@ -21,6 +21,12 @@ impl LuaScript {
         }
     }
 
+    /// A script without the conversation prelude that may write (its keys are not a
+    /// conversation's).
+    fn standalone(name: &'static str, lua: &'static str) -> Self {
+        Self::read_only(name, lua)
+    }
+
     fn write(name: &'static str, body: &'static str) -> Self {
         Self {
             name,
@@ -103,6 +109,7 @@ impl Reply {
 }
 
 pub(super) struct Scripts {
+    pub(super) claim_request: LuaScript,
     pub(super) create_conversation: LuaScript,
     pub(super) add_participants: LuaScript,
     pub(super) remove_participant: LuaScript,
@@ -121,6 +128,7 @@ impl Scripts {
     /// calls need no `NOSCRIPT` round trip and a script that does not compile fails start-up.
     pub(super) async fn load(&self, client: &Client) -> Result<(), StoreError> {
         for script in [
+            &self.claim_request,
             &self.create_conversation,
             &self.add_participants,
             &self.remove_participant,
@@ -143,6 +151,10 @@ impl Scripts {
 
     pub(super) fn new() -> Self {
         Self {
+            claim_request: LuaScript::standalone(
+                "claim_request",
+                include_str!("claim_request.lua"),
+            ),
             create_conversation: LuaScript::write(
                 "create_conversation",
                 include_str!("create_conversation.lua"),
