@@ -316,6 +316,8 @@ pub struct MessagingSettings {
     /// How long `client_message_id` and `request_id` retries are recognised.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
+    /// Live subscriptions (SubscribeMessages streams) one caller may hold on one replica.
+    pub max_subscriptions_per_caller: usize,
 }
 
 impl Default for MessagingSettings {
@@ -325,6 +327,7 @@ impl Default for MessagingSettings {
             history_max_events: 100_000,
             subscriber_buffer: 256,
             idempotency_window: Duration::from_secs(24 * 3600),
+            max_subscriptions_per_caller: 100,
         }
     }
 }
@@ -772,6 +775,12 @@ impl MessagingSettings {
             return Err(ConfigError::new(
                 "messaging.idempotency_window",
                 "must be at least 1m",
+            ));
+        }
+        if self.max_subscriptions_per_caller == 0 {
+            return Err(ConfigError::new(
+                "messaging.max_subscriptions_per_caller",
+                "must be greater than zero",
             ));
         }
         Ok(())

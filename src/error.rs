@@ -54,6 +54,7 @@ pub enum Reason {
     RequestIdReused,
     HistoryTruncated,
     SlowConsumer,
+    TooManySubscriptions,
     MetadataFirst,
     UnsupportedType,
     FileTooLarge,
@@ -90,6 +91,7 @@ impl Reason {
             Reason::RequestIdReused => "REQUEST_ID_REUSED",
             Reason::HistoryTruncated => "HISTORY_TRUNCATED",
             Reason::SlowConsumer => "SLOW_CONSUMER",
+            Reason::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
             Reason::MetadataFirst => "METADATA_FIRST",
             Reason::UnsupportedType => "UNSUPPORTED_TYPE",
             Reason::FileTooLarge => "FILE_TOO_LARGE",
@@ -125,6 +127,8 @@ pub struct Error {
     pub field: Option<&'static str>,
     /// Extra `ErrorInfo` metadata (e.g. the supported types), never secrets.
     pub metadata: Vec<(&'static str, String)>,
+    /// The quota the caller exhausted, sent as a `google.rpc.QuotaFailure` violation.
+    pub quota_violation: Option<QuotaViolation>,
     #[source]
     pub source: Option<BoxError>,
 }
@@ -137,6 +141,7 @@ impl Error {
             message: message.into(),
             field: None,
             metadata: Vec::new(),
+            quota_violation: None,
             source: None,
         }
     }
@@ -172,8 +177,27 @@ impl Error {
         self
     }
 
+    pub fn with_quota_violation(
+        mut self,
+        subject: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        self.quota_violation = Some(QuotaViolation {
+            subject: subject.into(),
+            description: description.into(),
+        });
+        self
+    }
+
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
     }
+}
+
+/// One exhausted quota: what it limits (`subject`) and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaViolation {
+    pub subject: String,
+    pub description: String,
 }

@@ -454,6 +454,92 @@ pub async fn replayed_creates_check_participation(server: TestServer) {
     assert_ne!(elsewhere.conversation_id, id);
 }
 
+/// Subscribes as soon as one of `user`'s subscription slots is free again (it is given back
+/// asynchronously, when the server drops the ended stream).
+async fn subscribe_once_free(
+    client: &mut Client,
+    user: &str,
+    conversation_id: &str,
+) -> Streaming<pb::SubscribeMessagesResponse> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let request = pb::SubscribeMessagesRequest {
+            conversation_id: conversation_id.to_owned(),
+            after_sequence: 0,
+        };
+        match client.subscribe_messages(as_user(user, request)).await {
+            Ok(stream) => return stream.into_inner(),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no slot came back within 5s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("subscribe: {status:?}"),
+        }
+    }
+}
+
+/// Issue 9 item 8: live subscriptions per caller are limited (the server here allows 2), and a
+/// slot comes back however its stream ends.
+pub async fn live_subscriptions_per_caller_are_limited(server: TestServer) {
+    use tonic_types::StatusExt;
+    let mut client = client(&server).await;
+    let mine = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    let theirs = create(&mut client, "bob", &["alice"]).await.conversation_id;
+    let first = subscribe(&mut client, "alice", &mine, 0).await;
+    let mut second = subscribe(&mut client, "alice", &theirs, 0).await;
+    let status = client
+        .subscribe_messages(as_user(
+            "alice",
+            pb::SubscribeMessagesRequest {
+                conversation_id: mine.clone(),
+                after_sequence: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_SUBSCRIPTIONS");
+    let quota = status
+        .get_details_quota_failure()
+        .expect("QuotaFailure detail");
+    assert_eq!(
+        quota.violations[0].subject,
+        "messaging.max_subscriptions_per_caller"
+    );
+    // Refusals take no slot, and the limit is per caller: bob still subscribes.
+    let _bobs = subscribe(&mut client, "bob", &mine, 0).await;
+
+    // The server ends a stream (alice is removed): its slot comes back.
+    client
+        .remove_participant(as_user(
+            "bob",
+            pb::RemoveParticipantRequest {
+                conversation_id: theirs.clone(),
+                user_id: "alice".to_owned(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next_error(&mut second).await.code(), Code::PermissionDenied);
+    let mut third = subscribe_once_free(&mut client, "alice", &mine).await;
+
+    // The client cancels a stream: its slot comes back.
+    drop(first);
+    let mut fourth = subscribe_once_free(&mut client, "alice", &mine).await;
+    send(&mut client, "bob", &mine, "both streams live").await;
+    assert_eq!(
+        text_of(&next_event(&mut third).await),
+        Some("both streams live")
+    );
+    assert_eq!(
+        text_of(&next_event(&mut fourth).await),
+        Some("both streams live")
+    );
+}
+
 pub async fn history_pages_are_stable_while_messages_arrive(server: TestServer) {
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -831,6 +917,13 @@ macro_rules! messaging_suite {
         #[tokio::test]
         async fn replayed_creates_check_participation() {
             super::replayed_creates_check_participation(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn live_subscriptions_per_caller_are_limited() {
+            super::live_subscriptions_per_caller_are_limited(
+                server(|settings| settings.messaging.max_subscriptions_per_caller = 2).await,
+            )
+            .await;
         }
         #[tokio::test]
         async fn history_pages_are_stable_while_messages_arrive() {

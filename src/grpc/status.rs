@@ -46,6 +46,9 @@ impl From<Error> for Status {
         if let Some(field) = error.field {
             details.add_bad_request_violation(field, error.message.clone());
         }
+        if let Some(quota) = &error.quota_violation {
+            details.add_quota_failure_violation(quota.subject.clone(), quota.description.clone());
+        }
         Status::with_error_details(code, error.message, details)
     }
 }

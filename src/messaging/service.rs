@@ -15,6 +15,7 @@ use super::{
         MessageRecord,
     },
     paging::{self, PageSize},
+    subscriptions::{SubscriptionSlot, SubscriptionSlots},
 };
 use crate::{
     auth::Caller,
@@ -54,6 +55,7 @@ pub struct ConversationService {
     store: Arc<dyn MessageStore>,
     files: Arc<dyn FileStore>,
     hub: Arc<LiveHub>,
+    subscriptions: Arc<SubscriptionSlots>,
     settings: MessagingSettings,
 }
 
@@ -71,6 +73,7 @@ impl ConversationService {
             store,
             files,
             hub,
+            subscriptions: SubscriptionSlots::new(settings.max_subscriptions_per_caller),
             settings,
         }
     }
@@ -426,11 +429,16 @@ impl ConversationService {
                 ),
             ));
         }
+        let slot = self
+            .subscriptions
+            .try_acquire(&caller.user_id)
+            .ok_or_else(|| too_many_subscriptions(self.subscriptions.per_caller()))?;
         let live = self
             .hub
             .register(conversation.id, self.settings.subscriber_buffer);
         let stream = subscription(
             self.store.clone(),
+            slot,
             live,
             conversation.id,
             caller.user_id.clone(),
@@ -493,12 +501,15 @@ impl ConversationService {
 
 fn subscription(
     store: Arc<dyn MessageStore>,
+    slot: SubscriptionSlot,
     mut live: super::live::LiveReceiver,
     id: ConversationId,
     user: UserId,
     after_sequence: u64,
 ) -> impl Stream<Item = Result<Event>> + Send + 'static {
     async_stream::try_stream! {
+        // Held for as long as the stream lives: dropped when it ends or is dropped unfinished.
+        let _slot = slot;
         let mut last = after_sequence;
         loop {
             // Catch up from the store.
@@ -562,6 +573,20 @@ fn subscription(
             }
         }
     }
+}
+
+fn too_many_subscriptions(per_caller: usize) -> Error {
+    Error::new(
+        ErrorKind::ResourceExhausted,
+        Reason::TooManySubscriptions,
+        format!(
+            "at most {per_caller} live subscriptions per caller on one server; end one before opening another"
+        ),
+    )
+    .with_quota_violation(
+        "messaging.max_subscriptions_per_caller",
+        format!("live SubscribeMessages streams per caller per server: {per_caller}"),
+    )
 }
 
 fn removes(event: &Event, user: &UserId) -> bool {
