@@ -6,9 +6,11 @@ mod common;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use svc_messaging::{
+    files::policy::FileCategory,
     ids::UserId,
     messaging::model::{
-        ClientId, ConversationId, EventKind, MessageContent, MessageId, MessageKind, MessageRecord,
+        ClientId, ConversationId, EventKind, FileAttachment, Message, MessageContent, MessageId,
+        MessageKind, MessageRecord,
     },
     store::{
         memory::MemoryMessageStore,
@@ -414,6 +416,185 @@ pub async fn participants_change_with_events(store: Arc<dyn MessageStore>) {
     );
 }
 
+/// A message from `sender` carrying file `file_id` (as an upload or a re-post appends it).
+fn file_message(id: ConversationId, sender: &str, file_id: &str) -> NewMessage {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    NewMessage {
+        conversation_id: id,
+        record: MessageRecord {
+            id: MessageId::generate(),
+            sender: user(sender),
+            kind: MessageKind::File,
+            client_message_id: ClientId::from_field(
+                "client_message_id",
+                &format!("c-{}", MessageId::generate()),
+            )
+            .unwrap(),
+            content: Some(MessageContent {
+                text: String::new(),
+                file: Some(FileAttachment {
+                    file_id: file_id.to_owned(),
+                    uploader: user("alice"),
+                    file_name: "plans.pdf".to_owned(),
+                    content_type: "application/pdf".to_owned(),
+                    // Beyond 2^53: Lua must not re-encode it.
+                    size_bytes: 9_007_199_254_740_993,
+                    sha256: "ab".repeat(32),
+                    category: FileCategory::Document,
+                    width: 0,
+                    height: 0,
+                    has_thumbnail: false,
+                    create_time: now,
+                    expire_time: now + 3_600_000,
+                }),
+            }),
+        },
+        fingerprint: format!("file:{file_id}"),
+        idempotency_window_secs: 3600,
+    }
+}
+
+async fn append(store: &dyn MessageStore, new: NewMessage) -> Message {
+    match store.append_message(new).await.unwrap() {
+        AppendOutcome::Appended(event) => event.created_message().unwrap(),
+        other => panic!("expected an append, got {other:?}"),
+    }
+}
+
+/// Issue 9 item 6: deleting a file tombstones every message carrying it (the upload's own and
+/// every re-post, whoever sent it) with a MessageDeleted event each, leaves other messages
+/// alone, and refuses later messages carrying it.
+pub async fn deleting_a_file_tombstones_every_copy(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob", "carol"]).await;
+    let file_id = MessageId::generate().to_string();
+    let other_file = MessageId::generate().to_string();
+    let expire = file_message(id, "alice", &file_id)
+        .record
+        .content
+        .unwrap()
+        .file
+        .unwrap()
+        .expire_time;
+    let upload = append(&*store, file_message(id, "alice", &file_id)).await;
+    let text = send(&*store, id, "bob", "unrelated").await;
+    let bobs = append(&*store, file_message(id, "bob", &file_id)).await;
+    let carols = append(&*store, file_message(id, "carol", &file_id)).await;
+    let kept = append(&*store, file_message(id, "alice", &other_file)).await;
+    // Carol already deleted her re-post: it gets no second MessageDeleted.
+    store
+        .delete_message(id, carols.record.id, &user("carol"))
+        .await
+        .unwrap();
+    let before = store.conversation(id).await.unwrap().unwrap().last_sequence;
+
+    assert_eq!(
+        rejection(
+            store
+                .delete_file_messages(id, &file_id, &user("mallory"), expire)
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        rejection(
+            store
+                .delete_file_messages(ConversationId::generate(), &file_id, &user("alice"), expire)
+                .await
+        ),
+        Rejection::ConversationNotFound
+    );
+    let events = store
+        .delete_file_messages(id, &file_id, &user("alice"), expire)
+        .await
+        .unwrap();
+    let deleted: Vec<(MessageId, UserId)> = events
+        .iter()
+        .map(|event| match &event.kind {
+            EventKind::MessageDeleted {
+                message_id,
+                deleted_by,
+            } => (*message_id, deleted_by.clone()),
+            other => panic!("expected MessageDeleted, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            (upload.record.id, user("alice")),
+            (bobs.record.id, user("alice"))
+        ]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [before + 1, before + 2]
+    );
+
+    let history = store.messages_before(id, None, 100).await.unwrap();
+    for message in &history {
+        let carried = [upload.record.id, bobs.record.id, carols.record.id];
+        assert_eq!(
+            message.record.is_deleted(),
+            carried.contains(&message.record.id),
+            "{message:?}"
+        );
+    }
+    assert_eq!(
+        store.message(id, kept.record.id).await.unwrap().unwrap(),
+        kept
+    );
+    assert!(
+        store
+            .message(id, text.0)
+            .await
+            .unwrap()
+            .is_some_and(|m| !m.record.is_deleted())
+    );
+    // Replayed history carries the tombstones too.
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    for event in &page.events {
+        if let EventKind::MessageCreated(record) = &event.kind {
+            assert_ne!(record.file_id(), Some(file_id.as_str()), "{event:?}");
+        }
+    }
+    // Unread counts no longer count the copies: carol sees bob's text and alice's other file.
+    assert_eq!(
+        store
+            .read_state(id, &user("carol"))
+            .await
+            .unwrap()
+            .unread_count,
+        2
+    );
+
+    // No message may carry the file any more, from anyone, and nothing is recorded.
+    for sender in ["alice", "bob"] {
+        assert_eq!(
+            rejection(
+                store
+                    .append_message(file_message(id, sender, &file_id))
+                    .await
+            ),
+            Rejection::FileDeleted
+        );
+    }
+    append(&*store, file_message(id, "bob", &other_file)).await;
+    // Deleting again changes nothing.
+    assert!(
+        store
+            .delete_file_messages(id, &file_id, &user("alice"), expire)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        before + 3
+    );
+}
+
 pub async fn deleting_leaves_a_tombstone_everywhere(store: Arc<dyn MessageStore>) {
     let id = create(&*store, "alice", &["bob"]).await;
     let (message_id, sequence) = send(&*store, id, "alice", "secret plans").await;
@@ -690,6 +871,10 @@ macro_rules! conformance_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn deleting_leaves_a_tombstone_everywhere() {
             super::deleting_leaves_a_tombstone_everywhere($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn deleting_a_file_tombstones_every_copy() {
+            super::deleting_a_file_tombstones_every_copy($make(super::GENEROUS).await).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn read_positions_and_unread_counts() {

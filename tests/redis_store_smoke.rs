@@ -1141,3 +1141,92 @@ async fn request_ids_expire_with_the_window_and_replays_add_no_keys() {
     assert_eq!(keys_under(&raw, &prefix).await, keys);
     raw.quit().await.unwrap();
 }
+
+/// Issue 9 item 6 on Redis: a file's index of carrying messages expires with the file, and
+/// refused requests (an outsider deleting, a re-post of a deleted file) write no key.
+#[tokio::test]
+async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
+    use fred::prelude::{ClientLike, HashesInterface, KeysInterface};
+    use svc_messaging::{files::policy::FileCategory, messaging::model::FileAttachment};
+
+    let prefix = unique_prefix("file-index");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let id = create(&store, "alice", &["bob"]).await;
+    let file_id = uuid::Uuid::now_v7().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let expire_time = now + 3_600_000;
+    let carrying = |sender: &str, client_id: &str| NewMessage {
+        record: MessageRecord {
+            kind: MessageKind::File,
+            content: Some(MessageContent {
+                text: String::new(),
+                file: Some(FileAttachment {
+                    file_id: file_id.clone(),
+                    uploader: user("alice"),
+                    file_name: "a.txt".to_owned(),
+                    content_type: "text/plain".to_owned(),
+                    size_bytes: 3,
+                    sha256: "00".repeat(32),
+                    category: FileCategory::Document,
+                    width: 0,
+                    height: 0,
+                    has_thumbnail: false,
+                    create_time: now,
+                    expire_time,
+                }),
+            }),
+            ..text(id, sender, client_id, "unused").record
+        },
+        ..text(id, sender, client_id, "unused")
+    };
+    assert!(matches!(
+        store.append_message(carrying("alice", "up")).await.unwrap(),
+        AppendOutcome::Appended(_)
+    ));
+    let raw = raw_client().await;
+    let index = format!("{prefix}:{{c:{id}}}:file:{file_id}");
+    let ttl: i64 = raw.pttl(&index).await.unwrap();
+    assert!((3_595_000..=3_600_000).contains(&ttl), "PTTL {ttl}");
+
+    let keys = keys_under(&raw, &prefix).await;
+    assert_eq!(
+        rejection(
+            store
+                .delete_file_messages(id, &file_id, &user("mallory"), expire_time)
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+
+    assert_eq!(
+        store
+            .delete_file_messages(id, &file_id, &user("alice"), expire_time)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let fields: Vec<String> = raw.hkeys(&index).await.unwrap();
+    assert_eq!(fields, ["gone"]);
+    let ttl: i64 = raw.pttl(&index).await.unwrap();
+    assert!((3_595_000..=3_600_000).contains(&ttl), "PTTL {ttl}");
+
+    let keys = keys_under(&raw, &prefix).await;
+    let last_sequence = store.conversation(id).await.unwrap().unwrap().last_sequence;
+    assert_eq!(
+        rejection(store.append_message(carrying("bob", "repost")).await),
+        Rejection::FileDeleted
+    );
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        last_sequence
+    );
+    raw.quit().await.unwrap();
+}

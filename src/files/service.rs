@@ -345,8 +345,9 @@ impl FileService {
         Ok(chunks.boxed())
     }
 
-    /// Deletes the file (its uploader only): the message becomes a tombstone, then the bytes
-    /// and the record go. Safe to retry after a failure.
+    /// Deletes the file (its uploader only): every message carrying it (the upload's own and
+    /// every re-post) becomes a tombstone and no new one can carry it, then the bytes and the
+    /// record go. Safe to retry after a failure.
     pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
         let record = self.get_file(caller, file_id).await?;
         if record.uploader != caller.user_id {
@@ -355,22 +356,14 @@ impl FileService {
                 "only the uploader may delete a file",
             ));
         }
-        if let Some(message_id) = record.message_id {
-            match self
-                .conversations
-                .delete_message(
-                    caller,
-                    &record.conversation_id.to_string(),
-                    &message_id.to_string(),
-                )
-                .await
-            {
-                Ok(_) => {}
-                // Already trimmed from history: nothing left to tombstone.
-                Err(error) if error.reason == Reason::MessageNotFound => {}
-                Err(error) => return Err(error),
-            }
-        }
+        self.conversations
+            .delete_file_messages(
+                caller,
+                record.conversation_id,
+                &record.file_id,
+                record.expire_time,
+            )
+            .await?;
         for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
             self.blobs.delete(key).await.map_err(blob_error)?;
         }

@@ -184,6 +184,14 @@ impl MessageRecord {
         self.content.is_none()
     }
 
+    /// The id of the file the message carries, unless it carries none (or was deleted).
+    pub fn file_id(&self) -> Option<&str> {
+        self.content
+            .as_ref()
+            .and_then(|content| content.file.as_ref())
+            .map(|file| file.file_id.as_str())
+    }
+
     /// The same message with its content removed.
     pub fn tombstone(&self) -> Self {
         Self {

@@ -12,7 +12,7 @@ use super::{
     model::{
         ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, MAX_PARTICIPANTS,
         MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind,
-        MessageRecord,
+        MessageRecord, UnixMillis,
     },
     paging::{self, PageSize},
     subscriptions::{SubscriptionSlot, SubscriptionSlots},
@@ -392,6 +392,22 @@ impl ConversationService {
         }
     }
 
+    /// Tombstones every message of conversation `id` carrying file `file_id` and refuses later
+    /// re-posts of it, on behalf of `caller` (the file service checks they uploaded it).
+    pub async fn delete_file_messages(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+        file_id: &str,
+        file_expire_time: UnixMillis,
+    ) -> Result<()> {
+        self.store
+            .delete_file_messages(id, file_id, &caller.user_id, file_expire_time)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
     pub async fn mark_read(&self, caller: &Caller, id: &str, sequence: u64) -> Result<u64> {
         let id = ConversationId::from_field("conversation_id", id)?;
         match self
@@ -690,6 +706,10 @@ pub(crate) fn store_error(error: StoreError) -> Error {
                 Reason::TooManyParticipants,
                 format!("a conversation may have at most {MAX_PARTICIPANTS} participants"),
             ),
+            Rejection::FileDeleted => {
+                Error::not_found(Reason::FileNotFound, "file not found in this conversation")
+                    .with_field("file_id")
+            }
         },
         // Connection loss or a failover: the same request may well succeed shortly.
         StoreError::Unavailable(source) => Error::new(

@@ -90,6 +90,8 @@ struct ConversationState {
     reads: HashMap<UserId, u64>,
     sent: HashMap<(UserId, ClientId), SentRecord>,
     trimmed_through: u64,
+    /// Files deleted with `delete_file_messages` -> until when messages carrying them are refused.
+    deleted_files: HashMap<String, UnixMillis>,
 }
 
 struct SentRecord {
@@ -239,6 +241,7 @@ impl MessageStore for MemoryMessageStore {
                 reads: HashMap::new(),
                 sent: HashMap::new(),
                 trimmed_through: 0,
+                deleted_files: HashMap::new(),
             },
         );
         Ok(CreateOutcome::Created(conversation))
@@ -355,6 +358,14 @@ impl MessageStore for MemoryMessageStore {
         if !conversation.conversation.has_participant(&sender) {
             return Err(Rejection::NotParticipant.into());
         }
+        if let Some(file_id) = new.record.file_id()
+            && conversation
+                .deleted_files
+                .get(file_id)
+                .is_some_and(|until| *until > now_millis())
+        {
+            return Err(Rejection::FileDeleted.into());
+        }
         let key = (sender, new.record.client_message_id.clone());
         let now = Instant::now();
         if let Some(sent) = conversation.sent.get(&key)
@@ -426,6 +437,63 @@ impl MessageStore for MemoryMessageStore {
             },
         );
         Ok(DeleteOutcome::Deleted(message, event))
+    }
+
+    async fn delete_file_messages(
+        &self,
+        id: ConversationId,
+        file_id: &str,
+        by: &UserId,
+        file_expire_time: UnixMillis,
+    ) -> StoreResult<Vec<Event>> {
+        let mut state = self.lock();
+        let conversation = state
+            .conversations
+            .get_mut(&id)
+            .ok_or(Rejection::ConversationNotFound)?;
+        if !conversation.conversation.has_participant(by) {
+            return Err(Rejection::NotParticipant.into());
+        }
+        let now = now_millis();
+        conversation.deleted_files.retain(|_, until| *until > now);
+        conversation
+            .deleted_files
+            .insert(file_id.to_owned(), file_expire_time);
+        let mut carriers: Vec<(u64, MessageId)> = conversation
+            .messages
+            .iter()
+            .filter(|(_, (_, _, record))| record.file_id() == Some(file_id))
+            .map(|(message_id, (sequence, _, _))| (*sequence, *message_id))
+            .collect();
+        carriers.sort_unstable();
+        let mut events = Vec::with_capacity(carriers.len());
+        for (sequence, message_id) in carriers {
+            let conversation = state
+                .conversations
+                .get_mut(&id)
+                .expect("checked above, under the same lock");
+            // Trimming while earlier carriers got their events may have removed this one.
+            let Some((_, create_time, record)) = conversation.messages.get(&message_id).cloned()
+            else {
+                continue;
+            };
+            let tombstone = record.tombstone();
+            conversation
+                .messages
+                .insert(message_id, (sequence, create_time, tombstone.clone()));
+            if let Some((_, kind)) = conversation.events.get_mut(&sequence) {
+                *kind = EventKind::MessageCreated(tombstone);
+            }
+            events.push(self.append_event(
+                &mut state,
+                id,
+                EventKind::MessageDeleted {
+                    message_id,
+                    deleted_by: by.clone(),
+                },
+            ));
+        }
+        Ok(events)
     }
 
     async fn mark_read(

@@ -52,6 +52,8 @@ pub enum Rejection {
     SequenceAhead,
     /// The change would exceed the participant limit.
     TooManyParticipants,
+    /// The message carries a file that was deleted.
+    FileDeleted,
 }
 
 impl From<Rejection> for StoreError {
@@ -204,7 +206,8 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> StoreResult<ChangeOutcome>;
 
     /// Appends a message from `record.sender`, unless the sender used its `client_message_id`
-    /// within the idempotency window. Rejections: ConversationNotFound, NotParticipant.
+    /// within the idempotency window. Rejections: ConversationNotFound, NotParticipant,
+    /// FileDeleted (the message carries a file deleted with `delete_file_messages`).
     async fn append_message(&self, new: NewMessage) -> StoreResult<AppendOutcome>;
 
     /// Turns the message into a tombstone (in history and in the replayed `MessageCreated`
@@ -216,6 +219,20 @@ pub trait MessageStore: Send + Sync + 'static {
         message_id: MessageId,
         by: &UserId,
     ) -> StoreResult<DeleteOutcome>;
+
+    /// Tombstones every message of the conversation that carries file `file_id` (the upload's
+    /// own FILE/IMAGE message and every re-post), recording a `MessageDeleted` event by `by` for
+    /// each one not yet deleted, oldest first. From then until `file_expire_time` (when the file
+    /// record is gone anyway) no message carrying the file is appended (`FileDeleted`), so a
+    /// re-post racing the deletion cannot leave a copy. Safe to repeat.
+    /// Rejections: ConversationNotFound, NotParticipant.
+    async fn delete_file_messages(
+        &self,
+        id: ConversationId,
+        file_id: &str,
+        by: &UserId,
+        file_expire_time: UnixMillis,
+    ) -> StoreResult<Vec<Event>>;
 
     /// Moves `user`'s read position forward to `sequence` and records a read receipt.
     /// Rejections: ConversationNotFound, NotParticipant, SequenceAhead.

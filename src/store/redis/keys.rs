@@ -135,6 +135,12 @@ impl ConversationKeys {
         )
     }
 
+    /// HASH of the messages carrying one file (`m:<message id>` -> sequence), and `gone` once the
+    /// file was deleted; expires with the file. File ids are server-made UUIDs.
+    pub(super) fn file_messages(&self, file_id: &str) -> String {
+        format!("{}file:{file_id}", self.base)
+    }
+
     /// The nine keys every write script takes first (see `prelude.lua`).
     pub(super) fn for_write(&self) -> Vec<String> {
         vec![
@@ -165,6 +171,7 @@ mod tests {
         for key in conversation.for_write().into_iter().chain([
             conversation.sent_by(&user),
             conversation.idempotency(&user, "m-1"),
+            conversation.file_messages("0190a4d6-0000-7000-8000-000000000002"),
         ]) {
             assert!(key.starts_with(&format!("svcmsg:{tag}:")), "{key}");
         }

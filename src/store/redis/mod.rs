@@ -19,6 +19,7 @@
 //! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
 //! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
+//! | `P:{c:C}:file:<file_id>`          | HASH   | `m:<message_id>` -> seq per message carrying the file; `gone` once deleted; expires with the file |
 //! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
 //! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
 //!
@@ -82,7 +83,8 @@ use crate::{
     health::DependencyCheck,
     ids::UserId,
     messaging::model::{
-        Conversation, ConversationId, EventKind, MAX_PARTICIPANTS, Message, MessageId, UnixMillis,
+        Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, Message, MessageId,
+        UnixMillis,
     },
 };
 
@@ -524,6 +526,15 @@ impl MessageStore for RedisMessageStore {
                 .min(MAX_IDEMPOTENCY_WINDOW_SECS)
                 .to_string(),
         ]);
+        if let Some(file) = new
+            .record
+            .content
+            .as_ref()
+            .and_then(|content| content.file.as_ref())
+        {
+            script_keys.push(keys.file_messages(&file.file_id));
+            args.push(file.expire_time.to_string());
+        }
         let reply = self
             .scripts
             .append_message
@@ -607,6 +618,71 @@ impl MessageStore for RedisMessageStore {
         }
         Err(StoreError::Unavailable(
             "the message kept changing while it was being deleted".into(),
+        ))
+    }
+
+    async fn delete_file_messages(
+        &self,
+        id: ConversationId,
+        file_id: &str,
+        by: &UserId,
+        file_expire_time: UnixMillis,
+    ) -> StoreResult<Vec<Event>> {
+        let keys = self.keys.conversation(id);
+        let file_key = keys.file_messages(file_id);
+        for _ in 0..DELETE_ATTEMPTS {
+            // Tombstones are built here from what is stored (Lua would re-encode large numbers
+            // as floats); the script checks that nothing changed in between.
+            let listed = self
+                .scripts
+                .file_messages
+                .run(
+                    &self.client,
+                    vec![file_key.clone(), keys.messages()],
+                    Vec::new(),
+                )
+                .await?
+                .into_fields();
+            let mut args = self.write_args(id, keys.base());
+            args.extend([by.as_str().to_owned(), file_expire_time.to_string()]);
+            for pair in listed.chunks_exact(2) {
+                let [message_id, stored] = pair else {
+                    unreachable!("chunks_exact(2)")
+                };
+                let message = codec::message(id, stored)?;
+                let (tombstone, deleted) = if message.record.is_deleted() {
+                    (String::new(), String::new())
+                } else {
+                    let tombstone = serde_json::to_string(&message.record.tombstone())
+                        .map_err(|error| StoreError::Corrupt(format!("tombstone: {error}")))?;
+                    let deleted = serde_json::to_string(&EventKind::MessageDeleted {
+                        message_id: message.record.id,
+                        deleted_by: by.clone(),
+                    })
+                    .map_err(|error| StoreError::Corrupt(format!("deleted event: {error}")))?;
+                    (tombstone, deleted)
+                };
+                args.extend([message_id.clone(), stored.clone(), tombstone, deleted]);
+            }
+            let mut script_keys = keys.for_write();
+            script_keys.push(file_key.clone());
+            let reply = self
+                .scripts
+                .delete_file_messages
+                .run(&self.client, script_keys, args)
+                .await?;
+            return match reply.status() {
+                "retry" => continue,
+                "deleted" => reply
+                    .rest()
+                    .iter()
+                    .map(|member| codec::event(id, member))
+                    .collect(),
+                _ => Err(reply.rejection()),
+            };
+        }
+        Err(StoreError::Unavailable(
+            "the file's messages kept changing while they were being deleted".into(),
         ))
     }
 

@@ -93,6 +93,7 @@ impl Reply {
             "participant_not_found" => Rejection::ParticipantNotFound,
             "sequence_ahead" => Rejection::SequenceAhead,
             "too_many_participants" => Rejection::TooManyParticipants,
+            "file_deleted" => Rejection::FileDeleted,
             _ => return self.unexpected(),
         };
         StoreError::Rejected(rejection)
@@ -115,6 +116,8 @@ pub(super) struct Scripts {
     pub(super) remove_participant: LuaScript,
     pub(super) append_message: LuaScript,
     pub(super) delete_message: LuaScript,
+    pub(super) delete_file_messages: LuaScript,
+    pub(super) file_messages: LuaScript,
     pub(super) mark_read: LuaScript,
     pub(super) load_conversation: LuaScript,
     pub(super) events_after: LuaScript,
@@ -134,6 +137,8 @@ impl Scripts {
             &self.remove_participant,
             &self.append_message,
             &self.delete_message,
+            &self.delete_file_messages,
+            &self.file_messages,
             &self.mark_read,
             &self.load_conversation,
             &self.events_after,
@@ -169,6 +174,11 @@ impl Scripts {
             ),
             append_message: LuaScript::write("append_message", include_str!("append_message.lua")),
             delete_message: LuaScript::write("delete_message", include_str!("delete_message.lua")),
+            delete_file_messages: LuaScript::write(
+                "delete_file_messages",
+                include_str!("delete_file_messages.lua"),
+            ),
+            file_messages: LuaScript::read_only("file_messages", include_str!("file_messages.lua")),
             mark_read: LuaScript::write("mark_read", include_str!("mark_read.lua")),
             load_conversation: LuaScript::read_only(
                 "load_conversation",
