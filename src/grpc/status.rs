@@ -84,6 +84,25 @@ mod tests {
     }
 
     #[test]
+    fn quota_violations_are_sent_as_quota_failure() {
+        let status = Status::from(
+            Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::TooManySubscriptions,
+                "too many",
+            )
+            .with_quota_violation("messaging.max_subscriptions_per_caller", "at most 2"),
+        );
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let quota = status.get_details_quota_failure().expect("QuotaFailure");
+        assert_eq!(
+            quota.violations[0].subject,
+            "messaging.max_subscriptions_per_caller"
+        );
+        assert_eq!(quota.violations[0].description, "at most 2");
+    }
+
+    #[test]
     fn internal_detail_is_not_sent() {
         let status = Status::from(Error::internal("disk /secret/path exploded"));
         assert_eq!(status.code(), Code::Internal);
