@@ -961,6 +961,11 @@ mod tests {
                 "30d",
                 "downloads.url_ttl",
             ),
+            (
+                "SVC_MESSAGING__MESSAGING__MAX_SUBSCRIPTIONS_PER_CALLER",
+                "0",
+                "messaging.max_subscriptions_per_caller",
+            ),
         ];
         for (var, value, key) in cases {
             let error = load(&[(var, value)]).expect_err(&format!("{var}={value} must fail"));
