@@ -1230,3 +1230,78 @@ async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
     );
     raw.quit().await.unwrap();
 }
+
+/// Every refused write leaves Redis exactly as it was: no key created, none changed in number.
+#[tokio::test]
+async fn refused_writes_leave_no_keys() {
+    use fred::prelude::ClientLike;
+
+    let prefix = unique_prefix("refusals");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let id = create(&store, "alice", &["bob"]).await;
+    let (message_id, _) = send(&store, id, "alice", "hello").await;
+    let raw = raw_client().await;
+    let keys = keys_under(&raw, &prefix).await;
+    let missing = ConversationId::generate();
+    let refusals = [
+        (
+            rejection(store.append_message(text(id, "mallory", "m", "hi")).await),
+            Rejection::NotParticipant,
+        ),
+        (
+            rejection(
+                store
+                    .append_message(text(missing, "alice", "m", "hi"))
+                    .await,
+            ),
+            Rejection::ConversationNotFound,
+        ),
+        (
+            rejection(store.delete_message(id, message_id, &user("bob")).await),
+            Rejection::NotSender,
+        ),
+        (
+            rejection(store.mark_read(id, &user("bob"), 99).await),
+            Rejection::SequenceAhead,
+        ),
+        (
+            rejection(store.mark_read(id, &user("mallory"), 1).await),
+            Rejection::NotParticipant,
+        ),
+        (
+            rejection(
+                store
+                    .add_participants(id, &user("mallory"), &[user("eve")])
+                    .await,
+            ),
+            Rejection::NotParticipant,
+        ),
+        (
+            rejection(
+                store
+                    .remove_participant(id, &user("bob"), &user("alice"))
+                    .await,
+            ),
+            Rejection::NotCreator,
+        ),
+        (
+            rejection(
+                store
+                    .delete_file_messages(missing, "f", &user("alice"), i64::MAX)
+                    .await,
+            ),
+            Rejection::ConversationNotFound,
+        ),
+    ];
+    for (got, expected) in refusals {
+        assert_eq!(got, expected);
+    }
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        1
+    );
+    raw.quit().await.unwrap();
+}
