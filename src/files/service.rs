@@ -364,6 +364,25 @@ impl FileService {
                 record.expire_time,
             )
             .await?;
+        // Redis data written before files were indexed lacks the upload's own message in the
+        // index; it is still found by its id (already a tombstone otherwise: no new event).
+        // Needed until such files have expired (`uploads.retention` after the upgrade).
+        if let Some(message_id) = record.message_id {
+            match self
+                .conversations
+                .delete_message(
+                    caller,
+                    &record.conversation_id.to_string(),
+                    &message_id.to_string(),
+                )
+                .await
+            {
+                Ok(_) => {}
+                // Already trimmed from history: nothing left to tombstone.
+                Err(error) if error.reason == Reason::MessageNotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
         for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
             self.blobs.delete(key).await.map_err(blob_error)?;
         }
