@@ -351,6 +351,8 @@ pub struct MessagingSettings {
     /// How long `client_message_id` and `request_id` retries are recognised.
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
+    /// Live subscriptions (SubscribeMessages streams) one caller may hold on one replica.
+    pub max_subscriptions_per_caller: usize,
 }
 
 impl Default for MessagingSettings {
@@ -360,6 +362,7 @@ impl Default for MessagingSettings {
             history_max_events: 100_000,
             subscriber_buffer: 256,
             idempotency_window: Duration::from_secs(24 * 3600),
+            max_subscriptions_per_caller: 100,
         }
     }
 }
@@ -901,6 +904,12 @@ impl MessagingSettings {
                 "must be at least 1m",
             ));
         }
+        if self.max_subscriptions_per_caller == 0 {
+            return Err(ConfigError::new(
+                "messaging.max_subscriptions_per_caller",
+                "must be greater than zero",
+            ));
+        }
         Ok(())
     }
 }
@@ -1125,6 +1134,11 @@ mod tests {
                 "SVC_MESSAGING__DOWNLOADS__URL_TTL",
                 "30d",
                 "downloads.url_ttl",
+            ),
+            (
+                "SVC_MESSAGING__MESSAGING__MAX_SUBSCRIPTIONS_PER_CALLER",
+                "0",
+                "messaging.max_subscriptions_per_caller",
             ),
         ];
         for (var, value, key) in cases {

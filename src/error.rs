@@ -54,6 +54,7 @@ pub enum Reason {
     RequestIdReused,
     HistoryTruncated,
     SlowConsumer,
+    TooManySubscriptions,
     MetadataFirst,
     UnsupportedType,
     FileTooLarge,
@@ -94,6 +95,7 @@ impl Reason {
             Reason::RequestIdReused => "REQUEST_ID_REUSED",
             Reason::HistoryTruncated => "HISTORY_TRUNCATED",
             Reason::SlowConsumer => "SLOW_CONSUMER",
+            Reason::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
             Reason::MetadataFirst => "METADATA_FIRST",
             Reason::UnsupportedType => "UNSUPPORTED_TYPE",
             Reason::FileTooLarge => "FILE_TOO_LARGE",
@@ -135,6 +137,9 @@ pub struct Error {
     pub metadata: Vec<(&'static str, String)>,
     /// When a retry may succeed, sent as `google.rpc.RetryInfo`.
     pub retry_delay: Option<std::time::Duration>,
+    /// The quota the caller exhausted, sent as a `google.rpc.QuotaFailure` violation (boxed:
+    /// rare, and errors stay small).
+    pub quota_violation: Option<Box<QuotaViolation>>,
     #[source]
     pub source: Option<BoxError>,
 }
@@ -148,6 +153,7 @@ impl Error {
             field: None,
             metadata: Vec::new(),
             retry_delay: None,
+            quota_violation: None,
             source: None,
         }
     }
@@ -188,8 +194,27 @@ impl Error {
         self
     }
 
+    pub fn with_quota_violation(
+        mut self,
+        subject: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        self.quota_violation = Some(Box::new(QuotaViolation {
+            subject: subject.into(),
+            description: description.into(),
+        }));
+        self
+    }
+
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
     }
+}
+
+/// One exhausted quota: what it limits (`subject`) and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaViolation {
+    pub subject: String,
+    pub description: String,
 }

@@ -6,15 +6,18 @@ mod common;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use svc_messaging::{
+    files::policy::FileCategory,
     ids::UserId,
     messaging::model::{
-        ClientId, ConversationId, EventKind, MessageContent, MessageId, MessageKind, MessageRecord,
+        ClientId, ConversationId, EventKind, FileAttachment, Message, MessageContent, MessageId,
+        MessageKind, MessageRecord,
     },
     store::{
         memory::MemoryMessageStore,
         messages::{
-            AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal, MessageStore,
-            NewConversation, NewMessage, ReadOutcome, Rejection, Retention, StoreError,
+            AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome, LiveSignal,
+            MessageStore, NewConversation, NewMessage, ReadOutcome, Rejection, Retention,
+            StoreError,
         },
     },
 };
@@ -39,6 +42,7 @@ async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> Con
             participants,
             created_by: user(creator),
             fingerprint: "fp".to_owned(),
+            request: None,
         })
         .await
         .unwrap();
@@ -95,6 +99,7 @@ pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
         participants: vec![user("alice"), user("bob")],
         created_by: user("alice"),
         fingerprint: "first".to_owned(),
+        request: None,
     };
     let CreateOutcome::Created(created) = store.create_conversation(new.clone()).await.unwrap()
     else {
@@ -126,6 +131,68 @@ pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
             .unwrap()
             .is_none()
     );
+}
+
+/// A creator's `request_id` finds the conversation it created for exactly the window; other
+/// creators' equal `request_id`s are theirs; after the window it creates a new conversation.
+pub async fn request_ids_are_remembered_for_the_window(store: Arc<dyn MessageStore>) {
+    const WINDOW: Duration = Duration::from_millis(1500);
+    let new = |creator: &str, request_id: &str| NewConversation {
+        id: ConversationId::generate(),
+        title: "Launch".to_owned(),
+        participants: vec![user(creator), user("bob")],
+        created_by: user(creator),
+        fingerprint: "fp".to_owned(),
+        request: Some(CreateRequest {
+            request_id: ClientId::from_field("request_id", request_id).unwrap(),
+            window: WINDOW,
+        }),
+    };
+    let request_id = format!("r-{}", MessageId::generate());
+    let first = new("alice", &request_id);
+    let CreateOutcome::Created(created) = store.create_conversation(first.clone()).await.unwrap()
+    else {
+        panic!("the first create creates");
+    };
+    assert_eq!(created.id, first.id);
+    let retry = new("alice", &request_id);
+    match store.create_conversation(retry.clone()).await.unwrap() {
+        CreateOutcome::Existing {
+            conversation,
+            fingerprint,
+        } => {
+            assert_eq!(conversation.id, created.id);
+            assert_eq!(fingerprint, "fp");
+        }
+        other => panic!("a retry within the window finds the original, got {other:?}"),
+    }
+    assert!(store.conversation(retry.id).await.unwrap().is_none());
+    let CreateOutcome::Created(carols) = store
+        .create_conversation(new("carol", &request_id))
+        .await
+        .unwrap()
+    else {
+        panic!("another creator's request_id is theirs");
+    };
+    assert_ne!(carols.id, created.id);
+
+    tokio::time::sleep(WINDOW + Duration::from_millis(200)).await;
+    let late = new("alice", &request_id);
+    let CreateOutcome::Created(fresh) = store.create_conversation(late.clone()).await.unwrap()
+    else {
+        panic!("after the window the request_id creates a new conversation");
+    };
+    assert_eq!(fresh.id, late.id);
+    assert_ne!(fresh.id, created.id);
+    // ... and is remembered again, for a new window.
+    match store
+        .create_conversation(new("alice", &request_id))
+        .await
+        .unwrap()
+    {
+        CreateOutcome::Existing { conversation, .. } => assert_eq!(conversation.id, fresh.id),
+        other => panic!("expected the new conversation, got {other:?}"),
+    }
 }
 
 pub async fn concurrent_sends_get_gap_free_sequences(store: Arc<dyn MessageStore>) {
@@ -346,6 +413,185 @@ pub async fn participants_change_with_events(store: Arc<dyn MessageStore>) {
                 .await
         ),
         Rejection::NotParticipant
+    );
+}
+
+/// A message from `sender` carrying file `file_id` (as an upload or a re-post appends it).
+fn file_message(id: ConversationId, sender: &str, file_id: &str) -> NewMessage {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    NewMessage {
+        conversation_id: id,
+        record: MessageRecord {
+            id: MessageId::generate(),
+            sender: user(sender),
+            kind: MessageKind::File,
+            client_message_id: ClientId::from_field(
+                "client_message_id",
+                &format!("c-{}", MessageId::generate()),
+            )
+            .unwrap(),
+            content: Some(MessageContent {
+                text: String::new(),
+                file: Some(FileAttachment {
+                    file_id: file_id.to_owned(),
+                    uploader: user("alice"),
+                    file_name: "plans.pdf".to_owned(),
+                    content_type: "application/pdf".to_owned(),
+                    // Beyond 2^53: Lua must not re-encode it.
+                    size_bytes: 9_007_199_254_740_993,
+                    sha256: "ab".repeat(32),
+                    category: FileCategory::Document,
+                    width: 0,
+                    height: 0,
+                    has_thumbnail: false,
+                    create_time: now,
+                    expire_time: now + 3_600_000,
+                }),
+            }),
+        },
+        fingerprint: format!("file:{file_id}"),
+        idempotency_window_secs: 3600,
+    }
+}
+
+async fn append(store: &dyn MessageStore, new: NewMessage) -> Message {
+    match store.append_message(new).await.unwrap() {
+        AppendOutcome::Appended(event) => event.created_message().unwrap(),
+        other => panic!("expected an append, got {other:?}"),
+    }
+}
+
+/// Issue 9 item 6: deleting a file tombstones every message carrying it (the upload's own and
+/// every re-post, whoever sent it) with a MessageDeleted event each, leaves other messages
+/// alone, and refuses later messages carrying it.
+pub async fn deleting_a_file_tombstones_every_copy(store: Arc<dyn MessageStore>) {
+    let id = create(&*store, "alice", &["bob", "carol"]).await;
+    let file_id = MessageId::generate().to_string();
+    let other_file = MessageId::generate().to_string();
+    let expire = file_message(id, "alice", &file_id)
+        .record
+        .content
+        .unwrap()
+        .file
+        .unwrap()
+        .expire_time;
+    let upload = append(&*store, file_message(id, "alice", &file_id)).await;
+    let text = send(&*store, id, "bob", "unrelated").await;
+    let bobs = append(&*store, file_message(id, "bob", &file_id)).await;
+    let carols = append(&*store, file_message(id, "carol", &file_id)).await;
+    let kept = append(&*store, file_message(id, "alice", &other_file)).await;
+    // Carol already deleted her re-post: it gets no second MessageDeleted.
+    store
+        .delete_message(id, carols.record.id, &user("carol"))
+        .await
+        .unwrap();
+    let before = store.conversation(id).await.unwrap().unwrap().last_sequence;
+
+    assert_eq!(
+        rejection(
+            store
+                .delete_file_messages(id, &file_id, &user("mallory"), expire)
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(
+        rejection(
+            store
+                .delete_file_messages(ConversationId::generate(), &file_id, &user("alice"), expire)
+                .await
+        ),
+        Rejection::ConversationNotFound
+    );
+    let events = store
+        .delete_file_messages(id, &file_id, &user("alice"), expire)
+        .await
+        .unwrap();
+    let deleted: Vec<(MessageId, UserId)> = events
+        .iter()
+        .map(|event| match &event.kind {
+            EventKind::MessageDeleted {
+                message_id,
+                deleted_by,
+            } => (*message_id, deleted_by.clone()),
+            other => panic!("expected MessageDeleted, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            (upload.record.id, user("alice")),
+            (bobs.record.id, user("alice"))
+        ]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [before + 1, before + 2]
+    );
+
+    let history = store.messages_before(id, None, 100).await.unwrap();
+    for message in &history {
+        let carried = [upload.record.id, bobs.record.id, carols.record.id];
+        assert_eq!(
+            message.record.is_deleted(),
+            carried.contains(&message.record.id),
+            "{message:?}"
+        );
+    }
+    assert_eq!(
+        store.message(id, kept.record.id).await.unwrap().unwrap(),
+        kept
+    );
+    assert!(
+        store
+            .message(id, text.0)
+            .await
+            .unwrap()
+            .is_some_and(|m| !m.record.is_deleted())
+    );
+    // Replayed history carries the tombstones too.
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    for event in &page.events {
+        if let EventKind::MessageCreated(record) = &event.kind {
+            assert_ne!(record.file_id(), Some(file_id.as_str()), "{event:?}");
+        }
+    }
+    // Unread counts no longer count the copies: carol sees bob's text and alice's other file.
+    assert_eq!(
+        store
+            .read_state(id, &user("carol"))
+            .await
+            .unwrap()
+            .unread_count,
+        2
+    );
+
+    // No message may carry the file any more, from anyone, and nothing is recorded.
+    for sender in ["alice", "bob"] {
+        assert_eq!(
+            rejection(
+                store
+                    .append_message(file_message(id, sender, &file_id))
+                    .await
+            ),
+            Rejection::FileDeleted
+        );
+    }
+    append(&*store, file_message(id, "bob", &other_file)).await;
+    // Deleting again changes nothing.
+    assert!(
+        store
+            .delete_file_messages(id, &file_id, &user("alice"), expire)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        before + 3
     );
 }
 
@@ -598,6 +844,10 @@ macro_rules! conformance_suite {
             super::create_is_idempotent_by_id($make(super::GENEROUS).await).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn request_ids_are_remembered_for_the_window() {
+            super::request_ids_are_remembered_for_the_window($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_sends_get_gap_free_sequences() {
             super::concurrent_sends_get_gap_free_sequences($make(super::GENEROUS).await).await;
         }
@@ -621,6 +871,10 @@ macro_rules! conformance_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn deleting_leaves_a_tombstone_everywhere() {
             super::deleting_leaves_a_tombstone_everywhere($make(super::GENEROUS).await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn deleting_a_file_tombstones_every_copy() {
+            super::deleting_a_file_tombstones_every_copy($make(super::GENEROUS).await).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn read_positions_and_unread_counts() {

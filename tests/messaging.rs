@@ -395,6 +395,319 @@ pub async fn retries_are_idempotent(server: TestServer) {
     assert_eq!(history.messages.len(), 1);
 }
 
+/// Issue 9 item 5: a replayed CreateConversation is a read like any other, and its answer is
+/// only for participants; the id it lands on cannot be computed from (user, request_id).
+pub async fn replayed_creates_check_participation(server: TestServer) {
+    let mut client = client(&server).await;
+    let request = pb::CreateConversationRequest {
+        title: "Secret plans".to_owned(),
+        participant_ids: vec!["bob".to_owned()],
+        request_id: "replay-me".to_owned(),
+    };
+    let created = client
+        .create_conversation(as_user("alice", request.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    let id = created.conversation_id.clone();
+    client
+        .remove_participant(as_user(
+            "alice",
+            pb::RemoveParticipantRequest {
+                conversation_id: id.clone(),
+                user_id: "alice".to_owned(),
+            },
+        ))
+        .await
+        .unwrap();
+    send(&mut client, "bob", &id, "after alice left").await;
+    let status = client
+        .create_conversation(as_user("alice", request.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
+    assert!(!status.message().contains("after alice left"));
+
+    // Bob's identical request_id is his own: a new conversation.
+    let bobs = client
+        .create_conversation(as_user("bob", request.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_ne!(bobs.conversation_id, id);
+    // Another server (another store) given the same (user, request_id) picks another id: ids
+    // are random, not derived.
+    let other = TestServer::start().await;
+    let mut other_client = Client::new(other.channel().await);
+    let elsewhere = other_client
+        .create_conversation(as_user("alice", request))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap();
+    assert_ne!(elsewhere.conversation_id, id);
+}
+
+/// Subscribes as soon as one of `user`'s subscription slots is free again (it is given back
+/// asynchronously, when the server drops the ended stream).
+async fn subscribe_once_free(
+    client: &mut Client,
+    user: &str,
+    conversation_id: &str,
+) -> Streaming<pb::SubscribeMessagesResponse> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let request = pb::SubscribeMessagesRequest {
+            conversation_id: conversation_id.to_owned(),
+            after_sequence: 0,
+        };
+        match client.subscribe_messages(as_user(user, request)).await {
+            Ok(stream) => return stream.into_inner(),
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no slot came back within 5s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("subscribe: {status:?}"),
+        }
+    }
+}
+
+/// Issue 9 item 8: live subscriptions per caller are limited (the server here allows 2), and a
+/// slot comes back however its stream ends.
+pub async fn live_subscriptions_per_caller_are_limited(server: TestServer) {
+    use tonic_types::StatusExt;
+    let mut client = client(&server).await;
+    let mine = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    let theirs = create(&mut client, "bob", &["alice"]).await.conversation_id;
+    let first = subscribe(&mut client, "alice", &mine, 0).await;
+    let mut second = subscribe(&mut client, "alice", &theirs, 0).await;
+    let status = client
+        .subscribe_messages(as_user(
+            "alice",
+            pb::SubscribeMessagesRequest {
+                conversation_id: mine.clone(),
+                after_sequence: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_SUBSCRIPTIONS");
+    let quota = status
+        .get_details_quota_failure()
+        .expect("QuotaFailure detail");
+    assert_eq!(
+        quota.violations[0].subject,
+        "messaging.max_subscriptions_per_caller"
+    );
+    // Refusals take no slot, and the limit is per caller: bob still subscribes.
+    let _bobs = subscribe(&mut client, "bob", &mine, 0).await;
+
+    // The server ends a stream (alice is removed): its slot comes back.
+    client
+        .remove_participant(as_user(
+            "bob",
+            pb::RemoveParticipantRequest {
+                conversation_id: theirs.clone(),
+                user_id: "alice".to_owned(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next_error(&mut second).await.code(), Code::PermissionDenied);
+    let mut third = subscribe_once_free(&mut client, "alice", &mine).await;
+
+    // The client cancels a stream: its slot comes back.
+    drop(first);
+    let mut fourth = subscribe_once_free(&mut client, "alice", &mine).await;
+    send(&mut client, "bob", &mine, "both streams live").await;
+    assert_eq!(
+        text_of(&next_event(&mut third).await),
+        Some("both streams live")
+    );
+    assert_eq!(
+        text_of(&next_event(&mut fourth).await),
+        Some("both streams live")
+    );
+}
+
+type Files = pb::file_relay_service_client::FileRelayServiceClient<Channel>;
+
+fn message_by_id<'a>(messages: &'a [pb::Message], id: &str) -> &'a pb::Message {
+    messages
+        .iter()
+        .find(|message| message.message_id == id)
+        .unwrap_or_else(|| panic!("message {id} in history"))
+}
+
+async fn history(client: &mut Client, user: &str, conversation_id: &str) -> Vec<pb::Message> {
+    client
+        .list_messages(as_user(
+            user,
+            pb::ListMessagesRequest {
+                conversation_id: conversation_id.to_owned(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages
+}
+
+/// Issue 9 item 6: DeleteFile tombstones every message carrying the file, re-posts by others
+/// included (each with a MessageDeleted event), and no message can carry it afterwards.
+/// Deleting only the upload's own FILE message (DeleteMessage) leaves the file and its
+/// re-posts alone: a message is one reference to a file; DeleteFile removes the file.
+pub async fn delete_file_tombstones_every_copy(server: TestServer) {
+    let mut client = client(&server).await;
+    let mut files = Files::new(server.channel().await);
+    let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
+    let body = b"the launch plan\n".to_vec();
+    let uploaded = files
+        .upload_file(as_user(
+            "alice",
+            futures::stream::iter([
+                pb::UploadFileRequest {
+                    payload: Some(pb::upload_file_request::Payload::Metadata(
+                        pb::UploadMetadata {
+                            conversation_id: id.clone(),
+                            file_name: "plan.txt".to_owned(),
+                            content_type: "text/plain".to_owned(),
+                            size_bytes: body.len() as i64,
+                            sha256: String::new(),
+                            caption: String::new(),
+                        },
+                    )),
+                },
+                pb::UploadFileRequest {
+                    payload: Some(pb::upload_file_request::Payload::Chunk(body.into())),
+                },
+            ]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let file = uploaded.file.unwrap();
+    let upload_message = uploaded.message.unwrap();
+    let repost = |client_message_id: &str| pb::SendMessageRequest {
+        conversation_id: id.clone(),
+        client_message_id: client_message_id.to_owned(),
+        content: Some(pb::send_message_request::Content::FileId(
+            file.file_id.clone(),
+        )),
+    };
+    let bobs = client
+        .send_message(as_user("bob", repost("bob-repost")))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap();
+    let carried = bobs.file.as_ref().unwrap();
+    assert_eq!(
+        (
+            carried.file_name.as_str(),
+            carried.size_bytes,
+            carried.sha256.as_str(),
+            carried.uploader_id.as_str()
+        ),
+        ("plan.txt", file.size_bytes, file.sha256.as_str(), "alice")
+    );
+    let alices = client
+        .send_message(as_user("alice", repost("alice-repost")))
+        .await
+        .unwrap()
+        .into_inner()
+        .message
+        .unwrap();
+
+    // Deleting the upload's own message: the file and the re-posts stay.
+    client
+        .delete_message(as_user(
+            "alice",
+            pb::DeleteMessageRequest {
+                conversation_id: id.clone(),
+                message_id: upload_message.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let messages = history(&mut client, "bob", &id).await;
+    assert!(message_by_id(&messages, &upload_message.message_id).deleted);
+    assert!(message_by_id(&messages, &bobs.message_id).file.is_some());
+    let file_request = || pb::GetFileRequest {
+        file_id: file.file_id.clone(),
+    };
+    files
+        .get_file(as_user("bob", file_request()))
+        .await
+        .expect("the file outlives its upload message");
+
+    let now = client
+        .get_conversation(as_user(
+            "bob",
+            pb::GetConversationRequest {
+                conversation_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .last_sequence;
+    let mut live = subscribe(&mut client, "bob", &id, now).await;
+    files
+        .delete_file(as_user(
+            "alice",
+            pb::DeleteFileRequest {
+                file_id: file.file_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let messages = history(&mut client, "bob", &id).await;
+    for copy in [&upload_message, &bobs, &alices] {
+        let message = message_by_id(&messages, &copy.message_id);
+        assert!(message.deleted, "{message:?}");
+        assert!(message.file.is_none(), "{message:?}");
+    }
+    let mut deleted = Vec::new();
+    for _ in 0..2 {
+        match next_event(&mut live).await.event {
+            Some(pb::conversation_event::Event::MessageDeleted(event)) => {
+                deleted.push(event.message_id)
+            }
+            other => panic!("expected MessageDeleted, got {other:?}"),
+        }
+    }
+    deleted.sort();
+    let mut expected = vec![bobs.message_id.clone(), alices.message_id.clone()];
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let status = files
+        .get_file(as_user("bob", file_request()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .send_message(as_user("bob", repost("too-late")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(reason(&status), "FILE_NOT_FOUND");
+}
+
 pub async fn history_pages_are_stable_while_messages_arrive(server: TestServer) {
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -768,6 +1081,21 @@ macro_rules! messaging_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn retries_are_idempotent() {
             super::retries_are_idempotent(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn replayed_creates_check_participation() {
+            super::replayed_creates_check_participation(server(plain).await).await;
+        }
+        #[tokio::test]
+        async fn live_subscriptions_per_caller_are_limited() {
+            super::live_subscriptions_per_caller_are_limited(
+                server(|settings| settings.messaging.max_subscriptions_per_caller = 2).await,
+            )
+            .await;
+        }
+        #[tokio::test]
+        async fn delete_file_tombstones_every_copy() {
+            super::delete_file_tombstones_every_copy(server(plain).await).await;
         }
         #[tokio::test]
         async fn history_pages_are_stable_while_messages_arrive() {

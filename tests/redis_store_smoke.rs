@@ -70,6 +70,7 @@ async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> Con
             participants,
             created_by: user(creator),
             fingerprint: "fp".to_owned(),
+            request: None,
         })
         .await
         .unwrap();
@@ -128,6 +129,7 @@ async fn create_then_existing() {
         participants: vec![user("alice"), user("bob"), user("carol:x")],
         created_by: user("alice"),
         fingerprint: "first".to_owned(),
+        request: None,
     };
     let CreateOutcome::Created(created) = store.create_conversation(new.clone()).await.unwrap()
     else {
@@ -842,6 +844,7 @@ async fn a_redis_restart_resyncs_the_live_feed() {
                 participants: vec![user("alice")],
                 created_by: user("alice"),
                 fingerprint: "fp".to_owned(),
+                request: None,
             })
             .await;
         match created {
@@ -1076,5 +1079,235 @@ async fn a_flushed_script_cache_is_reloaded() {
     raw.script_flush_cluster(false).await.unwrap();
     send(&store, id, "alice", "after a flush").await;
     assert_eq!(store.messages_before(id, None, 10).await.unwrap().len(), 1);
+    raw.quit().await.unwrap();
+}
+
+/// Every key under `prefix` on the (single-node) test Redis.
+async fn keys_under(
+    raw: &fred::prelude::Client,
+    prefix: &str,
+) -> std::collections::BTreeSet<String> {
+    use fred::{
+        prelude::ClientLike,
+        types::{ClusterHash, CustomCommand},
+    };
+    let command = CustomCommand::new_static("KEYS", ClusterHash::FirstKey, false);
+    let keys: Vec<String> = raw
+        .custom(command, vec![format!("{prefix}:*")])
+        .await
+        .unwrap();
+    keys.into_iter().collect()
+}
+
+/// Issue 9 item 5: a `request_id` is remembered in one key that expires with the window, and a
+/// replay adds no key.
+#[tokio::test]
+async fn request_ids_expire_with_the_window_and_replays_add_no_keys() {
+    use fred::prelude::{ClientLike, KeysInterface};
+    use svc_messaging::store::messages::CreateRequest;
+
+    const WINDOW: Duration = Duration::from_secs(24 * 3600);
+    let prefix = unique_prefix("request-window");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let new = || NewConversation {
+        id: ConversationId::generate(),
+        title: "Launch".to_owned(),
+        participants: vec![user("alice"), user("bob")],
+        created_by: user("alice"),
+        fingerprint: "fp".to_owned(),
+        request: Some(CreateRequest {
+            request_id: ClientId::from_field("request_id", "r-1").unwrap(),
+            window: WINDOW,
+        }),
+    };
+    let CreateOutcome::Created(created) = store.create_conversation(new()).await.unwrap() else {
+        panic!("the first create creates");
+    };
+    let raw = raw_client().await;
+    let keys = keys_under(&raw, &prefix).await;
+    let requests: Vec<&String> = keys
+        .iter()
+        .filter(|key| key.starts_with(&format!("{prefix}:{{u:alice}}:req:")))
+        .collect();
+    assert_eq!(requests.len(), 1, "{keys:?}");
+    // The key is in alice's slot and does not spell the request id.
+    assert!(!requests[0].contains("r-1"));
+    let ttl: i64 = raw.pttl(requests[0].as_str()).await.unwrap();
+    let window_ms = WINDOW.as_millis() as i64;
+    assert!(
+        (window_ms - 5_000..=window_ms).contains(&ttl),
+        "PTTL {ttl} ms, window {window_ms} ms"
+    );
+    match store.create_conversation(new()).await.unwrap() {
+        CreateOutcome::Existing { conversation, .. } => assert_eq!(conversation.id, created.id),
+        other => panic!("expected the original, got {other:?}"),
+    }
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+    raw.quit().await.unwrap();
+}
+
+/// Issue 9 item 6 on Redis: a file's index of carrying messages expires with the file, and
+/// refused requests (an outsider deleting, a re-post of a deleted file) write no key.
+#[tokio::test]
+async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
+    use fred::prelude::{ClientLike, HashesInterface, KeysInterface};
+    use svc_messaging::{files::policy::FileCategory, messaging::model::FileAttachment};
+
+    let prefix = unique_prefix("file-index");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let id = create(&store, "alice", &["bob"]).await;
+    let file_id = uuid::Uuid::now_v7().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let expire_time = now + 3_600_000;
+    let carrying = |sender: &str, client_id: &str| NewMessage {
+        record: MessageRecord {
+            kind: MessageKind::File,
+            content: Some(MessageContent {
+                text: String::new(),
+                file: Some(FileAttachment {
+                    file_id: file_id.clone(),
+                    uploader: user("alice"),
+                    file_name: "a.txt".to_owned(),
+                    content_type: "text/plain".to_owned(),
+                    size_bytes: 3,
+                    sha256: "00".repeat(32),
+                    category: FileCategory::Document,
+                    width: 0,
+                    height: 0,
+                    has_thumbnail: false,
+                    create_time: now,
+                    expire_time,
+                }),
+            }),
+            ..text(id, sender, client_id, "unused").record
+        },
+        ..text(id, sender, client_id, "unused")
+    };
+    assert!(matches!(
+        store.append_message(carrying("alice", "up")).await.unwrap(),
+        AppendOutcome::Appended(_)
+    ));
+    let raw = raw_client().await;
+    let index = format!("{prefix}:{{c:{id}}}:file:{file_id}");
+    let ttl: i64 = raw.pttl(&index).await.unwrap();
+    assert!((3_595_000..=3_600_000).contains(&ttl), "PTTL {ttl}");
+
+    let keys = keys_under(&raw, &prefix).await;
+    assert_eq!(
+        rejection(
+            store
+                .delete_file_messages(id, &file_id, &user("mallory"), expire_time)
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+
+    assert_eq!(
+        store
+            .delete_file_messages(id, &file_id, &user("alice"), expire_time)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let fields: Vec<String> = raw.hkeys(&index).await.unwrap();
+    assert_eq!(fields, ["gone"]);
+    let ttl: i64 = raw.pttl(&index).await.unwrap();
+    assert!((3_595_000..=3_600_000).contains(&ttl), "PTTL {ttl}");
+
+    let keys = keys_under(&raw, &prefix).await;
+    let last_sequence = store.conversation(id).await.unwrap().unwrap().last_sequence;
+    assert_eq!(
+        rejection(store.append_message(carrying("bob", "repost")).await),
+        Rejection::FileDeleted
+    );
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        last_sequence
+    );
+    raw.quit().await.unwrap();
+}
+
+/// Every refused write leaves Redis exactly as it was: no key created, none changed in number.
+#[tokio::test]
+async fn refused_writes_leave_no_keys() {
+    use fred::prelude::ClientLike;
+
+    let prefix = unique_prefix("refusals");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let id = create(&store, "alice", &["bob"]).await;
+    let (message_id, _) = send(&store, id, "alice", "hello").await;
+    let raw = raw_client().await;
+    let keys = keys_under(&raw, &prefix).await;
+    let missing = ConversationId::generate();
+    let refusals = [
+        (
+            rejection(store.append_message(text(id, "mallory", "m", "hi")).await),
+            Rejection::NotParticipant,
+        ),
+        (
+            rejection(
+                store
+                    .append_message(text(missing, "alice", "m", "hi"))
+                    .await,
+            ),
+            Rejection::ConversationNotFound,
+        ),
+        (
+            rejection(store.delete_message(id, message_id, &user("bob")).await),
+            Rejection::NotSender,
+        ),
+        (
+            rejection(store.mark_read(id, &user("bob"), 99).await),
+            Rejection::SequenceAhead,
+        ),
+        (
+            rejection(store.mark_read(id, &user("mallory"), 1).await),
+            Rejection::NotParticipant,
+        ),
+        (
+            rejection(
+                store
+                    .add_participants(id, &user("mallory"), &[user("eve")])
+                    .await,
+            ),
+            Rejection::NotParticipant,
+        ),
+        (
+            rejection(
+                store
+                    .remove_participant(id, &user("bob"), &user("alice"))
+                    .await,
+            ),
+            Rejection::NotCreator,
+        ),
+        (
+            rejection(
+                store
+                    .delete_file_messages(missing, "f", &user("alice"), i64::MAX)
+                    .await,
+            ),
+            Rejection::ConversationNotFound,
+        ),
+    ];
+    for (got, expected) in refusals {
+        assert_eq!(got, expected);
+    }
+    assert_eq!(keys_under(&raw, &prefix).await, keys);
+    assert_eq!(
+        store.conversation(id).await.unwrap().unwrap().last_sequence,
+        1
+    );
     raw.quit().await.unwrap();
 }

@@ -345,8 +345,9 @@ impl FileService {
         Ok(chunks.boxed())
     }
 
-    /// Deletes the file (its uploader only): the message becomes a tombstone, then the bytes
-    /// and the record go. Safe to retry after a failure.
+    /// Deletes the file (its uploader only): every message carrying it (the upload's own and
+    /// every re-post) becomes a tombstone and no new one can carry it, then the bytes and the
+    /// record go. Safe to retry after a failure.
     pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
         let record = self.get_file(caller, file_id).await?;
         if record.uploader != caller.user_id {
@@ -355,6 +356,17 @@ impl FileService {
                 "only the uploader may delete a file",
             ));
         }
+        self.conversations
+            .delete_file_messages(
+                caller,
+                record.conversation_id,
+                &record.file_id,
+                record.expire_time,
+            )
+            .await?;
+        // Redis data written before files were indexed lacks the upload's own message in the
+        // index; it is still found by its id (already a tombstone otherwise: no new event).
+        // Needed until such files have expired (`uploads.retention` after the upgrade).
         if let Some(message_id) = record.message_id {
             match self
                 .conversations

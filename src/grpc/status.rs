@@ -49,6 +49,9 @@ impl From<Error> for Status {
         if let Some(delay) = error.retry_delay {
             details.set_retry_info(Some(delay));
         }
+        if let Some(quota) = &error.quota_violation {
+            details.add_quota_failure_violation(quota.subject.clone(), quota.description.clone());
+        }
         Status::with_error_details(code, error.message, details)
     }
 }
@@ -81,6 +84,25 @@ mod tests {
             .get_details_bad_request()
             .expect("BadRequest attached");
         assert_eq!(bad_request.field_violations[0].field, "text");
+    }
+
+    #[test]
+    fn quota_violations_are_sent_as_quota_failure() {
+        let status = Status::from(
+            Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::TooManySubscriptions,
+                "too many",
+            )
+            .with_quota_violation("messaging.max_subscriptions_per_caller", "at most 2"),
+        );
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let quota = status.get_details_quota_failure().expect("QuotaFailure");
+        assert_eq!(
+            quota.violations[0].subject,
+            "messaging.max_subscriptions_per_caller"
+        );
+        assert_eq!(quota.violations[0].description, "at most 2");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! - [`service`]: the rules ([`service::ConversationService`]).
 //! - [`live`]: in-replica fan-out of the store's live feed.
 //! - [`paging`]: page sizes and opaque page tokens.
+//! - [`subscriptions`]: live-subscription slots per caller.
 
 pub mod live;
 pub mod model;
 pub mod paging;
 pub mod service;
+pub mod subscriptions;

@@ -73,18 +73,6 @@ uuid_id!(
     "message_id"
 );
 
-impl ConversationId {
-    /// The id a `CreateConversation` retry must land on: derived from the caller and their
-    /// `request_id`, so every replica computes the same one without coordination.
-    pub fn for_request(creator: &UserId, request_id: &ClientId) -> Self {
-        let name = format!("{}\u{0}{}", creator.as_str(), request_id.as_str());
-        Self(Uuid::new_v5(&CONVERSATION_NAMESPACE, name.as_bytes()))
-    }
-}
-
-/// Namespace of request-derived conversation ids.
-const CONVERSATION_NAMESPACE: Uuid = Uuid::from_u128(0x6d2a_5c1e_8f4b_4b7a_9e3d_2c1f_0a9b_8c7d);
-
 /// A client-chosen idempotency key: `client_message_id` or `request_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -196,6 +184,14 @@ impl MessageRecord {
         self.content.is_none()
     }
 
+    /// The id of the file the message carries, unless it carries none (or was deleted).
+    pub fn file_id(&self) -> Option<&str> {
+        self.content
+            .as_ref()
+            .and_then(|content| content.file.as_ref())
+            .map(|file| file.file_id.as_str())
+    }
+
     /// The same message with its content removed.
     pub fn tombstone(&self) -> Self {
         Self {
@@ -263,21 +259,6 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_ids_map_to_one_conversation_per_creator() {
-        let alice = UserId::parse("alice").unwrap();
-        let bob = UserId::parse("bob").unwrap();
-        let request = ClientId::from_field("request_id", "r-1").unwrap();
-        assert_eq!(
-            ConversationId::for_request(&alice, &request),
-            ConversationId::for_request(&alice, &request)
-        );
-        assert_ne!(
-            ConversationId::for_request(&alice, &request),
-            ConversationId::for_request(&bob, &request)
-        );
-    }
 
     #[test]
     fn client_ids_are_checked() {

@@ -12,9 +12,10 @@ use super::{
     model::{
         ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, MAX_PARTICIPANTS,
         MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind,
-        MessageRecord,
+        MessageRecord, UnixMillis,
     },
     paging::{self, PageSize},
+    subscriptions::{SubscriptionSlot, SubscriptionSlots},
 };
 use crate::{
     auth::Caller,
@@ -23,8 +24,9 @@ use crate::{
     ids::UserId,
     store::files::FileStore,
     store::messages::{
-        ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
-        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
+        ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
+        LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection,
+        StoreError,
     },
 };
 
@@ -53,6 +55,7 @@ pub struct ConversationService {
     store: Arc<dyn MessageStore>,
     files: Arc<dyn FileStore>,
     hub: Arc<LiveHub>,
+    subscriptions: Arc<SubscriptionSlots>,
     settings: MessagingSettings,
 }
 
@@ -70,6 +73,7 @@ impl ConversationService {
             store,
             files,
             hub,
+            subscriptions: SubscriptionSlots::new(settings.max_subscriptions_per_caller),
             settings,
         }
     }
@@ -137,21 +141,26 @@ impl ConversationService {
         let others = parse_users("participant_ids", participant_ids, 0)?;
         let mut participants = vec![caller.user_id.clone()];
         participants.extend(others.into_iter().filter(|user| *user != caller.user_id));
-        let id = if request_id.is_empty() {
-            ConversationId::generate()
+        // Ids are random, never derived from (user, request_id): nobody can compute another
+        // user's conversation ids. The store remembers which one a request_id created.
+        let request = if request_id.is_empty() {
+            None
         } else {
-            let request_id = ClientId::from_field("request_id", request_id)?;
-            ConversationId::for_request(&caller.user_id, &request_id)
+            Some(CreateRequest {
+                request_id: ClientId::from_field("request_id", request_id)?,
+                window: self.settings.idempotency_window,
+            })
         };
         let mut sorted: Vec<&str> = participants.iter().map(UserId::as_str).collect();
         sorted.sort_unstable();
         let fingerprint = fingerprint(&[title, &sorted.join("\u{0}")]);
         let new = NewConversation {
-            id,
+            id: ConversationId::generate(),
             title: title.to_owned(),
             participants,
             created_by: caller.user_id.clone(),
             fingerprint: fingerprint.clone(),
+            request,
         };
         let conversation = match self
             .store
@@ -171,6 +180,14 @@ impl ConversationService {
                         "request_id was already used for a different conversation",
                     )
                     .with_field("request_id"));
+                }
+                // A replay answers with the conversation as it is now: only to a participant,
+                // like every read (the creator may have left since).
+                if !conversation.has_participant(&caller.user_id) {
+                    return Err(Error::permission_denied(
+                        Reason::NotAParticipant,
+                        "request_id created a conversation you no longer participate in",
+                    ));
                 }
                 conversation
             }
@@ -375,6 +392,22 @@ impl ConversationService {
         }
     }
 
+    /// Tombstones every message of conversation `id` carrying file `file_id` and refuses later
+    /// re-posts of it, on behalf of `caller` (the file service checks they uploaded it).
+    pub async fn delete_file_messages(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+        file_id: &str,
+        file_expire_time: UnixMillis,
+    ) -> Result<()> {
+        self.store
+            .delete_file_messages(id, file_id, &caller.user_id, file_expire_time)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
     pub async fn mark_read(&self, caller: &Caller, id: &str, sequence: u64) -> Result<u64> {
         let id = ConversationId::from_field("conversation_id", id)?;
         match self
@@ -412,11 +445,16 @@ impl ConversationService {
                 ),
             ));
         }
+        let slot = self
+            .subscriptions
+            .try_acquire(&caller.user_id)
+            .ok_or_else(|| too_many_subscriptions(self.subscriptions.per_caller()))?;
         let live = self
             .hub
             .register(conversation.id, self.settings.subscriber_buffer);
         let stream = subscription(
             self.store.clone(),
+            slot,
             live,
             conversation.id,
             caller.user_id.clone(),
@@ -479,12 +517,15 @@ impl ConversationService {
 
 fn subscription(
     store: Arc<dyn MessageStore>,
+    slot: SubscriptionSlot,
     mut live: super::live::LiveReceiver,
     id: ConversationId,
     user: UserId,
     after_sequence: u64,
 ) -> impl Stream<Item = Result<Event>> + Send + 'static {
     async_stream::try_stream! {
+        // Held for as long as the stream lives: dropped when it ends or is dropped unfinished.
+        let _slot = slot;
         let mut last = after_sequence;
         loop {
             // Catch up from the store.
@@ -548,6 +589,20 @@ fn subscription(
             }
         }
     }
+}
+
+fn too_many_subscriptions(per_caller: usize) -> Error {
+    Error::new(
+        ErrorKind::ResourceExhausted,
+        Reason::TooManySubscriptions,
+        format!(
+            "at most {per_caller} live subscriptions per caller on one server; end one before opening another"
+        ),
+    )
+    .with_quota_violation(
+        "messaging.max_subscriptions_per_caller",
+        format!("live SubscribeMessages streams per caller per server: {per_caller}"),
+    )
 }
 
 fn removes(event: &Event, user: &UserId) -> bool {
@@ -651,6 +706,10 @@ pub(crate) fn store_error(error: StoreError) -> Error {
                 Reason::TooManyParticipants,
                 format!("a conversation may have at most {MAX_PARTICIPANTS} participants"),
             ),
+            Rejection::FileDeleted => {
+                Error::not_found(Reason::FileNotFound, "file not found in this conversation")
+                    .with_field("file_id")
+            }
         },
         // Connection loss or a failover: the same request may well succeed shortly.
         StoreError::Unavailable(source) => Error::new(

@@ -3,7 +3,7 @@
 //! write atomic, and events are published while it is held, so the live feed is in commit order.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::messages::{
-    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, DeleteOutcome,
-    EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState,
-    Rejection, Retention, StoreResult,
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
+    DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
+    ReadState, Rejection, Retention, StoreResult,
 };
 use crate::{
     ids::UserId,
@@ -38,6 +38,46 @@ struct State {
     conversations: HashMap<ConversationId, ConversationState>,
     /// Per user: their conversations and each one's latest activity.
     activity: HashMap<UserId, HashMap<ConversationId, UnixMillis>>,
+    /// `(creator, request_id)` -> the conversation it created, until the window ends.
+    requests: HashMap<(UserId, ClientId), (ConversationId, Instant)>,
+    /// The keys of `requests` in the order they were made, so expired ones are dropped without
+    /// scanning them all.
+    request_order: VecDeque<(Instant, (UserId, ClientId))>,
+}
+
+impl State {
+    /// The conversation `request` created, if its window is still open; else claims the window
+    /// for `candidate`. Returns the id to create (or find) the conversation under.
+    fn claim_request(
+        &mut self,
+        creator: &UserId,
+        request: &CreateRequest,
+        candidate: ConversationId,
+    ) -> ConversationId {
+        let now = Instant::now();
+        while let Some((expires, _)) = self.request_order.front()
+            && *expires <= now
+        {
+            let (_, key) = self.request_order.pop_front().expect("front exists");
+            if self
+                .requests
+                .get(&key)
+                .is_some_and(|(_, expires)| *expires <= now)
+            {
+                self.requests.remove(&key);
+            }
+        }
+        let key = (creator.clone(), request.request_id.clone());
+        if let Some((id, expires)) = self.requests.get(&key)
+            && *expires > now
+        {
+            return *id;
+        }
+        let expires = now + request.window;
+        self.requests.insert(key.clone(), (candidate, expires));
+        self.request_order.push_back((expires, key));
+        candidate
+    }
 }
 
 struct ConversationState {
@@ -50,6 +90,8 @@ struct ConversationState {
     reads: HashMap<UserId, u64>,
     sent: HashMap<(UserId, ClientId), SentRecord>,
     trimmed_through: u64,
+    /// Files deleted with `delete_file_messages` -> until when messages carrying them are refused.
+    deleted_files: HashMap<String, UnixMillis>,
 }
 
 struct SentRecord {
@@ -161,8 +203,11 @@ impl ConversationState {
 
 #[async_trait]
 impl MessageStore for MemoryMessageStore {
-    async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome> {
+    async fn create_conversation(&self, mut new: NewConversation) -> StoreResult<CreateOutcome> {
         let mut state = self.lock();
+        if let Some(request) = &new.request {
+            new.id = state.claim_request(&new.created_by, request, new.id);
+        }
         if let Some(existing) = state.conversations.get(&new.id) {
             return Ok(CreateOutcome::Existing {
                 conversation: existing.conversation.clone(),
@@ -196,6 +241,7 @@ impl MessageStore for MemoryMessageStore {
                 reads: HashMap::new(),
                 sent: HashMap::new(),
                 trimmed_through: 0,
+                deleted_files: HashMap::new(),
             },
         );
         Ok(CreateOutcome::Created(conversation))
@@ -312,6 +358,14 @@ impl MessageStore for MemoryMessageStore {
         if !conversation.conversation.has_participant(&sender) {
             return Err(Rejection::NotParticipant.into());
         }
+        if let Some(file_id) = new.record.file_id()
+            && conversation
+                .deleted_files
+                .get(file_id)
+                .is_some_and(|until| *until > now_millis())
+        {
+            return Err(Rejection::FileDeleted.into());
+        }
         let key = (sender, new.record.client_message_id.clone());
         let now = Instant::now();
         if let Some(sent) = conversation.sent.get(&key)
@@ -383,6 +437,63 @@ impl MessageStore for MemoryMessageStore {
             },
         );
         Ok(DeleteOutcome::Deleted(message, event))
+    }
+
+    async fn delete_file_messages(
+        &self,
+        id: ConversationId,
+        file_id: &str,
+        by: &UserId,
+        file_expire_time: UnixMillis,
+    ) -> StoreResult<Vec<Event>> {
+        let mut state = self.lock();
+        let conversation = state
+            .conversations
+            .get_mut(&id)
+            .ok_or(Rejection::ConversationNotFound)?;
+        if !conversation.conversation.has_participant(by) {
+            return Err(Rejection::NotParticipant.into());
+        }
+        let now = now_millis();
+        conversation.deleted_files.retain(|_, until| *until > now);
+        conversation
+            .deleted_files
+            .insert(file_id.to_owned(), file_expire_time);
+        let mut carriers: Vec<(u64, MessageId)> = conversation
+            .messages
+            .iter()
+            .filter(|(_, (_, _, record))| record.file_id() == Some(file_id))
+            .map(|(message_id, (sequence, _, _))| (*sequence, *message_id))
+            .collect();
+        carriers.sort_unstable();
+        let mut events = Vec::with_capacity(carriers.len());
+        for (sequence, message_id) in carriers {
+            let conversation = state
+                .conversations
+                .get_mut(&id)
+                .expect("checked above, under the same lock");
+            // Trimming while earlier carriers got their events may have removed this one.
+            let Some((_, create_time, record)) = conversation.messages.get(&message_id).cloned()
+            else {
+                continue;
+            };
+            let tombstone = record.tombstone();
+            conversation
+                .messages
+                .insert(message_id, (sequence, create_time, tombstone.clone()));
+            if let Some((_, kind)) = conversation.events.get_mut(&sequence) {
+                *kind = EventKind::MessageCreated(tombstone);
+            }
+            events.push(self.append_event(
+                &mut state,
+                id,
+                EventKind::MessageDeleted {
+                    message_id,
+                    deleted_by: by.clone(),
+                },
+            ));
+        }
+        Ok(events)
     }
 
     async fn mark_read(

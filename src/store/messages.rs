@@ -3,13 +3,16 @@
 //! the change, assigning the next sequence, recording the event, publishing it) is one store
 //! call, so replicas sharing a store agree on every sequence.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::{
     error::BoxError,
     ids::UserId,
     messaging::model::{
-        Conversation, ConversationId, Event, Message, MessageId, MessageRecord, UnixMillis,
+        ClientId, Conversation, ConversationId, Event, Message, MessageId, MessageRecord,
+        UnixMillis,
     },
 };
 
@@ -49,6 +52,8 @@ pub enum Rejection {
     SequenceAhead,
     /// The change would exceed the participant limit.
     TooManyParticipants,
+    /// The message carries a file that was deleted.
+    FileDeleted,
 }
 
 impl From<Rejection> for StoreError {
@@ -60,6 +65,7 @@ impl From<Rejection> for StoreError {
 /// A conversation to create.
 #[derive(Debug, Clone)]
 pub struct NewConversation {
+    /// The id to create it under: fresh and random, unless `request` was seen before.
     pub id: ConversationId,
     pub title: String,
     /// The creator first, then the others, without duplicates.
@@ -67,12 +73,23 @@ pub struct NewConversation {
     pub created_by: UserId,
     /// Identifies the request's content, so a retry can be told from a conflicting reuse.
     pub fingerprint: String,
+    /// The creator's idempotency key, if the request has one.
+    pub request: Option<CreateRequest>,
+}
+
+/// A `request_id` and how long the store remembers which conversation it created.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub request_id: ClientId,
+    /// Exactly this long after the first create, the same `request_id` creates a new one.
+    pub window: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub enum CreateOutcome {
     Created(Conversation),
-    /// A conversation with this id exists already (a retry, or a conflicting reuse).
+    /// A conversation with this id exists already, or the creator's `request_id` created this
+    /// one within its window (a retry, or a conflicting reuse).
     Existing {
         conversation: Conversation,
         fingerprint: String,
@@ -163,8 +180,9 @@ pub struct ReadState {
 /// Conversations, events and messages; see the module docs.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
-    /// Creates the conversation, or reports the one that already has this id. Creation records no
-    /// event: `last_sequence` starts at 0.
+    /// Creates the conversation, or reports the one that already has this id, or the one
+    /// `new.request` created within its window (its id then differs from `new.id`). Creation
+    /// records no event: `last_sequence` starts at 0.
     async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome>;
 
     async fn conversation(&self, id: ConversationId) -> StoreResult<Option<Conversation>>;
@@ -188,7 +206,8 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> StoreResult<ChangeOutcome>;
 
     /// Appends a message from `record.sender`, unless the sender used its `client_message_id`
-    /// within the idempotency window. Rejections: ConversationNotFound, NotParticipant.
+    /// within the idempotency window. Rejections: ConversationNotFound, NotParticipant,
+    /// FileDeleted (the message carries a file deleted with `delete_file_messages`).
     async fn append_message(&self, new: NewMessage) -> StoreResult<AppendOutcome>;
 
     /// Turns the message into a tombstone (in history and in the replayed `MessageCreated`
@@ -200,6 +219,20 @@ pub trait MessageStore: Send + Sync + 'static {
         message_id: MessageId,
         by: &UserId,
     ) -> StoreResult<DeleteOutcome>;
+
+    /// Tombstones every message of the conversation that carries file `file_id` (the upload's
+    /// own FILE/IMAGE message and every re-post), recording a `MessageDeleted` event by `by` for
+    /// each one not yet deleted, oldest first. From then until `file_expire_time` (when the file
+    /// record is gone anyway) no message carrying the file is appended (`FileDeleted`), so a
+    /// re-post racing the deletion cannot leave a copy. Safe to repeat.
+    /// Rejections: ConversationNotFound, NotParticipant.
+    async fn delete_file_messages(
+        &self,
+        id: ConversationId,
+        file_id: &str,
+        by: &UserId,
+        file_expire_time: UnixMillis,
+    ) -> StoreResult<Vec<Event>>;
 
     /// Moves `user`'s read position forward to `sequence` and records a read receipt.
     /// Rejections: ConversationNotFound, NotParticipant, SequenceAhead.

@@ -1,16 +1,23 @@
 -- Appends a message unless its sender used the client message id within the idempotency window
 -- (and the message it created is still kept).
--- KEYS: 10 by:<sender>, 11 idempotency key
--- ARGV: 6 sender, 7 message id, 8 MessageRecord JSON, 9 fingerprint, 10 window (s)
+-- A message carrying a file is listed in the file's index (so deleting the file finds every
+-- copy), unless the file was deleted: then it is refused.
+-- KEYS: 10 by:<sender>, 11 idempotency key, 12 file index P:{c:C}:file:<file_id> (only when the
+--   message carries a file)
+-- ARGV: 6 sender, 7 message id, 8 MessageRecord JSON, 9 fingerprint, 10 window (s),
+--   11 the file's expire time (ms; only with KEYS[12])
 -- Returns {rejection} | {'duplicate', fingerprint, stored message} |
 --   {'appended', event member, participants...}
-local K_BY, K_IDEM = KEYS[10], KEYS[11]
+local K_BY, K_IDEM, K_FILE = KEYS[10], KEYS[11], KEYS[12]
 if redis.call('EXISTS', K_META) == 0 then
   return {'conversation_not_found'}
 end
 local sender, message_id, record = ARGV[6], ARGV[7], ARGV[8]
 if not is_member(sender) then
   return {'not_participant'}
+end
+if K_FILE and redis.call('HEXISTS', K_FILE, 'gone') == 1 then
+  return {'file_deleted'}
 end
 local seen = redis.call('GET', K_IDEM)
 if seen then
@@ -30,6 +37,10 @@ redis.call('ZADD', K_MSGS, seq, message_id)
 redis.call('ZADD', K_LIVE, seq, message_id)
 redis.call('ZADD', K_BY, seq, message_id)
 redis.call('SADD', K_SENDERS, sender)
+if K_FILE then
+  redis.call('HSET', K_FILE, 'm:' .. message_id, seq)
+  redis.call('PEXPIREAT', K_FILE, ARGV[11])
+end
 if tonumber(ARGV[10]) > 0 then
   redis.call('SET', K_IDEM, message_id .. '|' .. ARGV[9], 'EX', ARGV[10])
 else

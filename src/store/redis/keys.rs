@@ -28,6 +28,25 @@ impl Keys {
         format!("{}:{{u:{}}}:convs", self.prefix, user.as_str())
     }
 
+    /// `P:{u:USER}:req:<digest>`: the conversation a creator's `request_id` created, expiring
+    /// with the idempotency window. The digest covers the user and the request id
+    /// (length-prefixed), so no two pairs share a key whatever characters user ids contain.
+    pub(super) fn create_request(&self, user: &UserId, request_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let user = user.as_str();
+        let mut hasher = Sha256::new();
+        hasher.update(user.len().to_string().as_bytes());
+        hasher.update(b":");
+        hasher.update(user.as_bytes());
+        hasher.update(request_id.as_bytes());
+        let digest: String = hasher
+            .finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        format!("{}:{{u:{user}}}:req:{digest}", self.prefix)
+    }
+
     /// `P:{f:FILE}:file`: a file's metadata record (JSON), expiring with the file.
     pub(super) fn file(&self, file_id: &str) -> String {
         format!("{}:{{f:{file_id}}}:file", self.prefix)
@@ -116,6 +135,12 @@ impl ConversationKeys {
         )
     }
 
+    /// HASH of the messages carrying one file (`m:<message id>` -> sequence), and `gone` once the
+    /// file was deleted; expires with the file. File ids are server-made UUIDs.
+    pub(super) fn file_messages(&self, file_id: &str) -> String {
+        format!("{}file:{file_id}", self.base)
+    }
+
     /// The nine keys every write script takes first (see `prelude.lua`).
     pub(super) fn for_write(&self) -> Vec<String> {
         vec![
@@ -146,6 +171,7 @@ mod tests {
         for key in conversation.for_write().into_iter().chain([
             conversation.sent_by(&user),
             conversation.idempotency(&user, "m-1"),
+            conversation.file_messages("0190a4d6-0000-7000-8000-000000000002"),
         ]) {
             assert!(key.starts_with(&format!("svcmsg:{tag}:")), "{key}");
         }
@@ -158,6 +184,13 @@ mod tests {
             conversation.idempotency(&UserId::parse("a:b").unwrap(), "c")
         );
         assert_eq!(keys.user_conversations(&user), "svcmsg:{u:a:b{x}}:convs");
+        let request = keys.create_request(&user, "r-1");
+        assert!(request.starts_with("svcmsg:{u:a:b{x}}:req:"), "{request}");
+        // A user id ending like a key's middle cannot reach another user's request.
+        assert_ne!(
+            keys.create_request(&UserId::parse("a}:req:b").unwrap(), "c"),
+            keys.create_request(&UserId::parse("a").unwrap(), "b}:req:c")
+        );
         assert_eq!(keys.channel(), "svcmsg:events");
     }
 }

@@ -19,7 +19,9 @@
 //! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
 //! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
+//! | `P:{c:C}:file:<file_id>`          | HASH   | `m:<message_id>` -> seq per message carrying the file; `gone` once deleted; expires with the file |
 //! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
+//! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
 //! the layout works on Redis Cluster. Unread = `ZCOUNT live (read +inf` minus
@@ -29,6 +31,14 @@
 //! (`ZADD GT`, so racing updates never move activity backwards). It is derived data: it may lag
 //! briefly, and if that update fails the write still stands (logged). Readers check
 //! participation against the conversation itself, so a stale entry is never shown.
+//!
+//! `P:{u:USER}:req:<digest>` maps a creator's `request_id` to the conversation it created. It
+//! lives in the creator's slot, so `create_conversation` claims it (`claim_request.lua`: the
+//! existing id, or the fresh candidate with a `PX` of the idempotency window) before the
+//! conversation's own script runs. Conversation ids are random (UUIDv7), not derived from
+//! `(user, request_id)`: storing the mapping needs no server secret shared by every replica,
+//! and it makes the window exact. A crash between the two steps leaves a claim whose retry
+//! creates the conversation under the claimed id.
 //!
 //! Every committed event is published on the channel `P:events` as
 //! `<conversation_id>:<seq>:<create_time_ms>:<json EventKind>` from inside the script, so the
@@ -63,9 +73,9 @@ use tokio::{sync::broadcast, task::JoinHandle};
 
 use self::{keys::Keys, scripts::Scripts};
 use super::messages::{
-    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, DeleteOutcome,
-    EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState,
-    Retention, StoreError, StoreResult,
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
+    DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
+    ReadState, Retention, StoreError, StoreResult,
 };
 use crate::{
     config::RedisSettings,
@@ -73,7 +83,8 @@ use crate::{
     health::DependencyCheck,
     ids::UserId,
     messaging::model::{
-        Conversation, ConversationId, EventKind, MAX_PARTICIPANTS, Message, MessageId, UnixMillis,
+        Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, Message, MessageId,
+        UnixMillis,
     },
 };
 
@@ -193,6 +204,37 @@ impl RedisMessageStore {
             self.retention.max_events.to_string(),
             max_age_ms.to_string(),
         ]
+    }
+
+    /// The conversation id `request` maps to: the one it created within its window, else
+    /// `candidate`, now remembered for the window.
+    async fn claim_request(
+        &self,
+        creator: &UserId,
+        request: &CreateRequest,
+        candidate: ConversationId,
+    ) -> StoreResult<ConversationId> {
+        let window_ms = u64::try_from(request.window.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(MAX_IDEMPOTENCY_WINDOW_SECS * 1000);
+        // A zero window remembers nothing (and PX refuses 0).
+        if window_ms == 0 {
+            return Ok(candidate);
+        }
+        let reply = self
+            .scripts
+            .claim_request
+            .run(
+                &self.client,
+                vec![
+                    self.keys
+                        .create_request(creator, request.request_id.as_str()),
+                ],
+                vec![candidate.to_string(), window_ms.to_string()],
+            )
+            .await?;
+        ConversationId::parse(reply.status())
+            .map_err(|error| StoreError::Corrupt(format!("request claim: {error}")))
     }
 
     async fn load_conversation(
@@ -375,7 +417,10 @@ impl Drop for RedisMessageStore {
 
 #[async_trait]
 impl MessageStore for RedisMessageStore {
-    async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome> {
+    async fn create_conversation(&self, mut new: NewConversation) -> StoreResult<CreateOutcome> {
+        if let Some(request) = &new.request {
+            new.id = self.claim_request(&new.created_by, request, new.id).await?;
+        }
         let keys = self.keys.conversation(new.id);
         let mut args = self.write_args(new.id, keys.base());
         args.extend([
@@ -481,6 +526,15 @@ impl MessageStore for RedisMessageStore {
                 .min(MAX_IDEMPOTENCY_WINDOW_SECS)
                 .to_string(),
         ]);
+        if let Some(file) = new
+            .record
+            .content
+            .as_ref()
+            .and_then(|content| content.file.as_ref())
+        {
+            script_keys.push(keys.file_messages(&file.file_id));
+            args.push(file.expire_time.to_string());
+        }
         let reply = self
             .scripts
             .append_message
@@ -564,6 +618,71 @@ impl MessageStore for RedisMessageStore {
         }
         Err(StoreError::Unavailable(
             "the message kept changing while it was being deleted".into(),
+        ))
+    }
+
+    async fn delete_file_messages(
+        &self,
+        id: ConversationId,
+        file_id: &str,
+        by: &UserId,
+        file_expire_time: UnixMillis,
+    ) -> StoreResult<Vec<Event>> {
+        let keys = self.keys.conversation(id);
+        let file_key = keys.file_messages(file_id);
+        for _ in 0..DELETE_ATTEMPTS {
+            // Tombstones are built here from what is stored (Lua would re-encode large numbers
+            // as floats); the script checks that nothing changed in between.
+            let listed = self
+                .scripts
+                .file_messages
+                .run(
+                    &self.client,
+                    vec![file_key.clone(), keys.messages()],
+                    Vec::new(),
+                )
+                .await?
+                .into_fields();
+            let mut args = self.write_args(id, keys.base());
+            args.extend([by.as_str().to_owned(), file_expire_time.to_string()]);
+            for pair in listed.chunks_exact(2) {
+                let [message_id, stored] = pair else {
+                    unreachable!("chunks_exact(2)")
+                };
+                let message = codec::message(id, stored)?;
+                let (tombstone, deleted) = if message.record.is_deleted() {
+                    (String::new(), String::new())
+                } else {
+                    let tombstone = serde_json::to_string(&message.record.tombstone())
+                        .map_err(|error| StoreError::Corrupt(format!("tombstone: {error}")))?;
+                    let deleted = serde_json::to_string(&EventKind::MessageDeleted {
+                        message_id: message.record.id,
+                        deleted_by: by.clone(),
+                    })
+                    .map_err(|error| StoreError::Corrupt(format!("deleted event: {error}")))?;
+                    (tombstone, deleted)
+                };
+                args.extend([message_id.clone(), stored.clone(), tombstone, deleted]);
+            }
+            let mut script_keys = keys.for_write();
+            script_keys.push(file_key.clone());
+            let reply = self
+                .scripts
+                .delete_file_messages
+                .run(&self.client, script_keys, args)
+                .await?;
+            return match reply.status() {
+                "retry" => continue,
+                "deleted" => reply
+                    .rest()
+                    .iter()
+                    .map(|member| codec::event(id, member))
+                    .collect(),
+                _ => Err(reply.rejection()),
+            };
+        }
+        Err(StoreError::Unavailable(
+            "the file's messages kept changing while they were being deleted".into(),
         ))
     }
 

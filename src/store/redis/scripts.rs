@@ -21,6 +21,12 @@ impl LuaScript {
         }
     }
 
+    /// A script without the conversation prelude that may write (its keys are not a
+    /// conversation's).
+    fn standalone(name: &'static str, lua: &'static str) -> Self {
+        Self::read_only(name, lua)
+    }
+
     fn write(name: &'static str, body: &'static str) -> Self {
         Self {
             name,
@@ -87,6 +93,7 @@ impl Reply {
             "participant_not_found" => Rejection::ParticipantNotFound,
             "sequence_ahead" => Rejection::SequenceAhead,
             "too_many_participants" => Rejection::TooManyParticipants,
+            "file_deleted" => Rejection::FileDeleted,
             _ => return self.unexpected(),
         };
         StoreError::Rejected(rejection)
@@ -103,11 +110,14 @@ impl Reply {
 }
 
 pub(super) struct Scripts {
+    pub(super) claim_request: LuaScript,
     pub(super) create_conversation: LuaScript,
     pub(super) add_participants: LuaScript,
     pub(super) remove_participant: LuaScript,
     pub(super) append_message: LuaScript,
     pub(super) delete_message: LuaScript,
+    pub(super) delete_file_messages: LuaScript,
+    pub(super) file_messages: LuaScript,
     pub(super) mark_read: LuaScript,
     pub(super) load_conversation: LuaScript,
     pub(super) events_after: LuaScript,
@@ -121,11 +131,14 @@ impl Scripts {
     /// calls need no `NOSCRIPT` round trip and a script that does not compile fails start-up.
     pub(super) async fn load(&self, client: &Client) -> Result<(), StoreError> {
         for script in [
+            &self.claim_request,
             &self.create_conversation,
             &self.add_participants,
             &self.remove_participant,
             &self.append_message,
             &self.delete_message,
+            &self.delete_file_messages,
+            &self.file_messages,
             &self.mark_read,
             &self.load_conversation,
             &self.events_after,
@@ -143,6 +156,10 @@ impl Scripts {
 
     pub(super) fn new() -> Self {
         Self {
+            claim_request: LuaScript::standalone(
+                "claim_request",
+                include_str!("claim_request.lua"),
+            ),
             create_conversation: LuaScript::write(
                 "create_conversation",
                 include_str!("create_conversation.lua"),
@@ -157,6 +174,11 @@ impl Scripts {
             ),
             append_message: LuaScript::write("append_message", include_str!("append_message.lua")),
             delete_message: LuaScript::write("delete_message", include_str!("delete_message.lua")),
+            delete_file_messages: LuaScript::write(
+                "delete_file_messages",
+                include_str!("delete_file_messages.lua"),
+            ),
+            file_messages: LuaScript::read_only("file_messages", include_str!("file_messages.lua")),
             mark_read: LuaScript::write("mark_read", include_str!("mark_read.lua")),
             load_conversation: LuaScript::read_only(
                 "load_conversation",

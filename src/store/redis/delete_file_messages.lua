@@ -1,0 +1,55 @@
+-- Tombstones every message carrying a file (history and the replayed MessageCreated events),
+-- records a MessageDeleted event for each, and marks the file deleted so no later message can
+-- carry it. Rust read the index and the messages first (file_messages.lua) and built each
+-- tombstone; if anything changed since (a new re-post, a deletion), this answers 'retry'.
+-- KEYS: 10 P:{c:C}:file:<file_id> (HASH: 'm:<message id>' per carrier, 'gone' once deleted)
+-- ARGV: 6 acting user, 7 file expire time (ms),
+--   8.. groups of 4: message id, stored message as read, tombstone MessageRecord JSON and
+--   MessageDeleted EventKind JSON ('' and '' for a message that was already a tombstone)
+-- Returns {rejection} | {'retry'} | {'deleted', event members...}
+local K_FILE = KEYS[10]
+if redis.call('EXISTS', K_META) == 0 then
+  return {'conversation_not_found'}
+end
+local by = ARGV[6]
+if not is_member(by) then
+  return {'not_participant'}
+end
+local read = {}
+for i = 8, #ARGV, 4 do
+  read[ARGV[i]] = ARGV[i + 1]
+  if redis.call('HGET', K_MSG, ARGV[i]) ~= ARGV[i + 1] then
+    return {'retry'}
+  end
+end
+for _, field in ipairs(redis.call('HKEYS', K_FILE)) do
+  local message_id = string.match(field, '^m:(.+)$')
+  if message_id and not read[message_id] and redis.call('HEXISTS', K_MSG, message_id) == 1 then
+    return {'retry'}
+  end
+end
+local now = now_ms()
+local out = {'deleted'}
+for i = 8, #ARGV, 4 do
+  local message_id, stored, tombstone, deleted = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if tombstone ~= '' then
+    local seq, time, json = string.match(stored, '^(%d+):(%-?%d+):(.*)$')
+    if not seq then
+      return redis.error_reply('corrupt message entry')
+    end
+    local sender = cjson.decode(json).sender
+    local prefix = seq .. ':' .. time .. ':'
+    redis.call('HSET', K_MSG, message_id, prefix .. tombstone)
+    if redis.call('ZREMRANGEBYSCORE', K_EVENTS, seq, seq) > 0 then
+      redis.call('ZADD', K_EVENTS, seq, prefix .. '{"MessageCreated":' .. tombstone .. '}')
+    end
+    redis.call('ZREM', K_LIVE, message_id)
+    redis.call('ZREM', BASE .. 'by:' .. sender, message_id)
+    out[#out + 1] = append_event(now, deleted)
+  end
+end
+redis.call('DEL', K_FILE)
+redis.call('HSET', K_FILE, 'gone', '1')
+redis.call('PEXPIREAT', K_FILE, ARGV[7])
+trim(now)
+return out
