@@ -45,6 +45,22 @@
 //! publish order is the commit order; see [`live`].
 
 mod codec;
+/// Entry points for the fuzz targets in `fuzz/`; compiled only under `cargo fuzz`.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::messaging::model::ConversationId;
+
+    /// Runs every stored-form parser on `text`; each may fail, none may panic.
+    pub fn decode_all(text: &str) {
+        let id = ConversationId::generate();
+        let _ = super::codec::event(id, text);
+        let _ = super::codec::message(id, text);
+        let _ = super::codec::published_event(text);
+        let fields: Vec<String> = text.split('\u{0}').map(str::to_owned).collect();
+        let _ = super::codec::conversation(id, &fields);
+    }
+}
 mod error;
 mod files;
 mod keys;
