@@ -172,6 +172,7 @@ impl App {
             policy,
             thumbnails,
             settings.downloads.url_ttl,
+            backends.budget.clone(),
         ));
         let file_relay = InterceptedService::new(
             FileRelayServiceServer::new(FileRelayApi::new(file_service))

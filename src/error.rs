@@ -64,6 +64,9 @@ pub enum Reason {
     ChecksumMismatch,
     MalformedDocument,
     UploadMemoryBusy,
+    TooManyChunks,
+    UploadIdleTimeout,
+    TooManyUploads,
     BackendUnavailable,
     BackendTimeout,
     Internal,
@@ -100,6 +103,9 @@ impl Reason {
             Reason::ChecksumMismatch => "CHECKSUM_MISMATCH",
             Reason::MalformedDocument => "MALFORMED_DOCUMENT",
             Reason::UploadMemoryBusy => "UPLOAD_MEMORY_BUSY",
+            Reason::TooManyChunks => "TOO_MANY_CHUNKS",
+            Reason::UploadIdleTimeout => "UPLOAD_IDLE_TIMEOUT",
+            Reason::TooManyUploads => "TOO_MANY_UPLOADS",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::BackendTimeout => "BACKEND_TIMEOUT",
             Reason::Internal => "INTERNAL",
@@ -125,8 +131,17 @@ pub struct Error {
     pub field: Option<&'static str>,
     /// Extra `ErrorInfo` metadata (e.g. the supported types), never secrets.
     pub metadata: Vec<(&'static str, String)>,
+    /// The quota that was exceeded, reported as a `google.rpc.QuotaFailure` violation.
+    pub quota_violation: Option<QuotaViolation>,
     #[source]
     pub source: Option<BoxError>,
+}
+
+/// One `google.rpc.QuotaFailure` violation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaViolation {
+    pub subject: String,
+    pub description: String,
 }
 
 impl Error {
@@ -137,6 +152,7 @@ impl Error {
             message: message.into(),
             field: None,
             metadata: Vec::new(),
+            quota_violation: None,
             source: None,
         }
     }
@@ -169,6 +185,19 @@ impl Error {
 
     pub fn with_metadata(mut self, key: &'static str, value: impl Into<String>) -> Self {
         self.metadata.push((key, value.into()));
+        self
+    }
+
+    /// Names the exceeded quota: whose it is (`subject`, e.g. `user:alice`) and what it allows.
+    pub fn with_quota_violation(
+        mut self,
+        subject: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Self {
+        self.quota_violation = Some(QuotaViolation {
+            subject: subject.into(),
+            description: description.into(),
+        });
         self
     }
 

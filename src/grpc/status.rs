@@ -46,6 +46,9 @@ impl From<Error> for Status {
         if let Some(field) = error.field {
             details.add_bad_request_violation(field, error.message.clone());
         }
+        if let Some(quota) = &error.quota_violation {
+            details.add_quota_failure_violation(quota.subject.clone(), quota.description.clone());
+        }
         Status::with_error_details(code, error.message, details)
     }
 }
@@ -78,6 +81,24 @@ mod tests {
             .get_details_bad_request()
             .expect("BadRequest attached");
         assert_eq!(bad_request.field_violations[0].field, "text");
+    }
+
+    #[test]
+    fn quota_failures_name_the_subject() {
+        let status = Status::from(
+            Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::TooManyUploads,
+                "too many",
+            )
+            .with_quota_violation("user:alice", "at most 2 uploads at once"),
+        );
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let quota = status
+            .get_details_quota_failure()
+            .expect("QuotaFailure attached");
+        assert_eq!(quota.violations[0].subject, "user:alice");
+        assert_eq!(quota.violations[0].description, "at most 2 uploads at once");
     }
 
     #[test]
