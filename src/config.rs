@@ -722,6 +722,18 @@ impl UploadSettings {
                 ),
             ));
         }
+        // An image upload holds its body (kept for the thumbnail) and, at most as much again,
+        // its part buffer.
+        let one_image = 2 * self.image_max_size.as_u64();
+        if self.memory_budget.as_u64() < one_image {
+            return Err(ConfigError::new(
+                "uploads.memory_budget",
+                format!(
+                    "must hold at least one image upload: 2 x image_max_size = {}",
+                    ByteSize::b(one_image).display().iec()
+                ),
+            ));
+        }
         if self.retention < Duration::from_secs(1) {
             return Err(ConfigError::new("uploads.retention", "must be at least 1s"));
         }

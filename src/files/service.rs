@@ -158,56 +158,58 @@ impl FileService {
                 .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
                 .collect(),
         };
-        let mut upload = self
-            .blobs
-            .start_upload(&key, attributes)
-            .await
-            .map_err(blob_error)?;
-        // Images are also kept in memory (at most the image size limit) for their thumbnail,
-        // which is made before anything is committed: an undecodable image stores nothing.
-        let mut image = (plan.rule.kind.category() == FileCategory::Image)
-            .then(|| KeptBody::new(&self.budget, plan.declared_size));
-        let received = match receive(
-            &plan,
-            &self.policy,
-            &mut parts,
-            upload.as_mut(),
-            image.as_mut(),
-        )
-        .await
-        {
-            Ok(received) => match image {
-                Some(body) => {
-                    // The body stays reserved until the decode is done with it.
-                    let KeptBody {
-                        bytes, reservation, ..
-                    } = body;
-                    let made = self
-                        .thumbnails
-                        .make(plan.rule.kind, bytes.freeze())
-                        .await
-                        .map_err(thumbnail_error)
-                        .map(|thumbnail| (received, thumbnail));
-                    drop(reservation);
-                    made
-                }
-                None => Ok((received, None)),
-            },
-            Err(error) => Err(error),
+        // Documents stream to the blob store as they arrive. Images (at most the image size
+        // limit) are kept in memory instead, for their thumbnail, which is made before anything
+        // is stored: an undecodable image stores nothing, and its bytes are held only once.
+        let mut sink = if plan.rule.kind.category() == FileCategory::Image {
+            Sink::Kept(KeptBody::new(&self.budget, plan.declared_size))
+        } else {
+            Sink::Streamed(
+                self.blobs
+                    .start_upload(&key, attributes.clone())
+                    .await
+                    .map_err(blob_error)?,
+            )
         };
-        let ((sha256, mut dimensions), thumbnail) = match received {
-            Ok(received) => received,
-            Err(error) => {
-                if let Err(abort_error) = upload.abort().await {
-                    tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+        let (sha256, mut dimensions) =
+            match receive(&plan, &self.policy, &mut parts, &mut sink).await {
+                Ok(received) => received,
+                Err(error) => {
+                    if let Sink::Streamed(upload) = sink
+                        && let Err(abort_error) = upload.abort().await
+                    {
+                        tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+                    }
+                    return Err(error);
                 }
-                return Err(error);
+            };
+        let sha256_metadata = vec![(SHA256_METADATA.to_owned(), sha256.clone())];
+        let thumbnail = match sink {
+            Sink::Streamed(upload) => {
+                upload.commit(sha256_metadata).await.map_err(blob_error)?;
+                None
+            }
+            Sink::Kept(body) => {
+                // The body stays reserved until it is stored.
+                let KeptBody {
+                    bytes, reservation, ..
+                } = body;
+                let bytes = bytes.freeze();
+                let thumbnail = self
+                    .thumbnails
+                    .make(plan.rule.kind, bytes.clone())
+                    .await
+                    .map_err(thumbnail_error)?;
+                let mut attributes = attributes;
+                attributes.merge_metadata(sha256_metadata);
+                self.blobs
+                    .put(&key, attributes, bytes)
+                    .await
+                    .map_err(blob_error)?;
+                drop(reservation);
+                thumbnail
             }
         };
-        upload
-            .commit(vec![(SHA256_METADATA.to_owned(), sha256.clone())])
-            .await
-            .map_err(blob_error)?;
         let mut thumbnail_key = None;
         if let Some(thumbnail) = thumbnail {
             // FileInfo reports the image as displayed, after its EXIF orientation.
@@ -528,6 +530,14 @@ impl FileService {
     }
 }
 
+/// Where an upload's bytes go while they arrive.
+enum Sink {
+    /// Written through to the blob store.
+    Streamed(Box<dyn BlobUpload>),
+    /// Kept in memory (an image, for its thumbnail), stored whole at the end.
+    Kept(KeptBody),
+}
+
 /// An image's body, kept for its thumbnail: its memory is reserved from the budget as its
 /// bytes arrive, and its buffer grows by doubling up to the declared size.
 struct KeptBody {
@@ -550,7 +560,11 @@ impl KeptBody {
     async fn extend(&mut self, chunk: &[u8]) -> Result<()> {
         let filled = self.bytes.len() + chunk.len();
         self.budget
-            .grow(&mut self.reservation, filled as u64)
+            .grow(
+                &mut self.reservation,
+                filled as u64,
+                self.declared_size as u64,
+            )
             .await
             .map_err(|exhausted| blob_error(BlobError::Busy(exhausted)))?;
         if self.bytes.capacity() < filled {
@@ -590,8 +604,7 @@ async fn receive<S>(
     plan: &UploadPlan,
     policy: &UploadPolicy,
     parts: &mut S,
-    upload: &mut dyn BlobUpload,
-    mut keep: Option<&mut KeptBody>,
+    sink: &mut Sink,
 ) -> Result<(String, (u32, u32))>
 where
     S: Stream<Item = Result<UploadPart>> + Unpin + Send,
@@ -644,10 +657,10 @@ where
         }
         sniffer.feed(&chunk).map_err(sniff_error)?;
         hasher.update(&chunk);
-        if let Some(keep) = keep.as_deref_mut() {
-            keep.extend(&chunk).await?;
+        match sink {
+            Sink::Streamed(upload) => upload.write(chunk).await.map_err(blob_error)?,
+            Sink::Kept(body) => body.extend(&chunk).await?,
         }
-        upload.write(chunk).await.map_err(blob_error)?;
     }
     if received != plan.declared_size {
         return Err(size_mismatch(format!(

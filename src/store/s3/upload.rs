@@ -7,10 +7,11 @@
 //! server-side copy onto itself (`x-amz-metadata-directive: REPLACE`; no bytes travel), and is
 //! deleted again if that fails.
 //!
-//! Memory: a part buffer's reservation from the process-wide [`MemoryBudget`] grows with the
-//! bytes written into it (never ahead of them) and is kept until that part is uploaded, so one
-//! upload holds at most `(parts_in_flight + 1) x part_size`, a stalled one only what it was sent,
-//! and all uploads together stay within the budget.
+//! Memory: a part buffer's reservation from the process-wide [`MemoryBudget`] follows the bytes
+//! written into it (its first bytes unit by unit, then the whole part; never ahead of the bytes)
+//! and is kept until that part is uploaded, so one upload holds at most
+//! `(parts_in_flight + 1) x part_size`, a stalled one little more than what it was sent, and all
+//! uploads together stay within the budget.
 
 use std::{collections::HashMap, future::Future, sync::Arc};
 
@@ -251,7 +252,7 @@ impl S3Upload {
             // Memory is reserved for the bytes that arrived, not for the part they may become:
             // a stalled stream holds what it sent.
             self.budget
-                .grow(&mut part.reservation, filled as u64)
+                .grow(&mut part.reservation, filled as u64, self.part_size as u64)
                 .await
                 .map_err(BlobError::Busy)?;
             if part.bytes.capacity() < filled {
