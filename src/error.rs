@@ -131,8 +131,9 @@ pub struct Error {
     pub field: Option<&'static str>,
     /// Extra `ErrorInfo` metadata (e.g. the supported types), never secrets.
     pub metadata: Vec<(&'static str, String)>,
-    /// The quota that was exceeded, reported as a `google.rpc.QuotaFailure` violation.
-    pub quota_violation: Option<QuotaViolation>,
+    /// The quota that was exceeded, reported as a `google.rpc.QuotaFailure` violation (boxed:
+    /// rare, and errors stay small).
+    pub quota_violation: Option<Box<QuotaViolation>>,
     #[source]
     pub source: Option<BoxError>,
 }
@@ -194,10 +195,10 @@ impl Error {
         subject: impl Into<String>,
         description: impl Into<String>,
     ) -> Self {
-        self.quota_violation = Some(QuotaViolation {
+        self.quota_violation = Some(Box::new(QuotaViolation {
             subject: subject.into(),
             description: description.into(),
-        });
+        }));
         self
     }
 
