@@ -1069,6 +1069,28 @@ fn jpeg_header_without_frame(segments: usize) -> Vec<u8> {
     bytes
 }
 
+/// Calls GetUploadPolicy as another caller until every one of `floods` has finished (and at
+/// least 20 times): the number of calls and the slowest answer.
+async fn policy_latency_while<T>(
+    files: &Files,
+    floods: &[tokio::task::JoinHandle<T>],
+) -> (usize, Duration) {
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    while calls < 20 || !floods.iter().all(tokio::task::JoinHandle::is_finished) {
+        let started = std::time::Instant::now();
+        let policy = files
+            .clone()
+            .get_upload_policy(as_user("bob", pb::GetUploadPolicyRequest {}))
+            .await
+            .expect("the policy is served during the floods");
+        assert!(!policy.into_inner().file_types.is_empty());
+        slowest = slowest.max(started.elapsed());
+        calls += 1;
+    }
+    (calls, slowest)
+}
+
 /// The `TOO_MANY_CHUNKS` refusal of a flood, with the limit it reports.
 fn assert_too_many_chunks(result: Result<pb::UploadFileResponse, tonic::Status>, max: u64) {
     use tonic_types::StatusExt;
@@ -1128,27 +1150,13 @@ async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
             tokio::spawn(async move { upload(&mut files, "alice", messages).await })
         })
         .collect();
-
-    // Another caller, meanwhile.
-    let mut slowest = Duration::ZERO;
-    let mut calls = 0;
-    while calls < 20 || !floods.iter().all(tokio::task::JoinHandle::is_finished) {
-        let started = std::time::Instant::now();
-        let policy = files
-            .clone()
-            .get_upload_policy(as_user("bob", pb::GetUploadPolicyRequest {}))
-            .await
-            .expect("the policy is served during the floods");
-        assert!(!policy.into_inner().file_types.is_empty());
-        slowest = slowest.max(started.elapsed());
-        calls += 1;
-    }
+    let (calls, slowest) = policy_latency_while(&files, &floods).await;
     for flood in floods {
         assert_too_many_chunks(flood.await.unwrap(), max_chunks);
     }
     eprintln!("GetUploadPolicy: slowest of {calls} calls during the floods took {slowest:?}");
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(2),
         "GetUploadPolicy took {slowest:?} during the floods"
     );
     let left = leftovers(Backend::Local, &server, &conversation_id).await;
@@ -1181,6 +1189,58 @@ async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
         .await,
         16,
     );
+}
+
+/// The same empty-chunk floods with the chunk cap lifted (`uploads.min_chunk_bytes = 1`): all
+/// 20 000 empty chunks of each stream are read, at no cost, so other callers stay fast and each
+/// flood ends on its missing bytes.
+#[tokio::test]
+async fn empty_chunks_cost_nothing_even_without_the_chunk_cap() {
+    let Setup {
+        server,
+        files,
+        conversation_id,
+        ..
+    } = setup_with(Backend::Local, |settings| {
+        settings.uploads.min_chunk_bytes = bytesize::ByteSize::b(1);
+    })
+    .await;
+    let header = jpeg_header_without_frame(25_000);
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let mut messages = vec![
+                pb::UploadFileRequest {
+                    payload: Some(Payload::Metadata(metadata(
+                        &conversation_id,
+                        "slow.jpg",
+                        "image/jpeg",
+                        2 * 1024 * 1024,
+                    ))),
+                },
+                pb::UploadFileRequest {
+                    payload: Some(Payload::Chunk(Bytes::copy_from_slice(&header))),
+                },
+            ];
+            messages.extend((0..20_000).map(|_| pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(Bytes::new())),
+            }));
+            let mut files = files.clone();
+            tokio::spawn(async move { upload(&mut files, "alice", messages).await })
+        })
+        .collect();
+    let (calls, slowest) = policy_latency_while(&files, &floods).await;
+    for flood in floods {
+        let status = flood.await.unwrap().expect_err("the body is missing");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason(&status), "SIZE_MISMATCH", "{status:?}");
+    }
+    eprintln!("GetUploadPolicy: slowest of {calls} calls during the floods took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "GetUploadPolicy took {slowest:?} during the floods"
+    );
+    let left = leftovers(Backend::Local, &server, &conversation_id).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 macro_rules! file_suite {
