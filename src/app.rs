@@ -184,6 +184,7 @@ impl App {
             policy,
             thumbnails.clone(),
             settings.downloads.url_ttl,
+            backends.budget.clone(),
         ));
         let file_relay = InterceptedService::new(
             FileRelayServiceServer::new(FileRelayApi::new(file_service))

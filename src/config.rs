@@ -286,6 +286,14 @@ pub struct UploadSettings {
     /// How long files are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// The average chunk size an upload may not go below: it may be sent in at most
+    /// `size / min_chunk_bytes + 16` chunks (empty ones included).
+    pub min_chunk_bytes: ByteSize,
+    /// An upload stream that sends nothing for this long is ended and its resources released.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Uploads one caller may have open at once.
+    pub max_concurrent_per_caller: u32,
 }
 
 impl Default for UploadSettings {
@@ -309,6 +317,9 @@ impl Default for UploadSettings {
             memory_budget: ByteSize::mib(256),
             memory_wait_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
+            min_chunk_bytes: ByteSize::kib(1),
+            idle_timeout: Duration::from_secs(30),
+            max_concurrent_per_caller: 16,
         }
     }
 }
@@ -841,8 +852,40 @@ impl UploadSettings {
                 ),
             ));
         }
+        // An image upload holds its body (kept for the thumbnail) and, at most as much again,
+        // its part buffer.
+        let one_image = 2 * self.image_max_size.as_u64();
+        if self.memory_budget.as_u64() < one_image {
+            return Err(ConfigError::new(
+                "uploads.memory_budget",
+                format!(
+                    "must hold at least one image upload: 2 x image_max_size = {}",
+                    ByteSize::b(one_image).display().iec()
+                ),
+            ));
+        }
         if self.retention < Duration::from_secs(1) {
             return Err(ConfigError::new("uploads.retention", "must be at least 1s"));
+        }
+        if self.min_chunk_bytes.as_u64() == 0 || self.min_chunk_bytes > self.max_chunk_bytes {
+            return Err(ConfigError::new(
+                "uploads.min_chunk_bytes",
+                "must be between 1 byte and uploads.max_chunk_bytes",
+            ));
+        }
+        if self.idle_timeout < Duration::from_millis(10)
+            || self.idle_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::new(
+                "uploads.idle_timeout",
+                "must be between 10ms and 1h",
+            ));
+        }
+        if self.max_concurrent_per_caller == 0 {
+            return Err(ConfigError::new(
+                "uploads.max_concurrent_per_caller",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }

@@ -530,15 +530,24 @@ mod s3 {
             .start_upload(&format!("{prefix}/files/conv/first"), attributes())
             .await
             .unwrap();
-        first.write(Bytes::from(pattern(MIB))).await.unwrap();
-        assert!(budget.available_bytes() < PART, "the first holds a part");
+        // Memory is reserved as bytes arrive: one byte holds one KiB unit, not a part.
+        first.write(Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(budget.available_bytes(), PART * 3 / 2 - 1024);
+        first
+            .write(Bytes::from(pattern(PART as usize - 1)))
+            .await
+            .unwrap();
+        assert!(
+            budget.available_bytes() <= PART / 2,
+            "the first holds a part"
+        );
 
         let mut second = store
             .start_upload(&format!("{prefix}/files/conv/second"), attributes())
             .await
             .unwrap();
         let started = Instant::now();
-        let refused = second.write(Bytes::from(pattern(MIB))).await;
+        let refused = second.write(Bytes::from(pattern(3 * MIB))).await;
         assert!(matches!(refused, Err(BlobError::Busy(_))), "{refused:?}");
         assert!(started.elapsed() >= Duration::from_millis(300));
         // A refused upload stays refused; aborting it is fine.
@@ -571,7 +580,10 @@ mod s3 {
             .start_upload(&format!("{prefix}/files/conv/first"), attributes())
             .await
             .unwrap();
-        first.write(Bytes::from(pattern(MIB))).await.unwrap();
+        first
+            .write(Bytes::from(pattern(PART as usize)))
+            .await
+            .unwrap();
 
         // The second waits for the first's part buffer...
         let second_key = format!("{prefix}/files/conv/second");

@@ -1063,6 +1063,190 @@ pub async fn undecodable_images_are_refused_and_leave_nothing(backend: Backend) 
     assert!(!file.has_thumbnail);
 }
 
+/// The start of a JPEG whose frame header (and so its size) has not arrived yet: `segments`
+/// empty APP1 segments, each a marker to step over, as a header stuffed to be slow to parse.
+fn jpeg_header_without_frame(segments: usize) -> Vec<u8> {
+    let mut bytes = vec![0xFF, 0xD8];
+    for _ in 0..segments {
+        bytes.extend_from_slice(&[0xFF, 0xE1, 0x00, 0x02]);
+    }
+    bytes
+}
+
+/// Calls GetUploadPolicy as another caller until every one of `floods` has finished (and at
+/// least 20 times): the number of calls and the slowest answer.
+async fn policy_latency_while<T>(
+    files: &Files,
+    floods: &[tokio::task::JoinHandle<T>],
+) -> (usize, Duration) {
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    while calls < 20 || !floods.iter().all(tokio::task::JoinHandle::is_finished) {
+        let started = std::time::Instant::now();
+        let policy = files
+            .clone()
+            .get_upload_policy(as_user("bob", pb::GetUploadPolicyRequest {}))
+            .await
+            .expect("the policy is served during the floods");
+        assert!(!policy.into_inner().file_types.is_empty());
+        slowest = slowest.max(started.elapsed());
+        calls += 1;
+    }
+    (calls, slowest)
+}
+
+/// The `TOO_MANY_CHUNKS` refusal of a flood, with the limit it reports.
+fn assert_too_many_chunks(result: Result<pb::UploadFileResponse, tonic::Status>, max: u64) {
+    use tonic_types::StatusExt;
+    let status = result.expect_err("a chunk flood is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_CHUNKS", "{status:?}");
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.metadata.get("max_chunks"), Some(&max.to_string()));
+    assert!(
+        status.message().contains("send larger chunks"),
+        "{status:?}"
+    );
+}
+
+/// Item 3 of issue 9: a JPEG header held back while 20 000 empty chunks arrive made the server
+/// parse the buffered header 20 000 times per stream, and four such streams delayed every other
+/// call by seconds. Chunks are now capped by the declared size (`uploads.min_chunk_bytes`), empty
+/// ones cost nothing, and the sniffers' work follows the bytes: floods are refused after a few
+/// thousand chunks and another caller's GetUploadPolicy stays fast throughout.
+#[tokio::test]
+async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
+    let Setup {
+        server,
+        files,
+        conversation_id,
+        ..
+    } = setup(Backend::Local).await;
+    let header = jpeg_header_without_frame(25_000);
+    let declared = 2 * 1024 * 1024;
+    // 2 MiB / 1 KiB + 16.
+    let max_chunks = 2048 + 16;
+    let flood = |empty_chunks: bool| {
+        let mut messages = vec![pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(metadata(
+                &conversation_id,
+                "slow.jpg",
+                "image/jpeg",
+                declared,
+            ))),
+        }];
+        if empty_chunks {
+            messages.push(pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(Bytes::copy_from_slice(&header))),
+            });
+            messages.extend((0..20_000).map(|_| pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(Bytes::new())),
+            }));
+        } else {
+            messages.extend(stream(None, &header, 1));
+        }
+        messages
+    };
+    let floods: Vec<_> = (0..8)
+        .map(|index| {
+            let mut files = files.clone();
+            let messages = flood(index % 2 == 0);
+            tokio::spawn(async move { upload(&mut files, "alice", messages).await })
+        })
+        .collect();
+    let (calls, slowest) = policy_latency_while(&files, &floods).await;
+    for flood in floods {
+        assert_too_many_chunks(flood.await.unwrap(), max_chunks);
+    }
+    eprintln!("GetUploadPolicy: slowest of {calls} calls during the floods took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "GetUploadPolicy took {slowest:?} during the floods"
+    );
+    let left = leftovers(Backend::Local, &server, &conversation_id).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // A small file gets 16 chunks however small it is; the 17th is refused.
+    let text = text_body(100);
+    let mut files = files.clone();
+    upload(
+        &mut files,
+        "alice",
+        stream(
+            Some(metadata(&conversation_id, "ok.txt", "text/plain", 100)),
+            &text,
+            7,
+        ),
+    )
+    .await
+    .expect("15 chunks of a 100-byte file are fine");
+    assert_too_many_chunks(
+        upload(
+            &mut files,
+            "alice",
+            stream(
+                Some(metadata(&conversation_id, "no.txt", "text/plain", 100)),
+                &text,
+                5,
+            ),
+        )
+        .await,
+        16,
+    );
+}
+
+/// The same empty-chunk floods with the chunk cap lifted (`uploads.min_chunk_bytes = 1`): all
+/// 20 000 empty chunks of each stream are read, at no cost, so other callers stay fast and each
+/// flood ends on its missing bytes.
+#[tokio::test]
+async fn empty_chunks_cost_nothing_even_without_the_chunk_cap() {
+    let Setup {
+        server,
+        files,
+        conversation_id,
+        ..
+    } = setup_with(Backend::Local, |settings| {
+        settings.uploads.min_chunk_bytes = bytesize::ByteSize::b(1);
+    })
+    .await;
+    let header = jpeg_header_without_frame(25_000);
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let mut messages = vec![
+                pb::UploadFileRequest {
+                    payload: Some(Payload::Metadata(metadata(
+                        &conversation_id,
+                        "slow.jpg",
+                        "image/jpeg",
+                        2 * 1024 * 1024,
+                    ))),
+                },
+                pb::UploadFileRequest {
+                    payload: Some(Payload::Chunk(Bytes::copy_from_slice(&header))),
+                },
+            ];
+            messages.extend((0..20_000).map(|_| pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(Bytes::new())),
+            }));
+            let mut files = files.clone();
+            tokio::spawn(async move { upload(&mut files, "alice", messages).await })
+        })
+        .collect();
+    let (calls, slowest) = policy_latency_while(&files, &floods).await;
+    for flood in floods {
+        let status = flood.await.unwrap().expect_err("the body is missing");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason(&status), "SIZE_MISMATCH", "{status:?}");
+    }
+    eprintln!("GetUploadPolicy: slowest of {calls} calls during the floods took {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "GetUploadPolicy took {slowest:?} during the floods"
+    );
+    let left = leftovers(Backend::Local, &server, &conversation_id).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 macro_rules! file_suite {
     ($backend:expr) => {
         #[tokio::test]

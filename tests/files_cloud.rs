@@ -984,8 +984,8 @@ async fn manage_lifecycle_installs_the_rule_at_start_up() {
 // ---------------------------------------------------------------------------------------------
 // 5. The memory budget bounds concurrent uploads.
 
-/// A server whose uploads share a budget of three 8 MiB part buffers (one upload's worth at two
-/// parts in flight), waiting at most `wait` for room.
+/// A server whose uploads share a budget of 24 MiB (21 MiB for whole buffers: two 8 MiB part
+/// buffers, 3 MiB for first bytes), waiting at most `wait` for room.
 async fn budget_server(key_prefix: &str, wait: Duration) -> TestServer {
     TestServer::start_with(|settings| {
         use_cloud(settings, key_prefix);
@@ -1086,11 +1086,13 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
     let mut files = Files::new(channel.clone());
     let conversation_id = create_conversation(&mut messaging, "alice", &[]).await;
 
-    // Three slow clients each hold a part buffer: the whole budget. One more upload cannot get
-    // memory within the wait and is refused, leaving nothing.
-    let small = Bytes::from(pdf(2 * MIB));
+    // Two slow clients each hold a whole part buffer (they sent more than their first MiB):
+    // 16 of the 21 MiB for whole buffers. One more upload cannot get its part buffer within the
+    // wait and is refused, leaving nothing. (A client that sent only its first MiB holds only
+    // that: see `stalled_uploads_neither_block_others_nor_outlive_the_idle_timeout`.)
+    let small = Bytes::from(pdf(3 * MIB));
     let mut slow = Vec::new();
-    for index in 0..3 {
+    for index in 0..2 {
         let (sender, receiver) = tokio::sync::mpsc::channel(64);
         let mut pending = messages(
             metadata(
@@ -1104,9 +1106,10 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
             MIB,
         )
         .into_iter();
-        // The metadata and the first chunk now, the rest later.
-        sender.send(pending.next().unwrap()).await.unwrap();
-        sender.send(pending.next().unwrap()).await.unwrap();
+        // The metadata and two chunks now, the rest later.
+        for _ in 0..3 {
+            sender.send(pending.next().unwrap()).await.unwrap();
+        }
         let mut client = files.clone();
         let call = tokio::spawn(async move {
             client
@@ -1119,7 +1122,7 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
         });
         slow.push((sender, pending, call));
     }
-    // Time for the three to reach the server and reserve their part buffers.
+    // Time for the two to reach the server and reserve their part buffers.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     let status = upload(
@@ -1196,6 +1199,308 @@ async fn uploads_beyond_the_memory_budget_wait_their_turn_or_fail_busy_leaving_n
         &key_prefix,
         &conversation_id,
         &stored,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Stalled uploads hold only what they sent, and not for long.
+
+/// An upload whose client sends the metadata and `first` chunks, then waits: the sender (to
+/// send the rest, or drop to end the stream) and the call. Dropping the sender ends the stream.
+async fn stalled_upload(
+    files: &Files,
+    user: &str,
+    metadata: pb::UploadMetadata,
+    first: &[Bytes],
+) -> (
+    tokio::sync::mpsc::Sender<pb::UploadFileRequest>,
+    JoinHandle<Result<pb::FileInfo, tonic::Status>>,
+) {
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    sender
+        .send(pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(metadata)),
+        })
+        .await
+        .unwrap();
+    for chunk in first {
+        sender
+            .send(pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(chunk.clone())),
+            })
+            .await
+            .unwrap();
+    }
+    let mut client = files.clone();
+    let user = user.to_owned();
+    let call = tokio::spawn(async move {
+        client
+            .upload_file(as_user(
+                &user,
+                tokio_stream::wrappers::ReceiverStream::new(receiver),
+            ))
+            .await
+            .map(|response| response.into_inner().file.unwrap())
+    });
+    (sender, call)
+}
+
+/// `body` in 1 MiB slices, the first `count` of them.
+fn first_mebibytes(body: &Bytes, count: usize) -> Vec<Bytes> {
+    (0..count)
+        .map(|index| body.slice(index * MIB..((index + 1) * MIB).min(body.len())))
+        .collect()
+}
+
+/// Item 4 of issue 9: 40 streams that sent metadata and one byte each reserved a whole part
+/// buffer and never ended, so every other upload failed with UPLOAD_MEMORY_BUSY. Now a stalled
+/// stream holds only the bytes it sent, a caller has at most `uploads.max_concurrent_per_caller`
+/// uploads open (RESOURCE_EXHAUSTED + QuotaFailure), and a stream silent for
+/// `uploads.idle_timeout` ends with DEADLINE_EXCEEDED / UPLOAD_IDLE_TIMEOUT, its multipart
+/// upload aborted and nothing left.
+#[tokio::test]
+async fn stalled_uploads_neither_block_others_nor_outlive_the_idle_timeout() {
+    let key_prefix = unique_prefix("cloud-idle");
+    let idle = Duration::from_secs(3);
+    let server = TestServer::start_with(|settings| {
+        use_cloud(settings, &key_prefix);
+        settings.uploads.part_size = bytesize::ByteSize::mib(8);
+        settings.uploads.parts_in_flight = 2;
+        settings.uploads.memory_budget = bytesize::ByteSize::mib(24);
+        settings.uploads.memory_wait_timeout = Duration::from_secs(1);
+        settings.uploads.idle_timeout = idle;
+        settings.uploads.max_concurrent_per_caller = 2;
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut files = Files::new(channel.clone());
+    let mut messaging = Messaging::new(channel);
+    let conversation_id =
+        create_conversation(&mut messaging, "alice", &["bob", "carol", "dave", "erin"]).await;
+    let big = Bytes::from(pdf(20_000_000));
+    let big_metadata =
+        |name: &str| metadata(&conversation_id, name, "application/pdf", &big, false);
+
+    // Four callers stall after one byte (before: 4 x 8 MiB reserved, more than the budget);
+    // bob's second upload stalls after 9 MiB, with a multipart upload open.
+    let mut stalled = Vec::new();
+    for user in ["bob", "carol", "dave", "erin"] {
+        stalled.push(
+            stalled_upload(
+                &files,
+                user,
+                big_metadata(&format!("{user}-stalled.pdf")),
+                &[big.slice(0..1)],
+            )
+            .await,
+        );
+    }
+    stalled.push(
+        stalled_upload(
+            &files,
+            "bob",
+            big_metadata("bob-stalled-multipart.pdf"),
+            &first_mebibytes(&big, 9),
+        )
+        .await,
+    );
+    let stalled_since = Instant::now();
+    let s3 = s3_store(&test_s3_settings());
+    let files_prefix = format!("files/{conversation_id}/");
+    eventually(
+        Duration::from_secs(10),
+        "the stalled multipart upload is open",
+        async || {
+            s3.open_multipart_uploads(&files_prefix)
+                .await
+                .unwrap()
+                .len()
+                == 1
+        },
+    )
+    .await;
+
+    // Another caller's upload goes through at once, while all of them are still open.
+    let small = Bytes::from(pdf(2 * MIB));
+    let stored = upload(
+        &mut files,
+        "alice",
+        metadata(
+            &conversation_id,
+            "alice.pdf",
+            "application/pdf",
+            &small,
+            true,
+        ),
+        &small,
+    )
+    .await
+    .expect("stalled uploads do not block another caller")
+    .file
+    .unwrap();
+    assert!(
+        stalled.iter().all(|(_, call)| !call.is_finished()),
+        "the stalled uploads were still open"
+    );
+
+    // bob has his two uploads open: a third is refused at once, naming the quota.
+    let status = upload(
+        &mut files,
+        "bob",
+        metadata(
+            &conversation_id,
+            "third.pdf",
+            "application/pdf",
+            &small,
+            false,
+        ),
+        &small,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_UPLOADS", "{status:?}");
+    {
+        use tonic_types::StatusExt;
+        let quota = status.get_details_quota_failure().expect("QuotaFailure");
+        assert_eq!(quota.violations[0].subject, "user:bob");
+        assert!(
+            quota.violations[0]
+                .description
+                .contains("uploads.max_concurrent_per_caller"),
+            "{quota:?}"
+        );
+    }
+
+    // Each stalled stream ends after the idle timeout, though its client is still there.
+    let mut senders = Vec::new();
+    for (sender, call) in stalled {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(reason(&status), "UPLOAD_IDLE_TIMEOUT", "{status:?}");
+        senders.push(sender);
+    }
+    assert!(stalled_since.elapsed() >= idle);
+    eventually(
+        Duration::from_secs(10),
+        "the idle multipart upload is aborted",
+        async || {
+            s3.open_multipart_uploads(&files_prefix)
+                .await
+                .unwrap()
+                .is_empty()
+        },
+    )
+    .await;
+    assert_nothing_left(
+        "idle uploads",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        std::slice::from_ref(&stored.file_id),
+    )
+    .await;
+    drop(senders);
+
+    // bob's slots were given back.
+    upload(
+        &mut files,
+        "bob",
+        metadata(
+            &conversation_id,
+            "again.pdf",
+            "application/pdf",
+            &small,
+            false,
+        ),
+        &small,
+    )
+    .await
+    .expect("bob may upload again");
+}
+
+/// The body of an image upload, kept in memory for its thumbnail, counts against
+/// `uploads.memory_budget` (before, only part buffers did: a 9 MiB image held one 12 MiB part
+/// reservation, and another upload's 12 MiB part still fit beside it).
+#[tokio::test]
+async fn buffered_image_bodies_count_against_the_memory_budget() {
+    let key_prefix = unique_prefix("cloud-image-budget");
+    let server = TestServer::start_with(|settings| {
+        use_cloud(settings, &key_prefix);
+        // 21 MiB for whole buffers (and 3 MiB for first bytes).
+        settings.uploads.part_size = bytesize::ByteSize::mib(12);
+        settings.uploads.parts_in_flight = 1;
+        settings.uploads.memory_budget = bytesize::ByteSize::mib(24);
+        settings.uploads.memory_wait_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut files = Files::new(channel.clone());
+    let mut messaging = Messaging::new(channel);
+    let conversation_id = create_conversation(&mut messaging, "alice", &["dave"]).await;
+
+    // 9 MiB of a 9.3 MiB image: past its first MiB, its whole body is held.
+    let image = Bytes::from(png(1800, 1800));
+    let sent = 9;
+    let (sender, image_call) = stalled_upload(
+        &files,
+        "alice",
+        metadata(&conversation_id, "photo.png", "image/png", &image, true),
+        &first_mebibytes(&image, sent),
+    )
+    .await;
+    // Time for the chunks to reach the server.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A document's 12 MiB part buffer does not fit in the 11.7 MiB left: refused after the
+    // wait, leaving nothing.
+    let document = Bytes::from(pdf(5 * MIB));
+    let document_metadata = metadata(
+        &conversation_id,
+        "report.pdf",
+        "application/pdf",
+        &document,
+        true,
+    );
+    let started = Instant::now();
+    let status = upload(&mut files, "dave", document_metadata.clone(), &document)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "UPLOAD_MEMORY_BUSY", "{status:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(!image_call.is_finished());
+
+    // The image completes (its thumbnail made within the budget), and then the document fits.
+    for chunk in first_mebibytes(&image, image.len().div_ceil(MIB))
+        .into_iter()
+        .skip(sent)
+    {
+        sender
+            .send(pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(chunk)),
+            })
+            .await
+            .unwrap();
+    }
+    drop(sender);
+    let photo = image_call
+        .await
+        .unwrap()
+        .expect("the image upload completes");
+    assert_eq!((photo.width, photo.height), (1800, 1800));
+    let report = upload(&mut files, "dave", document_metadata, &document)
+        .await
+        .expect("the document fits once the image is done")
+        .file
+        .unwrap();
+    assert_nothing_left(
+        "image budget",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &[photo.file_id, report.file_id],
     )
     .await;
 }

@@ -32,6 +32,9 @@ pub enum FileKind {
     Heif,
 }
 
+/// Chunks an upload may send beyond its size / `min_chunk_bytes`.
+pub const CHUNK_ALLOWANCE: u64 = 16;
+
 /// A MIME type the service does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown file type {0:?}")]
@@ -147,6 +150,12 @@ pub struct UploadPolicy {
     pub retention: Duration,
     pub max_chunk_bytes: u64,
     pub max_image_pixels: u64,
+    /// The average chunk size an upload may not go below; see [`UploadPolicy::max_chunks`].
+    pub min_chunk_bytes: u64,
+    /// How long an upload stream may send nothing before it is ended.
+    pub idle_timeout: Duration,
+    /// Uploads one caller may have open at once.
+    pub max_concurrent_per_caller: usize,
 }
 
 impl UploadPolicy {
@@ -175,7 +184,17 @@ impl UploadPolicy {
             retention: settings.retention,
             max_chunk_bytes: settings.max_chunk_bytes.as_u64(),
             max_image_pixels: settings.max_image_pixels,
+            min_chunk_bytes: settings.min_chunk_bytes.as_u64().max(1),
+            idle_timeout: settings.idle_timeout,
+            max_concurrent_per_caller: settings.max_concurrent_per_caller as usize,
         }
+    }
+
+    /// Most chunk messages (empty ones included) an upload of `size` bytes may be sent in:
+    /// chunks must average at least `min_chunk_bytes`, with room for a few small ones (the
+    /// last, or a client's odd read) so that no ordinary client ever comes near it.
+    pub fn max_chunks(&self, size: u64) -> u64 {
+        size / self.min_chunk_bytes + CHUNK_ALLOWANCE
     }
 
     /// The rule for a declared content type, if that type is accepted.

@@ -3,6 +3,13 @@
 //!
 //! An upload is refused at the first byte that proves it wrong, and any failure (or the client
 //! going away, which drops the upload) removes what was written: nothing half-stored remains.
+//!
+//! No caller can hold the service's resources for long: a caller has at most
+//! `uploads.max_concurrent_per_caller` uploads open, a stream that sends nothing for
+//! `uploads.idle_timeout` is ended (and its memory and multipart upload released), an upload may
+//! not be cut into more than `size / uploads.min_chunk_bytes + 16` chunks, and every byte it has
+//! buffered (part buffers, an image's body kept for its thumbnail) counts against
+//! `uploads.memory_budget` as it arrives.
 
 use std::{
     sync::Arc,
@@ -15,10 +22,12 @@ use sha2::{Digest, Sha256};
 
 use super::{
     policy::{FileCategory, FileTypeRule, UploadPolicy},
+    slots::{UploadSlot, UploadSlots},
     sniff::{ContentSniffer, SniffError},
 };
 use crate::{
     auth::Caller,
+    budget::{MemoryBudget, MemoryReservation},
     error::{Error, ErrorKind, Reason, Result},
     messaging::{
         model::{ConversationId, Message, MessageId, UnixMillis},
@@ -85,6 +94,9 @@ pub struct FileService {
     policy: Arc<UploadPolicy>,
     thumbnails: Arc<ThumbnailPool>,
     url_ttl: Duration,
+    /// The budget image bodies kept for their thumbnail are reserved from.
+    budget: Arc<MemoryBudget>,
+    slots: UploadSlots,
 }
 
 impl FileService {
@@ -95,7 +107,9 @@ impl FileService {
         policy: Arc<UploadPolicy>,
         thumbnails: Arc<ThumbnailPool>,
         url_ttl: Duration,
+        budget: Arc<MemoryBudget>,
     ) -> Self {
+        let slots = UploadSlots::new(policy.max_concurrent_per_caller);
         Self {
             conversations,
             blobs,
@@ -103,6 +117,8 @@ impl FileService {
             policy,
             thumbnails,
             url_ttl,
+            budget,
+            slots,
         }
     }
 
@@ -116,7 +132,9 @@ impl FileService {
     where
         S: Stream<Item = Result<UploadPart>> + Unpin + Send,
     {
-        let request = match parts.next().await {
+        // Held until the upload ends, whichever way.
+        let _slot = self.take_slot(caller)?;
+        let request = match next_part(&mut parts, self.policy.idle_timeout).await {
             Some(Ok(UploadPart::Metadata(request))) => request,
             Some(Err(error)) => return Err(error),
             Some(Ok(UploadPart::Chunk(_))) | None => {
@@ -140,48 +158,58 @@ impl FileService {
                 .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
                 .collect(),
         };
-        let mut upload = self
-            .blobs
-            .start_upload(&key, attributes)
-            .await
-            .map_err(blob_error)?;
-        // Images are also kept in memory (at most the image size limit) for their thumbnail,
-        // which is made before anything is committed: an undecodable image stores nothing.
-        let mut image = (plan.rule.kind.category() == FileCategory::Image)
-            .then(|| BytesMut::with_capacity(usize::try_from(plan.declared_size).unwrap_or(0)));
-        let received = match receive(
-            &plan,
-            &self.policy,
-            &mut parts,
-            upload.as_mut(),
-            image.as_mut(),
-        )
-        .await
-        {
-            Ok(received) => match image {
-                Some(bytes) => self
-                    .thumbnails
-                    .make(plan.rule.kind, bytes.freeze())
+        // Documents stream to the blob store as they arrive. Images (at most the image size
+        // limit) are kept in memory instead, for their thumbnail, which is made before anything
+        // is stored: an undecodable image stores nothing, and its bytes are held only once.
+        let mut sink = if plan.rule.kind.category() == FileCategory::Image {
+            Sink::Kept(KeptBody::new(&self.budget, plan.declared_size))
+        } else {
+            Sink::Streamed(
+                self.blobs
+                    .start_upload(&key, attributes.clone())
                     .await
-                    .map_err(thumbnail_error)
-                    .map(|thumbnail| (received, thumbnail)),
-                None => Ok((received, None)),
-            },
-            Err(error) => Err(error),
+                    .map_err(blob_error)?,
+            )
         };
-        let ((sha256, mut dimensions), thumbnail) = match received {
-            Ok(received) => received,
-            Err(error) => {
-                if let Err(abort_error) = upload.abort().await {
-                    tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+        let (sha256, mut dimensions) =
+            match receive(&plan, &self.policy, &mut parts, &mut sink).await {
+                Ok(received) => received,
+                Err(error) => {
+                    if let Sink::Streamed(upload) = sink
+                        && let Err(abort_error) = upload.abort().await
+                    {
+                        tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+                    }
+                    return Err(error);
                 }
-                return Err(error);
+            };
+        let sha256_metadata = vec![(SHA256_METADATA.to_owned(), sha256.clone())];
+        let thumbnail = match sink {
+            Sink::Streamed(upload) => {
+                upload.commit(sha256_metadata).await.map_err(blob_error)?;
+                None
+            }
+            Sink::Kept(body) => {
+                // The body stays reserved until it is stored.
+                let KeptBody {
+                    bytes, reservation, ..
+                } = body;
+                let bytes = bytes.freeze();
+                let thumbnail = self
+                    .thumbnails
+                    .make(plan.rule.kind, bytes.clone())
+                    .await
+                    .map_err(thumbnail_error)?;
+                let mut attributes = attributes;
+                attributes.merge_metadata(sha256_metadata);
+                self.blobs
+                    .put(&key, attributes, bytes)
+                    .await
+                    .map_err(blob_error)?;
+                drop(reservation);
+                thumbnail
             }
         };
-        upload
-            .commit(vec![(SHA256_METADATA.to_owned(), sha256.clone())])
-            .await
-            .map_err(blob_error)?;
         let mut thumbnail_key = None;
         if let Some(thumbnail) = thumbnail {
             // FileInfo reports the image as displayed, after its EXIF orientation.
@@ -390,6 +418,23 @@ impl FileService {
         Ok(())
     }
 
+    /// One of the caller's upload slots, or `RESOURCE_EXHAUSTED` when all are taken.
+    fn take_slot(&self, caller: &Caller) -> Result<UploadSlot> {
+        self.slots.try_take(&caller.user_id).ok_or_else(|| {
+            let limit = self.slots.per_caller();
+            Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::TooManyUploads,
+                format!("at most {limit} uploads per caller may be open at once; finish one first"),
+            )
+            .with_metadata("max_concurrent_uploads", limit.to_string())
+            .with_quota_violation(
+                format!("user:{}", truncated(caller.user_id.as_str(), 64)),
+                format!("uploads.max_concurrent_per_caller: {limit} open uploads"),
+            )
+        })
+    }
+
     /// Checks the metadata before any byte is read.
     async fn plan(&self, caller: &Caller, request: UploadRequest) -> Result<UploadPlan> {
         let conversation_id =
@@ -497,13 +542,81 @@ impl FileService {
     }
 }
 
+/// Where an upload's bytes go while they arrive.
+enum Sink {
+    /// Written through to the blob store.
+    Streamed(Box<dyn BlobUpload>),
+    /// Kept in memory (an image, for its thumbnail), stored whole at the end.
+    Kept(KeptBody),
+}
+
+/// An image's body, kept for its thumbnail: its memory is reserved from the budget as its
+/// bytes arrive, and its buffer grows by doubling up to the declared size.
+struct KeptBody {
+    bytes: BytesMut,
+    reservation: MemoryReservation,
+    budget: Arc<MemoryBudget>,
+    declared_size: usize,
+}
+
+impl KeptBody {
+    fn new(budget: &Arc<MemoryBudget>, declared_size: u64) -> Self {
+        Self {
+            bytes: BytesMut::new(),
+            reservation: budget.empty(),
+            budget: budget.clone(),
+            declared_size: usize::try_from(declared_size).unwrap_or(usize::MAX),
+        }
+    }
+
+    async fn extend(&mut self, chunk: &[u8]) -> Result<()> {
+        let filled = self.bytes.len() + chunk.len();
+        self.budget
+            .grow(
+                &mut self.reservation,
+                filled as u64,
+                self.declared_size as u64,
+            )
+            .await
+            .map_err(|exhausted| blob_error(BlobError::Busy(exhausted)))?;
+        if self.bytes.capacity() < filled {
+            let capacity =
+                (2 * self.bytes.capacity()).clamp(filled, self.declared_size.max(filled));
+            let mut grown = BytesMut::with_capacity(capacity);
+            grown.extend_from_slice(&self.bytes);
+            self.bytes = grown;
+        }
+        self.bytes.extend_from_slice(chunk);
+        Ok(())
+    }
+}
+
+/// The next message of the stream, or `UPLOAD_IDLE_TIMEOUT` when none came within
+/// `idle_timeout`.
+async fn next_part<S>(parts: &mut S, idle_timeout: Duration) -> Option<Result<UploadPart>>
+where
+    S: Stream<Item = Result<UploadPart>> + Unpin + Send,
+{
+    match tokio::time::timeout(idle_timeout, parts.next()).await {
+        Ok(part) => part,
+        Err(_) => Some(Err(Error::new(
+            ErrorKind::DeadlineExceeded,
+            Reason::UploadIdleTimeout,
+            format!(
+                "the upload sent nothing for {} ms (uploads.idle_timeout); it was discarded",
+                idle_timeout.as_millis()
+            ),
+        )
+        .with_metadata("idle_timeout_ms", idle_timeout.as_millis().to_string()))),
+    }
+}
+
 /// Reads the chunks, checking each before it is stored; returns the sha256 and dimensions.
 async fn receive<S>(
     plan: &UploadPlan,
     policy: &UploadPolicy,
     parts: &mut S,
-    upload: &mut dyn BlobUpload,
-    mut keep: Option<&mut BytesMut>,
+    sink: &mut Sink,
 ) -> Result<(String, (u32, u32))>
 where
     S: Stream<Item = Result<UploadPart>> + Unpin + Send,
@@ -511,7 +624,9 @@ where
     let mut sniffer = ContentSniffer::new(plan.rule.kind, policy.max_image_pixels);
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
-    while let Some(part) = parts.next().await {
+    let max_chunks = policy.max_chunks(plan.declared_size);
+    let mut chunks: u64 = 0;
+    while let Some(part) = next_part(parts, policy.idle_timeout).await {
         let chunk = match part? {
             UploadPart::Chunk(chunk) => chunk,
             UploadPart::Metadata(_) => {
@@ -528,6 +643,23 @@ where
                 format!("a chunk may be at most {} bytes", policy.max_chunk_bytes),
             ));
         }
+        chunks += 1;
+        if chunks > max_chunks {
+            return Err(Error::invalid(
+                Reason::TooManyChunks,
+                format!(
+                    "an upload of {} bytes may be sent in at most {max_chunks} chunks; send larger chunks",
+                    plan.declared_size
+                ),
+            )
+            .with_field("chunk")
+            .with_metadata("max_chunks", max_chunks.to_string())
+            .with_metadata("min_chunk_bytes", policy.min_chunk_bytes.to_string()));
+        }
+        // Nothing to check, hash or store.
+        if chunk.is_empty() {
+            continue;
+        }
         received += chunk.len() as u64;
         if received > plan.declared_size {
             return Err(size_mismatch(format!(
@@ -537,10 +669,10 @@ where
         }
         sniffer.feed(&chunk).map_err(sniff_error)?;
         hasher.update(&chunk);
-        if let Some(keep) = keep.as_deref_mut() {
-            keep.extend_from_slice(&chunk);
+        match sink {
+            Sink::Streamed(upload) => upload.write(chunk).await.map_err(blob_error)?,
+            Sink::Kept(body) => body.extend(&chunk).await?,
         }
-        upload.write(chunk).await.map_err(blob_error)?;
     }
     if received != plan.declared_size {
         return Err(size_mismatch(format!(
@@ -609,6 +741,14 @@ pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &str) -> S
     format!("{area}/{conversation_id}/{file_id}")
 }
 
+/// At most `max_chars` characters of `text`, for quoting caller input.
+fn truncated(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
 fn size_mismatch(message: String) -> Error {
     Error::invalid(Reason::SizeMismatch, message).with_field("size_bytes")
 }
@@ -619,6 +759,8 @@ fn file_not_found() -> Error {
 
 /// How soon a thumbnail refused for lack of workers or memory is worth retrying.
 const THUMBNAIL_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// When an upload refused for want of memory may try again: buffers free as uploads progress.
+const MEMORY_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 fn thumbnail_error(error: ThumbnailError) -> Error {
     match error {
@@ -702,6 +844,7 @@ pub(crate) fn blob_error(error: BlobError) -> Error {
             Reason::UploadMemoryBusy,
             "the server is handling too many uploads; retry shortly",
         )
+        .with_retry_delay(MEMORY_RETRY_DELAY)
         .with_source(exhausted),
     }
 }

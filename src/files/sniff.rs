@@ -6,16 +6,27 @@
 //! bounded head and tail, so the structural checks that need the end of the file (a ZIP's
 //! central directory, a PDF's `%%EOF`) run at [`ContentSniffer::finish`] without buffering the
 //! file.
+//!
+//! Work is proportional to the bytes fed, however they are chunked: an empty chunk costs nothing,
+//! the image header is parsed again only once it has doubled since the last attempt (so all
+//! attempts together read at most twice the header), and the tail is a ring that drops old
+//! bytes without moving the rest.
 
-use std::io::{self, Read, Seek, SeekFrom};
+use std::{
+    collections::VecDeque,
+    io::{self, Read, Seek, SeekFrom},
+};
 
 use super::policy::FileKind;
 
 /// Longest image header kept while looking for the dimensions (a JPEG's frame header follows
 /// its EXIF block, which may hold a large embedded preview).
 const IMAGE_HEAD_LIMIT: usize = 512 * 1024;
-/// Bytes kept from the end of the file for the closing structure checks.
+/// Bytes kept from the end of an Office document for its ZIP central directory.
 const TAIL_LIMIT: usize = 256 * 1024;
+/// The shortest image header worth a parse attempt (every format's dimensions fit in it when
+/// nothing precedes them).
+const FIRST_PARSE_AT: usize = 32;
 /// Where `%%EOF` must appear in a PDF, counted from the end.
 const PDF_EOF_WINDOW: usize = 1024;
 /// Most entries an Office document may have.
@@ -53,9 +64,16 @@ pub struct ContentSniffer {
     head: Vec<u8>,
     magic_checked: bool,
     dimensions: Option<(u32, u32)>,
+    /// The header length at which the next parse for the dimensions is tried.
+    next_parse_at: usize,
     utf8_carry: Vec<u8>,
-    tail: Vec<u8>,
+    /// The last `tail_limit` bytes fed (none for kinds without a closing check).
+    tail: VecDeque<u8>,
+    tail_limit: usize,
     total: u64,
+    /// Bytes read by header parses and copied into the buffers: the sniffer's work, which must
+    /// stay proportional to the bytes fed.
+    examined: u64,
 }
 
 impl ContentSniffer {
@@ -66,14 +84,26 @@ impl ContentSniffer {
             head: Vec::new(),
             magic_checked: false,
             dimensions: None,
+            next_parse_at: FIRST_PARSE_AT,
             utf8_carry: Vec::new(),
-            tail: Vec::new(),
+            tail: VecDeque::new(),
+            tail_limit: tail_limit(kind),
             total: 0,
+            examined: 0,
         }
+    }
+
+    /// Bytes examined so far (parsed, validated or copied), for checking that the work stays
+    /// proportional to the input.
+    pub fn bytes_examined(&self) -> u64 {
+        self.examined
     }
 
     /// Checks the next chunk; an error means the upload must stop now.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<(), SniffError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
         self.total += chunk.len() as u64;
         let head_limit = if self.is_image() {
             IMAGE_HEAD_LIMIT
@@ -83,14 +113,22 @@ impl ContentSniffer {
         if self.head.len() < head_limit {
             let take = chunk.len().min(head_limit - self.head.len());
             self.head.extend_from_slice(&chunk[..take]);
+            self.examined += take as u64;
         }
         if !self.magic_checked && self.head.len() >= magic_length(self.kind) {
             self.check_magic()?;
         }
-        if self.magic_checked && self.is_image() && self.dimensions.is_none() {
+        if self.magic_checked
+            && self.is_image()
+            && self.dimensions.is_none()
+            && self.head.len() >= self.next_parse_at.min(IMAGE_HEAD_LIMIT)
+        {
             self.read_dimensions(false)?;
+            // Geometric: the next attempt waits until the header has doubled.
+            self.next_parse_at = self.head.len().saturating_mul(2);
         }
         if is_text(self.kind) {
+            self.examined += chunk.len() as u64;
             self.check_text(chunk)?;
         }
         self.keep_tail(chunk);
@@ -110,9 +148,11 @@ impl ContentSniffer {
         if self.is_image() && self.dimensions.is_none() {
             self.read_dimensions(true)?;
         }
+        self.tail.make_contiguous();
         match self.kind {
             FileKind::Pdf => {
-                let window = &self.tail[self.tail.len().saturating_sub(PDF_EOF_WINDOW)..];
+                let tail = self.tail.as_slices().0;
+                let window = &tail[tail.len().saturating_sub(PDF_EOF_WINDOW)..];
                 if !contains(window, b"%%EOF") {
                     return Err(SniffError::MalformedDocument("a PDF must end with %%EOF"));
                 }
@@ -140,6 +180,7 @@ impl ContentSniffer {
     }
 
     fn read_dimensions(&mut self, at_end: bool) -> Result<(), SniffError> {
+        self.examined += self.head.len() as u64;
         // HEIC/HEIF keep their size deep in the `meta` box; accept them without one.
         if matches!(self.kind, FileKind::Heic | FileKind::Heif) && self.dimensions.is_none() {
             match imagesize::blob_size(&self.head) {
@@ -210,18 +251,17 @@ impl ContentSniffer {
         }
     }
 
+    /// Keeps the last `tail_limit` bytes: only the newest part of the chunk is copied, and the
+    /// ring drops the oldest bytes in place.
     fn keep_tail(&mut self, chunk: &[u8]) {
-        if chunk.len() >= TAIL_LIMIT {
-            self.tail.clear();
-            self.tail
-                .extend_from_slice(&chunk[chunk.len() - TAIL_LIMIT..]);
+        if self.tail_limit == 0 {
             return;
         }
-        let overflow = (self.tail.len() + chunk.len()).saturating_sub(TAIL_LIMIT);
-        if overflow > 0 {
-            self.tail.drain(..overflow);
-        }
-        self.tail.extend_from_slice(chunk);
+        let newest = &chunk[chunk.len().saturating_sub(self.tail_limit)..];
+        let overflow = (self.tail.len() + newest.len()).saturating_sub(self.tail_limit);
+        self.tail.drain(..overflow);
+        self.tail.extend(newest);
+        self.examined += newest.len() as u64;
     }
 
     /// An Office Open XML file is a ZIP whose central directory (read from the kept tail) lists
@@ -229,7 +269,8 @@ impl ContentSniffer {
     fn check_ooxml(&self) -> Result<(), SniffError> {
         let tail_start = self.total - self.tail.len() as u64;
         let reader = TailReader {
-            tail: &self.tail,
+            // Contiguous since `finish` arranged it.
+            tail: self.tail.as_slices().0,
             tail_start,
             total: self.total,
             position: 0,
@@ -306,6 +347,15 @@ impl Seek for TailReader<'_> {
         self.position = u64::try_from(target)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
         Ok(self.position)
+    }
+}
+
+/// Bytes of the end of the file the closing checks of `kind` read.
+fn tail_limit(kind: FileKind) -> usize {
+    match kind {
+        FileKind::Pdf => PDF_EOF_WINDOW,
+        FileKind::Docx | FileKind::Xlsx | FileKind::Pptx => TAIL_LIMIT,
+        _ => 0,
     }
 }
 
@@ -454,6 +504,84 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// A baseline JPEG header whose frame (and so its size) follows `app_bytes` of APP1 segments,
+    /// as a camera's EXIF block with an embedded preview would put it.
+    fn jpeg_header(width: u16, height: u16, app_bytes: usize) -> Vec<u8> {
+        let mut bytes = vec![0xFF, 0xD8];
+        let mut left = app_bytes;
+        while left > 0 {
+            let body = left.min(60_000);
+            bytes.extend_from_slice(&[0xFF, 0xE1]);
+            bytes.extend_from_slice(&u16::try_from(body + 2).unwrap().to_be_bytes());
+            bytes.extend(std::iter::repeat_n(0x5A, body));
+            left -= body;
+        }
+        bytes.extend_from_slice(&[0xFF, 0xC0, 0x00, 0x11, 0x08]);
+        bytes.extend_from_slice(&height.to_be_bytes());
+        bytes.extend_from_slice(&width.to_be_bytes());
+        bytes.extend_from_slice(&[3, 1, 0x22, 0, 2, 0x11, 1, 3, 0x11, 1]);
+        bytes
+    }
+
+    #[test]
+    fn work_stays_linear_in_the_bytes_fed_whatever_the_chunking() {
+        // An image header of 400 KB, in 1-byte chunks with 20 empty ones after each: the old
+        // sniffer parsed the whole buffered header again for every chunk (~10^11 bytes here).
+        let jpeg = jpeg_header(800, 600, 400_000);
+        let mut sniffer = ContentSniffer::new(FileKind::Jpeg, 40_000_000);
+        for byte in jpeg.chunks(1) {
+            sniffer.feed(byte).unwrap();
+            for _ in 0..20 {
+                sniffer.feed(&[]).unwrap();
+            }
+        }
+        let examined = sniffer.bytes_examined();
+        assert_eq!(
+            sniffer.finish().unwrap(),
+            SniffReport {
+                width: 800,
+                height: 600
+            }
+        );
+        let len = jpeg.len() as u64;
+        assert!(examined <= 4 * len, "{examined} bytes examined for {len}");
+
+        // Fed byte by byte, an oversized image is still refused from its header, long before
+        // its end (at most when the header read has doubled).
+        let mut oversized = jpeg.clone();
+        oversized.extend(std::iter::repeat_n(0x11, 2_000_000));
+        let mut sniffer = ContentSniffer::new(FileKind::Jpeg, 1_000);
+        let refused = oversized[..2 * jpeg.len()]
+            .chunks(1)
+            .try_for_each(|byte| sniffer.feed(byte));
+        assert!(matches!(refused, Err(SniffError::ImageTooLarge { .. })));
+
+        // An Office document's tail ring: 1-byte chunks cost a byte each, not the ring's size.
+        let docx = zip_with(
+            &[
+                "word/media/big.bin",
+                "[Content_Types].xml",
+                "word/document.xml",
+            ],
+            600_000,
+        );
+        let mut sniffer = ContentSniffer::new(FileKind::Docx, 40_000_000);
+        for byte in docx.chunks(1) {
+            sniffer.feed(byte).unwrap();
+        }
+        let examined = sniffer.bytes_examined();
+        assert!(sniffer.finish().is_ok());
+        let len = docx.len() as u64;
+        assert!(examined <= 2 * len, "{examined} bytes examined for {len}");
+
+        // Empty chunks alone cost nothing.
+        let mut sniffer = ContentSniffer::new(FileKind::Png, 40_000_000);
+        for _ in 0..20_000 {
+            sniffer.feed(&[]).unwrap();
+        }
+        assert_eq!(sniffer.bytes_examined(), 0);
     }
 
     #[test]

@@ -536,9 +536,10 @@ impl ThumbnailPool {
         let Some(plan) = self.thumbnailer.plan(kind, &bytes)? else {
             return Ok(None);
         };
-        // The uploaded body stays reserved by its upload while the decode runs.
+        // The uploaded body stays reserved by its upload while the decode runs; both come from
+        // the budget's main pool (the first-bytes pool only ever holds partial buffers).
         let needed_bytes = plan.peak_bytes + bytes.len() as u64;
-        let budget_bytes = self.budget.total_bytes();
+        let budget_bytes = self.budget.main_bytes();
         if needed_bytes > budget_bytes {
             return Err(ThumbnailError::TooLargeToDecode {
                 needed_bytes,

@@ -7,9 +7,11 @@
 //! server-side copy onto itself (`x-amz-metadata-directive: REPLACE`; no bytes travel), and is
 //! deleted again if that fails.
 //!
-//! Memory: every part buffer reserves `part_size` from the process-wide [`MemoryBudget`] before
-//! it is filled and keeps the reservation until that part is uploaded, so one upload holds at
-//! most `(parts_in_flight + 1) x part_size` and all uploads together stay within the budget.
+//! Memory: a part buffer's reservation from the process-wide [`MemoryBudget`] follows the bytes
+//! written into it (its first bytes unit by unit, then the whole part; never ahead of the bytes)
+//! and is kept until that part is uploaded, so one upload holds at most
+//! `(parts_in_flight + 1) x part_size`, a stalled one little more than what it was sent, and all
+//! uploads together stay within the budget.
 
 use std::{collections::HashMap, future::Future, sync::Arc};
 
@@ -241,21 +243,26 @@ impl S3Upload {
             {
                 self.send_part().await?;
             }
-            let part = match &mut self.part {
-                Some(part) => part,
-                None => {
-                    let reservation = self
-                        .budget
-                        .reserve(self.part_size as u64)
-                        .await
-                        .map_err(BlobError::Busy)?;
-                    self.part.insert(PartBuffer {
-                        bytes: BytesMut::with_capacity(self.part_size),
-                        reservation,
-                    })
-                }
-            };
+            let part = self.part.get_or_insert_with(|| PartBuffer {
+                bytes: BytesMut::new(),
+                reservation: self.budget.empty(),
+            });
             let take = (self.part_size - part.bytes.len()).min(bytes.len());
+            let filled = part.bytes.len() + take;
+            // Memory is reserved for the bytes that arrived, not for the part they may become:
+            // a stalled stream holds what it sent.
+            self.budget
+                .grow(&mut part.reservation, filled as u64, self.part_size as u64)
+                .await
+                .map_err(BlobError::Busy)?;
+            if part.bytes.capacity() < filled {
+                // Doubling, capped at the part size: copies stay linear and the buffer never
+                // holds much more than what it was sent.
+                let capacity = (2 * part.bytes.capacity()).clamp(filled, self.part_size);
+                let mut grown = BytesMut::with_capacity(capacity);
+                grown.extend_from_slice(&part.bytes);
+                part.bytes = grown;
+            }
             part.bytes.extend_from_slice(&bytes.split_to(take));
         }
         Ok(())
