@@ -2,6 +2,8 @@
 //! environment of real servers that `scripts/test` starts.
 #![allow(dead_code)]
 
+pub mod cloud;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
