@@ -31,6 +31,10 @@ const FIRST_PARSE_AT: usize = 32;
 const PDF_EOF_WINDOW: usize = 1024;
 /// Most entries an Office document may have.
 const MAX_ZIP_ENTRIES: usize = 20_000;
+/// Most an Office document's parts may expand to, in all.
+const MAX_OOXML_EXPANDED: u64 = 4 << 30;
+/// DEFLATE cannot expand data more than about 1032:1: an entry claiming more lies.
+const MAX_DEFLATE_RATIO: u64 = 1100;
 
 /// Why the bytes do not fit the declared type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -283,6 +287,7 @@ impl ContentSniffer {
         if archive.len() > MAX_ZIP_ENTRIES {
             return Err(SniffError::MalformedDocument("too many entries"));
         }
+        check_expansion(&archive.metadata())?;
         let part = match self.kind {
             FileKind::Docx => "word/",
             FileKind::Xlsx => "xl/",
@@ -307,6 +312,46 @@ impl ContentSniffer {
             })
         }
     }
+}
+
+/// Refuses a zip bomb from its central directory alone (nothing is decompressed here, but the
+/// recipients' Office will): an entry claiming to expand more than DEFLATE ever can, entries
+/// whose data overlap (the trick behind non-recursive bombs), or parts expanding to more than
+/// [`MAX_OOXML_EXPANDED`] in all.
+fn check_expansion(directory: &zip::read::ZipArchiveMetadata) -> Result<(), SniffError> {
+    let mut expanded: u64 = 0;
+    let mut spans = Vec::with_capacity(directory.len());
+    for index in 0..directory.len() {
+        let entry = directory
+            .entry(index)
+            .map_err(|_| SniffError::MalformedDocument("an entry cannot be read"))?;
+        let (packed, size) = (entry.compressed_size(), entry.size());
+        if size
+            > packed
+                .saturating_mul(MAX_DEFLATE_RATIO)
+                .saturating_add(1024)
+        {
+            return Err(SniffError::MalformedDocument(
+                "an entry claims to expand more than DEFLATE can (a zip bomb)",
+            ));
+        }
+        expanded = expanded.saturating_add(size);
+        // A local header is at least 30 bytes, so this end is a lower bound of the real one.
+        let start = entry.header_start();
+        spans.push((start, start.saturating_add(30).saturating_add(packed)));
+    }
+    if expanded > MAX_OOXML_EXPANDED {
+        return Err(SniffError::MalformedDocument(
+            "its parts expand to more than 4 GiB (a zip bomb)",
+        ));
+    }
+    spans.sort_unstable();
+    if spans.windows(2).any(|pair| pair[1].0 < pair[0].1) {
+        return Err(SniffError::MalformedDocument(
+            "entries overlap (a zip bomb)",
+        ));
+    }
+    Ok(())
 }
 
 /// Serves the kept tail at its real offsets; the rest of the file is not there to read.
@@ -642,5 +687,48 @@ mod tests {
             sniff(FileKind::Docx, &truncated, 65_536),
             Err(SniffError::MalformedDocument(_))
         ));
+    }
+
+    /// Offsets of the central directory entries of `zip`.
+    fn central_entries(zip: &[u8]) -> Vec<usize> {
+        zip.windows(4)
+            .enumerate()
+            .filter(|(_, window)| *window == [0x50, 0x4b, 0x01, 0x02])
+            .map(|(offset, _)| offset)
+            .collect()
+    }
+
+    #[test]
+    fn zip_bombs_are_refused_from_the_directory() {
+        let names = [
+            "[Content_Types].xml",
+            "word/document.xml",
+            "word/media/a.bin",
+        ];
+        let docx = zip_with(&names, 100);
+        assert!(sniff(FileKind::Docx, &docx, 64).is_ok());
+        let entries = central_entries(&docx);
+        assert_eq!(entries.len(), 3);
+
+        // An entry claiming 4 GiB from 100 stored bytes.
+        let mut lying = docx.clone();
+        lying[entries[0] + 24..entries[0] + 28].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            sniff(FileKind::Docx, &lying, 64),
+            Err(SniffError::MalformedDocument(
+                "an entry claims to expand more than DEFLATE can (a zip bomb)"
+            ))
+        );
+
+        // Two entries sharing one body: the overlap behind non-recursive bombs.
+        let mut overlapping = docx.clone();
+        let first_offset = overlapping[entries[0] + 42..entries[0] + 46].to_vec();
+        overlapping[entries[2] + 42..entries[2] + 46].copy_from_slice(&first_offset);
+        assert_eq!(
+            sniff(FileKind::Docx, &overlapping, 64),
+            Err(SniffError::MalformedDocument(
+                "entries overlap (a zip bomb)"
+            ))
+        );
     }
 }
