@@ -45,6 +45,11 @@ const MESSAGE_OVERHEAD: usize = 64 * 1024;
 /// HTTP/2 flow-control windows; see where the server is built.
 const STREAM_WINDOW: u32 = 512 * 1024;
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// Streams a client may open and reset before they are accepted, per connection (h2's default).
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset for a client's errors before it ends the connection with GOAWAY
+/// (hyper's default).
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// How long cancelled streams get to send their final status after the grace period.
 const CANCEL_FLUSH: Duration = Duration::from_secs(2);
 
@@ -204,6 +209,10 @@ impl App {
         );
         let grpc_server = Server::builder()
             .max_concurrent_streams(Some(settings.server.max_concurrent_streams))
+            // tonic hands hyper `None` for these unless set, which turns the local-reset limit
+            // off: rapid-reset and "made you reset" floods would then cost nothing to send.
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+            .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
             .http2_max_header_list_size(Some(
                 u32::try_from(settings.server.max_header_list_size.as_u64()).unwrap_or(u32::MAX),
             ))

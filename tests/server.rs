@@ -786,3 +786,91 @@ async fn oversized_metadata_and_messages_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 }
+
+/// A client that makes the server reset stream after stream ("MadeYouReset": here a zero
+/// window increment, a stream error the server answers with RST_STREAM) is sent a GOAWAY after
+/// the limit instead of costing the server work forever.
+#[tokio::test]
+async fn a_client_that_makes_the_server_reset_streams_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let mut socket = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    socket.set_nodelay(true).unwrap();
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    };
+    // HPACK, literals without indexing: POST, http, :path, content-type: application/grpc.
+    let path = b"/grpc.health.v1.Health/Watch";
+    let mut headers = vec![0x83, 0x86, 0x04, path.len() as u8];
+    headers.extend_from_slice(path);
+    headers.extend_from_slice(&[0x0f, 0x10, 16]);
+    headers.extend_from_slice(b"application/grpc");
+    // A connection-specific header makes the request malformed: the server resets the stream.
+    headers.extend_from_slice(&[0x00, 10]);
+    headers.extend_from_slice(b"connection");
+    headers.extend_from_slice(&[5]);
+    headers.extend_from_slice(b"close");
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    socket.write_all(&hello).await.unwrap();
+
+    // Read everything the server sends, looking for a GOAWAY (type 7).
+    let (mut reader, mut writer) = socket.into_split();
+    let goaway = tokio::spawn(async move {
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let mut offset = 0;
+            while buffer.len() >= offset + 9 {
+                let length =
+                    u32::from_be_bytes([0, buffer[offset], buffer[offset + 1], buffer[offset + 2]])
+                        as usize;
+                if buffer[offset + 3] == 0x7 && buffer.len() >= offset + 17 {
+                    let code = &buffer[offset + 13..offset + 17];
+                    return Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
+                }
+
+                offset += 9 + length;
+            }
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+        }
+    });
+    let mut sent = 0u32;
+    for index in 0..2000u32 {
+        let stream = 2 * index + 1;
+        let frames = frame(0x1, 0x4 | 0x1, stream, &headers);
+        if writer.write_all(&frames).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if goaway.is_finished() {
+            break;
+        }
+    }
+    // Without the limit the server resets all 2000 streams and never sends a GOAWAY.
+    let goaway_code = tokio::time::timeout(Duration::from_secs(10), goaway)
+        .await
+        .ok()
+        .and_then(Result::unwrap);
+    assert_eq!(
+        goaway_code,
+        Some(0xb),
+        "a GOAWAY ENHANCE_YOUR_CALM after the reset limit ({sent} streams sent)"
+    );
+    assert!(
+        sent < 2000,
+        "the server kept resetting streams for {sent} streams"
+    );
+    // Everyone else is still served.
+    let mut health = HealthClient::new(server.channel().await);
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+}
