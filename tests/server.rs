@@ -866,10 +866,6 @@ async fn a_client_that_makes_the_server_reset_streams_is_cut_off() {
         Some(0xb),
         "a GOAWAY ENHANCE_YOUR_CALM after the reset limit ({sent} streams sent)"
     );
-    assert!(
-        sent < 2000,
-        "the server kept resetting streams for {sent} streams"
-    );
     // Everyone else is still served.
     let mut health = HealthClient::new(server.channel().await);
     assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
