@@ -896,7 +896,7 @@ fn first_mebibytes(body: &Bytes, count: usize) -> Vec<Bytes> {
 #[tokio::test]
 async fn stalled_uploads_neither_block_others_nor_outlive_the_idle_timeout() {
     let key_prefix = unique_prefix("cloud-idle");
-    let idle = Duration::from_secs(3);
+    let idle = Duration::from_secs(5);
     let server = TestServer::start_with(|settings| {
         use_cloud(settings, &key_prefix);
         settings.uploads.part_size = bytesize::ByteSize::mib(8);
