@@ -380,3 +380,57 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+/// Instantiates a conformance suite once per backend: a module per backend, in it one
+/// `#[tokio::test]` per listed suite function, named after it, that runs `super::<test>(backend)`.
+/// `runtime` gives every test's `tokio::test` arguments (default: the current-thread runtime); a
+/// test may give its own after its name.
+///
+/// ```ignore
+/// suite! {
+///     backends: memory = super::Backend::Memory, redis = super::Backend::Redis;
+///     runtime: (flavor = "multi_thread", worker_threads = 2);
+///     tests: [create_is_idempotent, concurrent_sends(flavor = "multi_thread")]
+/// }
+/// ```
+macro_rules! suite {
+    (
+        backends: $($module:ident = $backend:expr),+ $(,)?;
+        tests: $tests:tt $(;)?
+    ) => {
+        $crate::support::suite! {
+            backends: $($module = $backend),+;
+            runtime: (flavor = "current_thread");
+            tests: $tests
+        }
+    };
+    (
+        backends: $($module:ident = $backend:expr),+ $(,)?;
+        runtime: $runtime:tt;
+        tests: $tests:tt $(;)?
+    ) => {
+        $(
+            mod $module {
+                $crate::support::suite!(@tests $backend, $runtime, $tests);
+            }
+        )+
+    };
+    (@tests $backend:expr, $runtime:tt, [$($test:ident $(($($own:tt)*))?),+ $(,)?]) => {
+        $(
+            $crate::support::suite!(@test $backend, $test, $runtime $(($($own)*))?);
+        )+
+    };
+    (@test $backend:expr, $test:ident, $runtime:tt) => {
+        #[tokio::test $runtime]
+        async fn $test() {
+            super::$test($backend).await;
+        }
+    };
+    (@test $backend:expr, $test:ident, $runtime:tt $own:tt) => {
+        #[tokio::test $own]
+        async fn $test() {
+            super::$test($backend).await;
+        }
+    };
+}
+pub(crate) use suite;

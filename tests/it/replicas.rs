@@ -1,11 +1,9 @@
 //! Several replicas sharing one Redis: fan-out across replicas, one sequence for everyone,
 //! idempotent retries on any replica, and live streams that survive a Redis restart.
 
-mod common;
-
 use std::{collections::BTreeSet, time::Duration};
 
-use common::{PrivateRedis, TestServer, as_user, unique_prefix, use_test_redis};
+use crate::support::{PrivateRedis, TestServer, as_user, unique_prefix, use_test_redis};
 use futures::StreamExt;
 use svc_messaging::grpc::pb;
 use tonic::{Code, transport::Channel};

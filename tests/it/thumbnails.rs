@@ -7,8 +7,6 @@
 //! The images come from `scripts/make-test-images.py fixtures tests/data/images`; the hostile
 //! JPEGs are written by `many_scan_jpeg`.
 
-mod common;
-
 use std::{
     path::PathBuf,
     sync::{
@@ -867,8 +865,8 @@ mod service {
     use tonic::{Code, Status, transport::Channel};
     use tonic_types::StatusExt;
 
-    use super::{SLOW_JPEG_SCANS, common, large_png, many_scan_jpeg, slow_jpeg};
-    use common::{
+    use super::{SLOW_JPEG_SCANS, large_png, many_scan_jpeg, slow_jpeg};
+    use crate::support::{
         ServiceProcess, TestServer, as_user, create_conversation, reason, required_tool,
         test_s3_settings, unique_prefix, use_test_redis,
     };

@@ -5,19 +5,17 @@
 //! memory budget bounds concurrent uploads. Every refusal leaves no object, no open multipart
 //! upload, no file record and no message behind.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use common::cloud::*;
-use common::{
+use crate::support::cloud::*;
+use crate::support::{
     TestServer, as_user, create_conversation, reason, required_tool, sha256_hex, test_s3_settings,
     unique_prefix,
 };
+use bytes::Bytes;
 use svc_messaging::{
     app::{App, StartupError},
     config::{S3Settings, Settings},

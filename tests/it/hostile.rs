@@ -13,8 +13,6 @@
 //! - replayed creates, DeleteFile and re-posts, subscription caps: `tests/messaging.rs`;
 //! - secrets byte for byte: `tests/cli.rs`.
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     sync::{
@@ -24,10 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use common::{
+use crate::support::{
     TestServer, as_user, cloud, create_conversation, reason, required_tool, unique_prefix,
 };
+use bytes::Bytes;
 use svc_messaging::grpc::pb::{
     self, file_relay_service_client::FileRelayServiceClient,
     messaging_service_client::MessagingServiceClient, upload_file_request::Payload,

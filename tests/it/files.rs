@@ -1,15 +1,13 @@
 //! FileRelayService end to end: uploads checked as bytes arrive, every refusal leaving nothing
 //! behind, downloads by stream and by signed URL, deletion and expiry.
 
-mod common;
-
 use std::{path::Path, time::Duration};
 
-use bytes::Bytes;
-use common::{
+use crate::support::{
     TestServer, as_user, create_conversation, reason, sha256_hex, test_s3_settings, unique_prefix,
     use_test_redis,
 };
+use bytes::Bytes;
 use futures::StreamExt;
 use svc_messaging::grpc::pb::{
     self, file_relay_service_client::FileRelayServiceClient,
@@ -1247,51 +1245,17 @@ async fn empty_chunks_cost_nothing_even_without_the_chunk_cap() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-macro_rules! file_suite {
-    ($backend:expr) => {
-        #[tokio::test]
-        async fn an_upload_round_trips_through_every_download_path() {
-            super::an_upload_round_trips_through_every_download_path($backend).await;
-        }
-        #[tokio::test]
-        async fn every_refusal_is_precise_and_leaves_nothing() {
-            super::every_refusal_is_precise_and_leaves_nothing($backend).await;
-        }
-        #[tokio::test]
-        async fn a_cancelled_upload_leaves_nothing() {
-            super::a_cancelled_upload_leaves_nothing($backend).await;
-        }
-        #[tokio::test]
-        async fn only_the_uploader_deletes_and_the_message_becomes_a_tombstone() {
-            super::only_the_uploader_deletes_and_the_message_becomes_a_tombstone($backend).await;
-        }
-        #[tokio::test]
-        async fn files_expire_after_the_retention() {
-            super::files_expire_after_the_retention($backend).await;
-        }
-        #[tokio::test]
-        async fn a_file_can_be_posted_again_only_in_its_conversation() {
-            super::a_file_can_be_posted_again_only_in_its_conversation($backend).await;
-        }
-        #[tokio::test]
-        async fn images_get_an_upright_metadata_free_thumbnail() {
-            super::images_get_an_upright_metadata_free_thumbnail($backend).await;
-        }
-        #[tokio::test]
-        async fn undecodable_images_are_refused_and_leave_nothing() {
-            super::undecodable_images_are_refused_and_leave_nothing($backend).await;
-        }
-        #[tokio::test]
-        async fn outsiders_cannot_reach_a_file() {
-            super::outsiders_cannot_reach_a_file($backend).await;
-        }
-    };
-}
-
-mod local {
-    file_suite!(super::Backend::Local);
-}
-
-mod cloud {
-    file_suite!(super::Backend::Cloud);
+crate::support::suite! {
+    backends: local = super::Backend::Local, cloud = super::Backend::Cloud;
+    tests: [
+        an_upload_round_trips_through_every_download_path,
+        every_refusal_is_precise_and_leaves_nothing,
+        a_cancelled_upload_leaves_nothing,
+        only_the_uploader_deletes_and_the_message_becomes_a_tombstone,
+        files_expire_after_the_retention,
+        a_file_can_be_posted_again_only_in_its_conversation,
+        images_get_an_upright_metadata_free_thumbnail,
+        undecodable_images_are_refused_and_leave_nothing,
+        outsiders_cannot_reach_a_file,
+    ]
 }
