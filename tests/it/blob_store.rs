@@ -183,23 +183,14 @@ mod s3_only {
     };
 
     use super::*;
+    use crate::support::cloud::garage;
 
     /// S3's smallest part: a 3 MiB upload is one PutObject, 12 MiB three parts.
     const PART: u64 = 5 * 1024 * 1024;
     const MIB: usize = 1024 * 1024;
 
     fn settings() -> S3Settings {
-        S3Settings {
-            endpoint: Some(crate::support::required_tool("SVC_TEST_S3_ENDPOINT")),
-            region: crate::support::required_tool("SVC_TEST_S3_REGION"),
-            bucket: Some(crate::support::required_tool("SVC_TEST_S3_BUCKET")),
-            access_key_id: Some(crate::support::required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
-            secret_access_key: Some(SecretString::from(crate::support::required_tool(
-                "SVC_TEST_S3_SECRET_ACCESS_KEY",
-            ))),
-            force_path_style: true,
-            ..S3Settings::default()
-        }
+        crate::support::test_s3_settings()
     }
 
     fn store_with(settings: &S3Settings, budget: Arc<MemoryBudget>) -> S3BlobStore {
@@ -226,19 +217,6 @@ mod s3_only {
         for chunk in body.chunks(MIB) {
             upload.write(Bytes::copy_from_slice(chunk)).await.unwrap();
         }
-    }
-
-    /// Runs `$SVC_TEST_GARAGE <args>` (bucket administration).
-    fn garage(args: &[&str]) {
-        let command = crate::support::required_tool("SVC_TEST_GARAGE");
-        let mut words = command.split_whitespace();
-        let status = std::process::Command::new(words.next().unwrap())
-            .args(words)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run garage");
-        assert!(status.success(), "garage {args:?} failed");
     }
 
     /// A fresh bucket of the test's own, writable with the test key.
@@ -513,21 +491,7 @@ mod s3_only {
             .send()
             .await
             .unwrap();
-        let rules = lifecycle.rules();
-        assert_eq!(rules.len(), 3, "{rules:?}");
-        for prefix in ["files/", "thumbs/"] {
-            let rule = rules
-                .iter()
-                .find(|rule| rule.filter().and_then(|filter| filter.prefix()) == Some(prefix))
-                .unwrap_or_else(|| panic!("no rule for {prefix}: {rules:?}"));
-            assert_eq!(rule.status().as_str(), "Enabled");
-            assert_eq!(rule.expiration().and_then(|expiry| expiry.days()), Some(2));
-        }
-        let abort = rules
-            .iter()
-            .find_map(|rule| rule.abort_incomplete_multipart_upload())
-            .unwrap_or_else(|| panic!("no rule aborting stale multipart uploads: {rules:?}"));
-        assert_eq!(abort.days_after_initiation(), Some(1));
+        crate::support::cloud::assert_lifecycle_rules(lifecycle.rules(), 2);
     }
 
     #[tokio::test]

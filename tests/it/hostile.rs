@@ -22,9 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::support::{
-    TestServer, as_user, cloud, create_conversation, reason, required_tool, unique_prefix,
-};
+use crate::support::{TestServer, as_user, cloud, create_conversation, reason, unique_prefix};
 use bytes::Bytes;
 use svc_messaging::grpc::pb::{
     self, file_relay_service_client::FileRelayServiceClient,
@@ -37,19 +35,7 @@ type Messaging = MessagingServiceClient<Channel>;
 
 /// Every Redis key under `key_prefix`.
 fn redis_keys(key_prefix: &str) -> BTreeSet<String> {
-    let output = std::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
-        .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
-        .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
-        .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
-        .args(["--scan", "--pattern", &format!("{key_prefix}:*")])
-        .output()
-        .expect("run redis-cli");
-    assert!(output.status.success(), "redis-cli: {output:?}");
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    cloud::redis_keys(&format!("{key_prefix}:*"))
 }
 
 /// A caller that is not under attack: GetUploadPolicy in a loop, keeping the slowest answer.

@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use crate::support::messages::{GENEROUS, create, rejection, send, text_message, user};
 use svc_messaging::{
     files::policy::FileCategory,
     ids::UserId,
@@ -15,79 +16,9 @@ use svc_messaging::{
         messages::{
             AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome, LiveSignal,
             MessageStore, NewConversation, NewMessage, ReadOutcome, Rejection, Retention,
-            StoreError,
         },
     },
 };
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-const GENEROUS: Retention = Retention {
-    max_events: 100_000,
-    max_age: Duration::from_secs(30 * 24 * 3600),
-};
-
-async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> ConversationId {
-    let id = ConversationId::generate();
-    let mut participants = vec![user(creator)];
-    participants.extend(others.iter().map(|name| user(name)));
-    let outcome = store
-        .create_conversation(NewConversation {
-            id,
-            title: "test".to_owned(),
-            participants,
-            created_by: user(creator),
-            fingerprint: "fp".to_owned(),
-            request: None,
-        })
-        .await
-        .unwrap();
-    assert!(matches!(outcome, CreateOutcome::Created(_)));
-    id
-}
-
-fn text_message(id: ConversationId, sender: &str, client_id: &str, text: &str) -> NewMessage {
-    NewMessage {
-        conversation_id: id,
-        record: MessageRecord {
-            id: MessageId::generate(),
-            sender: user(sender),
-            kind: MessageKind::Text,
-            client_message_id: ClientId::from_field("client_message_id", client_id).unwrap(),
-            content: Some(MessageContent {
-                text: text.to_owned(),
-                file: None,
-            }),
-        },
-        fingerprint: format!("fp:{text}"),
-        idempotency_window_secs: 3600,
-    }
-}
-
-async fn send(
-    store: &dyn MessageStore,
-    id: ConversationId,
-    sender: &str,
-    text: &str,
-) -> (MessageId, u64) {
-    let new = text_message(id, sender, &format!("c-{}", MessageId::generate()), text);
-    match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => {
-            let message = event.created_message().unwrap();
-            (message.record.id, message.sequence)
-        }
-        other => panic!("expected an append, got {other:?}"),
-    }
-}
-
-fn rejection<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Rejection {
-    match result {
-        Err(StoreError::Rejected(rejection)) => rejection,
-        other => panic!("expected a rejection, got {other:?}"),
-    }
-}
 
 pub async fn create_is_idempotent_by_id(backend: Backend) {
     let store = backend.store(GENEROUS).await;

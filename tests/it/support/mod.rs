@@ -1,8 +1,8 @@
 //! Shared test helpers: spawn the real service (in-process on port 0, or the binary), and the
 //! environment of real servers that `scripts/test` starts.
-#![allow(dead_code)]
 
 pub mod cloud;
+pub mod messages;
 
 use std::{
     io::{BufRead, BufReader},
@@ -128,7 +128,6 @@ pub fn reason(status: &tonic::Status) -> String {
 pub struct ServiceProcess {
     pub child: Child,
     pub grpc_addr: SocketAddr,
-    pub http_addr: SocketAddr,
     output: Arc<Mutex<Vec<String>>>,
 }
 
@@ -161,8 +160,7 @@ impl ServiceProcess {
                         && json["message"] == "serving"
                     {
                         let grpc = json["grpc_addr"].as_str().unwrap().parse().unwrap();
-                        let http = json["http_addr"].as_str().unwrap().parse().unwrap();
-                        let _ = addr_tx.send((grpc, http));
+                        let _ = addr_tx.send(grpc);
                     }
                     output.lock().unwrap().push(line);
                 }
@@ -176,7 +174,7 @@ impl ServiceProcess {
                 }
             });
         }
-        let (grpc_addr, http_addr) = addr_rx
+        let grpc_addr = addr_rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| {
                 let _ = child.kill();
@@ -188,7 +186,6 @@ impl ServiceProcess {
         Self {
             child,
             grpc_addr,
-            http_addr,
             output,
         }
     }
@@ -254,12 +251,24 @@ pub fn unique_prefix(test: &str) -> String {
 pub struct PrivateRedis {
     pub port: u16,
     pub password: String,
+    /// Whether a restart keeps the data (an append-only file synced on every write).
+    persistent: bool,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
 impl PrivateRedis {
+    /// A server that keeps its data across restarts, as a real deployment would.
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// A server that comes back empty after a restart.
+    pub fn start_volatile() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -268,6 +277,7 @@ impl PrivateRedis {
         let mut redis = Self {
             port,
             password: "private/pa55=word".to_owned(),
+            persistent,
             child: None,
             dir: tempfile::tempdir().unwrap(),
         };
@@ -296,15 +306,12 @@ impl PrivateRedis {
         let binary = required_tool("SVC_TEST_REDIS_SERVER_BIN");
         let child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            // Persisted, so a restart keeps the data as a real deployment would.
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"].as_slice()
+            } else {
+                ["--appendonly", "no"].as_slice()
+            })
             .args(["--requirepass", &self.password])
             .arg("--dir")
             .arg(self.dir.path())
