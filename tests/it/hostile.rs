@@ -4,14 +4,14 @@
 //! other callers must be answered at normal speed meanwhile.
 //!
 //! The defects of issue 9 are proven where their parts live; this suite adds the inputs no
-//! single part owns. Where the others are:
-//! - metric series from made-up paths, duplicated credentials, transport limits: `tests/server.rs`;
+//! single part owns. Where the others are (modules of this test binary):
+//! - metric series from made-up paths, duplicated credentials, transport limits: `server`;
 //! - many-scan JPEGs, decode deadlines, busy workers, over-budget decodes, SIGTERM during a
-//!   decode: `tests/thumbnails.rs`;
+//!   decode: `thumbnails`;
 //! - empty-chunk floods, stalled and idle uploads, per-caller upload caps, image bodies in the
-//!   budget: `tests/files.rs`, `tests/files_cloud.rs`;
-//! - replayed creates, DeleteFile and re-posts, subscription caps: `tests/messaging.rs`;
-//! - secrets byte for byte: `tests/cli.rs`.
+//!   budget: `files`, `files_cloud`;
+//! - replayed creates, DeleteFile and re-posts, subscription caps: `messaging`;
+//! - secrets byte for byte: `cli`.
 
 use std::{
     collections::BTreeSet,

@@ -2,7 +2,10 @@
 //! environment of real servers that `scripts/test` starts.
 
 pub mod cloud;
+mod env;
 pub mod messages;
+
+pub use env::{as_user, required_tool, test_s3_settings, wait_ready};
 
 use std::{
     io::{BufRead, BufReader},
@@ -17,7 +20,7 @@ use svc_messaging::{
     config::Settings,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 /// The service running inside the test process.
 pub struct TestServer {
@@ -59,7 +62,7 @@ impl TestServer {
             shutdown: Some(shutdown),
             task: Some(task),
         };
-        server.wait_ready().await;
+        wait_ready(http_addr).await;
         server
     }
 
@@ -73,20 +76,6 @@ impl TestServer {
 
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{}", self.http_addr, path)
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let url = self.http_url("/readyz");
-        while Instant::now() < deadline {
-            if let Ok(response) = reqwest::get(&url).await
-                && response.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the test server did not become ready");
     }
 
     /// Asks the server to shut down and returns its run task, to await or time.
@@ -104,15 +93,6 @@ impl Drop for TestServer {
             let _ = shutdown.send(());
         }
     }
-}
-
-/// A request authenticated through the trusted `x-user-id` header.
-pub fn as_user<T>(user: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-user-id", user.parse().expect("ascii user id"));
-    request
 }
 
 /// The `google.rpc.ErrorInfo` reason of a status.
@@ -223,13 +203,6 @@ impl Drop for ServiceProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A tool path that `scripts/test` exports; the suite is meant to run with it.
-pub fn required_tool(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run the suite through scripts/test, which installs the tools")
-    })
 }
 
 /// Points `settings` at the real Redis that scripts/test started, under a key prefix of its own
@@ -361,22 +334,6 @@ pub async fn create_conversation(
         .conversation
         .expect("a conversation")
         .conversation_id
-}
-
-/// The test bucket on the S3 server that scripts/test starts.
-pub fn test_s3_settings() -> svc_messaging::config::S3Settings {
-    svc_messaging::config::S3Settings {
-        endpoint: Some(required_tool("SVC_TEST_S3_ENDPOINT")),
-        region: required_tool("SVC_TEST_S3_REGION"),
-        bucket: Some(required_tool("SVC_TEST_S3_BUCKET")),
-        access_key_id: Some(required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
-        secret_access_key: Some(secrecy::SecretString::from(required_tool(
-            "SVC_TEST_S3_SECRET_ACCESS_KEY",
-        ))),
-        force_path_style: true,
-        manage_lifecycle: false,
-        ..Default::default()
-    }
 }
 
 /// Lowercase hex SHA-256.
