@@ -5,11 +5,10 @@ use std::{path::Path, time::Duration};
 
 use crate::support::{
     TestServer, as_user,
-    cloud::{Files, Messaging, metadata_of_size, upload_messages},
+    cloud::{Files, Messaging, download_from, metadata_of_size, upload_messages},
     create_conversation, reason, sha256_hex, unique_prefix,
 };
 use bytes::Bytes;
-use futures::StreamExt;
 use svc_messaging::grpc::pb::{self, upload_file_request::Payload};
 use tonic::Code;
 
@@ -182,23 +181,7 @@ pub async fn an_upload_round_trips_through_every_download_path(backend: Backend)
 
     // DownloadFile, whole and from an offset.
     for offset in [0usize, 1_000_001] {
-        let mut chunks = files
-            .download_file(as_user(
-                "bob",
-                pb::DownloadFileRequest {
-                    file_id: file.file_id.clone(),
-                    offset: offset as i64,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut downloaded = Vec::new();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.unwrap().chunk;
-            assert!(chunk.len() <= 1024 * 1024);
-            downloaded.extend_from_slice(&chunk);
-        }
+        let downloaded = download_from(&mut files, "bob", &file.file_id, offset).await;
         assert_eq!(downloaded, body[offset..]);
     }
     let status = files

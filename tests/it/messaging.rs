@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::{TestServer, as_user, reason};
+use crate::support::{TestServer, as_user, reason, text_request};
 use futures::StreamExt;
 use svc_messaging::{config::Settings, grpc::pb};
 use tonic::{Code, Streaming, transport::Channel};
@@ -32,18 +32,13 @@ async fn create(client: &mut Client, creator: &str, others: &[&str]) -> pb::Conv
         .unwrap()
 }
 
-fn text(conversation_id: &str, client_message_id: &str, text: &str) -> pb::SendMessageRequest {
-    pb::SendMessageRequest {
-        conversation_id: conversation_id.to_owned(),
-        client_message_id: client_message_id.to_owned(),
-        content: Some(pb::send_message_request::Content::Text(text.to_owned())),
-    }
-}
-
 async fn send(client: &mut Client, user: &str, conversation_id: &str, body: &str) -> pb::Message {
     let client_id = format!("c-{}", uuid_like());
     client
-        .send_message(as_user(user, text(conversation_id, &client_id, body)))
+        .send_message(as_user(
+            user,
+            text_request(conversation_id, &client_id, body),
+        ))
         .await
         .expect("send")
         .into_inner()
@@ -120,11 +115,11 @@ pub async fn validation_errors_name_the_field(backend: Backend) {
     let conversation = create(&mut client, "alice", &["bob"]).await;
     let id = conversation.conversation_id.as_str();
     let cases = [
-        (text(id, "m1", "   "), "text"),
-        (text(id, "m1", &"x".repeat(4001)), "text"),
-        (text(id, "", "hi"), "client_message_id"),
-        (text(id, &"x".repeat(65), "hi"), "client_message_id"),
-        (text("not-a-uuid", "m1", "hi"), "conversation_id"),
+        (text_request(id, "m1", "   "), "text"),
+        (text_request(id, "m1", &"x".repeat(4001)), "text"),
+        (text_request(id, "", "hi"), "client_message_id"),
+        (text_request(id, &"x".repeat(65), "hi"), "client_message_id"),
+        (text_request("not-a-uuid", "m1", "hi"), "conversation_id"),
         (
             pb::SendMessageRequest {
                 conversation_id: id.to_owned(),
@@ -147,7 +142,7 @@ pub async fn validation_errors_name_the_field(backend: Backend) {
     // 4000 characters (not bytes) after trimming are fine.
     let long = format!("  {}  ", "é".repeat(4000));
     let message = client
-        .send_message(as_user("alice", text(id, "long", &long)))
+        .send_message(as_user("alice", text_request(id, "long", &long)))
         .await
         .unwrap()
         .into_inner()
@@ -215,7 +210,7 @@ pub async fn only_participants_read_or_write(backend: Backend) {
             .map(|_| ())
             .unwrap_err(),
         client
-            .send_message(as_user("mallory", text(&id, "m", "hi")))
+            .send_message(as_user("mallory", text_request(&id, "m", "hi")))
             .await
             .map(|_| ())
             .unwrap_err(),
@@ -355,7 +350,7 @@ pub async fn retries_are_idempotent(backend: Backend) {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut client = client.clone();
-        let request = text(&id, "same-id", "hello once");
+        let request = text_request(&id, "same-id", "hello once");
         tasks.push(tokio::spawn(async move {
             client
                 .send_message(as_user("alice", request))
@@ -377,7 +372,10 @@ pub async fn retries_are_idempotent(backend: Backend) {
     );
     assert!(messages.iter().all(|m| m.sequence == messages[0].sequence));
     let conflict = client
-        .send_message(as_user("alice", text(&id, "same-id", "different text")))
+        .send_message(as_user(
+            "alice",
+            text_request(&id, "same-id", "different text"),
+        ))
         .await
         .unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists);

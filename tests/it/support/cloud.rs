@@ -340,12 +340,17 @@ pub async fn history(
 
 /// DownloadFile from offset 0, whole.
 pub async fn download(files: &mut Files, user: &str, file_id: &str) -> Vec<u8> {
+    download_from(files, user, file_id, 0).await
+}
+
+/// DownloadFile from `offset` to the end, checking every chunk is at most 1 MiB.
+pub async fn download_from(files: &mut Files, user: &str, file_id: &str, offset: usize) -> Vec<u8> {
     let mut chunks = files
         .download_file(as_user(
             user,
             pb::DownloadFileRequest {
                 file_id: file_id.to_owned(),
-                offset: 0,
+                offset: offset as i64,
             },
         ))
         .await

@@ -336,6 +336,20 @@ pub async fn create_conversation(
         .conversation_id
 }
 
+/// A SendMessage request of `text` under `client_message_id`.
+pub fn text_request(
+    conversation_id: &str,
+    client_message_id: &str,
+    text: &str,
+) -> svc_messaging::grpc::pb::SendMessageRequest {
+    use svc_messaging::grpc::pb;
+    pb::SendMessageRequest {
+        conversation_id: conversation_id.to_owned(),
+        client_message_id: client_message_id.to_owned(),
+        content: Some(pb::send_message_request::Content::Text(text.to_owned())),
+    }
+}
+
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
