@@ -2,22 +2,26 @@
 //! prepares (the same `SVC_TEST_*` variables as the tests), and small statistics.
 #![allow(dead_code)]
 
+// Shared with the tests: the SVC_TEST_* servers, the caller header, readiness.
+#[path = "../../tests/it/support/env.rs"]
+mod env;
+pub use env::{
+    as_user, required_tool as required_env, test_s3_settings as s3_settings, wait_ready,
+};
+
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use svc_messaging::{
     app::{App, StartupError},
-    config::{BlobBackend, MessageBackend, S3Settings, Settings},
+    config::{BlobBackend, MessageBackend, Settings},
     grpc::pb::{CreateConversationRequest, messaging_service_client::MessagingServiceClient},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::{
-    Request,
-    transport::{Channel, Endpoint},
-};
+use tonic::transport::{Channel, Endpoint};
 
 /// `cargo bench` passes `--bench` to a `harness = false` target; `cargo test --benches` (or
 /// `--all-targets`) runs the same binary without it. Returns false (after saying so) in the
@@ -28,15 +32,6 @@ pub fn invoked_by_cargo_bench(name: &str) -> bool {
     }
     println!("{name}: benchmark skipped (not run by `cargo bench`; use scripts/bench {name})");
     false
-}
-
-/// A variable `scripts/bench` exports.
-pub fn required_env(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!(
-            "{var} is not set: run the benchmarks through scripts/bench, which starts the servers"
-        )
-    })
 }
 
 /// An optional numeric knob (e.g. `SVC_BENCH_ROUNDS`), with a default.
@@ -68,28 +63,12 @@ pub fn redis_settings(key_prefix: &str, data_dir: &std::path::Path) -> Settings 
     settings
 }
 
-/// The Garage bucket `scripts/bench` started.
-pub fn s3_settings() -> S3Settings {
-    S3Settings {
-        endpoint: Some(required_env("SVC_TEST_S3_ENDPOINT")),
-        region: required_env("SVC_TEST_S3_REGION"),
-        bucket: Some(required_env("SVC_TEST_S3_BUCKET")),
-        access_key_id: Some(required_env("SVC_TEST_S3_ACCESS_KEY_ID")),
-        secret_access_key: Some(secrecy::SecretString::from(required_env(
-            "SVC_TEST_S3_SECRET_ACCESS_KEY",
-        ))),
-        force_path_style: true,
-        manage_lifecycle: false,
-        ..Default::default()
-    }
-}
-
 pub fn use_s3(settings: &mut Settings) {
     settings.storage.blobs = BlobBackend::S3;
     settings.s3 = s3_settings();
 }
 
-/// The service running inside the bench process (as `tests/common` TestServer does).
+/// The service running inside the bench process (as `tests/it/support` TestServer does).
 pub struct Server {
     pub grpc_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
@@ -144,21 +123,6 @@ impl Drop for Server {
     }
 }
 
-/// Polls `/readyz` until it answers 200 (every dependency reachable).
-pub async fn wait_ready(http_addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let url = format!("http://{http_addr}/readyz");
-    while Instant::now() < deadline {
-        if let Ok(response) = reqwest::get(&url).await
-            && response.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the service at {http_addr} did not become ready");
-}
-
 pub fn endpoint(addr: SocketAddr) -> Endpoint {
     Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -170,15 +134,6 @@ pub async fn connect(addr: SocketAddr) -> Channel {
         .connect()
         .await
         .expect("connect to the service")
-}
-
-/// A request authenticated through the trusted `x-user-id` header (the default auth mode).
-pub fn as_user<T>(user: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-user-id", user.parse().expect("ascii user id"));
-    request
 }
 
 /// Creates a conversation of `creator` with `others`; returns its id.

@@ -1,40 +1,16 @@
 //! FileRelayService end to end: uploads checked as bytes arrive, every refusal leaving nothing
 //! behind, downloads by stream and by signed URL, deletion and expiry.
 
-mod common;
-
 use std::{path::Path, time::Duration};
 
+use crate::support::{
+    TestServer, as_user,
+    cloud::{Files, Messaging, download_from, metadata_of_size, upload_messages},
+    create_conversation, reason, sha256_hex, unique_prefix,
+};
 use bytes::Bytes;
-use common::{
-    TestServer, as_user, create_conversation, reason, sha256_hex, test_s3_settings, unique_prefix,
-    use_test_redis,
-};
-use futures::StreamExt;
-use svc_messaging::grpc::pb::{
-    self, file_relay_service_client::FileRelayServiceClient,
-    messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
-};
-use tonic::{Code, transport::Channel};
-
-type Files = FileRelayServiceClient<Channel>;
-type Messaging = MessagingServiceClient<Channel>;
-
-fn metadata(
-    conversation_id: &str,
-    name: &str,
-    content_type: &str,
-    size: usize,
-) -> pb::UploadMetadata {
-    pb::UploadMetadata {
-        conversation_id: conversation_id.to_owned(),
-        file_name: name.to_owned(),
-        content_type: content_type.to_owned(),
-        size_bytes: size as i64,
-        sha256: String::new(),
-        caption: String::new(),
-    }
-}
+use svc_messaging::grpc::pb::{self, upload_file_request::Payload};
+use tonic::Code;
 
 fn stream(
     metadata: Option<pb::UploadMetadata>,
@@ -53,17 +29,6 @@ fn stream(
         });
     }
     messages
-}
-
-async fn upload(
-    files: &mut Files,
-    user: &str,
-    messages: Vec<pb::UploadFileRequest>,
-) -> Result<pb::UploadFileResponse, tonic::Status> {
-    files
-        .upload_file(as_user(user, futures::stream::iter(messages)))
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 fn text_body(len: usize) -> Vec<u8> {
@@ -109,36 +74,12 @@ pub enum Backend {
     Cloud,
 }
 
-fn use_test_cloud(settings: &mut svc_messaging::config::Settings) {
-    use svc_messaging::config::BlobBackend;
-    use_test_redis(settings, &unique_prefix("files"));
-    settings.storage.blobs = BlobBackend::S3;
-    settings.s3 = test_s3_settings();
-}
-
 /// Whatever a conversation's uploads left behind: files on disk (finished or not), or objects,
 /// open multipart uploads and file records in the S3 bucket and Redis.
 async fn leftovers(backend: Backend, server: &TestServer, conversation_id: &str) -> Vec<String> {
     match backend {
         Backend::Local => stored_files(&blob_root(server)),
-        Backend::Cloud => {
-            use svc_messaging::store::{blobs::BlobStore, s3::S3BlobStore};
-            let budget = svc_messaging::budget::MemoryBudget::new(64 << 20, Duration::from_secs(1));
-            let s3 = S3BlobStore::new(&test_s3_settings(), 8 << 20, 1, budget).unwrap();
-            let mut left = Vec::new();
-            for area in ["files", "thumbs"] {
-                let prefix = format!("{area}/{conversation_id}/");
-                left.extend(s3.list(&prefix).await.unwrap());
-                left.extend(
-                    s3.open_multipart_uploads(&prefix)
-                        .await
-                        .unwrap()
-                        .into_iter()
-                        .map(|key| format!("open upload {key}")),
-                );
-            }
-            left
-        }
+        Backend::Cloud => crate::support::cloud::bucket_leftovers(conversation_id).await,
     }
 }
 
@@ -159,7 +100,7 @@ async fn setup_with(
 ) -> Setup {
     let server = TestServer::start_with(|settings| {
         if backend == Backend::Cloud {
-            use_test_cloud(settings);
+            crate::support::cloud::use_cloud(settings, &unique_prefix("files"));
         }
         tune(settings);
     })
@@ -187,10 +128,10 @@ pub async fn an_upload_round_trips_through_every_download_path(backend: Backend)
         conversation_id,
     } = setup(backend).await;
     let body = text_body(2_500_000);
-    let mut meta = metadata(&conversation_id, "notes été.txt", "text/plain", body.len());
+    let mut meta = metadata_of_size(&conversation_id, "notes été.txt", "text/plain", body.len());
     meta.sha256 = sha256_hex(&body).to_uppercase();
     meta.caption = "  the notes  ".to_owned();
-    let response = upload(&mut files, "alice", stream(Some(meta), &body, 1024 * 1024))
+    let response = upload_messages(&mut files, "alice", stream(Some(meta), &body, 1024 * 1024))
         .await
         .unwrap();
     let file = response.file.unwrap();
@@ -240,23 +181,7 @@ pub async fn an_upload_round_trips_through_every_download_path(backend: Backend)
 
     // DownloadFile, whole and from an offset.
     for offset in [0usize, 1_000_001] {
-        let mut chunks = files
-            .download_file(as_user(
-                "bob",
-                pb::DownloadFileRequest {
-                    file_id: file.file_id.clone(),
-                    offset: offset as i64,
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut downloaded = Vec::new();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.unwrap().chunk;
-            assert!(chunk.len() <= 1024 * 1024);
-            downloaded.extend_from_slice(&chunk);
-        }
+        let downloaded = download_from(&mut files, "bob", &file.file_id, offset).await;
         assert_eq!(downloaded, body[offset..]);
     }
     let status = files
@@ -322,7 +247,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
     .await;
     let id = conversation_id.as_str();
     let text = text_body(10_000);
-    let mut bad_sha = metadata(id, "a.txt", "text/plain", text.len());
+    let mut bad_sha = metadata_of_size(id, "a.txt", "text/plain", text.len());
     bad_sha.sha256 = sha256_hex(b"something else");
     let mut pdf_no_eof = b"%PDF-1.7\n".to_vec();
     pdf_no_eof.extend(std::iter::repeat_n(b'x', 5000));
@@ -350,7 +275,12 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "unsupported type",
             stream(
-                Some(metadata(id, "a.exe", "application/x-msdownload", 10)),
+                Some(metadata_of_size(
+                    id,
+                    "a.exe",
+                    "application/x-msdownload",
+                    10,
+                )),
                 b"MZ",
                 10,
             ),
@@ -360,7 +290,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "wrong extension",
             stream(
-                Some(metadata(id, "a.pdf", "text/plain", text.len())),
+                Some(metadata_of_size(id, "a.pdf", "text/plain", text.len())),
                 &text,
                 1000,
             ),
@@ -370,7 +300,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "path in name",
             stream(
-                Some(metadata(id, "../a.txt", "text/plain", text.len())),
+                Some(metadata_of_size(id, "../a.txt", "text/plain", text.len())),
                 &text,
                 1000,
             ),
@@ -379,14 +309,18 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         ),
         (
             "zero size",
-            stream(Some(metadata(id, "a.txt", "text/plain", 0)), b"", 1000),
+            stream(
+                Some(metadata_of_size(id, "a.txt", "text/plain", 0)),
+                b"",
+                1000,
+            ),
             Code::InvalidArgument,
             "INVALID_FIELD",
         ),
         (
             "document too large",
             stream(
-                Some(metadata(
+                Some(metadata_of_size(
                     id,
                     "a.pdf",
                     "application/pdf",
@@ -401,7 +335,12 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "image too large",
             stream(
-                Some(metadata(id, "a.png", "image/png", 10 * 1024 * 1024 + 1)),
+                Some(metadata_of_size(
+                    id,
+                    "a.png",
+                    "image/png",
+                    10 * 1024 * 1024 + 1,
+                )),
                 b"",
                 10,
             ),
@@ -411,7 +350,12 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "magic mismatch",
             stream(
-                Some(metadata(id, "a.png", "image/png", jpeg_as_png.len())),
+                Some(metadata_of_size(
+                    id,
+                    "a.png",
+                    "image/png",
+                    jpeg_as_png.len(),
+                )),
                 &jpeg_as_png,
                 1000,
             ),
@@ -421,7 +365,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "binary as text",
             stream(
-                Some(metadata(id, "a.csv", "text/csv", 6)),
+                Some(metadata_of_size(id, "a.csv", "text/csv", 6)),
                 b"a,\x00b\n1",
                 1000,
             ),
@@ -431,7 +375,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "too many pixels",
             stream(
-                Some(metadata(id, "a.png", "image/png", huge_png.len())),
+                Some(metadata_of_size(id, "a.png", "image/png", huge_png.len())),
                 &huge_png,
                 1000,
             ),
@@ -441,7 +385,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "more than declared",
             stream(
-                Some(metadata(id, "a.txt", "text/plain", text.len())),
+                Some(metadata_of_size(id, "a.txt", "text/plain", text.len())),
                 &over,
                 1000,
             ),
@@ -451,7 +395,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "less than declared",
             stream(
-                Some(metadata(id, "a.txt", "text/plain", text.len() + 5)),
+                Some(metadata_of_size(id, "a.txt", "text/plain", text.len() + 5)),
                 &text,
                 1000,
             ),
@@ -461,7 +405,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "chunk too big",
             stream(
-                Some(metadata(id, "a.txt", "text/plain", 70 * 1024)),
+                Some(metadata_of_size(id, "a.txt", "text/plain", 70 * 1024)),
                 &text_body(70 * 1024),
                 70 * 1024,
             ),
@@ -477,7 +421,12 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "pdf without end",
             stream(
-                Some(metadata(id, "a.pdf", "application/pdf", pdf_no_eof.len())),
+                Some(metadata_of_size(
+                    id,
+                    "a.pdf",
+                    "application/pdf",
+                    pdf_no_eof.len(),
+                )),
                 &pdf_no_eof,
                 1000,
             ),
@@ -489,7 +438,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
             stream(
                 Some(pb::UploadMetadata {
                     sha256: "xyz".to_owned(),
-                    ..metadata(id, "a.txt", "text/plain", 3)
+                    ..metadata_of_size(id, "a.txt", "text/plain", 3)
                 }),
                 b"abc",
                 10,
@@ -500,7 +449,7 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         (
             "unknown conversation",
             stream(
-                Some(metadata(
+                Some(metadata_of_size(
                     "0190a4b8-0000-7000-8000-000000000000",
                     "a.txt",
                     "text/plain",
@@ -514,7 +463,9 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         ),
     ];
     for (name, messages, code, expected) in cases {
-        let status = upload(&mut files, "alice", messages).await.unwrap_err();
+        let status = upload_messages(&mut files, "alice", messages)
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), code, "{name}: {status:?}");
         assert_eq!(reason(&status), expected, "{name}: {status:?}");
         assert!(
@@ -524,10 +475,14 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
         );
     }
     // Outsiders may not upload.
-    let status = upload(
+    let status = upload_messages(
         &mut files,
         "mallory",
-        stream(Some(metadata(id, "a.txt", "text/plain", 3)), b"abc", 10),
+        stream(
+            Some(metadata_of_size(id, "a.txt", "text/plain", 3)),
+            b"abc",
+            10,
+        ),
     )
     .await
     .unwrap_err();
@@ -562,7 +517,7 @@ pub async fn a_cancelled_upload_leaves_nothing(backend: Backend) {
     let body = text_body(3 * 1024 * 1024);
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let mut messages = stream(
-        Some(metadata(
+        Some(metadata_of_size(
             &conversation_id,
             "big.txt",
             "text/plain",
@@ -606,11 +561,11 @@ pub async fn only_the_uploader_deletes_and_the_message_becomes_a_tombstone(backe
         conversation_id,
     } = setup(backend).await;
     let body = text_body(1000);
-    let response = upload(
+    let response = upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(
+            Some(metadata_of_size(
                 &conversation_id,
                 "a.txt",
                 "text/plain",
@@ -703,11 +658,11 @@ pub async fn files_expire_after_the_retention(backend: Backend) {
     })
     .await;
     let body = text_body(100);
-    let response = upload(
+    let response = upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(
+            Some(metadata_of_size(
                 &conversation_id,
                 "a.txt",
                 "text/plain",
@@ -809,11 +764,11 @@ pub async fn a_file_can_be_posted_again_only_in_its_conversation(backend: Backen
     let other = create_conversation(&mut messaging, "alice", &[]).await;
     let body = fixture("palette.png");
     let size = imagesize::blob_size(&body).unwrap();
-    let response = upload(
+    let response = upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(
+            Some(metadata_of_size(
                 &conversation_id,
                 "tiny.png",
                 "image/png",
@@ -863,11 +818,11 @@ pub async fn outsiders_cannot_reach_a_file(backend: Backend) {
         ..
     } = setup(backend).await;
     let body = text_body(100);
-    let file_id = upload(
+    let file_id = upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(
+            Some(metadata_of_size(
                 &conversation_id,
                 "a.txt",
                 "text/plain",
@@ -944,11 +899,11 @@ pub async fn images_get_an_upright_metadata_free_thumbnail(backend: Backend) {
     } = setup(backend).await;
     // Stored 240x400 with EXIF orientation 6: displayed 400x240.
     let photo = fixture("orientation-6.jpg");
-    let file = upload(
+    let file = upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(
+            Some(metadata_of_size(
                 &conversation_id,
                 "photo.jpg",
                 "image/jpeg",
@@ -1011,11 +966,16 @@ pub async fn undecodable_images_are_refused_and_leave_nothing(backend: Backend) 
         ("broken.png", "image/png", "corrupt.png"),
     ] {
         let bytes = fixture(fixture_name);
-        let status = upload(
+        let status = upload_messages(
             &mut files,
             "alice",
             stream(
-                Some(metadata(&conversation_id, name, content_type, bytes.len())),
+                Some(metadata_of_size(
+                    &conversation_id,
+                    name,
+                    content_type,
+                    bytes.len(),
+                )),
                 &bytes,
                 4096,
             ),
@@ -1042,11 +1002,11 @@ pub async fn undecodable_images_are_refused_and_leave_nothing(backend: Backend) 
     // HEIC is stored without a thumbnail (no well-kept decoder is used).
     let mut heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic".to_vec();
     heic.extend(std::iter::repeat_n(0u8, 2000));
-    let file = upload(
+    let file = upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(
+            Some(metadata_of_size(
                 &conversation_id,
                 "a.heic",
                 "image/heic",
@@ -1128,7 +1088,7 @@ async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
     let max_chunks = 2048 + 16;
     let flood = |empty_chunks: bool| {
         let mut messages = vec![pb::UploadFileRequest {
-            payload: Some(Payload::Metadata(metadata(
+            payload: Some(Payload::Metadata(metadata_of_size(
                 &conversation_id,
                 "slow.jpg",
                 "image/jpeg",
@@ -1151,7 +1111,7 @@ async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
         .map(|index| {
             let mut files = files.clone();
             let messages = flood(index % 2 == 0);
-            tokio::spawn(async move { upload(&mut files, "alice", messages).await })
+            tokio::spawn(async move { upload_messages(&mut files, "alice", messages).await })
         })
         .collect();
     let (calls, slowest) = policy_latency_while(&files, &floods).await;
@@ -1169,11 +1129,16 @@ async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
     // A small file gets 16 chunks however small it is; the 17th is refused.
     let text = text_body(100);
     let mut files = files.clone();
-    upload(
+    upload_messages(
         &mut files,
         "alice",
         stream(
-            Some(metadata(&conversation_id, "ok.txt", "text/plain", 100)),
+            Some(metadata_of_size(
+                &conversation_id,
+                "ok.txt",
+                "text/plain",
+                100,
+            )),
             &text,
             7,
         ),
@@ -1181,11 +1146,16 @@ async fn chunk_floods_are_refused_and_other_callers_stay_fast() {
     .await
     .expect("15 chunks of a 100-byte file are fine");
     assert_too_many_chunks(
-        upload(
+        upload_messages(
             &mut files,
             "alice",
             stream(
-                Some(metadata(&conversation_id, "no.txt", "text/plain", 100)),
+                Some(metadata_of_size(
+                    &conversation_id,
+                    "no.txt",
+                    "text/plain",
+                    100,
+                )),
                 &text,
                 5,
             ),
@@ -1214,7 +1184,7 @@ async fn empty_chunks_cost_nothing_even_without_the_chunk_cap() {
         .map(|_| {
             let mut messages = vec![
                 pb::UploadFileRequest {
-                    payload: Some(Payload::Metadata(metadata(
+                    payload: Some(Payload::Metadata(metadata_of_size(
                         &conversation_id,
                         "slow.jpg",
                         "image/jpeg",
@@ -1229,7 +1199,7 @@ async fn empty_chunks_cost_nothing_even_without_the_chunk_cap() {
                 payload: Some(Payload::Chunk(Bytes::new())),
             }));
             let mut files = files.clone();
-            tokio::spawn(async move { upload(&mut files, "alice", messages).await })
+            tokio::spawn(async move { upload_messages(&mut files, "alice", messages).await })
         })
         .collect();
     let (calls, slowest) = policy_latency_while(&files, &floods).await;
@@ -1247,51 +1217,17 @@ async fn empty_chunks_cost_nothing_even_without_the_chunk_cap() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-macro_rules! file_suite {
-    ($backend:expr) => {
-        #[tokio::test]
-        async fn an_upload_round_trips_through_every_download_path() {
-            super::an_upload_round_trips_through_every_download_path($backend).await;
-        }
-        #[tokio::test]
-        async fn every_refusal_is_precise_and_leaves_nothing() {
-            super::every_refusal_is_precise_and_leaves_nothing($backend).await;
-        }
-        #[tokio::test]
-        async fn a_cancelled_upload_leaves_nothing() {
-            super::a_cancelled_upload_leaves_nothing($backend).await;
-        }
-        #[tokio::test]
-        async fn only_the_uploader_deletes_and_the_message_becomes_a_tombstone() {
-            super::only_the_uploader_deletes_and_the_message_becomes_a_tombstone($backend).await;
-        }
-        #[tokio::test]
-        async fn files_expire_after_the_retention() {
-            super::files_expire_after_the_retention($backend).await;
-        }
-        #[tokio::test]
-        async fn a_file_can_be_posted_again_only_in_its_conversation() {
-            super::a_file_can_be_posted_again_only_in_its_conversation($backend).await;
-        }
-        #[tokio::test]
-        async fn images_get_an_upright_metadata_free_thumbnail() {
-            super::images_get_an_upright_metadata_free_thumbnail($backend).await;
-        }
-        #[tokio::test]
-        async fn undecodable_images_are_refused_and_leave_nothing() {
-            super::undecodable_images_are_refused_and_leave_nothing($backend).await;
-        }
-        #[tokio::test]
-        async fn outsiders_cannot_reach_a_file() {
-            super::outsiders_cannot_reach_a_file($backend).await;
-        }
-    };
-}
-
-mod local {
-    file_suite!(super::Backend::Local);
-}
-
-mod cloud {
-    file_suite!(super::Backend::Cloud);
+crate::support::suite! {
+    backends: local = super::Backend::Local, cloud = super::Backend::Cloud;
+    tests: [
+        an_upload_round_trips_through_every_download_path,
+        every_refusal_is_precise_and_leaves_nothing,
+        a_cancelled_upload_leaves_nothing,
+        only_the_uploader_deletes_and_the_message_becomes_a_tombstone,
+        files_expire_after_the_retention,
+        a_file_can_be_posted_again_only_in_its_conversation,
+        images_get_an_upright_metadata_free_thumbnail,
+        undecodable_images_are_refused_and_leave_nothing,
+        outsiders_cannot_reach_a_file,
+    ]
 }

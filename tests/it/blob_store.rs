@@ -1,8 +1,6 @@
 //! One conformance suite for every `BlobStore`: the filesystem store here, the S3 store against
 //! the real S3-compatible server that scripts/test starts.
 
-mod common;
-
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -35,7 +33,8 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|index| (index * 31 % 251) as u8).collect()
 }
 
-pub async fn streamed_writes_read_back_identically(store: Arc<dyn BlobStore>, prefix: &str) {
+pub async fn streamed_writes_read_back_identically(backend: Backend) {
+    let (store, prefix) = backend.store().await;
     let key = format!("{prefix}/files/conv/file-1");
     let body = pattern(3 * 1024 * 1024 + 17);
     let mut upload = store.start_upload(&key, attributes()).await.unwrap();
@@ -59,7 +58,8 @@ pub async fn streamed_writes_read_back_identically(store: Arc<dyn BlobStore>, pr
     store.delete(&key).await.expect("deleting twice is fine");
 }
 
-pub async fn aborted_and_dropped_uploads_leave_nothing(store: Arc<dyn BlobStore>, prefix: &str) {
+pub async fn aborted_and_dropped_uploads_leave_nothing(backend: Backend) {
+    let (store, prefix) = backend.store().await;
     let key = format!("{prefix}/files/conv/aborted");
     let mut upload = store.start_upload(&key, attributes()).await.unwrap();
     upload.write(Bytes::from(pattern(100_000))).await.unwrap();
@@ -73,7 +73,8 @@ pub async fn aborted_and_dropped_uploads_leave_nothing(store: Arc<dyn BlobStore>
     assert!(matches!(store.info(&key).await, Err(BlobError::NotFound)));
 }
 
-pub async fn small_objects_are_put_in_one_go(store: Arc<dyn BlobStore>, prefix: &str) {
+pub async fn small_objects_are_put_in_one_go(backend: Backend) {
+    let (store, prefix) = backend.store().await;
     let key = format!("{prefix}/thumbs/conv/file-1");
     store
         .put(&key, attributes(), Bytes::from_static(b"tiny"))
@@ -86,44 +87,49 @@ pub async fn small_objects_are_put_in_one_go(store: Arc<dyn BlobStore>, prefix: 
     ));
 }
 
-macro_rules! blob_suite {
-    ($make:expr) => {
-        #[tokio::test]
-        async fn streamed_writes_read_back_identically() {
-            let (store, prefix) = $make().await;
-            super::streamed_writes_read_back_identically(store, &prefix).await;
-        }
-        #[tokio::test]
-        async fn aborted_and_dropped_uploads_leave_nothing() {
-            let (store, prefix) = $make().await;
-            super::aborted_and_dropped_uploads_leave_nothing(store, &prefix).await;
-        }
-        #[tokio::test]
-        async fn small_objects_are_put_in_one_go() {
-            let (store, prefix) = $make().await;
-            super::small_objects_are_put_in_one_go(store, &prefix).await;
-        }
-    };
+/// The blob stores the suite runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Fs,
+    S3,
 }
 
-mod fs {
+impl Backend {
+    /// The store and a key prefix of the test's own.
+    async fn store(self) -> (Arc<dyn BlobStore>, String) {
+        match self {
+            Self::Fs => fs_only::make().await,
+            Self::S3 => s3_only::make().await,
+        }
+    }
+}
+
+crate::support::suite! {
+    backends: fs = super::Backend::Fs, s3 = super::Backend::S3;
+    tests: [
+        streamed_writes_read_back_identically,
+        aborted_and_dropped_uploads_leave_nothing,
+        small_objects_are_put_in_one_go,
+    ]
+}
+
+/// The filesystem store's own tests.
+mod fs_only {
     use super::*;
 
     /// One directory (under target/) for the whole test binary; each test uses its own prefix.
     static ROOT: std::sync::LazyLock<tempfile::TempDir> =
         std::sync::LazyLock::new(|| tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap());
 
-    async fn make() -> (Arc<dyn BlobStore>, String) {
+    pub(super) async fn make() -> (Arc<dyn BlobStore>, String) {
         let store = FsBlobStore::open(
             ROOT.path(),
             UrlSigner::new(vec![7; 32], "http://127.0.0.1:1"),
         )
         .await
         .unwrap();
-        (Arc::new(store), common::unique_prefix("blob"))
+        (Arc::new(store), crate::support::unique_prefix("blob"))
     }
-
-    blob_suite!(make);
 
     #[tokio::test]
     async fn metadata_given_at_the_commit_joins_the_attributes() {
@@ -133,7 +139,10 @@ mod fs {
         )
         .await
         .unwrap();
-        let key = format!("{}/files/conv/file", common::unique_prefix("blob-meta"));
+        let key = format!(
+            "{}/files/conv/file",
+            crate::support::unique_prefix("blob-meta")
+        );
         let mut upload = store.start_upload(&key, attributes()).await.unwrap();
         upload.write(Bytes::from_static(b"hello")).await.unwrap();
         upload
@@ -158,7 +167,7 @@ mod fs {
 
 /// The S3 store against the real S3-compatible server (Garage) that scripts/test starts; every
 /// test writes under a key prefix (or into a bucket) of its own.
-mod s3 {
+mod s3_only {
     use std::time::{Duration, Instant};
 
     use secrecy::SecretString;
@@ -174,23 +183,14 @@ mod s3 {
     };
 
     use super::*;
+    use crate::support::cloud::garage;
 
     /// S3's smallest part: a 3 MiB upload is one PutObject, 12 MiB three parts.
     const PART: u64 = 5 * 1024 * 1024;
     const MIB: usize = 1024 * 1024;
 
     fn settings() -> S3Settings {
-        S3Settings {
-            endpoint: Some(common::required_tool("SVC_TEST_S3_ENDPOINT")),
-            region: common::required_tool("SVC_TEST_S3_REGION"),
-            bucket: Some(common::required_tool("SVC_TEST_S3_BUCKET")),
-            access_key_id: Some(common::required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
-            secret_access_key: Some(SecretString::from(common::required_tool(
-                "SVC_TEST_S3_SECRET_ACCESS_KEY",
-            ))),
-            force_path_style: true,
-            ..S3Settings::default()
-        }
+        crate::support::test_s3_settings()
     }
 
     fn store_with(settings: &S3Settings, budget: Arc<MemoryBudget>) -> S3BlobStore {
@@ -204,11 +204,9 @@ mod s3 {
         )
     }
 
-    async fn make() -> (Arc<dyn BlobStore>, String) {
-        (Arc::new(store()), common::unique_prefix("s3"))
+    pub(super) async fn make() -> (Arc<dyn BlobStore>, String) {
+        (Arc::new(store()), crate::support::unique_prefix("s3"))
     }
-
-    blob_suite!(make);
 
     fn sha256(bytes: &[u8]) -> Vec<u8> {
         Sha256::digest(bytes).to_vec()
@@ -221,22 +219,9 @@ mod s3 {
         }
     }
 
-    /// Runs `$SVC_TEST_GARAGE <args>` (bucket administration).
-    fn garage(args: &[&str]) {
-        let command = common::required_tool("SVC_TEST_GARAGE");
-        let mut words = command.split_whitespace();
-        let status = std::process::Command::new(words.next().unwrap())
-            .args(words)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run garage");
-        assert!(status.success(), "garage {args:?} failed");
-    }
-
     /// A fresh bucket of the test's own, writable with the test key.
     fn create_bucket(test: &str) -> String {
-        let bucket = common::unique_prefix(test);
+        let bucket = crate::support::unique_prefix(test);
         garage(&["bucket", "create", &bucket]);
         let key = std::env::var("SVC_TEST_GARAGE_KEY_NAME").unwrap_or_else(|_| "test".to_owned());
         garage(&[
@@ -248,7 +233,7 @@ mod s3 {
     #[tokio::test]
     async fn large_uploads_go_multipart_and_read_back_identically() {
         let store = store();
-        let prefix = common::unique_prefix("s3-multipart");
+        let prefix = crate::support::unique_prefix("s3-multipart");
         let key = format!("{prefix}/files/conv/big");
         let body = pattern(12 * MIB + 123);
         let mut upload = store.start_upload(&key, attributes()).await.unwrap();
@@ -310,7 +295,7 @@ mod s3 {
     #[tokio::test]
     async fn metadata_given_at_the_commit_is_stored_with_the_object() {
         let store = store();
-        let prefix = common::unique_prefix("s3-commit-meta");
+        let prefix = crate::support::unique_prefix("s3-commit-meta");
         for (name, len) in [("single", MIB), ("multipart", 11 * MIB)] {
             let key = format!("{prefix}/files/conv/{name}");
             let body = pattern(len);
@@ -368,7 +353,7 @@ mod s3 {
     #[tokio::test]
     async fn aborted_and_dropped_multipart_uploads_leave_nothing() {
         let store = store();
-        let prefix = common::unique_prefix("s3-abort");
+        let prefix = crate::support::unique_prefix("s3-abort");
         let body = pattern(11 * MIB);
 
         let aborted = format!("{prefix}/files/conv/aborted");
@@ -428,7 +413,10 @@ mod s3 {
     #[tokio::test]
     async fn presigned_urls_serve_the_object_until_they_expire() {
         let store = store();
-        let key = format!("{}/files/conv/notes.txt", common::unique_prefix("s3-url"));
+        let key = format!(
+            "{}/files/conv/notes.txt",
+            crate::support::unique_prefix("s3-url")
+        );
         store
             .put(&key, attributes(), Bytes::from_static(b"hello, world"))
             .await
@@ -503,21 +491,7 @@ mod s3 {
             .send()
             .await
             .unwrap();
-        let rules = lifecycle.rules();
-        assert_eq!(rules.len(), 3, "{rules:?}");
-        for prefix in ["files/", "thumbs/"] {
-            let rule = rules
-                .iter()
-                .find(|rule| rule.filter().and_then(|filter| filter.prefix()) == Some(prefix))
-                .unwrap_or_else(|| panic!("no rule for {prefix}: {rules:?}"));
-            assert_eq!(rule.status().as_str(), "Enabled");
-            assert_eq!(rule.expiration().and_then(|expiry| expiry.days()), Some(2));
-        }
-        let abort = rules
-            .iter()
-            .find_map(|rule| rule.abort_incomplete_multipart_upload())
-            .unwrap_or_else(|| panic!("no rule aborting stale multipart uploads: {rules:?}"));
-        assert_eq!(abort.days_after_initiation(), Some(1));
+        crate::support::cloud::assert_lifecycle_rules(lifecycle.rules(), 2);
     }
 
     #[tokio::test]
@@ -525,7 +499,7 @@ mod s3 {
         // Room for one part buffer, not two; a short wait.
         let budget = MemoryBudget::new(PART * 3 / 2, Duration::from_millis(300));
         let store = store_with(&settings(), budget.clone());
-        let prefix = common::unique_prefix("s3-budget");
+        let prefix = crate::support::unique_prefix("s3-budget");
         let mut first = store
             .start_upload(&format!("{prefix}/files/conv/first"), attributes())
             .await
@@ -575,7 +549,7 @@ mod s3 {
     async fn uploads_wait_for_memory_held_by_others() {
         let budget = MemoryBudget::new(PART * 3 / 2, Duration::from_secs(20));
         let store = Arc::new(store_with(&settings(), budget.clone()));
-        let prefix = common::unique_prefix("s3-budget-wait");
+        let prefix = crate::support::unique_prefix("s3-budget-wait");
         let mut first = store
             .start_upload(&format!("{prefix}/files/conv/first"), attributes())
             .await
@@ -627,7 +601,7 @@ mod s3 {
         let budget = MemoryBudget::new(64 * MIB as u64, Duration::from_secs(1));
         let wrong_secret = store_with(&wrong_secret, budget.clone());
         assert!(wrong_secret.check().await.is_err());
-        let key = format!("{}/files/x", common::unique_prefix("s3-errors"));
+        let key = format!("{}/files/x", crate::support::unique_prefix("s3-errors"));
         let error = wrong_secret.info(&key).await.unwrap_err();
         assert!(matches!(error, BlobError::Misconfigured(_)), "{error:?}");
         let error = wrong_secret
@@ -641,7 +615,7 @@ mod s3 {
         );
 
         let missing_bucket = S3Settings {
-            bucket: Some(common::unique_prefix("no-such-bucket")),
+            bucket: Some(crate::support::unique_prefix("no-such-bucket")),
             ..settings()
         };
         let missing_bucket = store_with(&missing_bucket, budget.clone());

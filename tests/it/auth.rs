@@ -1,11 +1,9 @@
 //! Authentication at the gRPC edge in `jwt` mode: every public RPC needs a valid bearer token;
 //! health and reflection need none.
 
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{TestServer, reason};
+use crate::support::{TestServer, reason};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use secrecy::SecretString;
 use serde_json::json;

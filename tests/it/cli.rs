@@ -1,14 +1,12 @@
 //! The binary as operators run it: config validation (exit code 2 and one line naming the key),
 //! `check-config`, SIGTERM handling, and secrets kept out of the logs.
 
-mod common;
-
 use std::{
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
-use common::{ServiceProcess, as_user};
+use crate::support::{ServiceProcess, as_user};
 use futures::StreamExt;
 use svc_messaging::grpc::pb::{self, file_relay_service_client::FileRelayServiceClient};
 use tonic::Request;
@@ -384,8 +382,8 @@ async fn secrets_never_reach_the_logs() {
 }
 
 /// Sets the password of the private Redis (from `old`) to `new` with redis-cli.
-fn set_redis_password(redis: &common::PrivateRedis, old: &str, new: &str) {
-    let output = Command::new(common::required_tool("SVC_TEST_REDIS_CLI"))
+fn set_redis_password(redis: &crate::support::PrivateRedis, old: &str, new: &str) {
+    let output = Command::new(crate::support::required_tool("SVC_TEST_REDIS_CLI"))
         .env("REDISCLI_AUTH", old)
         .args(["-h", "127.0.0.1", "-p", &redis.port.to_string()])
         .args(["config", "set", "requirepass", new])
@@ -404,7 +402,7 @@ fn set_redis_password(redis: &common::PrivateRedis, old: &str, new: &str) {
 /// variable, and from a mounted file.
 #[tokio::test]
 async fn redis_passwords_arrive_byte_for_byte_from_env_and_files() {
-    let redis = common::PrivateRedis::start();
+    let redis = crate::support::PrivateRedis::start();
     let secrets = tempfile::tempdir().unwrap();
     let url = format!("redis://default@127.0.0.1:{}/0", redis.port);
     let mut current = redis.password.clone();

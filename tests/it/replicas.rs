@@ -1,11 +1,12 @@
 //! Several replicas sharing one Redis: fan-out across replicas, one sequence for everyone,
 //! idempotent retries on any replica, and live streams that survive a Redis restart.
 
-mod common;
-
 use std::{collections::BTreeSet, time::Duration};
 
-use common::{PrivateRedis, TestServer, as_user, unique_prefix, use_test_redis};
+use crate::support::{
+    PrivateRedis, TestServer, as_user, create_conversation, text_request, unique_prefix,
+    use_test_redis,
+};
 use futures::StreamExt;
 use svc_messaging::grpc::pb;
 use tonic::{Code, transport::Channel};
@@ -18,32 +19,6 @@ type Client = pb::messaging_service_client::MessagingServiceClient<Channel>;
 async fn replica(prefix: &str) -> TestServer {
     let prefix = prefix.to_owned();
     TestServer::start_with(move |settings| use_test_redis(settings, &prefix)).await
-}
-
-fn text(conversation_id: &str, client_message_id: &str, text: &str) -> pb::SendMessageRequest {
-    pb::SendMessageRequest {
-        conversation_id: conversation_id.to_owned(),
-        client_message_id: client_message_id.to_owned(),
-        content: Some(pb::send_message_request::Content::Text(text.to_owned())),
-    }
-}
-
-async fn create(client: &mut Client, creator: &str, others: &[&str]) -> String {
-    client
-        .create_conversation(as_user(
-            creator,
-            pb::CreateConversationRequest {
-                title: "replicas".to_owned(),
-                participant_ids: others.iter().map(|s| (*s).to_owned()).collect(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap()
-        .conversation_id
 }
 
 fn subscribe_request(
@@ -67,7 +42,7 @@ async fn a_subscriber_on_one_replica_sees_everything_sent_through_the_other() {
     let b = replica(&prefix).await;
     let mut via_a = Client::new(a.channel().await);
     let mut via_b = Client::new(b.channel().await);
-    let id = create(&mut via_a, "alice", &["bob"]).await;
+    let id = create_conversation(&mut via_a, "alice", &["bob"]).await;
     let mut stream = via_b
         .subscribe_messages(subscribe_request("bob", &id, 0))
         .await
@@ -77,7 +52,7 @@ async fn a_subscriber_on_one_replica_sees_everything_sent_through_the_other() {
         via_a
             .send_message(as_user(
                 "alice",
-                text(&id, &format!("m{n}"), &format!("hello {n}")),
+                text_request(&id, &format!("m{n}"), &format!("hello {n}")),
             ))
             .await
             .unwrap();
@@ -94,14 +69,14 @@ async fn a_subscriber_on_one_replica_sees_everything_sent_through_the_other() {
     }
     // A retry through the other replica returns the original message.
     let original = via_a
-        .send_message(as_user("alice", text(&id, "m7", "hello 7")))
+        .send_message(as_user("alice", text_request(&id, "m7", "hello 7")))
         .await
         .unwrap()
         .into_inner()
         .message
         .unwrap();
     let retried = via_b
-        .send_message(as_user("alice", text(&id, "m7", "hello 7")))
+        .send_message(as_user("alice", text_request(&id, "m7", "hello 7")))
         .await
         .unwrap()
         .into_inner()
@@ -119,7 +94,7 @@ async fn twenty_senders_across_two_replicas_share_one_gap_free_sequence() {
     let channels = [a.channel().await, b.channel().await];
     let senders: Vec<String> = (0..20).map(|n| format!("sender{n}")).collect();
     let others: Vec<&str> = senders.iter().map(String::as_str).collect();
-    let id = create(&mut Client::new(channels[0].clone()), "owner", &others).await;
+    let id = create_conversation(&mut Client::new(channels[0].clone()), "owner", &others).await;
     let mut tasks = Vec::new();
     for (n, sender) in senders.into_iter().enumerate() {
         let mut client = Client::new(channels[n % 2].clone());
@@ -128,7 +103,10 @@ async fn twenty_senders_across_two_replicas_share_one_gap_free_sequence() {
             let mut sequences = Vec::new();
             for k in 0..5 {
                 let message = client
-                    .send_message(as_user(&sender, text(&id, &format!("{sender}-{k}"), "hi")))
+                    .send_message(as_user(
+                        &sender,
+                        text_request(&id, &format!("{sender}-{k}"), "hi"),
+                    ))
                     .await
                     .unwrap()
                     .into_inner()
@@ -158,12 +136,12 @@ async fn a_redis_restart_loses_no_event() {
     .await;
     let channel = server.channel().await;
     let mut client = Client::new(channel.clone());
-    let id = create(&mut client, "alice", &["bob"]).await;
+    let id = create_conversation(&mut client, "alice", &["bob"]).await;
     for n in 1..=5 {
         client
             .send_message(as_user(
                 "alice",
-                text(&id, &format!("before-{n}"), "before"),
+                text_request(&id, &format!("before-{n}"), "before"),
             ))
             .await
             .unwrap();
@@ -182,7 +160,7 @@ async fn a_redis_restart_loses_no_event() {
     redis.stop();
     // While Redis is down: writes fail as retryable and health says NOT_SERVING.
     let status = client
-        .send_message(as_user("alice", text(&id, "during", "during")))
+        .send_message(as_user("alice", text_request(&id, "during", "during")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -213,7 +191,7 @@ async fn a_redis_restart_loses_no_event() {
         match client
             .send_message(as_user(
                 "alice",
-                text(&id, &format!("after-{sent_after}"), "after"),
+                text_request(&id, &format!("after-{sent_after}"), "after"),
             ))
             .await
         {

@@ -1,8 +1,11 @@
 //! Shared test helpers: spawn the real service (in-process on port 0, or the binary), and the
 //! environment of real servers that `scripts/test` starts.
-#![allow(dead_code)]
 
 pub mod cloud;
+mod env;
+pub mod messages;
+
+pub use env::{as_user, required_tool, test_s3_settings, wait_ready};
 
 use std::{
     io::{BufRead, BufReader},
@@ -17,7 +20,7 @@ use svc_messaging::{
     config::Settings,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 /// The service running inside the test process.
 pub struct TestServer {
@@ -59,7 +62,7 @@ impl TestServer {
             shutdown: Some(shutdown),
             task: Some(task),
         };
-        server.wait_ready().await;
+        wait_ready(http_addr).await;
         server
     }
 
@@ -73,20 +76,6 @@ impl TestServer {
 
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{}", self.http_addr, path)
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let url = self.http_url("/readyz");
-        while Instant::now() < deadline {
-            if let Ok(response) = reqwest::get(&url).await
-                && response.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the test server did not become ready");
     }
 
     /// Asks the server to shut down and returns its run task, to await or time.
@@ -106,15 +95,6 @@ impl Drop for TestServer {
     }
 }
 
-/// A request authenticated through the trusted `x-user-id` header.
-pub fn as_user<T>(user: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("x-user-id", user.parse().expect("ascii user id"));
-    request
-}
-
 /// The `google.rpc.ErrorInfo` reason of a status.
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
@@ -128,7 +108,6 @@ pub fn reason(status: &tonic::Status) -> String {
 pub struct ServiceProcess {
     pub child: Child,
     pub grpc_addr: SocketAddr,
-    pub http_addr: SocketAddr,
     output: Arc<Mutex<Vec<String>>>,
 }
 
@@ -161,8 +140,7 @@ impl ServiceProcess {
                         && json["message"] == "serving"
                     {
                         let grpc = json["grpc_addr"].as_str().unwrap().parse().unwrap();
-                        let http = json["http_addr"].as_str().unwrap().parse().unwrap();
-                        let _ = addr_tx.send((grpc, http));
+                        let _ = addr_tx.send(grpc);
                     }
                     output.lock().unwrap().push(line);
                 }
@@ -176,7 +154,7 @@ impl ServiceProcess {
                 }
             });
         }
-        let (grpc_addr, http_addr) = addr_rx
+        let grpc_addr = addr_rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| {
                 let _ = child.kill();
@@ -188,7 +166,6 @@ impl ServiceProcess {
         Self {
             child,
             grpc_addr,
-            http_addr,
             output,
         }
     }
@@ -228,13 +205,6 @@ impl Drop for ServiceProcess {
     }
 }
 
-/// A tool path that `scripts/test` exports; the suite is meant to run with it.
-pub fn required_tool(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run the suite through scripts/test, which installs the tools")
-    })
-}
-
 /// Points `settings` at the real Redis that scripts/test started, under a key prefix of its own
 /// so tests can share the server in parallel.
 pub fn use_test_redis(settings: &mut Settings, key_prefix: &str) {
@@ -254,12 +224,24 @@ pub fn unique_prefix(test: &str) -> String {
 pub struct PrivateRedis {
     pub port: u16,
     pub password: String,
+    /// Whether a restart keeps the data (an append-only file synced on every write).
+    persistent: bool,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
 impl PrivateRedis {
+    /// A server that keeps its data across restarts, as a real deployment would.
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// A server that comes back empty after a restart.
+    pub fn start_volatile() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -268,6 +250,7 @@ impl PrivateRedis {
         let mut redis = Self {
             port,
             password: "private/pa55=word".to_owned(),
+            persistent,
             child: None,
             dir: tempfile::tempdir().unwrap(),
         };
@@ -296,15 +279,12 @@ impl PrivateRedis {
         let binary = required_tool("SVC_TEST_REDIS_SERVER_BIN");
         let child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            // Persisted, so a restart keeps the data as a real deployment would.
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"].as_slice()
+            } else {
+                ["--appendonly", "no"].as_slice()
+            })
             .args(["--requirepass", &self.password])
             .arg("--dir")
             .arg(self.dir.path())
@@ -356,19 +336,17 @@ pub async fn create_conversation(
         .conversation_id
 }
 
-/// The test bucket on the S3 server that scripts/test starts.
-pub fn test_s3_settings() -> svc_messaging::config::S3Settings {
-    svc_messaging::config::S3Settings {
-        endpoint: Some(required_tool("SVC_TEST_S3_ENDPOINT")),
-        region: required_tool("SVC_TEST_S3_REGION"),
-        bucket: Some(required_tool("SVC_TEST_S3_BUCKET")),
-        access_key_id: Some(required_tool("SVC_TEST_S3_ACCESS_KEY_ID")),
-        secret_access_key: Some(secrecy::SecretString::from(required_tool(
-            "SVC_TEST_S3_SECRET_ACCESS_KEY",
-        ))),
-        force_path_style: true,
-        manage_lifecycle: false,
-        ..Default::default()
+/// A SendMessage request of `text` under `client_message_id`.
+pub fn text_request(
+    conversation_id: &str,
+    client_message_id: &str,
+    text: &str,
+) -> svc_messaging::grpc::pb::SendMessageRequest {
+    use svc_messaging::grpc::pb;
+    pb::SendMessageRequest {
+        conversation_id: conversation_id.to_owned(),
+        client_message_id: client_message_id.to_owned(),
+        content: Some(pb::send_message_request::Content::Text(text.to_owned())),
     }
 }
 
@@ -380,3 +358,57 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+/// Instantiates a conformance suite once per backend: a module per backend, in it one
+/// `#[tokio::test]` per listed suite function, named after it, that runs `super::<test>(backend)`.
+/// `runtime` gives every test's `tokio::test` arguments (default: the current-thread runtime); a
+/// test may give its own after its name.
+///
+/// ```ignore
+/// suite! {
+///     backends: memory = super::Backend::Memory, redis = super::Backend::Redis;
+///     runtime: (flavor = "multi_thread", worker_threads = 2);
+///     tests: [create_is_idempotent, concurrent_sends(flavor = "multi_thread")]
+/// }
+/// ```
+macro_rules! suite {
+    (
+        backends: $($module:ident = $backend:expr),+ $(,)?;
+        tests: $tests:tt $(;)?
+    ) => {
+        $crate::support::suite! {
+            backends: $($module = $backend),+;
+            runtime: (flavor = "current_thread");
+            tests: $tests
+        }
+    };
+    (
+        backends: $($module:ident = $backend:expr),+ $(,)?;
+        runtime: $runtime:tt;
+        tests: $tests:tt $(;)?
+    ) => {
+        $(
+            mod $module {
+                $crate::support::suite!(@tests $backend, $runtime, $tests);
+            }
+        )+
+    };
+    (@tests $backend:expr, $runtime:tt, [$($test:ident $(($($own:tt)*))?),+ $(,)?]) => {
+        $(
+            $crate::support::suite!(@test $backend, $test, $runtime $(($($own)*))?);
+        )+
+    };
+    (@test $backend:expr, $test:ident, $runtime:tt) => {
+        #[tokio::test $runtime]
+        async fn $test() {
+            super::$test($backend).await;
+        }
+    };
+    (@test $backend:expr, $test:ident, $runtime:tt $own:tt) => {
+        #[tokio::test $own]
+        async fn $test() {
+            super::$test($backend).await;
+        }
+    };
+}
+pub(crate) use suite;

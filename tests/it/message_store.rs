@@ -1,10 +1,9 @@
 //! One conformance suite for every `MessageStore`: the in-process store and the Redis store (on
 //! the real Redis that scripts/test starts) must behave identically.
 
-mod common;
-
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
+use crate::support::messages::{GENEROUS, create, rejection, send, text_message, user};
 use svc_messaging::{
     files::policy::FileCategory,
     ids::UserId,
@@ -17,81 +16,12 @@ use svc_messaging::{
         messages::{
             AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome, LiveSignal,
             MessageStore, NewConversation, NewMessage, ReadOutcome, Rejection, Retention,
-            StoreError,
         },
     },
 };
 
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-const GENEROUS: Retention = Retention {
-    max_events: 100_000,
-    max_age: Duration::from_secs(30 * 24 * 3600),
-};
-
-async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> ConversationId {
-    let id = ConversationId::generate();
-    let mut participants = vec![user(creator)];
-    participants.extend(others.iter().map(|name| user(name)));
-    let outcome = store
-        .create_conversation(NewConversation {
-            id,
-            title: "test".to_owned(),
-            participants,
-            created_by: user(creator),
-            fingerprint: "fp".to_owned(),
-            request: None,
-        })
-        .await
-        .unwrap();
-    assert!(matches!(outcome, CreateOutcome::Created(_)));
-    id
-}
-
-fn text_message(id: ConversationId, sender: &str, client_id: &str, text: &str) -> NewMessage {
-    NewMessage {
-        conversation_id: id,
-        record: MessageRecord {
-            id: MessageId::generate(),
-            sender: user(sender),
-            kind: MessageKind::Text,
-            client_message_id: ClientId::from_field("client_message_id", client_id).unwrap(),
-            content: Some(MessageContent {
-                text: text.to_owned(),
-                file: None,
-            }),
-        },
-        fingerprint: format!("fp:{text}"),
-        idempotency_window_secs: 3600,
-    }
-}
-
-async fn send(
-    store: &dyn MessageStore,
-    id: ConversationId,
-    sender: &str,
-    text: &str,
-) -> (MessageId, u64) {
-    let new = text_message(id, sender, &format!("c-{}", MessageId::generate()), text);
-    match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => {
-            let message = event.created_message().unwrap();
-            (message.record.id, message.sequence)
-        }
-        other => panic!("expected an append, got {other:?}"),
-    }
-}
-
-fn rejection<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Rejection {
-    match result {
-        Err(StoreError::Rejected(rejection)) => rejection,
-        other => panic!("expected a rejection, got {other:?}"),
-    }
-}
-
-pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
+pub async fn create_is_idempotent_by_id(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = ConversationId::generate();
     let new = NewConversation {
         id,
@@ -135,7 +65,8 @@ pub async fn create_is_idempotent_by_id(store: Arc<dyn MessageStore>) {
 
 /// A creator's `request_id` finds the conversation it created for exactly the window; other
 /// creators' equal `request_id`s are theirs; after the window it creates a new conversation.
-pub async fn request_ids_are_remembered_for_the_window(store: Arc<dyn MessageStore>) {
+pub async fn request_ids_are_remembered_for_the_window(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     const WINDOW: Duration = Duration::from_millis(1500);
     let new = |creator: &str, request_id: &str| NewConversation {
         id: ConversationId::generate(),
@@ -195,7 +126,8 @@ pub async fn request_ids_are_remembered_for_the_window(store: Arc<dyn MessageSto
     }
 }
 
-pub async fn concurrent_sends_get_gap_free_sequences(store: Arc<dyn MessageStore>) {
+pub async fn concurrent_sends_get_gap_free_sequences(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let senders: Vec<String> = (0..20).map(|n| format!("user{n}")).collect();
     let others: Vec<&str> = senders[1..].iter().map(String::as_str).collect();
     let id = create(&*store, &senders[0], &others).await;
@@ -229,7 +161,8 @@ pub async fn concurrent_sends_get_gap_free_sequences(store: Arc<dyn MessageStore
     assert_eq!(sequences, (1..=100).collect::<Vec<u64>>());
 }
 
-pub async fn retries_with_the_same_client_id_are_recognised(store: Arc<dyn MessageStore>) {
+pub async fn retries_with_the_same_client_id_are_recognised(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     let first = text_message(id, "alice", "m-1", "hello");
     let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
@@ -261,7 +194,8 @@ pub async fn retries_with_the_same_client_id_are_recognised(store: Arc<dyn Messa
     );
 }
 
-pub async fn concurrent_retries_append_once(store: Arc<dyn MessageStore>) {
+pub async fn concurrent_retries_append_once(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &[]).await;
     let mut tasks = Vec::new();
     for _ in 0..10 {
@@ -294,7 +228,8 @@ pub async fn concurrent_retries_append_once(store: Arc<dyn MessageStore>) {
     );
 }
 
-pub async fn only_participants_write(store: Arc<dyn MessageStore>) {
+pub async fn only_participants_write(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     let missing = ConversationId::generate();
     assert_eq!(
@@ -335,7 +270,8 @@ pub async fn only_participants_write(store: Arc<dyn MessageStore>) {
     );
 }
 
-pub async fn participants_change_with_events(store: Arc<dyn MessageStore>) {
+pub async fn participants_change_with_events(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     // Anyone participating may add; existing participants are skipped.
     let ChangeOutcome::Changed(conversation, event) = store
@@ -467,7 +403,8 @@ async fn append(store: &dyn MessageStore, new: NewMessage) -> Message {
 /// Issue 9 item 6: deleting a file tombstones every message carrying it (the upload's own and
 /// every re-post, whoever sent it) with a MessageDeleted event each, leaves other messages
 /// alone, and refuses later messages carrying it.
-pub async fn deleting_a_file_tombstones_every_copy(store: Arc<dyn MessageStore>) {
+pub async fn deleting_a_file_tombstones_every_copy(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob", "carol"]).await;
     let file_id = MessageId::generate().to_string();
     let other_file = MessageId::generate().to_string();
@@ -595,7 +532,8 @@ pub async fn deleting_a_file_tombstones_every_copy(store: Arc<dyn MessageStore>)
     );
 }
 
-pub async fn deleting_leaves_a_tombstone_everywhere(store: Arc<dyn MessageStore>) {
+pub async fn deleting_leaves_a_tombstone_everywhere(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     let (message_id, sequence) = send(&*store, id, "alice", "secret plans").await;
     assert_eq!(
@@ -650,7 +588,8 @@ pub async fn deleting_leaves_a_tombstone_everywhere(store: Arc<dyn MessageStore>
     assert!(stored.record.is_deleted());
 }
 
-pub async fn read_positions_and_unread_counts(store: Arc<dyn MessageStore>) {
+pub async fn read_positions_and_unread_counts(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     send(&*store, id, "alice", "one").await;
     let (two, _) = send(&*store, id, "bob", "two").await;
@@ -707,7 +646,8 @@ pub async fn read_positions_and_unread_counts(store: Arc<dyn MessageStore>) {
     assert_eq!(state.unread_count, 1);
 }
 
-pub async fn history_pages_newest_first(store: Arc<dyn MessageStore>) {
+pub async fn history_pages_newest_first(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &[]).await;
     for n in 1..=7 {
         send(&*store, id, "alice", &format!("m{n}")).await;
@@ -735,7 +675,8 @@ pub async fn history_pages_newest_first(store: Arc<dyn MessageStore>) {
     );
 }
 
-pub async fn conversations_are_listed_by_activity(store: Arc<dyn MessageStore>) {
+pub async fn conversations_are_listed_by_activity(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let me = format!("lister-{}", MessageId::generate());
     let a = create(&*store, &me, &["x"]).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -773,7 +714,13 @@ pub async fn conversations_are_listed_by_activity(store: Arc<dyn MessageStore>) 
     );
 }
 
-pub async fn retention_trims_by_count(store: Arc<dyn MessageStore>) {
+pub async fn retention_trims_by_count(backend: Backend) {
+    let store = backend
+        .store(Retention {
+            max_events: 5,
+            ..GENEROUS
+        })
+        .await;
     // The store under test was built with max_events = 5.
     let id = create(&*store, "alice", &["bob"]).await;
     for n in 1..=8 {
@@ -801,7 +748,13 @@ pub async fn retention_trims_by_count(store: Arc<dyn MessageStore>) {
     );
 }
 
-pub async fn retention_trims_by_age(store: Arc<dyn MessageStore>) {
+pub async fn retention_trims_by_age(backend: Backend) {
+    let store = backend
+        .store(Retention {
+            max_age: Duration::from_secs(1),
+            ..GENEROUS
+        })
+        .await;
     // The store under test was built with max_age = 1s.
     let id = create(&*store, "alice", &[]).await;
     send(&*store, id, "alice", "old").await;
@@ -816,7 +769,8 @@ pub async fn retention_trims_by_age(store: Arc<dyn MessageStore>) {
     );
 }
 
-pub async fn the_live_feed_carries_commits_in_order(store: Arc<dyn MessageStore>) {
+pub async fn the_live_feed_carries_commits_in_order(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
     let mut feed = store.live_events();
     let id = create(&*store, "alice", &["bob"]).await;
     send(&*store, id, "alice", "one").await;
@@ -837,134 +791,61 @@ pub async fn the_live_feed_carries_commits_in_order(store: Arc<dyn MessageStore>
     assert_eq!(seen, [1, 2, 3]);
 }
 
-macro_rules! conformance_suite {
-    ($make:expr) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn create_is_idempotent_by_id() {
-            super::create_is_idempotent_by_id($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn request_ids_are_remembered_for_the_window() {
-            super::request_ids_are_remembered_for_the_window($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn concurrent_sends_get_gap_free_sequences() {
-            super::concurrent_sends_get_gap_free_sequences($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn retries_with_the_same_client_id_are_recognised() {
-            super::retries_with_the_same_client_id_are_recognised($make(super::GENEROUS).await)
-                .await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn concurrent_retries_append_once() {
-            super::concurrent_retries_append_once($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn only_participants_write() {
-            super::only_participants_write($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn participants_change_with_events() {
-            super::participants_change_with_events($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn deleting_leaves_a_tombstone_everywhere() {
-            super::deleting_leaves_a_tombstone_everywhere($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn deleting_a_file_tombstones_every_copy() {
-            super::deleting_a_file_tombstones_every_copy($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn read_positions_and_unread_counts() {
-            super::read_positions_and_unread_counts($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn history_pages_newest_first() {
-            super::history_pages_newest_first($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn conversations_are_listed_by_activity() {
-            super::conversations_are_listed_by_activity($make(super::GENEROUS).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn retention_trims_by_count() {
-            let retention = super::Retention {
-                max_events: 5,
-                ..super::GENEROUS
-            };
-            super::retention_trims_by_count($make(retention).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn retention_trims_by_age() {
-            let retention = super::Retention {
-                max_age: super::Duration::from_secs(1),
-                ..super::GENEROUS
-            };
-            super::retention_trims_by_age($make(retention).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn the_live_feed_carries_commits_in_order() {
-            super::the_live_feed_carries_commits_in_order($make(super::GENEROUS).await).await;
-        }
-    };
+/// The message stores the suite runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Memory,
+    Redis,
+    /// A three-master Redis Cluster: every conversation's keys share one hash slot, so its
+    /// scripts run on one node, while conversations spread over all three.
+    RedisCluster,
 }
 
-mod memory {
-    use super::*;
-
-    async fn make(retention: Retention) -> Arc<dyn MessageStore> {
-        Arc::new(MemoryMessageStore::new(retention))
-    }
-
-    conformance_suite!(make);
-}
-
-mod redis {
-    use super::*;
-    use svc_messaging::{config::RedisSettings, store::redis::RedisMessageStore};
-
-    async fn make(retention: Retention) -> Arc<dyn MessageStore> {
+impl Backend {
+    async fn store(self, retention: Retention) -> Arc<dyn MessageStore> {
+        use svc_messaging::{config::RedisSettings, store::redis::RedisMessageStore};
+        let (url, prefix) = match self {
+            Self::Memory => return Arc::new(MemoryMessageStore::new(retention)),
+            Self::Redis => ("SVC_TEST_REDIS_URL", "conformance"),
+            Self::RedisCluster => ("SVC_TEST_REDIS_CLUSTER_URL", "cluster"),
+        };
         let settings = RedisSettings {
-            url: Some(secrecy::SecretString::from(common::required_tool(
-                "SVC_TEST_REDIS_URL",
+            url: Some(secrecy::SecretString::from(crate::support::required_tool(
+                url,
             ))),
             password: None,
-            key_prefix: common::unique_prefix("conformance"),
+            key_prefix: crate::support::unique_prefix(prefix),
             ..Default::default()
         };
         Arc::new(
             RedisMessageStore::connect(&settings, retention)
                 .await
-                .expect("connect to the test Redis"),
+                .unwrap_or_else(|error| panic!("connect to {self:?} ({url}): {error}")),
         )
     }
-
-    conformance_suite!(make);
 }
 
-/// The same suite on a three-master Redis Cluster: every conversation's keys share one hash
-/// slot, so its scripts run on one node, while conversations spread over all three.
-mod redis_cluster {
-    use super::*;
-    use svc_messaging::{config::RedisSettings, store::redis::RedisMessageStore};
-
-    async fn make(retention: Retention) -> Arc<dyn MessageStore> {
-        let settings = RedisSettings {
-            url: Some(secrecy::SecretString::from(common::required_tool(
-                "SVC_TEST_REDIS_CLUSTER_URL",
-            ))),
-            password: None,
-            key_prefix: common::unique_prefix("cluster"),
-            ..Default::default()
-        };
-        Arc::new(
-            RedisMessageStore::connect(&settings, retention)
-                .await
-                .expect("connect to the test Redis Cluster"),
-        )
-    }
-
-    conformance_suite!(make);
+crate::support::suite! {
+    backends:
+        memory = super::Backend::Memory,
+        redis = super::Backend::Redis,
+        redis_cluster = super::Backend::RedisCluster;
+    runtime: (flavor = "multi_thread", worker_threads = 2);
+    tests: [
+        create_is_idempotent_by_id,
+        request_ids_are_remembered_for_the_window,
+        concurrent_sends_get_gap_free_sequences,
+        retries_with_the_same_client_id_are_recognised,
+        concurrent_retries_append_once,
+        only_participants_write,
+        participants_change_with_events,
+        deleting_leaves_a_tombstone_everywhere,
+        deleting_a_file_tombstones_every_copy,
+        read_positions_and_unread_counts,
+        history_pages_newest_first,
+        conversations_are_listed_by_activity,
+        retention_trims_by_count,
+        retention_trims_by_age,
+        the_live_feed_carries_commits_in_order,
+    ]
 }

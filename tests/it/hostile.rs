@@ -4,16 +4,14 @@
 //! other callers must be answered at normal speed meanwhile.
 //!
 //! The defects of issue 9 are proven where their parts live; this suite adds the inputs no
-//! single part owns. Where the others are:
-//! - metric series from made-up paths, duplicated credentials, transport limits: `tests/server.rs`;
+//! single part owns. Where the others are (modules of this test binary):
+//! - metric series from made-up paths, duplicated credentials, transport limits: `server`;
 //! - many-scan JPEGs, decode deadlines, busy workers, over-budget decodes, SIGTERM during a
-//!   decode: `tests/thumbnails.rs`;
+//!   decode: `thumbnails`;
 //! - empty-chunk floods, stalled and idle uploads, per-caller upload caps, image bodies in the
-//!   budget: `tests/files.rs`, `tests/files_cloud.rs`;
-//! - replayed creates, DeleteFile and re-posts, subscription caps: `tests/messaging.rs`;
-//! - secrets byte for byte: `tests/cli.rs`.
-
-mod common;
+//!   budget: `files`, `files_cloud`;
+//! - replayed creates, DeleteFile and re-posts, subscription caps: `messaging`;
+//! - secrets byte for byte: `cli`.
 
 use std::{
     collections::BTreeSet,
@@ -24,10 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::support::{TestServer, as_user, cloud, create_conversation, reason, unique_prefix};
 use bytes::Bytes;
-use common::{
-    TestServer, as_user, cloud, create_conversation, reason, required_tool, unique_prefix,
-};
 use svc_messaging::grpc::pb::{
     self, file_relay_service_client::FileRelayServiceClient,
     messaging_service_client::MessagingServiceClient, upload_file_request::Payload,
@@ -39,19 +35,7 @@ type Messaging = MessagingServiceClient<Channel>;
 
 /// Every Redis key under `key_prefix`.
 fn redis_keys(key_prefix: &str) -> BTreeSet<String> {
-    let output = std::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
-        .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
-        .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
-        .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
-        .args(["--scan", "--pattern", &format!("{key_prefix}:*")])
-        .output()
-        .expect("run redis-cli");
-    assert!(output.status.success(), "redis-cli: {output:?}");
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    cloud::redis_keys(&format!("{key_prefix}:*"))
 }
 
 /// A caller that is not under attack: GetUploadPolicy in a loop, keeping the slowest answer.

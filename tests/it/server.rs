@@ -1,11 +1,9 @@
 //! The server as a whole: health over gRPC and HTTP, reflection, metrics, authentication at the
 //! edge, the not-yet-built RPCs, and graceful shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestServer, as_user, reason};
+use crate::support::{TestServer, as_user, reason};
 use futures::StreamExt;
 use prost::Message;
 use svc_messaging::grpc::pb::{self, file_relay_service_client::FileRelayServiceClient};
@@ -481,7 +479,7 @@ mod reflection {
 
     #[tokio::test]
     async fn grpcurl_lists_and_describes_the_contract() {
-        let grpcurl = common::required_tool("SVC_TEST_GRPCURL");
+        let grpcurl = crate::support::required_tool("SVC_TEST_GRPCURL");
         let server = TestServer::start().await;
         let addr = server.grpc_addr.to_string();
         let run = |args: &[&str]| {

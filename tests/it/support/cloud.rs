@@ -1,7 +1,10 @@
 //! Helpers for tests on the production backends (the real Redis and Garage that scripts/test
 //! starts): looking into the bucket and Redis, building bodies, and calling the file relay.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -60,27 +63,60 @@ pub async fn bucket_leftovers(conversation_id: &str) -> Vec<String> {
     left
 }
 
-/// The file records kept in Redis under `key_prefix` (`P:{f:FILE}:file`), as file ids.
-pub fn file_records(key_prefix: &str) -> Vec<String> {
+/// The keys on the test Redis that match `pattern` (`SCAN ... MATCH pattern`).
+pub fn redis_keys(pattern: &str) -> BTreeSet<String> {
     let output = std::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
         .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
         .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
         .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
-        .args(["--scan", "--pattern", &format!("{key_prefix}:{{f:*}}:file")])
+        .args(["--scan", "--pattern", pattern])
         .output()
         .expect("run redis-cli");
     assert!(output.status.success(), "redis-cli: {output:?}");
-    let mut ids: Vec<String> = String::from_utf8(output.stdout)
+    String::from_utf8(output.stdout)
         .unwrap()
         .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The pattern of the file records kept in Redis under `key_prefix` (`P:{f:FILE}:file`).
+pub fn file_record_pattern(key_prefix: &str) -> String {
+    format!("{key_prefix}:{{f:*}}:file")
+}
+
+/// The file records kept in Redis under `key_prefix`, as sorted file ids.
+pub fn file_records(key_prefix: &str) -> Vec<String> {
+    redis_keys(&file_record_pattern(key_prefix))
+        .iter()
         .filter_map(|key| {
             key.strip_prefix(&format!("{key_prefix}:{{f:"))?
                 .strip_suffix("}:file")
                 .map(str::to_owned)
         })
-        .collect();
-    ids.sort();
-    ids
+        .collect()
+}
+
+/// Asserts the bucket lifecycle the service installs: objects under `files/` and `thumbs/`
+/// expire after `expiry_days`, and multipart uploads left open are aborted after a day.
+pub fn assert_lifecycle_rules(rules: &[aws_sdk_s3::types::LifecycleRule], expiry_days: i32) {
+    assert_eq!(rules.len(), 3, "{rules:?}");
+    for prefix in ["files/", "thumbs/"] {
+        let rule = rules
+            .iter()
+            .find(|rule| rule.filter().and_then(|filter| filter.prefix()) == Some(prefix))
+            .unwrap_or_else(|| panic!("no rule for {prefix}: {rules:?}"));
+        assert_eq!(rule.status().as_str(), "Enabled");
+        assert_eq!(
+            rule.expiration().and_then(|expiry| expiry.days()),
+            Some(expiry_days)
+        );
+    }
+    let abort = rules
+        .iter()
+        .find_map(|rule| rule.abort_incomplete_multipart_upload())
+        .unwrap_or_else(|| panic!("no rule aborting stale multipart uploads: {rules:?}"));
+    assert_eq!(abort.days_after_initiation(), Some(1));
 }
 
 /// Runs `$SVC_TEST_GARAGE <args>` (bucket administration).
@@ -208,6 +244,24 @@ pub fn png(width: u32, height: u32) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Calls.
 
+/// The metadata of an upload declaring `size` bytes and no checksum.
+pub fn metadata_of_size(
+    conversation_id: &str,
+    name: &str,
+    content_type: &str,
+    size: usize,
+) -> pb::UploadMetadata {
+    pb::UploadMetadata {
+        conversation_id: conversation_id.to_owned(),
+        file_name: name.to_owned(),
+        content_type: content_type.to_owned(),
+        size_bytes: size as i64,
+        sha256: String::new(),
+        caption: String::new(),
+    }
+}
+
+/// The metadata of an upload of `body`, with its sha256 if `declare_sha256`.
 pub fn metadata(
     conversation_id: &str,
     name: &str,
@@ -215,18 +269,11 @@ pub fn metadata(
     body: &[u8],
     declare_sha256: bool,
 ) -> pb::UploadMetadata {
-    pb::UploadMetadata {
-        conversation_id: conversation_id.to_owned(),
-        file_name: name.to_owned(),
-        content_type: content_type.to_owned(),
-        size_bytes: body.len() as i64,
-        sha256: if declare_sha256 {
-            sha256_hex(body)
-        } else {
-            String::new()
-        },
-        caption: String::new(),
+    let mut metadata = metadata_of_size(conversation_id, name, content_type, body.len());
+    if declare_sha256 {
+        metadata.sha256 = sha256_hex(body);
     }
+    metadata
 }
 
 /// The metadata message, then `body` in `chunk`-byte chunks (slices of one buffer, no copies).
@@ -249,17 +296,24 @@ pub fn messages(
     messages
 }
 
+/// UploadFile with `metadata`, then `body` in 1 MiB chunks.
 pub async fn upload(
     files: &mut Files,
     user: &str,
     metadata: pb::UploadMetadata,
     body: &Bytes,
 ) -> Result<pb::UploadFileResponse, tonic::Status> {
+    upload_messages(files, user, messages(metadata, body, MIB)).await
+}
+
+/// UploadFile with exactly `messages`, well-formed or not.
+pub async fn upload_messages(
+    files: &mut Files,
+    user: &str,
+    messages: Vec<pb::UploadFileRequest>,
+) -> Result<pb::UploadFileResponse, tonic::Status> {
     files
-        .upload_file(as_user(
-            user,
-            futures::stream::iter(messages(metadata, body, MIB)),
-        ))
+        .upload_file(as_user(user, futures::stream::iter(messages)))
         .await
         .map(tonic::Response::into_inner)
 }
@@ -286,12 +340,17 @@ pub async fn history(
 
 /// DownloadFile from offset 0, whole.
 pub async fn download(files: &mut Files, user: &str, file_id: &str) -> Vec<u8> {
+    download_from(files, user, file_id, 0).await
+}
+
+/// DownloadFile from `offset` to the end, checking every chunk is at most 1 MiB.
+pub async fn download_from(files: &mut Files, user: &str, file_id: &str, offset: usize) -> Vec<u8> {
     let mut chunks = files
         .download_file(as_user(
             user,
             pb::DownloadFileRequest {
                 file_id: file_id.to_owned(),
-                offset: 0,
+                offset: offset as i64,
             },
         ))
         .await

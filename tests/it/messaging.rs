@@ -2,11 +2,9 @@
 //! read state, and live subscriptions (seamless replay, resume, removal, slow consumers).
 //! Every scenario runs against the in-process store and against the real Redis.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestServer, as_user, reason};
+use crate::support::{TestServer, as_user, reason, text_request};
 use futures::StreamExt;
 use svc_messaging::{config::Settings, grpc::pb};
 use tonic::{Code, Streaming, transport::Channel};
@@ -34,18 +32,13 @@ async fn create(client: &mut Client, creator: &str, others: &[&str]) -> pb::Conv
         .unwrap()
 }
 
-fn text(conversation_id: &str, client_message_id: &str, text: &str) -> pb::SendMessageRequest {
-    pb::SendMessageRequest {
-        conversation_id: conversation_id.to_owned(),
-        client_message_id: client_message_id.to_owned(),
-        content: Some(pb::send_message_request::Content::Text(text.to_owned())),
-    }
-}
-
 async fn send(client: &mut Client, user: &str, conversation_id: &str, body: &str) -> pb::Message {
     let client_id = format!("c-{}", uuid_like());
     client
-        .send_message(as_user(user, text(conversation_id, &client_id, body)))
+        .send_message(as_user(
+            user,
+            text_request(conversation_id, &client_id, body),
+        ))
         .await
         .expect("send")
         .into_inner()
@@ -116,16 +109,17 @@ fn text_of(event: &pb::ConversationEvent) -> Option<&str> {
     }
 }
 
-pub async fn validation_errors_name_the_field(server: TestServer) {
+pub async fn validation_errors_name_the_field(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let conversation = create(&mut client, "alice", &["bob"]).await;
     let id = conversation.conversation_id.as_str();
     let cases = [
-        (text(id, "m1", "   "), "text"),
-        (text(id, "m1", &"x".repeat(4001)), "text"),
-        (text(id, "", "hi"), "client_message_id"),
-        (text(id, &"x".repeat(65), "hi"), "client_message_id"),
-        (text("not-a-uuid", "m1", "hi"), "conversation_id"),
+        (text_request(id, "m1", "   "), "text"),
+        (text_request(id, "m1", &"x".repeat(4001)), "text"),
+        (text_request(id, "", "hi"), "client_message_id"),
+        (text_request(id, &"x".repeat(65), "hi"), "client_message_id"),
+        (text_request("not-a-uuid", "m1", "hi"), "conversation_id"),
         (
             pb::SendMessageRequest {
                 conversation_id: id.to_owned(),
@@ -148,7 +142,7 @@ pub async fn validation_errors_name_the_field(server: TestServer) {
     // 4000 characters (not bytes) after trimming are fine.
     let long = format!("  {}  ", "é".repeat(4000));
     let message = client
-        .send_message(as_user("alice", text(id, "long", &long)))
+        .send_message(as_user("alice", text_request(id, "long", &long)))
         .await
         .unwrap()
         .into_inner()
@@ -198,7 +192,8 @@ pub async fn validation_errors_name_the_field(server: TestServer) {
     assert_eq!(reason(&status), "FILE_NOT_FOUND");
 }
 
-pub async fn only_participants_read_or_write(server: TestServer) {
+pub async fn only_participants_read_or_write(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let conversation = create(&mut client, "alice", &["bob"]).await;
     let id = conversation.conversation_id.clone();
@@ -215,7 +210,7 @@ pub async fn only_participants_read_or_write(server: TestServer) {
             .map(|_| ())
             .unwrap_err(),
         client
-            .send_message(as_user("mallory", text(&id, "m", "hi")))
+            .send_message(as_user("mallory", text_request(&id, "m", "hi")))
             .await
             .map(|_| ())
             .unwrap_err(),
@@ -314,7 +309,8 @@ pub async fn only_participants_read_or_write(server: TestServer) {
     assert_eq!(status.code(), Code::PermissionDenied);
 }
 
-pub async fn retries_are_idempotent(server: TestServer) {
+pub async fn retries_are_idempotent(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let request = pb::CreateConversationRequest {
         title: "Retry me".to_owned(),
@@ -354,7 +350,7 @@ pub async fn retries_are_idempotent(server: TestServer) {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let mut client = client.clone();
-        let request = text(&id, "same-id", "hello once");
+        let request = text_request(&id, "same-id", "hello once");
         tasks.push(tokio::spawn(async move {
             client
                 .send_message(as_user("alice", request))
@@ -376,7 +372,10 @@ pub async fn retries_are_idempotent(server: TestServer) {
     );
     assert!(messages.iter().all(|m| m.sequence == messages[0].sequence));
     let conflict = client
-        .send_message(as_user("alice", text(&id, "same-id", "different text")))
+        .send_message(as_user(
+            "alice",
+            text_request(&id, "same-id", "different text"),
+        ))
         .await
         .unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists);
@@ -397,7 +396,8 @@ pub async fn retries_are_idempotent(server: TestServer) {
 
 /// Issue 9 item 5: a replayed CreateConversation is a read like any other, and its answer is
 /// only for participants; the id it lands on cannot be computed from (user, request_id).
-pub async fn replayed_creates_check_participation(server: TestServer) {
+pub async fn replayed_creates_check_participation(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let request = pb::CreateConversationRequest {
         title: "Secret plans".to_owned(),
@@ -483,7 +483,10 @@ async fn subscribe_once_free(
 
 /// Issue 9 item 8: live subscriptions per caller are limited (the server here allows 2), and a
 /// slot comes back however its stream ends.
-pub async fn live_subscriptions_per_caller_are_limited(server: TestServer) {
+pub async fn live_subscriptions_per_caller_are_limited(backend: Backend) {
+    let server = backend
+        .server_with(|settings| settings.messaging.max_subscriptions_per_caller = 2)
+        .await;
     use tonic_types::StatusExt;
     let mut client = client(&server).await;
     let mine = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -568,7 +571,8 @@ async fn history(client: &mut Client, user: &str, conversation_id: &str) -> Vec<
 /// included (each with a MessageDeleted event), and no message can carry it afterwards.
 /// Deleting only the upload's own FILE message (DeleteMessage) leaves the file and its
 /// re-posts alone: a message is one reference to a file; DeleteFile removes the file.
-pub async fn delete_file_tombstones_every_copy(server: TestServer) {
+pub async fn delete_file_tombstones_every_copy(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let mut files = Files::new(server.channel().await);
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -708,7 +712,8 @@ pub async fn delete_file_tombstones_every_copy(server: TestServer) {
     assert_eq!(reason(&status), "FILE_NOT_FOUND");
 }
 
-pub async fn history_pages_are_stable_while_messages_arrive(server: TestServer) {
+pub async fn history_pages_are_stable_while_messages_arrive(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
     for n in 1..=5 {
@@ -763,7 +768,8 @@ pub async fn history_pages_are_stable_while_messages_arrive(server: TestServer) 
     assert!(third.next_page_token.is_empty());
 }
 
-pub async fn read_state_and_conversation_list(server: TestServer) {
+pub async fn read_state_and_conversation_list(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let quiet = create(&mut client, "alice", &["bob"]).await.conversation_id;
     let busy = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -839,7 +845,8 @@ pub async fn read_state_and_conversation_list(server: TestServer) {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
-pub async fn subscribe_replays_then_follows_without_gaps(server: TestServer) {
+pub async fn subscribe_replays_then_follows_without_gaps(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
     for n in 1..=3 {
@@ -903,7 +910,8 @@ pub async fn subscribe_replays_then_follows_without_gaps(server: TestServer) {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
-pub async fn removal_ends_the_live_stream(server: TestServer) {
+pub async fn removal_ends_the_live_stream(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
     let mut stream = subscribe(&mut client, "bob", &id, 0).await;
@@ -929,7 +937,8 @@ pub async fn removal_ends_the_live_stream(server: TestServer) {
     assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
 }
 
-pub async fn deleted_messages_are_tombstones(server: TestServer) {
+pub async fn deleted_messages_are_tombstones(backend: Backend) {
+    let server = backend.server().await;
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
     let message = send(&mut client, "alice", &id, "oops").await;
@@ -987,7 +996,10 @@ pub async fn deleted_messages_are_tombstones(server: TestServer) {
     ));
 }
 
-pub async fn slow_consumers_are_cut_off_and_resume(server: TestServer) {
+pub async fn slow_consumers_are_cut_off_and_resume(backend: Backend) {
+    let server = backend
+        .server_with(|settings| settings.messaging.subscriber_buffer = 4)
+        .await;
     // The server under test has messaging.subscriber_buffer = 4.
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -1041,7 +1053,10 @@ pub async fn slow_consumers_are_cut_off_and_resume(server: TestServer) {
     }
 }
 
-pub async fn truncated_history_is_out_of_range(server: TestServer) {
+pub async fn truncated_history_is_out_of_range(backend: Backend) {
+    let server = backend
+        .server_with(|settings| settings.messaging.history_max_events = 5)
+        .await;
     // The server under test keeps messaging.history_max_events = 5.
     let mut client = client(&server).await;
     let id = create(&mut client, "alice", &["bob"]).await.conversation_id;
@@ -1056,91 +1071,47 @@ pub async fn truncated_history_is_out_of_range(server: TestServer) {
     assert_eq!(next_event(&mut ok).await.sequence, 4);
 }
 
-/// Settings for a scenario: the store and any tuning it needs.
-pub type Tune = fn(&mut Settings);
-
-macro_rules! messaging_suite {
-    ($configure:expr) => {
-        async fn server(tune: super::Tune) -> super::TestServer {
-            super::TestServer::start_with(|settings| {
-                $configure(settings);
-                tune(settings);
-            })
-            .await
-        }
-        fn plain(_: &mut super::Settings) {}
-
-        #[tokio::test]
-        async fn validation_errors_name_the_field() {
-            super::validation_errors_name_the_field(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn only_participants_read_or_write() {
-            super::only_participants_read_or_write(server(plain).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn retries_are_idempotent() {
-            super::retries_are_idempotent(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn replayed_creates_check_participation() {
-            super::replayed_creates_check_participation(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn live_subscriptions_per_caller_are_limited() {
-            super::live_subscriptions_per_caller_are_limited(
-                server(|settings| settings.messaging.max_subscriptions_per_caller = 2).await,
-            )
-            .await;
-        }
-        #[tokio::test]
-        async fn delete_file_tombstones_every_copy() {
-            super::delete_file_tombstones_every_copy(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn history_pages_are_stable_while_messages_arrive() {
-            super::history_pages_are_stable_while_messages_arrive(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn read_state_and_conversation_list() {
-            super::read_state_and_conversation_list(server(plain).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn subscribe_replays_then_follows_without_gaps() {
-            super::subscribe_replays_then_follows_without_gaps(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn removal_ends_the_live_stream() {
-            super::removal_ends_the_live_stream(server(plain).await).await;
-        }
-        #[tokio::test]
-        async fn deleted_messages_are_tombstones() {
-            super::deleted_messages_are_tombstones(server(plain).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn slow_consumers_are_cut_off_and_resume() {
-            super::slow_consumers_are_cut_off_and_resume(
-                server(|settings| settings.messaging.subscriber_buffer = 4).await,
-            )
-            .await;
-        }
-        #[tokio::test]
-        async fn truncated_history_is_out_of_range() {
-            super::truncated_history_is_out_of_range(
-                server(|settings| settings.messaging.history_max_events = 5).await,
-            )
-            .await;
-        }
-    };
+/// The message store a scenario's server runs on.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Memory,
+    /// The real Redis, under a key prefix of the scenario's own.
+    Redis,
 }
 
-mod memory {
-    messaging_suite!(|_: &mut svc_messaging::config::Settings| {});
+impl Backend {
+    async fn server(self) -> TestServer {
+        self.server_with(|_| {}).await
+    }
+
+    /// A server on this backend with the scenario's tuning.
+    async fn server_with(self, tune: impl FnOnce(&mut Settings)) -> TestServer {
+        TestServer::start_with(|settings| {
+            if let Self::Redis = self {
+                let prefix = crate::support::unique_prefix("messaging");
+                crate::support::use_test_redis(settings, &prefix);
+            }
+            tune(settings);
+        })
+        .await
+    }
 }
 
-mod redis {
-    messaging_suite!(|settings: &mut svc_messaging::config::Settings| {
-        let prefix = super::common::unique_prefix("messaging");
-        super::common::use_test_redis(settings, &prefix);
-    });
+crate::support::suite! {
+    backends: memory = super::Backend::Memory, redis = super::Backend::Redis;
+    tests: [
+        validation_errors_name_the_field,
+        only_participants_read_or_write,
+        retries_are_idempotent(flavor = "multi_thread", worker_threads = 2),
+        replayed_creates_check_participation,
+        live_subscriptions_per_caller_are_limited,
+        delete_file_tombstones_every_copy,
+        history_pages_are_stable_while_messages_arrive,
+        read_state_and_conversation_list,
+        subscribe_replays_then_follows_without_gaps(flavor = "multi_thread", worker_threads = 2),
+        removal_ends_the_live_stream,
+        deleted_messages_are_tombstones,
+        slow_consumers_are_cut_off_and_resume(flavor = "multi_thread", worker_threads = 2),
+        truncated_history_is_out_of_range,
+    ]
 }

@@ -3,6 +3,11 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::support::{
+    PrivateRedis,
+    messages::{GENEROUS, create, rejection, send, text_message, user},
+    required_tool, unique_prefix,
+};
 use secrecy::SecretString;
 use svc_messaging::{
     config::RedisSettings,
@@ -21,21 +26,6 @@ use svc_messaging::{
     },
 };
 
-const GENEROUS: Retention = Retention {
-    max_events: 100_000,
-    max_age: Duration::from_secs(30 * 24 * 3600),
-};
-
-fn redis_url() -> String {
-    std::env::var("SVC_TEST_REDIS_URL").unwrap_or_else(|_| {
-        panic!(
-            "SVC_TEST_REDIS_URL is not set: run these tests through scripts/test, or start a \
-             redis-server and export SVC_TEST_REDIS_URL=redis://default:<percent-encoded \
-             password>@127.0.0.1:<port>/0"
-        )
-    })
-}
-
 fn settings(prefix: &str) -> RedisSettings {
     RedisSettings {
         url: Some(SecretString::from(redis_url())),
@@ -45,78 +35,14 @@ fn settings(prefix: &str) -> RedisSettings {
     }
 }
 
-fn unique_prefix(test: &str) -> String {
-    format!("smoke-{test}-{}", uuid::Uuid::now_v7().simple())
+fn redis_url() -> String {
+    required_tool("SVC_TEST_REDIS_URL")
 }
 
 async fn store(test: &str, retention: Retention) -> RedisMessageStore {
     RedisMessageStore::connect(&settings(&unique_prefix(test)), retention)
         .await
         .expect("connect to the test redis")
-}
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-async fn create(store: &dyn MessageStore, creator: &str, others: &[&str]) -> ConversationId {
-    let id = ConversationId::generate();
-    let mut participants = vec![user(creator)];
-    participants.extend(others.iter().map(|name| user(name)));
-    let outcome = store
-        .create_conversation(NewConversation {
-            id,
-            title: "test".to_owned(),
-            participants,
-            created_by: user(creator),
-            fingerprint: "fp".to_owned(),
-            request: None,
-        })
-        .await
-        .unwrap();
-    assert!(matches!(outcome, CreateOutcome::Created(_)), "{outcome:?}");
-    id
-}
-
-fn text(id: ConversationId, sender: &str, client_id: &str, text: &str) -> NewMessage {
-    NewMessage {
-        conversation_id: id,
-        record: MessageRecord {
-            id: MessageId::generate(),
-            sender: user(sender),
-            kind: MessageKind::Text,
-            client_message_id: ClientId::from_field("client_message_id", client_id).unwrap(),
-            content: Some(MessageContent {
-                text: text.to_owned(),
-                file: None,
-            }),
-        },
-        fingerprint: format!("fp:{text}"),
-        idempotency_window_secs: 3600,
-    }
-}
-
-async fn send(
-    store: &dyn MessageStore,
-    id: ConversationId,
-    sender: &str,
-    body: &str,
-) -> (MessageId, u64) {
-    let new = text(id, sender, &format!("c-{}", MessageId::generate()), body);
-    match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => {
-            let message = event.created_message().unwrap();
-            (message.record.id, message.sequence)
-        }
-        other => panic!("expected an append, got {other:?}"),
-    }
-}
-
-fn rejection<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Rejection {
-    match result {
-        Err(StoreError::Rejected(rejection)) => rejection,
-        other => panic!("expected a rejection, got {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -212,7 +138,7 @@ async fn concurrent_appends_get_gap_free_sequences() {
 async fn duplicate_client_message_ids_are_reported() {
     let store = store("duplicate", GENEROUS).await;
     let id = create(&store, "alice", &["bob"]).await;
-    let first = text(id, "alice", "c-1", "hello");
+    let first = text_message(id, "alice", "c-1", "hello");
     let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
         panic!("first append must append");
     };
@@ -235,19 +161,28 @@ async fn duplicate_client_message_ids_are_reported() {
         other => panic!("expected Duplicate, got {other:?}"),
     }
     // The same client id from another sender is a different message.
-    let bob = text(id, "bob", "c-1", "hi");
+    let bob = text_message(id, "bob", "c-1", "hi");
     assert!(matches!(
         store.append_message(bob).await.unwrap(),
         AppendOutcome::Appended(_)
     ));
     assert_eq!(
-        rejection(store.append_message(text(id, "mallory", "c-2", "x")).await),
+        rejection(
+            store
+                .append_message(text_message(id, "mallory", "c-2", "x"))
+                .await
+        ),
         Rejection::NotParticipant
     );
     assert_eq!(
         rejection(
             store
-                .append_message(text(ConversationId::generate(), "alice", "c-3", "x"))
+                .append_message(text_message(
+                    ConversationId::generate(),
+                    "alice",
+                    "c-3",
+                    "x"
+                ))
                 .await
         ),
         Rejection::ConversationNotFound
@@ -738,67 +673,9 @@ async fn unreachable_redis_is_unavailable() {
     );
 }
 
-/// A redis-server of our own (no password), for restart tests.
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Self::spawn(port, dir.path());
-        Self { child, port, dir }
-    }
-
-    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
-        let binary = std::env::var("SVC_TEST_REDIS_SERVER_BIN")
-            .unwrap_or_else(|_| "redis-server".to_owned());
-        let child = std::process::Command::new(&binary)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| panic!("start {binary}: {error}"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.child = Self::spawn(self.port, self.dir.path());
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test]
 async fn a_redis_restart_resyncs_the_live_feed() {
-    let mut redis = PrivateRedis::start();
+    let mut redis = PrivateRedis::start_volatile();
     let settings = RedisSettings {
         url: Some(SecretString::from(redis.url())),
         password: None,
@@ -819,7 +696,7 @@ async fn a_redis_restart_resyncs_the_live_feed() {
 
     redis.stop();
     let down = store
-        .append_message(text(id, "alice", "c-down", "while down"))
+        .append_message(text_message(id, "alice", "c-down", "while down"))
         .await;
     assert!(
         matches!(down, Err(StoreError::Unavailable(_) | StoreError::Timeout)),
@@ -925,7 +802,7 @@ async fn extreme_limits_and_windows_are_accepted() {
 
     let forever = NewMessage {
         idempotency_window_secs: u64::MAX,
-        ..text(id, "bob", "forever", "kept")
+        ..text_message(id, "bob", "forever", "kept")
     };
     assert!(matches!(
         store.append_message(forever.clone()).await.unwrap(),
@@ -938,7 +815,7 @@ async fn extreme_limits_and_windows_are_accepted() {
     // A zero window remembers nothing.
     let fleeting = NewMessage {
         idempotency_window_secs: 0,
-        ..text(id, "bob", "fleeting", "once")
+        ..text_message(id, "bob", "fleeting", "once")
     };
     for _ in 0..2 {
         let again = NewMessage {
@@ -1186,9 +1063,9 @@ async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
                     expire_time,
                 }),
             }),
-            ..text(id, sender, client_id, "unused").record
+            ..text_message(id, sender, client_id, "unused").record
         },
-        ..text(id, sender, client_id, "unused")
+        ..text_message(id, sender, client_id, "unused")
     };
     assert!(matches!(
         store.append_message(carrying("alice", "up")).await.unwrap(),
@@ -1253,13 +1130,17 @@ async fn refused_writes_leave_no_keys() {
     let missing = ConversationId::generate();
     let refusals = [
         (
-            rejection(store.append_message(text(id, "mallory", "m", "hi")).await),
+            rejection(
+                store
+                    .append_message(text_message(id, "mallory", "m", "hi"))
+                    .await,
+            ),
             Rejection::NotParticipant,
         ),
         (
             rejection(
                 store
-                    .append_message(text(missing, "alice", "m", "hi"))
+                    .append_message(text_message(missing, "alice", "m", "hi"))
                     .await,
             ),
             Rejection::ConversationNotFound,

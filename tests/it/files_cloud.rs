@@ -5,19 +5,17 @@
 //! memory budget bounds concurrent uploads. Every refusal leaves no object, no open multipart
 //! upload, no file record and no message behind.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use common::cloud::*;
-use common::{
+use crate::support::cloud::*;
+use crate::support::{
     TestServer, as_user, create_conversation, reason, required_tool, sha256_hex, test_s3_settings,
     unique_prefix,
 };
+use bytes::Bytes;
 use svc_messaging::{
     app::{App, StartupError},
     config::{S3Settings, Settings},
@@ -598,21 +596,7 @@ async fn manage_lifecycle_installs_the_rule_at_start_up() {
         .send()
         .await
         .expect("the rules are installed before the server is ready");
-    let rules = lifecycle.rules();
-    assert_eq!(rules.len(), 3, "{rules:?}");
-    for prefix in ["files/", "thumbs/"] {
-        let rule = rules
-            .iter()
-            .find(|rule| rule.filter().and_then(|filter| filter.prefix()) == Some(prefix))
-            .unwrap_or_else(|| panic!("no rule for {prefix}: {rules:?}"));
-        assert_eq!(rule.status().as_str(), "Enabled");
-        assert_eq!(rule.expiration().and_then(|expiry| expiry.days()), Some(3));
-    }
-    let abort = rules
-        .iter()
-        .find_map(|rule| rule.abort_incomplete_multipart_upload())
-        .unwrap_or_else(|| panic!("no rule aborting stale multipart uploads: {rules:?}"));
-    assert_eq!(abort.days_after_initiation(), Some(1));
+    assert_lifecycle_rules(lifecycle.rules(), 3);
 }
 
 // ---------------------------------------------------------------------------------------------

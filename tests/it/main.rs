@@ -1,0 +1,17 @@
+//! The integration tests, in one binary (each test binary links aws-sdk, fred and libjpeg again:
+//! one link step instead of one per area). One module per area; `support` spawns the real
+//! service and reaches the real Redis and S3 server that `scripts/test` starts.
+
+mod auth;
+mod blob_store;
+mod cli;
+mod files;
+mod files_cloud;
+mod hostile;
+mod message_store;
+mod messaging;
+mod redis_store_smoke;
+mod replicas;
+mod server;
+mod support;
+mod thumbnails;
