@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::Server};
 
 use crate::{
-    auth::Authenticator,
     budget::MemoryBudget,
     config::{BlobBackend, ConfigError, MessageBackend, Settings},
     drain::DrainLayer,
@@ -27,6 +26,7 @@ use crate::{
     http,
     messaging::service::ConversationService,
     metrics::{GrpcMetricsLayer, Metrics, ServedMethods},
+    startup,
     store::{
         blobs::{BlobError, BlobStore},
         files::FileStore,
@@ -140,7 +140,7 @@ impl App {
         let backends = Backends::build(&settings, http_addr).await?;
         let dependencies = backends.dependencies.clone();
 
-        let authenticator = Authenticator::from_settings(&settings.auth)?;
+        let authenticator = startup::check(&settings)?.authenticator;
         if authenticator.is_trusted_header() {
             tracing::warn!(
                 "auth.mode = trusted-header: the x-user-id metadata is believed as-is; expose this port only behind an authenticating gateway"

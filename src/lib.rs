@@ -15,6 +15,7 @@
 //! - [`messaging`]: conversations, messages, subscriptions (domain).
 //! - [`ids`]: identifiers parsed at the boundary.
 //! - [`files`]: upload policy, content sniffing and the upload / download rules.
+//! - [`startup`]: the start-up check `check-config` and the app share.
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
 //! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod ids;
 pub mod messaging;
 pub mod metrics;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod thumbnails;
