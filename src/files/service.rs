@@ -31,7 +31,8 @@ use crate::{
     error::{Error, ErrorKind, Reason, Result},
     messaging::{
         model::{ConversationId, Message, MessageId, UnixMillis},
-        service::{ConversationService, store_error},
+        service::ConversationService,
+        store_error::store_error,
     },
     store::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
