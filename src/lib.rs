@@ -15,6 +15,7 @@
 //! - [`messaging`]: conversations, messages, subscriptions (domain).
 //! - [`ids`]: identifiers parsed at the boundary.
 //! - [`files`]: upload policy, content sniffing and the upload / download rules.
+//! - [`quota`]: per-caller slots of long-lived calls (uploads, live subscriptions).
 //! - [`startup`]: the start-up check `check-config` and the app share.
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod ids;
 pub mod messaging;
 pub mod metrics;
+pub mod quota;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 
 use super::{
     policy::{FileCategory, FileTypeRule, UploadPolicy},
-    slots::{UploadSlot, UploadSlots},
     sniff::{ContentSniffer, SniffError},
 };
 use crate::{
@@ -34,6 +33,7 @@ use crate::{
         service::ConversationService,
         store_error::store_error,
     },
+    quota::{CallerSlot, PerCallerSlots},
     store::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
         files::{FileRecord, FileStore},
@@ -97,7 +97,7 @@ pub struct FileService {
     url_ttl: Duration,
     /// The budget image bodies kept for their thumbnail are reserved from.
     budget: Arc<MemoryBudget>,
-    slots: UploadSlots,
+    slots: PerCallerSlots,
 }
 
 impl FileService {
@@ -110,7 +110,7 @@ impl FileService {
         url_ttl: Duration,
         budget: Arc<MemoryBudget>,
     ) -> Self {
-        let slots = UploadSlots::new(policy.max_concurrent_per_caller);
+        let slots = PerCallerSlots::new(policy.max_concurrent_per_caller);
         Self {
             conversations,
             blobs,
@@ -476,7 +476,7 @@ impl FileService {
     }
 
     /// One of the caller's upload slots, or `RESOURCE_EXHAUSTED` when all are taken.
-    fn take_slot(&self, caller: &Caller) -> Result<UploadSlot> {
+    fn take_slot(&self, caller: &Caller) -> Result<CallerSlot> {
         self.slots.try_take(&caller.user_id).ok_or_else(|| {
             let limit = self.slots.per_caller();
             Error::new(

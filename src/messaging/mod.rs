@@ -5,7 +5,6 @@
 //! - [`live`]: in-replica fan-out of the store's live feed.
 //! - [`paging`]: page sizes and opaque page tokens.
 //! - [`subscription`]: the event stream of one live subscription.
-//! - [`subscriptions`]: live-subscription slots per caller.
 //! - [`store_error`]: how store failures read to callers.
 
 pub mod live;
@@ -14,4 +13,3 @@ pub mod paging;
 pub mod service;
 pub mod store_error;
 pub mod subscription;
-pub mod subscriptions;

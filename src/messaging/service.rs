@@ -17,13 +17,13 @@ use super::{
     paging::{self, PageSize},
     store_error::store_error,
     subscription,
-    subscriptions::SubscriptionSlots,
 };
 use crate::{
     auth::Caller,
     config::MessagingSettings,
     error::{Error, ErrorKind, Reason, Result},
     ids::UserId,
+    quota::PerCallerSlots,
     store::files::FileStore,
     store::messages::{
         ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
@@ -54,7 +54,7 @@ pub struct ConversationService {
     store: Arc<dyn MessageStore>,
     files: Arc<dyn FileStore>,
     hub: Arc<LiveHub>,
-    subscriptions: Arc<SubscriptionSlots>,
+    subscriptions: PerCallerSlots,
     settings: MessagingSettings,
 }
 
@@ -72,7 +72,7 @@ impl ConversationService {
             store,
             files,
             hub,
-            subscriptions: SubscriptionSlots::new(settings.max_subscriptions_per_caller),
+            subscriptions: PerCallerSlots::new(settings.max_subscriptions_per_caller),
             settings,
         }
     }
@@ -446,7 +446,7 @@ impl ConversationService {
         }
         let slot = self
             .subscriptions
-            .try_acquire(&caller.user_id)
+            .try_take(&caller.user_id)
             .ok_or_else(|| too_many_subscriptions(self.subscriptions.per_caller()))?;
         let live = self
             .hub

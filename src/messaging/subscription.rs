@@ -9,11 +9,11 @@ use super::{
     live::{LiveEnd, LiveReceiver},
     model::{ConversationId, Event, EventKind},
     store_error::store_error,
-    subscriptions::SubscriptionSlot,
 };
 use crate::{
     error::{Error, ErrorKind, Reason, Result},
     ids::UserId,
+    quota::CallerSlot,
     store::messages::{LiveSignal, MessageStore},
 };
 
@@ -24,7 +24,7 @@ const BACKFILL_BATCH: usize = 500;
 /// the stream lives; it ends with an error when `user` is removed from the conversation.
 pub(super) fn events(
     store: Arc<dyn MessageStore>,
-    slot: SubscriptionSlot,
+    slot: CallerSlot,
     mut live: LiveReceiver,
     id: ConversationId,
     user: UserId,
