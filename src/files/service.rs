@@ -29,7 +29,7 @@ use crate::{
     budget::{MemoryBudget, MemoryReservation},
     error::{Error, ErrorKind, Reason, Result},
     messaging::{
-        model::{ConversationId, Message, MessageId, UnixMillis},
+        model::{ConversationId, FileAttachment, Message, MessageId, UnixMillis},
         service::ConversationService,
         store_error::store_error,
     },
@@ -287,24 +287,27 @@ impl FileService {
         let retention = i64::try_from(self.policy.retention.as_millis()).unwrap_or(i64::MAX);
         let message_id = MessageId::generate();
         let record = FileRecord {
-            file_id: plan.file_id.clone(),
             conversation_id: plan.conversation_id,
-            uploader: caller.user_id.clone(),
-            file_name: plan.file_name.clone(),
-            content_type: plan.rule.kind.mime_type().to_owned(),
-            size_bytes: plan.declared_size,
-            sha256: body.sha256,
-            category: plan.rule.kind.category(),
-            width: body.dimensions.0,
-            height: body.dimensions.1,
+            file: FileAttachment {
+                file_id: plan.file_id.clone(),
+                uploader: caller.user_id.clone(),
+                file_name: plan.file_name.clone(),
+                content_type: plan.rule.kind.mime_type().to_owned(),
+                size_bytes: plan.declared_size,
+                sha256: body.sha256,
+                category: plan.rule.kind.category(),
+                width: body.dimensions.0,
+                height: body.dimensions.1,
+                has_thumbnail: thumbnail_key.is_some(),
+                create_time: now,
+                expire_time: now.saturating_add(retention),
+            },
             blob_key: body.key,
             thumbnail_key,
             message_id: Some(message_id),
-            create_time: now,
-            expire_time: now.saturating_add(retention),
         };
         self.files.put(&record).await.map_err(store_error)?;
-        written.record = Some(record.file_id.clone());
+        written.record = Some(record.file.file_id.clone());
         let message = self
             .conversations
             .post_file(
@@ -347,7 +350,7 @@ impl FileService {
             .await
             .map_err(store_error)?
             // The store forgets expired files on its own; this also covers the moments before.
-            .filter(|record| record.expire_time > now_millis())
+            .filter(|record| record.file.expire_time > now_millis())
             .ok_or_else(file_not_found)?;
         self.conversations
             .conversation_of_participant(caller, record.conversation_id)
@@ -359,7 +362,8 @@ impl FileService {
     pub async fn download_urls(&self, caller: &Caller, file_id: &str) -> Result<DownloadUrls> {
         let record = self.get_file(caller, file_id).await?;
         let now = now_millis();
-        let remaining = Duration::from_millis(u64::try_from(record.expire_time - now).unwrap_or(0));
+        let remaining =
+            Duration::from_millis(u64::try_from(record.file.expire_time - now).unwrap_or(0));
         let valid_for = self.url_ttl.min(remaining);
         if valid_for < Duration::from_secs(1) {
             return Err(file_not_found());
@@ -395,13 +399,13 @@ impl FileService {
         let record = self.get_file(caller, file_id).await?;
         let offset = u64::try_from(offset)
             .ok()
-            .filter(|offset| *offset <= record.size_bytes)
+            .filter(|offset| *offset <= record.file.size_bytes)
             .ok_or_else(|| {
                 Error::invalid_field(
                     "offset",
                     format!(
                         "offset must be between 0 and the file size {}",
-                        record.size_bytes
+                        record.file.size_bytes
                     ),
                 )
             })?;
@@ -435,7 +439,7 @@ impl FileService {
     /// record go. Safe to retry after a failure.
     pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
         let record = self.get_file(caller, file_id).await?;
-        if record.uploader != caller.user_id {
+        if record.file.uploader != caller.user_id {
             return Err(Error::permission_denied(
                 Reason::NotFileUploader,
                 "only the uploader may delete a file",
@@ -445,8 +449,8 @@ impl FileService {
             .delete_file_messages(
                 caller,
                 record.conversation_id,
-                &record.file_id,
-                record.expire_time,
+                &record.file.file_id,
+                record.file.expire_time,
             )
             .await?;
         // Redis data written before files were indexed lacks the upload's own message in the

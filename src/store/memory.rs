@@ -662,8 +662,8 @@ impl crate::store::files::FileStore for MemoryFileStore {
         let now = now_millis();
         let mut files = self.lock();
         // Expired records go the way Redis TTLs would.
-        files.retain(|_, file| file.expire_time > now);
-        files.insert(record.file_id.clone(), record.clone());
+        files.retain(|_, record| record.file.expire_time > now);
+        files.insert(record.file.file_id.clone(), record.clone());
         Ok(())
     }
 
@@ -672,7 +672,7 @@ impl crate::store::files::FileStore for MemoryFileStore {
         Ok(self
             .lock()
             .get(file_id)
-            .filter(|file| file.expire_time > now)
+            .filter(|record| record.file.expire_time > now)
             .cloned())
     }
 
