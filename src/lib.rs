@@ -4,6 +4,7 @@
 //!
 //! - [`app`]: builds everything from [`config::Settings`], serves gRPC and HTTP, shuts down.
 //! - [`config`]: layered, validated settings; secrets redacted.
+//! - [`call_layer`]: the tower plumbing the drain and metrics layers share.
 //! - [`budget`]: the process-wide memory budget of upload buffers.
 //! - [`auth`]: who is calling (JWT or a trusted gateway header).
 //! - [`drain`]: ends calls still open after the shutdown grace with `UNAVAILABLE`.
@@ -25,6 +26,7 @@
 pub mod app;
 pub mod auth;
 pub mod budget;
+pub mod call_layer;
 pub mod config;
 pub mod drain;
 pub mod error;
