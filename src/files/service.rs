@@ -157,9 +157,9 @@ impl FileService {
     where
         S: Stream<Item = Result<UploadPart>> + Unpin + Send,
     {
-        let body = self.receive_body(plan, parts, written).await?;
-        let thumbnail_key = match body.thumbnail {
-            Some(ref thumbnail) => Some(self.store_thumbnail(plan, thumbnail, written).await?),
+        let mut body = self.receive_body(plan, parts, written).await?;
+        let thumbnail_key = match body.thumbnail.take() {
+            Some(thumbnail) => Some(self.store_thumbnail(plan, thumbnail, written).await?),
             None => None,
         };
         self.record_and_announce(caller, plan, body, thumbnail_key, written)
@@ -252,7 +252,7 @@ impl FileService {
     async fn store_thumbnail(
         &self,
         plan: &UploadPlan,
-        thumbnail: &Thumbnail,
+        thumbnail: Thumbnail,
         written: &mut Written,
     ) -> Result<String> {
         let key = blob_key("thumbs", plan.conversation_id, &plan.file_id);
@@ -267,7 +267,7 @@ impl FileService {
             metadata: Vec::new(),
         };
         self.blobs
-            .put(&key, attributes, thumbnail.bytes.clone())
+            .put(&key, attributes, thumbnail.bytes)
             .await
             .map_err(blob_error)?;
         written.blobs.push(key.clone());
@@ -609,6 +609,7 @@ struct ReceivedBody {
     key: String,
     sha256: String,
     dimensions: (u32, u32),
+    /// Taken when it is stored.
     thumbnail: Option<Thumbnail>,
 }
 
