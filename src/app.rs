@@ -7,7 +7,10 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use secrecy::ExposeSecret;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tonic::{
+    service::{Routes, interceptor::InterceptedService},
+    transport::Server,
+};
 
 use crate::{
     auth::Authenticator,
@@ -27,6 +30,7 @@ use crate::{
     http,
     messaging::service::ConversationService,
     metrics::{GrpcMetricsLayer, Metrics, ServedMethods},
+    startup,
     store::{
         blobs::{BlobError, BlobStore},
         files::FileStore,
@@ -124,23 +128,42 @@ impl App {
             grpc_listener,
             http_listener,
         } = self;
-        let grpc_addr = grpc_listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                addr: settings.server.grpc_addr,
-                source,
-            })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                addr: settings.server.http_addr,
-                source,
-            })?;
-
+        let grpc_addr = local_addr(&grpc_listener, settings.server.grpc_addr)?;
+        let http_addr = local_addr(&http_listener, settings.server.http_addr)?;
+        let authenticator = startup::check(&settings)?.authenticator;
         let backends = Backends::build(&settings, http_addr).await?;
-        let dependencies = backends.dependencies.clone();
+        let services = Services::build(&settings, &backends, authenticator).await?;
+        let running = Running::serve(&settings, backends, services, grpc_listener, http_listener);
+        tracing::info!(%grpc_addr, %http_addr, "serving");
+        running
+            .drain_after(shutdown, settings.server.shutdown_grace)
+            .await
+    }
+}
 
-        let authenticator = Authenticator::from_settings(&settings.auth)?;
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, StartupError> {
+    listener.local_addr().map_err(|source| StartupError::Bind {
+        addr: configured,
+        source,
+    })
+}
+
+/// Everything the gRPC port serves, built from the settings and the backends.
+struct Services {
+    metrics: Arc<Metrics>,
+    served_methods: ServedMethods,
+    board: HealthBoard,
+    routes: Routes,
+    /// Closed when the drain gives up on running calls, which stops every image decode.
+    thumbnails: Arc<ThumbnailPool>,
+}
+
+impl Services {
+    async fn build(
+        settings: &Settings,
+        backends: &Backends,
+        authenticator: Authenticator,
+    ) -> Result<Self, StartupError> {
         if authenticator.is_trusted_header() {
             tracing::warn!(
                 "auth.mode = trusted-header: the x-user-id metadata is believed as-is; expose this port only behind an authenticating gateway"
@@ -196,7 +219,50 @@ impl App {
                 .max_decoding_message_size(max_message),
             authenticator,
         );
+        let routes = Routes::new(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(messaging)
+            .add_service(file_relay);
+        Ok(Self {
+            metrics,
+            served_methods,
+            board,
+            routes,
+            thumbnails,
+        })
+    }
+}
 
+/// The served ports and background tasks, and the tokens that stop them.
+struct Running {
+    grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    http_task: JoinHandle<io::Result<()>>,
+    monitor_task: JoinHandle<()>,
+    board: HealthBoard,
+    thumbnails: Arc<ThumbnailPool>,
+    stop_accepting: CancellationToken,
+    stop_monitor: CancellationToken,
+    cancel_calls: CancellationToken,
+}
+
+impl Running {
+    /// Starts serving gRPC and HTTP, the health monitor and (for the filesystem store) the
+    /// sweep of expired files.
+    fn serve(
+        settings: &Settings,
+        backends: Backends,
+        services: Services,
+        grpc_listener: TcpListener,
+        http_listener: TcpListener,
+    ) -> Self {
+        let Services {
+            metrics,
+            served_methods,
+            board,
+            routes,
+            thumbnails,
+        } = services;
         let stop_accepting = CancellationToken::new();
         let stop_monitor = CancellationToken::new();
         let cancel_calls = CancellationToken::new();
@@ -225,14 +291,9 @@ impl App {
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .layer(GrpcMetricsLayer::new(metrics.clone(), served_methods))
             .layer(DrainLayer::new(cancel_calls.clone()))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(messaging)
-            .add_service(file_relay)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(grpc_incoming, stop_accepting.clone().cancelled_owned());
-        let mut grpc_task: JoinHandle<Result<(), tonic::transport::Error>> =
-            tokio::spawn(grpc_server);
+        let grpc_task = tokio::spawn(grpc_server);
 
         let http_router = http::router(board.clone(), metrics, backends.fs_blobs.clone());
         let http_stop = stop_accepting.clone();
@@ -242,7 +303,7 @@ impl App {
                 .await
         });
 
-        if let Some(store) = backends.fs_blobs.clone() {
+        if let Some(store) = backends.fs_blobs {
             tokio::spawn(sweep_expired_files(
                 store,
                 settings.uploads.retention,
@@ -251,21 +312,38 @@ impl App {
         }
         let monitor_task = tokio::spawn(health::monitor(
             board.clone(),
-            dependencies,
+            backends.dependencies,
             settings.server.health_check_interval,
             settings.server.health_check_timeout,
             stop_monitor.clone(),
         ));
+        Self {
+            grpc_task,
+            http_task,
+            monitor_task,
+            board,
+            thumbnails,
+            stop_accepting,
+            stop_monitor,
+            cancel_calls,
+        }
+    }
 
-        tracing::info!(%grpc_addr, %http_addr, "serving");
-
+    /// Serves until `shutdown` resolves (or the gRPC server ends by itself), then drains: the
+    /// health turns NOT_SERVING, no new connections are accepted, running calls get `grace` to
+    /// finish and the rest are cancelled.
+    async fn drain_after(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+        grace: Duration,
+    ) -> Result<(), StartupError> {
         let early_exit = tokio::select! {
             () = shutdown => None,
-            result = &mut grpc_task => Some(result),
+            result = &mut self.grpc_task => Some(result),
         };
         if let Some(result) = early_exit {
-            stop_monitor.cancel();
-            stop_accepting.cancel();
+            self.stop_monitor.cancel();
+            self.stop_accepting.cancel();
             return match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(error.into()),
@@ -273,28 +351,29 @@ impl App {
             };
         }
 
-        let grace = settings.server.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
-        stop_monitor.cancel();
-        let _ = monitor_task.await;
-        board.set_serving(false).await;
-        stop_accepting.cancel();
+        self.stop_monitor.cancel();
+        let _ = self.monitor_task.await;
+        self.board.set_serving(false).await;
+        self.stop_accepting.cancel();
 
-        let drained = tokio::time::timeout(grace, &mut grpc_task).await.is_ok();
+        let drained = tokio::time::timeout(grace, &mut self.grpc_task)
+            .await
+            .is_ok();
         if !drained {
             tracing::warn!("shutdown grace elapsed; cancelling the RPCs still running");
-            cancel_calls.cancel();
+            self.cancel_calls.cancel();
             // Dropping an upload's future cancels its decode too, but only once the drained
             // connection lets go of it; this stops every decode now.
-            thumbnails.close();
-            if tokio::time::timeout(CANCEL_FLUSH, &mut grpc_task)
+            self.thumbnails.close();
+            if tokio::time::timeout(CANCEL_FLUSH, &mut self.grpc_task)
                 .await
                 .is_err()
             {
-                grpc_task.abort();
+                self.grpc_task.abort();
             }
         }
-        http_task.abort();
+        self.http_task.abort();
         tracing::info!("stopped");
         Ok(())
     }

@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use crate::{
-    config::{AuthMode, AuthSettings, ConfigError, JwtAlgorithm},
+    config::{AuthMode, AuthSettings, ConfigError, JwtAlgorithm, check_hs256_secret},
     error::{Error, ErrorKind, Reason},
     ids::UserId,
 };
@@ -107,13 +107,7 @@ fn jwt_mode(settings: &AuthSettings) -> Result<Mode, ConfigError> {
                 message: "required when auth.mode = \"jwt\" and auth.jwt_algorithm = \"HS256\""
                     .to_owned(),
             })?;
-            // RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
-            if secret.expose_secret().len() < 32 {
-                return Err(ConfigError {
-                    key: "auth.jwt_secret".to_owned(),
-                    message: "must be at least 32 bytes for HS256".to_owned(),
-                });
-            }
+            check_hs256_secret(secret)?;
             (
                 Algorithm::HS256,
                 DecodingKey::from_secret(secret.expose_secret().as_bytes()),

@@ -16,7 +16,7 @@ use bytesize::ByteSize;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::files::policy::{FileKind, FileKindError};
+use crate::files::kind::{FileCategory, FileKind, FileKindError};
 
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "SVC_MESSAGING";
@@ -309,8 +309,8 @@ impl Default for UploadSettings {
             max_chunk_bytes: ByteSize::mib(1),
             document_max_size: ByteSize::mib(50),
             image_max_size: ByteSize::mib(10),
-            document_types: of_category(crate::files::policy::FileCategory::Document),
-            image_types: of_category(crate::files::policy::FileCategory::Image),
+            document_types: of_category(FileCategory::Document),
+            image_types: of_category(FileCategory::Image),
             max_image_pixels: 40_000_000,
             part_size: ByteSize::mib(8),
             parts_in_flight: 2,
@@ -608,21 +608,18 @@ impl ServerSettings {
     }
 }
 
+/// RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+const HS256_MIN_SECRET_BYTES: usize = 32;
+
 impl AuthSettings {
+    /// The rules of the auth section alone; the keys themselves are parsed by
+    /// [`crate::startup::check`], which builds the authenticator.
     fn validate(&self) -> Result<(), ConfigError> {
         // A weak secret is refused even while unused, so switching the mode cannot expose it.
-        if let Some(secret) = &self.jwt_secret
-            && secret.expose_secret().len() < 32
-        {
-            return Err(ConfigError::new(
-                "auth.jwt_secret",
-                "must be at least 32 bytes for HS256",
-            ));
+        if let Some(secret) = &self.jwt_secret {
+            check_hs256_secret(secret)?;
         }
-        if self.mode != AuthMode::Jwt {
-            return Ok(());
-        }
-        crate::auth::Authenticator::from_settings(self).map(|_| ())
+        Ok(())
     }
 
     /// The PEM public key for RS256 / ES256, inline or from its file.
@@ -648,6 +645,17 @@ impl AuthSettings {
             )),
         }
     }
+}
+
+/// Refuses an HS256 secret shorter than the hash output (the one place this rule is written).
+pub fn check_hs256_secret(secret: &SecretString) -> Result<(), ConfigError> {
+    if secret.expose_secret().len() < HS256_MIN_SECRET_BYTES {
+        return Err(ConfigError::new(
+            "auth.jwt_secret",
+            format!("must be at least {HS256_MIN_SECRET_BYTES} bytes for HS256"),
+        ));
+    }
+    Ok(())
 }
 
 impl StorageSettings {
@@ -791,12 +799,12 @@ impl UploadSettings {
             (
                 "uploads.document_types",
                 &self.document_types,
-                crate::files::policy::FileCategory::Document,
+                FileCategory::Document,
             ),
             (
                 "uploads.image_types",
                 &self.image_types,
-                crate::files::policy::FileCategory::Image,
+                FileCategory::Image,
             ),
         ] {
             for mime in types {
@@ -1165,7 +1173,6 @@ mod tests {
                 "uploads.image_types",
             ),
             ("SVC_MESSAGING__AUTH__MODE", "magic", "auth.mode"),
-            ("SVC_MESSAGING__AUTH__MODE", "jwt", "auth.jwt_secret"),
             ("SVC_MESSAGING__NOPE__KEY", "1", "nope"),
             (
                 "SVC_MESSAGING__REDIS__URL",

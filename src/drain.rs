@@ -13,56 +13,43 @@ use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tower::{Layer, Service};
+
+use crate::call_layer::{CallLayer, CallWrapper};
 
 const UNAVAILABLE: &str = "14";
 const MESSAGE: &str = "server is shutting down";
 
-#[derive(Clone)]
-pub struct DrainLayer {
-    cancel: CancellationToken,
-}
+/// Ends the calls still open when its token is cancelled with `UNAVAILABLE`.
+pub type DrainLayer = CallLayer<Drain>;
 
 impl DrainLayer {
     /// Calls still open when `cancel` fires are ended with `UNAVAILABLE`.
     pub fn new(cancel: CancellationToken) -> Self {
-        Self { cancel }
+        CallLayer::with(Drain { cancel })
     }
 }
 
-impl<S> Layer<S> for DrainLayer {
-    type Service = DrainService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        DrainService {
-            inner,
-            cancel: self.cancel.clone(),
-        }
-    }
-}
-
+/// The [`CallWrapper`] of the drain.
 #[derive(Clone)]
-pub struct DrainService<S> {
-    inner: S,
+pub struct Drain {
     cancel: CancellationToken,
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for DrainService<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<DrainBody<ResBody>>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+impl CallWrapper for Drain {
+    type Call = CancellationToken;
+    type Body<B> = DrainBody<B>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn start<ReqBody>(&self, _request: &http::Request<ReqBody>) -> CancellationToken {
+        self.cancel.clone()
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let response = self.inner.call(request);
-        let cancel = self.cancel.clone();
+    fn finish<ResBody, E, F>(
+        cancel: CancellationToken,
+        response: F,
+    ) -> BoxFuture<'static, Result<http::Response<DrainBody<ResBody>>, E>>
+    where
+        F: Future<Output = Result<http::Response<ResBody>, E>> + Send + 'static,
+    {
         Box::pin(async move {
             tokio::select! {
                 biased;

@@ -4,6 +4,7 @@
 //!
 //! - [`app`]: builds everything from [`config::Settings`], serves gRPC and HTTP, shuts down.
 //! - [`config`]: layered, validated settings; secrets redacted.
+//! - [`call_layer`]: the tower plumbing the drain and metrics layers share.
 //! - [`budget`]: the process-wide memory budget of upload buffers.
 //! - [`auth`]: who is calling (JWT or a trusted gateway header).
 //! - [`drain`]: ends calls still open after the shutdown grace with `UNAVAILABLE`.
@@ -15,6 +16,8 @@
 //! - [`messaging`]: conversations, messages, subscriptions (domain).
 //! - [`ids`]: identifiers parsed at the boundary.
 //! - [`files`]: upload policy, content sniffing and the upload / download rules.
+//! - [`quota`]: per-caller slots of long-lived calls (uploads, live subscriptions).
+//! - [`startup`]: the start-up check `check-config` and the app share.
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
 //! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
@@ -23,6 +26,7 @@
 pub mod app;
 pub mod auth;
 pub mod budget;
+pub mod call_layer;
 pub mod config;
 pub mod drain;
 pub mod error;
@@ -33,6 +37,8 @@ pub mod http;
 pub mod ids;
 pub mod messaging;
 pub mod metrics;
+pub mod quota;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod thumbnails;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use svc_messaging::{
     app::App,
     config::{CONFIG_PATH_ENV, Settings},
-    telemetry,
+    startup, telemetry,
 };
 
 /// Chat conversations over gRPC: messages, live subscriptions and file relay.
@@ -38,7 +38,9 @@ const BLOCKING_THREADS_GRACE: std::time::Duration = std::time::Duration::from_se
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(cli.config.as_deref()) {
+    let settings = match Settings::load(cli.config.as_deref())
+        .and_then(|settings| startup::check(&settings).map(|_| settings))
+    {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("svc-messaging: invalid config: {error}");

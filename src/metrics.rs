@@ -8,12 +8,17 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
 
+use crate::{
+    call_layer::{CallLayer, CallWrapper},
+    transport::ConnectionMetrics,
+};
 use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::{
@@ -22,9 +27,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use prost::Message;
-use tower::{Layer, Service};
-
-use crate::transport::ConnectionMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -164,54 +166,37 @@ impl Metrics {
 }
 
 /// Observes every gRPC call passing through the server.
-#[derive(Clone)]
-pub struct GrpcMetricsLayer {
-    metrics: Arc<Metrics>,
-    served: ServedMethods,
-}
+pub type GrpcMetricsLayer = CallLayer<Metered>;
 
 impl GrpcMetricsLayer {
     pub fn new(metrics: Arc<Metrics>, served: ServedMethods) -> Self {
-        Self { metrics, served }
+        CallLayer::with(Metered { metrics, served })
     }
 }
 
-impl<S> Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetricsService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetricsService {
-            inner,
-            metrics: self.metrics.clone(),
-            served: self.served.clone(),
-        }
-    }
-}
-
+/// The [`CallWrapper`] of the metrics layer.
 #[derive(Clone)]
-pub struct GrpcMetricsService<S> {
-    inner: S,
+pub struct Metered {
     metrics: Arc<Metrics>,
     served: ServedMethods,
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetricsService<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<ObservedBody<ResBody>>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+impl CallWrapper for Metered {
+    type Call = Observation;
+    type Body<B> = ObservedBody<B>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn start<ReqBody>(&self, request: &http::Request<ReqBody>) -> Observation {
+        let labels = self.served.labels(request.uri().path());
+        Observation::start(self.metrics.clone(), labels)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let labels = self.served.labels(request.uri().path());
-        let observation = Observation::start(self.metrics.clone(), labels);
-        let response = self.inner.call(request);
+    fn finish<ResBody, E, F>(
+        observation: Observation,
+        response: F,
+    ) -> BoxFuture<'static, Result<http::Response<ObservedBody<ResBody>>, E>>
+    where
+        F: Future<Output = Result<http::Response<ResBody>, E>> + Send + 'static,
+    {
         Box::pin(async move {
             let response = response.await?;
             let (parts, body) = response.into_parts();
@@ -234,7 +219,7 @@ where
 }
 
 /// One call being measured; dropping it unfinished counts the call as CANCELLED.
-struct Observation {
+pub struct Observation {
     metrics: Arc<Metrics>,
     labels: MethodLabels,
     started: Instant,

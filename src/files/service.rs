@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 
 use super::{
     policy::{FileCategory, FileTypeRule, UploadPolicy},
-    slots::{UploadSlot, UploadSlots},
     sniff::{ContentSniffer, SniffError},
 };
 use crate::{
@@ -30,14 +29,16 @@ use crate::{
     budget::{MemoryBudget, MemoryReservation},
     error::{Error, ErrorKind, Reason, Result},
     messaging::{
-        model::{ConversationId, Message, MessageId, UnixMillis},
-        service::{ConversationService, store_error},
+        model::{ConversationId, FileAttachment, Message, MessageId, UnixMillis},
+        service::ConversationService,
+        store_error::store_error,
     },
+    quota::{CallerSlot, PerCallerSlots},
     store::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
         files::{FileRecord, FileStore},
     },
-    thumbnails::{ThumbnailError, ThumbnailPool},
+    thumbnails::{Thumbnail, ThumbnailError, ThumbnailPool},
 };
 
 /// Longest file name, in characters.
@@ -96,7 +97,7 @@ pub struct FileService {
     url_ttl: Duration,
     /// The budget image bodies kept for their thumbnail are reserved from.
     budget: Arc<MemoryBudget>,
-    slots: UploadSlots,
+    slots: PerCallerSlots,
 }
 
 impl FileService {
@@ -109,7 +110,7 @@ impl FileService {
         url_ttl: Duration,
         budget: Arc<MemoryBudget>,
     ) -> Self {
-        let slots = UploadSlots::new(policy.max_concurrent_per_caller);
+        let slots = PerCallerSlots::new(policy.max_concurrent_per_caller);
         Self {
             conversations,
             blobs,
@@ -134,22 +135,54 @@ impl FileService {
     {
         // Held until the upload ends, whichever way.
         let _slot = self.take_slot(caller)?;
-        let request = match next_part(&mut parts, self.policy.idle_timeout).await {
-            Some(Ok(UploadPart::Metadata(request))) => request,
-            Some(Err(error)) => return Err(error),
-            Some(Ok(UploadPart::Chunk(_))) | None => {
-                return Err(Error::invalid(
-                    Reason::MetadataFirst,
-                    "the first message of an upload must carry its metadata",
-                )
-                .with_field("metadata"));
-            }
-        };
+        let request = first_metadata(&mut parts, self.policy.idle_timeout).await?;
         let plan = self.plan(caller, request).await?;
+        let mut written = Written::default();
+        let stored = self.store(caller, &plan, &mut parts, &mut written).await;
+        if stored.is_err() {
+            self.remove(written).await;
+        }
+        stored
+    }
+
+    /// The steps of an accepted upload; each notes in `written` what it stored, so that
+    /// [`FileService::remove`] can take it all away if a later step fails.
+    async fn store<S>(
+        &self,
+        caller: &Caller,
+        plan: &UploadPlan,
+        parts: &mut S,
+        written: &mut Written,
+    ) -> Result<(FileRecord, Message)>
+    where
+        S: Stream<Item = Result<UploadPart>> + Unpin + Send,
+    {
+        let mut body = self.receive_body(plan, parts, written).await?;
+        let thumbnail_key = match body.thumbnail.take() {
+            Some(thumbnail) => Some(self.store_thumbnail(plan, thumbnail, written).await?),
+            None => None,
+        };
+        self.record_and_announce(caller, plan, body, thumbnail_key, written)
+            .await
+    }
+
+    /// Receives the chunks into the blob store. Documents stream to it as they arrive. Images
+    /// (at most the image size limit) are kept in memory instead, for their thumbnail, which is
+    /// made before anything is stored: an undecodable image stores nothing, and its bytes are
+    /// held only once.
+    async fn receive_body<S>(
+        &self,
+        plan: &UploadPlan,
+        parts: &mut S,
+        written: &mut Written,
+    ) -> Result<ReceivedBody>
+    where
+        S: Stream<Item = Result<UploadPart>> + Unpin + Send,
+    {
         let key = blob_key("files", plan.conversation_id, &plan.file_id);
         // A declared sha256 travels from the start (a multipart upload then needs no rewrite of
         // its metadata at the end); the computed one is given at the commit either way.
-        let attributes = BlobAttributes {
+        let mut attributes = BlobAttributes {
             content_type: plan.content_type.clone(),
             content_disposition: attachment_disposition(&plan.file_name),
             metadata: plan
@@ -158,9 +191,6 @@ impl FileService {
                 .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
                 .collect(),
         };
-        // Documents stream to the blob store as they arrive. Images (at most the image size
-        // limit) are kept in memory instead, for their thumbnail, which is made before anything
-        // is stored: an undecodable image stores nothing, and its bytes are held only once.
         let mut sink = if plan.rule.kind.category() == FileCategory::Image {
             Sink::Kept(KeptBody::new(&self.budget, plan.declared_size))
         } else {
@@ -171,18 +201,15 @@ impl FileService {
                     .map_err(blob_error)?,
             )
         };
-        let (sha256, mut dimensions) =
-            match receive(&plan, &self.policy, &mut parts, &mut sink).await {
-                Ok(received) => received,
-                Err(error) => {
-                    if let Sink::Streamed(upload) = sink
-                        && let Err(abort_error) = upload.abort().await
-                    {
-                        tracing::warn!(error = %abort_error, "aborting a refused upload failed");
-                    }
-                    return Err(error);
+        let (sha256, dimensions) = match receive(plan, &self.policy, parts, &mut sink).await {
+            Ok(received) => received,
+            Err(error) => {
+                if let Sink::Streamed(upload) = sink {
+                    written.unfinished = Some(upload);
                 }
-            };
+                return Err(error);
+            }
+        };
         let sha256_metadata = vec![(SHA256_METADATA.to_owned(), sha256.clone())];
         let thumbnail = match sink {
             Sink::Streamed(upload) => {
@@ -200,7 +227,6 @@ impl FileService {
                     .make(plan.rule.kind, bytes.clone())
                     .await
                     .map_err(thumbnail_error)?;
-                let mut attributes = attributes;
                 attributes.merge_metadata(sha256_metadata);
                 self.blobs
                     .put(&key, attributes, bytes)
@@ -210,72 +236,106 @@ impl FileService {
                 thumbnail
             }
         };
-        let mut thumbnail_key = None;
-        if let Some(thumbnail) = thumbnail {
-            // FileInfo reports the image as displayed, after its EXIF orientation.
-            dimensions = (thumbnail.source_width, thumbnail.source_height);
-            let key = blob_key("thumbs", plan.conversation_id, &plan.file_id);
-            let extension = if thumbnail.content_type == "image/png" {
-                "png"
-            } else {
-                "jpg"
-            };
-            let attributes = BlobAttributes {
-                content_type: thumbnail.content_type.to_owned(),
-                content_disposition: attachment_disposition(&format!("thumbnail.{extension}")),
-                metadata: Vec::new(),
-            };
-            if let Err(error) = self.blobs.put(&key, attributes, thumbnail.bytes).await {
-                let _ = self
-                    .blobs
-                    .delete(&blob_key("files", plan.conversation_id, &plan.file_id))
-                    .await;
-                return Err(blob_error(error));
-            }
-            thumbnail_key = Some(key);
-        }
+        written.blobs.push(key.clone());
+        Ok(ReceivedBody {
+            key,
+            sha256,
+            // FileInfo reports an image as displayed, after its EXIF orientation.
+            dimensions: thumbnail.as_ref().map_or(dimensions, |thumbnail| {
+                (thumbnail.source_width, thumbnail.source_height)
+            }),
+            thumbnail,
+        })
+    }
 
+    /// Stores an image's thumbnail next to it; returns its key.
+    async fn store_thumbnail(
+        &self,
+        plan: &UploadPlan,
+        thumbnail: Thumbnail,
+        written: &mut Written,
+    ) -> Result<String> {
+        let key = blob_key("thumbs", plan.conversation_id, &plan.file_id);
+        let extension = if thumbnail.content_type == "image/png" {
+            "png"
+        } else {
+            "jpg"
+        };
+        let attributes = BlobAttributes {
+            content_type: thumbnail.content_type.to_owned(),
+            content_disposition: attachment_disposition(&format!("thumbnail.{extension}")),
+            metadata: Vec::new(),
+        };
+        self.blobs
+            .put(&key, attributes, thumbnail.bytes)
+            .await
+            .map_err(blob_error)?;
+        written.blobs.push(key.clone());
+        Ok(key)
+    }
+
+    /// Records the stored file and posts the FILE/IMAGE message that announces it.
+    async fn record_and_announce(
+        &self,
+        caller: &Caller,
+        plan: &UploadPlan,
+        body: ReceivedBody,
+        thumbnail_key: Option<String>,
+        written: &mut Written,
+    ) -> Result<(FileRecord, Message)> {
         let now = now_millis();
         let retention = i64::try_from(self.policy.retention.as_millis()).unwrap_or(i64::MAX);
         let message_id = MessageId::generate();
         let record = FileRecord {
-            file_id: plan.file_id.clone(),
             conversation_id: plan.conversation_id,
-            uploader: caller.user_id.clone(),
-            file_name: plan.file_name.clone(),
-            content_type: plan.rule.kind.mime_type().to_owned(),
-            size_bytes: plan.declared_size,
-            sha256,
-            category: plan.rule.kind.category(),
-            width: dimensions.0,
-            height: dimensions.1,
-            blob_key: key.clone(),
+            file: FileAttachment {
+                file_id: plan.file_id.clone(),
+                uploader: caller.user_id.clone(),
+                file_name: plan.file_name.clone(),
+                content_type: plan.rule.kind.mime_type().to_owned(),
+                size_bytes: plan.declared_size,
+                sha256: body.sha256,
+                category: plan.rule.kind.category(),
+                width: body.dimensions.0,
+                height: body.dimensions.1,
+                has_thumbnail: thumbnail_key.is_some(),
+                create_time: now,
+                expire_time: now.saturating_add(retention),
+            },
+            blob_key: body.key,
             thumbnail_key,
             message_id: Some(message_id),
-            create_time: now,
-            expire_time: now.saturating_add(retention),
         };
-        if let Err(error) = self.files.put(&record).await {
-            self.discard(&record).await;
-            return Err(store_error(error));
-        }
-        let posted = self
+        self.files.put(&record).await.map_err(store_error)?;
+        written.record = Some(record.file.file_id.clone());
+        let message = self
             .conversations
             .post_file(
                 caller,
                 plan.conversation_id,
                 message_id,
                 record.attachment(),
-                plan.caption,
+                plan.caption.clone(),
             )
-            .await;
-        match posted {
-            Ok(message) => Ok((record, message)),
-            Err(error) => {
-                self.discard(&record).await;
-                let _ = self.files.delete(&record.file_id).await;
-                Err(error)
+            .await?;
+        Ok((record, message))
+    }
+
+    /// The one clean-up path of a failed upload: aborts its unfinished multipart upload and
+    /// removes the blobs and the record it stored.
+    async fn remove(&self, written: Written) {
+        if let Some(upload) = written.unfinished
+            && let Err(error) = upload.abort().await
+        {
+            tracing::warn!(%error, "aborting a refused upload failed");
+        }
+        for key in &written.blobs {
+            if let Err(error) = self.blobs.delete(key).await {
+                tracing::warn!(%error, key, "could not remove the bytes of a failed upload");
             }
+        }
+        if let Some(file_id) = written.record {
+            let _ = self.files.delete(&file_id).await;
         }
     }
 
@@ -290,7 +350,7 @@ impl FileService {
             .await
             .map_err(store_error)?
             // The store forgets expired files on its own; this also covers the moments before.
-            .filter(|record| record.expire_time > now_millis())
+            .filter(|record| record.file.expire_time > now_millis())
             .ok_or_else(file_not_found)?;
         self.conversations
             .conversation_of_participant(caller, record.conversation_id)
@@ -302,7 +362,8 @@ impl FileService {
     pub async fn download_urls(&self, caller: &Caller, file_id: &str) -> Result<DownloadUrls> {
         let record = self.get_file(caller, file_id).await?;
         let now = now_millis();
-        let remaining = Duration::from_millis(u64::try_from(record.expire_time - now).unwrap_or(0));
+        let remaining =
+            Duration::from_millis(u64::try_from(record.file.expire_time - now).unwrap_or(0));
         let valid_for = self.url_ttl.min(remaining);
         if valid_for < Duration::from_secs(1) {
             return Err(file_not_found());
@@ -338,13 +399,13 @@ impl FileService {
         let record = self.get_file(caller, file_id).await?;
         let offset = u64::try_from(offset)
             .ok()
-            .filter(|offset| *offset <= record.size_bytes)
+            .filter(|offset| *offset <= record.file.size_bytes)
             .ok_or_else(|| {
                 Error::invalid_field(
                     "offset",
                     format!(
                         "offset must be between 0 and the file size {}",
-                        record.size_bytes
+                        record.file.size_bytes
                     ),
                 )
             })?;
@@ -378,7 +439,7 @@ impl FileService {
     /// record go. Safe to retry after a failure.
     pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
         let record = self.get_file(caller, file_id).await?;
-        if record.uploader != caller.user_id {
+        if record.file.uploader != caller.user_id {
             return Err(Error::permission_denied(
                 Reason::NotFileUploader,
                 "only the uploader may delete a file",
@@ -388,8 +449,8 @@ impl FileService {
             .delete_file_messages(
                 caller,
                 record.conversation_id,
-                &record.file_id,
-                record.expire_time,
+                &record.file.file_id,
+                record.file.expire_time,
             )
             .await?;
         // Redis data written before files were indexed lacks the upload's own message in the
@@ -419,7 +480,7 @@ impl FileService {
     }
 
     /// One of the caller's upload slots, or `RESOURCE_EXHAUSTED` when all are taken.
-    fn take_slot(&self, caller: &Caller) -> Result<UploadSlot> {
+    fn take_slot(&self, caller: &Caller) -> Result<CallerSlot> {
         self.slots.try_take(&caller.user_id).ok_or_else(|| {
             let limit = self.slots.per_caller();
             Error::new(
@@ -531,15 +592,25 @@ impl FileService {
         .with_field("content_type")
         .with_metadata("supported_types", supported.join(","))
     }
+}
 
-    /// Best-effort removal of a file's bytes after a later step failed.
-    async fn discard(&self, record: &FileRecord) {
-        for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
-            if let Err(error) = self.blobs.delete(key).await {
-                tracing::warn!(%error, key, "could not remove the bytes of a failed upload");
-            }
-        }
-    }
+/// What an upload has stored so far.
+#[derive(Default)]
+struct Written {
+    /// A multipart upload begun and neither committed nor aborted.
+    unfinished: Option<Box<dyn BlobUpload>>,
+    blobs: Vec<String>,
+    /// The file id of the stored record.
+    record: Option<String>,
+}
+
+/// The body as stored, with what was learnt from it on the way.
+struct ReceivedBody {
+    key: String,
+    sha256: String,
+    dimensions: (u32, u32),
+    /// Taken when it is stored.
+    thumbnail: Option<Thumbnail>,
 }
 
 /// Where an upload's bytes go while they arrive.
@@ -608,6 +679,22 @@ where
             ),
         )
         .with_metadata("idle_timeout_ms", idle_timeout.as_millis().to_string()))),
+    }
+}
+
+/// The upload's metadata, which must come first.
+async fn first_metadata<S>(parts: &mut S, idle_timeout: Duration) -> Result<UploadRequest>
+where
+    S: Stream<Item = Result<UploadPart>> + Unpin + Send,
+{
+    match next_part(parts, idle_timeout).await {
+        Some(Ok(UploadPart::Metadata(request))) => Ok(request),
+        Some(Err(error)) => Err(error),
+        Some(Ok(UploadPart::Chunk(_))) | None => Err(Error::invalid(
+            Reason::MetadataFirst,
+            "the first message of an upload must carry its metadata",
+        )
+        .with_field("metadata")),
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
     io::{self, Read, Seek, SeekFrom},
 };
 
-use super::policy::FileKind;
+use super::kind::FileKind;
 
 /// Longest image header kept while looking for the dimensions (a JPEG's frame header follows
 /// its EXIF block, which may hold a large embedded preview).

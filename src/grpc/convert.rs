@@ -1,10 +1,16 @@
-//! Domain values to protobuf messages. Prost types never travel further in than this layer.
+//! Protobuf messages to domain values and back. Prost types never travel further in than this
+//! layer.
 
-use super::{file_relay::file_category_to_proto, pb};
+use super::pb;
 use crate::{
+    error::{Error, Reason},
+    files::{
+        policy::{FileCategory, UploadPolicy},
+        service::{UploadPart, UploadRequest},
+    },
     messaging::{
         model::{Event, EventKind, FileAttachment, Message, MessageKind, UnixMillis},
-        service::ConversationView,
+        service::{ConversationView, SendContent},
     },
     store::files::FileRecord,
 };
@@ -83,7 +89,7 @@ pub fn file_info(file: FileAttachment, conversation_id: &str) -> pb::FileInfo {
         content_type: file.content_type,
         size_bytes: i64::try_from(file.size_bytes).unwrap_or(i64::MAX),
         sha256: file.sha256,
-        category: file_category_to_proto(file.category).into(),
+        category: file_category(file.category).into(),
         width: file.width,
         height: file.height,
         has_thumbnail: file.has_thumbnail,
@@ -135,6 +141,75 @@ pub fn event(event: Event) -> pb::ConversationEvent {
         sequence: event.sequence,
         create_time: Some(timestamp(event.create_time)),
         event: Some(kind),
+    }
+}
+
+/// One message of an upload stream as the upload pipeline takes it.
+pub fn upload_part(
+    message: Result<pb::UploadFileRequest, tonic::Status>,
+) -> Result<UploadPart, Error> {
+    use pb::upload_file_request::Payload;
+    match message {
+        Ok(pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(metadata)),
+        }) => Ok(UploadPart::Metadata(UploadRequest {
+            conversation_id: metadata.conversation_id,
+            file_name: metadata.file_name,
+            content_type: metadata.content_type,
+            size_bytes: metadata.size_bytes,
+            sha256: metadata.sha256,
+            caption: metadata.caption,
+        })),
+        Ok(pb::UploadFileRequest {
+            payload: Some(Payload::Chunk(chunk)),
+        }) => Ok(UploadPart::Chunk(chunk)),
+        Ok(pb::UploadFileRequest { payload: None }) => Err(Error::invalid_field(
+            "payload",
+            "each message must carry metadata or a chunk",
+        )),
+        // The client's stream broke off (or sent a message over the size limit).
+        Err(status) => Err(Error::invalid(
+            Reason::InvalidField,
+            format!("the upload stream failed: {}", status.message()),
+        )),
+    }
+}
+
+/// The content of a `SendMessage` request.
+pub fn send_content(content: pb::send_message_request::Content) -> SendContent {
+    use pb::send_message_request::Content;
+    match content {
+        Content::Text(text) => SendContent::Text(text),
+        Content::FileId(file_id) => SendContent::FileId(file_id),
+    }
+}
+
+pub fn upload_policy(policy: &UploadPolicy) -> pb::GetUploadPolicyResponse {
+    pb::GetUploadPolicyResponse {
+        file_types: policy
+            .file_types
+            .iter()
+            .map(|rule| pb::FileTypePolicy {
+                mime_type: rule.kind.mime_type().to_owned(),
+                extensions: rule
+                    .kind
+                    .extensions()
+                    .iter()
+                    .map(|ext| (*ext).to_owned())
+                    .collect(),
+                category: file_category(rule.kind.category()).into(),
+                max_size_bytes: i64::try_from(rule.max_size_bytes).unwrap_or(i64::MAX),
+            })
+            .collect(),
+        retention: prost_types::Duration::try_from(policy.retention).ok(),
+        max_chunk_bytes: i64::try_from(policy.max_chunk_bytes).unwrap_or(i64::MAX),
+    }
+}
+
+pub fn file_category(category: FileCategory) -> pb::FileCategory {
+    match category {
+        FileCategory::Document => pb::FileCategory::Document,
+        FileCategory::Image => pb::FileCategory::Image,
     }
 }
 

@@ -6,13 +6,7 @@ use futures::{StreamExt, stream::BoxStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{caller, convert, pb};
-use crate::{
-    error::{Error, Reason},
-    files::{
-        policy::{FileCategory, UploadPolicy},
-        service::{FileService, UploadPart, UploadRequest},
-    },
-};
+use crate::files::service::FileService;
 
 /// The FileRelayService endpoint.
 #[derive(Clone)]
@@ -37,32 +31,8 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
         &self,
         request: Request<Streaming<pb::UploadFileRequest>>,
     ) -> ApiResult<pb::UploadFileResponse> {
-        use pb::upload_file_request::Payload;
         let caller = caller(&request)?;
-        let parts = request.into_inner().map(|message| match message {
-            Ok(pb::UploadFileRequest {
-                payload: Some(Payload::Metadata(metadata)),
-            }) => Ok(UploadPart::Metadata(UploadRequest {
-                conversation_id: metadata.conversation_id,
-                file_name: metadata.file_name,
-                content_type: metadata.content_type,
-                size_bytes: metadata.size_bytes,
-                sha256: metadata.sha256,
-                caption: metadata.caption,
-            })),
-            Ok(pb::UploadFileRequest {
-                payload: Some(Payload::Chunk(chunk)),
-            }) => Ok(UploadPart::Chunk(chunk)),
-            Ok(pb::UploadFileRequest { payload: None }) => Err(Error::invalid_field(
-                "payload",
-                "each message must carry metadata or a chunk",
-            )),
-            // The client's stream broke off (or sent a message over the size limit).
-            Err(status) => Err(Error::invalid(
-                Reason::InvalidField,
-                format!("the upload stream failed: {}", status.message()),
-            )),
-        });
+        let parts = request.into_inner().map(convert::upload_part);
         let (record, message) = self.files.upload(&caller, Box::pin(parts)).await?;
         Ok(Response::new(pb::UploadFileResponse {
             file: Some(convert::file_record(&record)),
@@ -139,35 +109,6 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
         request: Request<pb::GetUploadPolicyRequest>,
     ) -> ApiResult<pb::GetUploadPolicyResponse> {
         caller(&request)?;
-        Ok(Response::new(upload_policy_to_proto(self.files.policy())))
-    }
-}
-
-fn upload_policy_to_proto(policy: &UploadPolicy) -> pb::GetUploadPolicyResponse {
-    pb::GetUploadPolicyResponse {
-        file_types: policy
-            .file_types
-            .iter()
-            .map(|rule| pb::FileTypePolicy {
-                mime_type: rule.kind.mime_type().to_owned(),
-                extensions: rule
-                    .kind
-                    .extensions()
-                    .iter()
-                    .map(|ext| (*ext).to_owned())
-                    .collect(),
-                category: file_category_to_proto(rule.kind.category()).into(),
-                max_size_bytes: i64::try_from(rule.max_size_bytes).unwrap_or(i64::MAX),
-            })
-            .collect(),
-        retention: prost_types::Duration::try_from(policy.retention).ok(),
-        max_chunk_bytes: i64::try_from(policy.max_chunk_bytes).unwrap_or(i64::MAX),
-    }
-}
-
-pub(crate) fn file_category_to_proto(category: FileCategory) -> pb::FileCategory {
-    match category {
-        FileCategory::Document => pb::FileCategory::Document,
-        FileCategory::Image => pb::FileCategory::Image,
+        Ok(Response::new(convert::upload_policy(self.files.policy())))
     }
 }

@@ -6,7 +6,7 @@ use futures::{StreamExt, stream::BoxStream};
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert, pb};
-use crate::messaging::service::{ConversationService, SendContent};
+use crate::messaging::service::ConversationService;
 
 /// The MessagingService endpoint.
 #[derive(Clone)]
@@ -117,13 +117,9 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::SendMessageRequest>,
     ) -> ApiResult<pb::SendMessageResponse> {
-        use pb::send_message_request::Content;
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let content = request.content.map(|content| match content {
-            Content::Text(text) => SendContent::Text(text),
-            Content::FileId(file_id) => SendContent::FileId(file_id),
-        });
+        let content = request.content.map(convert::send_content);
         let message = self
             .conversations
             .send_message(

@@ -4,10 +4,12 @@
 //! - [`service`]: the rules ([`service::ConversationService`]).
 //! - [`live`]: in-replica fan-out of the store's live feed.
 //! - [`paging`]: page sizes and opaque page tokens.
-//! - [`subscriptions`]: live-subscription slots per caller.
+//! - [`subscription`]: the event stream of one live subscription.
+//! - [`store_error`]: how store failures read to callers.
 
 pub mod live;
 pub mod model;
 pub mod paging;
 pub mod service;
-pub mod subscriptions;
+pub mod store_error;
+pub mod subscription;

@@ -151,10 +151,14 @@ pub struct FileAttachment {
     pub file_name: String,
     pub content_type: String,
     pub size_bytes: u64,
+    /// Lowercase hex.
     pub sha256: String,
     pub category: FileCategory,
+    /// Displayed dimensions of an image (after EXIF orientation); 0 when unknown.
     pub width: u32,
     pub height: u32,
+    /// Absent from file records stored before it was part of them.
+    #[serde(default)]
     pub has_thumbnail: bool,
     pub create_time: UnixMillis,
     pub expire_time: UnixMillis,

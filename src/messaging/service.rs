@@ -4,36 +4,35 @@
 
 use std::sync::Arc;
 
-use futures::{Stream, stream::BoxStream};
+use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
 use super::{
-    live::{LiveEnd, LiveHub},
+    live::LiveHub,
     model::{
         ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, MAX_PARTICIPANTS,
         MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind,
         MessageRecord, UnixMillis,
     },
     paging::{self, PageSize},
-    subscriptions::{SubscriptionSlot, SubscriptionSlots},
+    store_error::store_error,
+    subscription,
 };
 use crate::{
     auth::Caller,
     config::MessagingSettings,
     error::{Error, ErrorKind, Reason, Result},
     ids::UserId,
+    quota::PerCallerSlots,
     store::files::FileStore,
     store::messages::{
         ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
-        LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection,
-        StoreError,
+        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection,
     },
 };
 
 /// Most user ids one CreateConversation / AddParticipants request may name.
 pub const MAX_USERS_PER_REQUEST: usize = 100;
-/// Events read from the store per round trip while a subscription catches up.
-const BACKFILL_BATCH: usize = 500;
 
 /// A conversation as one participant sees it.
 #[derive(Debug, Clone)]
@@ -55,7 +54,7 @@ pub struct ConversationService {
     store: Arc<dyn MessageStore>,
     files: Arc<dyn FileStore>,
     hub: Arc<LiveHub>,
-    subscriptions: Arc<SubscriptionSlots>,
+    subscriptions: PerCallerSlots,
     settings: MessagingSettings,
 }
 
@@ -73,7 +72,7 @@ impl ConversationService {
             store,
             files,
             hub,
-            subscriptions: SubscriptionSlots::new(settings.max_subscriptions_per_caller),
+            subscriptions: PerCallerSlots::new(settings.max_subscriptions_per_caller),
             settings,
         }
     }
@@ -447,12 +446,12 @@ impl ConversationService {
         }
         let slot = self
             .subscriptions
-            .try_acquire(&caller.user_id)
+            .try_take(&caller.user_id)
             .ok_or_else(|| too_many_subscriptions(self.subscriptions.per_caller()))?;
         let live = self
             .hub
             .register(conversation.id, self.settings.subscriber_buffer);
-        let stream = subscription(
+        let stream = subscription::events(
             self.store.clone(),
             slot,
             live,
@@ -515,82 +514,6 @@ impl ConversationService {
     }
 }
 
-fn subscription(
-    store: Arc<dyn MessageStore>,
-    slot: SubscriptionSlot,
-    mut live: super::live::LiveReceiver,
-    id: ConversationId,
-    user: UserId,
-    after_sequence: u64,
-) -> impl Stream<Item = Result<Event>> + Send + 'static {
-    async_stream::try_stream! {
-        // Held for as long as the stream lives: dropped when it ends or is dropped unfinished.
-        let _slot = slot;
-        let mut last = after_sequence;
-        loop {
-            // Catch up from the store.
-            loop {
-                let page = store
-                    .events_after(id, last, BACKFILL_BATCH)
-                    .await
-                    .map_err(store_error)?;
-                if last < page.trimmed_through {
-                    Err(Error::new(
-                        ErrorKind::OutOfRange,
-                        Reason::HistoryTruncated,
-                        format!(
-                            "events up to sequence {} were trimmed; re-sync with ListMessages and subscribe from its newest sequence",
-                            page.trimmed_through
-                        ),
-                    ))?;
-                }
-                let full = page.events.len() == BACKFILL_BATCH;
-                for event in page.events {
-                    last = event.sequence;
-                    let removed = removes(&event, &user);
-                    yield event;
-                    if removed {
-                        Err(removed_error())?;
-                    }
-                }
-                if !full {
-                    break;
-                }
-            }
-            // Follow the live feed until it has a gap.
-            loop {
-                match live.recv().await {
-                    Ok(LiveSignal::Event(event)) => {
-                        if event.sequence <= last {
-                            continue;
-                        }
-                        if event.sequence != last + 1 {
-                            break;
-                        }
-                        last = event.sequence;
-                        let removed = removes(&event, &user);
-                        yield Event::clone(&event);
-                        if removed {
-                            Err(removed_error())?;
-                        }
-                    }
-                    Ok(LiveSignal::Resync) => break,
-                    Err(LiveEnd::Overflowed) => Err(Error::new(
-                        ErrorKind::ResourceExhausted,
-                        Reason::SlowConsumer,
-                        format!("the stream fell too far behind; resubscribe with after_sequence = {last}"),
-                    ))?,
-                    Err(LiveEnd::Closed) => Err(Error::new(
-                        ErrorKind::Unavailable,
-                        Reason::BackendUnavailable,
-                        format!("the live feed ended; resubscribe with after_sequence = {last}"),
-                    ))?,
-                }
-            }
-        }
-    }
-}
-
 fn too_many_subscriptions(per_caller: usize) -> Error {
     Error::new(
         ErrorKind::ResourceExhausted,
@@ -602,17 +525,6 @@ fn too_many_subscriptions(per_caller: usize) -> Error {
     .with_quota_violation(
         "messaging.max_subscriptions_per_caller",
         format!("live SubscribeMessages streams per caller per server: {per_caller}"),
-    )
-}
-
-fn removes(event: &Event, user: &UserId) -> bool {
-    matches!(&event.kind, EventKind::ParticipantsChanged { removed, .. } if removed.contains(user))
-}
-
-fn removed_error() -> Error {
-    Error::permission_denied(
-        Reason::NotAParticipant,
-        "you were removed from this conversation",
     )
 }
 
@@ -668,62 +580,4 @@ fn fingerprint(parts: &[&str]) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
-}
-
-/// Maps store failures to the error vocabulary; retryable infrastructure trouble stays
-/// retryable.
-pub(crate) fn store_error(error: StoreError) -> Error {
-    match error {
-        StoreError::Rejected(rejection) => match rejection {
-            Rejection::ConversationNotFound => {
-                Error::not_found(Reason::ConversationNotFound, "conversation not found")
-            }
-            Rejection::MessageNotFound => {
-                Error::not_found(Reason::MessageNotFound, "message not found")
-            }
-            Rejection::ParticipantNotFound => Error::not_found(
-                Reason::ParticipantNotFound,
-                "that user is not a participant",
-            ),
-            Rejection::NotParticipant => Error::permission_denied(
-                Reason::NotAParticipant,
-                "you are not a participant of this conversation",
-            ),
-            Rejection::NotCreator => Error::permission_denied(
-                Reason::NotConversationCreator,
-                "only the conversation's creator may remove other participants",
-            ),
-            Rejection::NotSender => Error::permission_denied(
-                Reason::NotMessageSender,
-                "only the sender may delete a message",
-            ),
-            Rejection::SequenceAhead => Error::invalid_field(
-                "sequence",
-                "sequence is beyond the conversation's last sequence",
-            ),
-            Rejection::TooManyParticipants => Error::new(
-                ErrorKind::FailedPrecondition,
-                Reason::TooManyParticipants,
-                format!("a conversation may have at most {MAX_PARTICIPANTS} participants"),
-            ),
-            Rejection::FileDeleted => {
-                Error::not_found(Reason::FileNotFound, "file not found in this conversation")
-                    .with_field("file_id")
-            }
-        },
-        // Connection loss or a failover: the same request may well succeed shortly.
-        StoreError::Unavailable(source) => Error::new(
-            ErrorKind::Unavailable,
-            Reason::BackendUnavailable,
-            "the message store is unavailable; retry shortly",
-        )
-        .with_source(source),
-        StoreError::Timeout => Error::new(
-            ErrorKind::Unavailable,
-            Reason::BackendTimeout,
-            "the message store did not answer in time; retry shortly",
-        ),
-        // Unreadable data will not become readable by retrying.
-        StoreError::Corrupt(detail) => Error::internal(detail),
-    }
 }

@@ -4,51 +4,29 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::messages::StoreResult;
-use crate::{
-    files::policy::FileCategory,
-    ids::UserId,
-    messaging::model::{ConversationId, FileAttachment, MessageId, UnixMillis},
-};
+use crate::messaging::model::{ConversationId, FileAttachment, MessageId};
 
 /// An uploaded file, as recorded once its bytes are stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
-    pub file_id: String,
     pub conversation_id: ConversationId,
-    pub uploader: UserId,
-    pub file_name: String,
-    pub content_type: String,
-    pub size_bytes: u64,
-    /// Lowercase hex.
-    pub sha256: String,
-    pub category: FileCategory,
-    /// Displayed dimensions of an image (after EXIF orientation); 0 when unknown.
-    pub width: u32,
-    pub height: u32,
+    /// What the file is, as messages carry it; its `has_thumbnail` follows `thumbnail_key`.
+    /// Flattened, so a stored record is the JSON object it always was (plus `has_thumbnail`).
+    #[serde(flatten)]
+    pub file: FileAttachment,
     pub blob_key: String,
     pub thumbnail_key: Option<String>,
     /// The FILE/IMAGE message that announced it.
     pub message_id: Option<MessageId>,
-    pub create_time: UnixMillis,
-    pub expire_time: UnixMillis,
 }
 
 impl FileRecord {
     /// The file as a message carries it.
     pub fn attachment(&self) -> FileAttachment {
         FileAttachment {
-            file_id: self.file_id.clone(),
-            uploader: self.uploader.clone(),
-            file_name: self.file_name.clone(),
-            content_type: self.content_type.clone(),
-            size_bytes: self.size_bytes,
-            sha256: self.sha256.clone(),
-            category: self.category,
-            width: self.width,
-            height: self.height,
+            // Records stored before `has_thumbnail` was part of them read it as false.
             has_thumbnail: self.thumbnail_key.is_some(),
-            create_time: self.create_time,
-            expire_time: self.expire_time,
+            ..self.file.clone()
         }
     }
 }
@@ -62,4 +40,24 @@ pub trait FileStore: Send + Sync + 'static {
     async fn get(&self, file_id: &str) -> StoreResult<Option<FileRecord>>;
 
     async fn delete(&self, file_id: &str) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as stored before the record embedded the attachment: the same object, without
+    /// `has_thumbnail`.
+    const STORED_BEFORE: &str = r#"{"file_id":"f1","conversation_id":"0190b6d2-3c4e-7a55-8f00-2b3c4d5e6f70","uploader":"alice","file_name":"a.png","content_type":"image/png","size_bytes":12,"sha256":"ab","category":"Image","width":3,"height":4,"blob_key":"files/c/f1","thumbnail_key":"thumbs/c/f1","message_id":null,"create_time":1,"expire_time":2}"#;
+
+    #[test]
+    fn records_stored_before_read_back_with_their_thumbnail() {
+        let record: FileRecord = serde_json::from_str(STORED_BEFORE).expect("old record reads");
+        assert_eq!(record.file.file_name, "a.png");
+        assert_eq!((record.file.width, record.file.height), (3, 4));
+        assert!(record.attachment().has_thumbnail);
+        let again: FileRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(again, record);
+    }
 }

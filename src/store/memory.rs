@@ -78,6 +78,23 @@ impl State {
         self.request_order.push_back((expires, key));
         candidate
     }
+
+    /// Conversation `id`, if `user` takes part in it.
+    /// Rejections: ConversationNotFound, NotParticipant.
+    fn participating(
+        &mut self,
+        id: ConversationId,
+        user: &UserId,
+    ) -> StoreResult<&mut ConversationState> {
+        let conversation = self
+            .conversations
+            .get_mut(&id)
+            .ok_or(Rejection::ConversationNotFound)?;
+        if !conversation.conversation.has_participant(user) {
+            return Err(Rejection::NotParticipant.into());
+        }
+        Ok(conversation)
+    }
 }
 
 struct ConversationState {
@@ -262,14 +279,7 @@ impl MessageStore for MemoryMessageStore {
         users: &[UserId],
     ) -> StoreResult<ChangeOutcome> {
         let mut state = self.lock();
-        let conversation = state
-            .conversations
-            .get_mut(&id)
-            .ok_or(Rejection::ConversationNotFound)?;
-        let current = &mut conversation.conversation;
-        if !current.has_participant(by) {
-            return Err(Rejection::NotParticipant.into());
-        }
+        let current = &mut state.participating(id, by)?.conversation;
         let mut added: Vec<UserId> = Vec::new();
         for user in users {
             if !current.has_participant(user) && !added.contains(user) {
@@ -312,14 +322,7 @@ impl MessageStore for MemoryMessageStore {
         user: &UserId,
     ) -> StoreResult<ChangeOutcome> {
         let mut state = self.lock();
-        let conversation = state
-            .conversations
-            .get_mut(&id)
-            .ok_or(Rejection::ConversationNotFound)?;
-        let current = &mut conversation.conversation;
-        if !current.has_participant(by) {
-            return Err(Rejection::NotParticipant.into());
-        }
+        let current = &mut state.participating(id, by)?.conversation;
         if by != user && *by != current.created_by {
             return Err(Rejection::NotCreator.into());
         }
@@ -350,14 +353,8 @@ impl MessageStore for MemoryMessageStore {
     async fn append_message(&self, new: NewMessage) -> StoreResult<AppendOutcome> {
         let mut state = self.lock();
         let id = new.conversation_id;
-        let conversation = state
-            .conversations
-            .get_mut(&id)
-            .ok_or(Rejection::ConversationNotFound)?;
         let sender = new.record.sender.clone();
-        if !conversation.conversation.has_participant(&sender) {
-            return Err(Rejection::NotParticipant.into());
-        }
+        let conversation = state.participating(id, &sender)?;
         if let Some(file_id) = new.record.file_id()
             && conversation
                 .deleted_files
@@ -397,13 +394,7 @@ impl MessageStore for MemoryMessageStore {
         by: &UserId,
     ) -> StoreResult<DeleteOutcome> {
         let mut state = self.lock();
-        let conversation = state
-            .conversations
-            .get_mut(&id)
-            .ok_or(Rejection::ConversationNotFound)?;
-        if !conversation.conversation.has_participant(by) {
-            return Err(Rejection::NotParticipant.into());
-        }
+        let conversation = state.participating(id, by)?;
         let (sequence, create_time, record) = conversation
             .messages
             .get(&message_id)
@@ -447,13 +438,7 @@ impl MessageStore for MemoryMessageStore {
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>> {
         let mut state = self.lock();
-        let conversation = state
-            .conversations
-            .get_mut(&id)
-            .ok_or(Rejection::ConversationNotFound)?;
-        if !conversation.conversation.has_participant(by) {
-            return Err(Rejection::NotParticipant.into());
-        }
+        let conversation = state.participating(id, by)?;
         let now = now_millis();
         conversation.deleted_files.retain(|_, until| *until > now);
         conversation
@@ -503,13 +488,7 @@ impl MessageStore for MemoryMessageStore {
         sequence: u64,
     ) -> StoreResult<ReadOutcome> {
         let mut state = self.lock();
-        let conversation = state
-            .conversations
-            .get_mut(&id)
-            .ok_or(Rejection::ConversationNotFound)?;
-        if !conversation.conversation.has_participant(user) {
-            return Err(Rejection::NotParticipant.into());
-        }
+        let conversation = state.participating(id, user)?;
         if sequence > conversation.conversation.last_sequence {
             return Err(Rejection::SequenceAhead.into());
         }
@@ -683,8 +662,8 @@ impl crate::store::files::FileStore for MemoryFileStore {
         let now = now_millis();
         let mut files = self.lock();
         // Expired records go the way Redis TTLs would.
-        files.retain(|_, file| file.expire_time > now);
-        files.insert(record.file_id.clone(), record.clone());
+        files.retain(|_, record| record.file.expire_time > now);
+        files.insert(record.file.file_id.clone(), record.clone());
         Ok(())
     }
 
@@ -693,7 +672,7 @@ impl crate::store::files::FileStore for MemoryFileStore {
         Ok(self
             .lock()
             .get(file_id)
-            .filter(|file| file.expire_time > now)
+            .filter(|record| record.file.expire_time > now)
             .cloned())
     }
 

@@ -25,9 +25,9 @@ impl FileStore for RedisMessageStore {
         let _: Option<String> = self
             .client
             .set(
-                self.keys.file(&record.file_id),
+                self.keys.file(&record.file.file_id),
                 json,
-                Some(Expiration::PXAT(record.expire_time)),
+                Some(Expiration::PXAT(record.file.expire_time)),
                 None::<SetOptions>,
                 false,
             )
@@ -42,7 +42,7 @@ impl FileStore for RedisMessageStore {
         };
         let record: FileRecord = serde_json::from_str(&json)
             .map_err(|error| StoreError::Corrupt(format!("file record {file_id}: {error}")))?;
-        Ok(Some(record).filter(|record| record.expire_time > now_millis()))
+        Ok(Some(record).filter(|record| record.file.expire_time > now_millis()))
     }
 
     async fn delete(&self, file_id: &str) -> StoreResult<()> {

@@ -45,6 +45,7 @@
 //! publish order is the commit order; see [`live`].
 
 mod codec;
+mod connection;
 /// Entry points for the fuzz targets in `fuzz/`; compiled only under `cargo fuzz`.
 #[cfg(fuzzing)]
 #[doc(hidden)]
@@ -67,27 +68,16 @@ mod keys;
 mod live;
 mod scripts;
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use fred::{
     clients::{Client, SubscriberClient},
-    prelude::{
-        Builder, ClientLike, Config, ConnectionConfig, HashesInterface, PerformanceConfig,
-        ReconnectPolicy, SortedSetsInterface,
-    },
-    types::{
-        ConnectHandle, InfoKind,
-        config::{ClusterDiscoveryPolicy, ServerConfig, TcpConfig, UnresponsiveConfig},
-        sorted_sets::Ordering,
-    },
+    prelude::{ClientLike, HashesInterface, SortedSetsInterface},
+    types::{ConnectHandle, sorted_sets::Ordering},
 };
 use futures::future::try_join_all;
-use secrecy::ExposeSecret;
-use socket2::TcpKeepalive;
 use tokio::{sync::broadcast, task::JoinHandle};
 
-use self::{keys::Keys, scripts::Scripts};
+use self::{connection::LIVE_CAPACITY, keys::Keys, scripts::Scripts};
 use super::messages::{
     ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
     DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
@@ -104,14 +94,6 @@ use crate::{
     },
 };
 
-/// Signals buffered for live subscribers before a slow one gets a resync instead.
-const LIVE_CAPACITY: usize = 4096;
-/// Longest wait for any one command (the answer to a script included).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait for a TCP connection (and its AUTH/SELECT).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a connection may leave a command unanswered before it is replaced.
-const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(10);
 /// Most index entries one `conversations_of` round trip reads.
 const INDEX_PAGE: usize = 500;
 /// Longest idempotency window Redis can hold as an expiry (100 years).
@@ -152,30 +134,17 @@ impl RedisMessageStore {
         settings: &RedisSettings,
         retention: Retention,
     ) -> Result<Self, StoreError> {
-        let mut config = client_config(settings)?;
-        let (mut client, mut connection) = start_client(&config).await?;
-        if let ServerConfig::Centralized { server } = &config.server
-            && is_cluster_node(&client).await
-        {
-            tracing::info!("redis.url names a cluster node; connecting to the cluster");
-            config.server = ServerConfig::Clustered {
-                hosts: vec![server.clone()],
-                policy: ClusterDiscoveryPolicy::default(),
-            };
-            config.database = None;
-            let _ = client.quit().await;
-            (client, connection) = start_client(&config).await?;
-        }
+        let (config, client, connection) = connection::command_client(settings).await?;
         let scripts = Scripts::new();
         if let Err(error) = scripts.load(&client).await {
             let _ = client.quit().await;
             return Err(error);
         }
-        let subscriber = match builder(&config).build_subscriber_client() {
+        let subscriber = match connection::subscriber_client(&config) {
             Ok(subscriber) => subscriber,
             Err(error) => {
                 let _ = client.quit().await;
-                return Err(error.into());
+                return Err(error);
             }
         };
         let mut connections = vec![connection];
@@ -333,78 +302,6 @@ fn change_outcome(id: ConversationId, reply: &scripts::Reply) -> StoreResult<Cha
         }
         _ => Err(reply.rejection()),
     }
-}
-
-fn builder(config: &Config) -> Builder {
-    let mut builder = Builder::from_config(config.clone());
-    builder
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-        .set_performance_config(PerformanceConfig {
-            default_command_timeout: COMMAND_TIMEOUT,
-            // fred hands pub/sub messages to the live feed task through a broadcast channel;
-            // its default of 32 would turn a burst into a Resync.
-            broadcast_channel_capacity: LIVE_CAPACITY,
-            ..PerformanceConfig::default()
-        })
-        .set_connection_config(ConnectionConfig {
-            connection_timeout: CONNECT_TIMEOUT,
-            internal_command_timeout: CONNECT_TIMEOUT,
-            // A script in flight when the connection drops is not sent again: it may have run,
-            // and the caller decides whether to retry.
-            max_command_attempts: 1,
-            // A connection that leaves a command unanswered this long is closed and
-            // re-established instead of hanging every later command.
-            unresponsive: UnresponsiveConfig {
-                max_timeout: Some(UNRESPONSIVE_AFTER),
-                interval: Duration::from_secs(1),
-            },
-            tcp: TcpConfig {
-                nodelay: Some(true),
-                // The subscriber connection is idle between events: keepalive probes notice
-                // a peer that vanished without closing it.
-                keepalive: Some(
-                    TcpKeepalive::new()
-                        .with_time(Duration::from_secs(30))
-                        .with_interval(Duration::from_secs(10))
-                        .with_retries(3),
-                ),
-                ..TcpConfig::default()
-            },
-            ..ConnectionConfig::default()
-        });
-    builder
-}
-
-async fn start_client(config: &Config) -> Result<(Client, ConnectHandle), StoreError> {
-    let client = builder(config).build()?;
-    let connection = client.init().await?;
-    Ok((client, connection))
-}
-
-/// Whether the server is a Redis Cluster node. A server that refuses `INFO` (an ACL, say) is
-/// taken for a standalone one.
-async fn is_cluster_node(client: &Client) -> bool {
-    match client.info::<String>(Some(InfoKind::Cluster)).await {
-        Ok(info) => info.lines().any(|line| line.trim() == "cluster_enabled:1"),
-        Err(error) => {
-            tracing::warn!(%error, "redis INFO cluster failed; assuming a standalone server");
-            false
-        }
-    }
-}
-
-fn client_config(settings: &RedisSettings) -> Result<Config, StoreError> {
-    let url = settings.url.as_ref().ok_or_else(|| {
-        StoreError::Unavailable("redis.url is required for the redis message store".into())
-    })?;
-    // fred's URL errors name the part at fault, never the URL itself (it may hold a password).
-    let mut config = Config::from_url(url.expose_secret()).map_err(|error| {
-        StoreError::Unavailable(format!("redis.url is not usable: {}", error.details()).into())
-    })?;
-    if let Some(password) = &settings.password {
-        config.password = Some(password.expose_secret().to_owned());
-    }
-    Ok(config)
 }
 
 impl Drop for RedisMessageStore {

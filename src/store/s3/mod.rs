@@ -36,7 +36,7 @@ use secrecy::ExposeSecret;
 
 use self::{
     errors::{Scope, has_code, map_sdk_error, status},
-    upload::{Bucket, S3Upload},
+    upload::{Bucket, PartBuffering, S3Upload},
 };
 use super::blobs::{BlobAttributes, BlobError, BlobInfo, BlobResult, BlobStore, BlobUpload};
 use crate::{budget::MemoryBudget, config::S3Settings, error::BoxError, health::DependencyCheck};
@@ -62,17 +62,15 @@ pub enum LifecycleOutcome {
 
 pub struct S3BlobStore {
     bucket: Arc<Bucket>,
-    part_size: usize,
-    parts_in_flight: usize,
-    budget: Arc<MemoryBudget>,
+    parts: PartBuffering,
 }
 
 impl fmt::Debug for S3BlobStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("S3BlobStore")
             .field("bucket", &self.bucket.name)
-            .field("part_size", &self.part_size)
-            .field("parts_in_flight", &self.parts_in_flight)
+            .field("part_size", &self.parts.part_size)
+            .field("parts_in_flight", &self.parts.parts_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -147,10 +145,13 @@ impl S3BlobStore {
                 client,
                 name: bucket,
             }),
-            part_size: usize::try_from(part_size)
-                .map_err(|_| BlobError::Misconfigured("part size does not fit in memory".into()))?,
-            parts_in_flight,
-            budget,
+            parts: PartBuffering {
+                part_size: usize::try_from(part_size).map_err(|_| {
+                    BlobError::Misconfigured("part size does not fit in memory".into())
+                })?,
+                parts_in_flight,
+                budget,
+            },
         })
     }
 
@@ -274,9 +275,7 @@ impl BlobStore for S3BlobStore {
             self.bucket.clone(),
             key.to_owned(),
             attributes,
-            self.part_size,
-            self.parts_in_flight,
-            self.budget.clone(),
+            self.parts.clone(),
         )))
     }
 

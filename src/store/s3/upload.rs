@@ -180,13 +180,20 @@ impl OpenMultipart {
     }
 }
 
+/// How an upload buffers its parts: their size, how many may be uploading at once, and the
+/// budget their memory is reserved from.
+#[derive(Clone)]
+pub(super) struct PartBuffering {
+    pub(super) part_size: usize,
+    pub(super) parts_in_flight: usize,
+    pub(super) budget: Arc<MemoryBudget>,
+}
+
 pub(super) struct S3Upload {
     bucket: Arc<Bucket>,
     key: String,
     attributes: BlobAttributes,
-    part_size: usize,
-    parts_in_flight: usize,
-    budget: Arc<MemoryBudget>,
+    parts: PartBuffering,
     part: Option<PartBuffer>,
     multipart: Multipart,
     /// Set while a call is running and left set when it fails (or is cancelled half-way), so a
@@ -204,17 +211,13 @@ impl S3Upload {
         bucket: Arc<Bucket>,
         key: String,
         attributes: BlobAttributes,
-        part_size: usize,
-        parts_in_flight: usize,
-        budget: Arc<MemoryBudget>,
+        parts: PartBuffering,
     ) -> Self {
         Self {
             bucket,
             key,
             attributes,
-            part_size,
-            parts_in_flight,
-            budget,
+            parts,
             part: None,
             multipart: Multipart::NotStarted,
             poisoned: false,
@@ -239,26 +242,31 @@ impl S3Upload {
             if self
                 .part
                 .as_ref()
-                .is_some_and(|part| part.bytes.len() == self.part_size)
+                .is_some_and(|part| part.bytes.len() == self.parts.part_size)
             {
                 self.send_part().await?;
             }
             let part = self.part.get_or_insert_with(|| PartBuffer {
                 bytes: BytesMut::new(),
-                reservation: self.budget.empty(),
+                reservation: self.parts.budget.empty(),
             });
-            let take = (self.part_size - part.bytes.len()).min(bytes.len());
+            let take = (self.parts.part_size - part.bytes.len()).min(bytes.len());
             let filled = part.bytes.len() + take;
             // Memory is reserved for the bytes that arrived, not for the part they may become:
             // a stalled stream holds what it sent.
-            self.budget
-                .grow(&mut part.reservation, filled as u64, self.part_size as u64)
+            self.parts
+                .budget
+                .grow(
+                    &mut part.reservation,
+                    filled as u64,
+                    self.parts.part_size as u64,
+                )
                 .await
                 .map_err(BlobError::Busy)?;
             if part.bytes.capacity() < filled {
                 // Doubling, capped at the part size: copies stay linear and the buffer never
                 // holds much more than what it was sent.
-                let capacity = (2 * part.bytes.capacity()).clamp(filled, self.part_size);
+                let capacity = (2 * part.bytes.capacity()).clamp(filled, self.parts.part_size);
                 let mut grown = BytesMut::with_capacity(capacity);
                 grown.extend_from_slice(&part.bytes);
                 part.bytes = grown;
@@ -276,7 +284,7 @@ impl S3Upload {
             unreachable!("open_multipart leaves the upload open");
         };
         multipart.collect_finished()?;
-        while multipart.in_flight.len() >= self.parts_in_flight {
+        while multipart.in_flight.len() >= self.parts.parts_in_flight {
             multipart.join_one().await?;
         }
         let Some(part) = self.part.take() else {
@@ -287,7 +295,7 @@ impl S3Upload {
             return Err(BlobError::Misconfigured(
                 format!(
                     "the object needs more than {MAX_PARTS} parts of {} bytes; raise uploads.part_size",
-                    self.part_size
+                    self.parts.part_size
                 )
                 .into(),
             ));
