@@ -47,7 +47,8 @@ fn png_header(width: u32, height: u32) -> Vec<u8> {
     bytes
 }
 
-/// Every file under the filesystem store's directories (objects and unfinished uploads).
+/// Every file under the filesystem store's directories (objects and unfinished uploads), but
+/// the probe file the store's health check writes and removes every check interval.
 fn stored_files(root: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let mut pending = vec![root.to_path_buf()];
@@ -59,7 +60,7 @@ fn stored_files(root: &Path) -> Vec<String> {
             let path = entry.path();
             if path.is_dir() {
                 pending.push(path);
-            } else {
+            } else if entry.file_name() != ".health-probe" {
                 found.push(path.display().to_string());
             }
         }
