@@ -28,8 +28,9 @@ use crate::{
     auth::Caller,
     budget::{MemoryBudget, MemoryReservation},
     error::{Error, ErrorKind, Reason, Result},
+    ids::{ConversationId, FileId, MessageId},
     messaging::{
-        model::{ConversationId, FileAttachment, Message, MessageId, UnixMillis},
+        model::{FileAttachment, Message, UnixMillis},
         service::ConversationService,
         store_error::store_error,
     },
@@ -56,9 +57,9 @@ pub enum UploadPart {
 }
 
 /// The upload's declared metadata, as the client sent it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct UploadRequest {
-    pub conversation_id: String,
+    pub conversation_id: ConversationId,
     pub file_name: String,
     pub content_type: String,
     pub size_bytes: i64,
@@ -78,7 +79,7 @@ pub struct DownloadUrls {
 /// An accepted upload's plan, before any byte was read.
 struct UploadPlan {
     conversation_id: ConversationId,
-    file_id: String,
+    file_id: FileId,
     rule: FileTypeRule,
     file_name: String,
     content_type: String,
@@ -340,10 +341,7 @@ impl FileService {
     }
 
     /// The file, if it is live and the caller participates in its conversation.
-    pub async fn get_file(&self, caller: &Caller, file_id: &str) -> Result<FileRecord> {
-        if file_id.is_empty() {
-            return Err(Error::invalid_field("file_id", "file_id is required"));
-        }
+    pub async fn get_file(&self, caller: &Caller, file_id: &FileId) -> Result<FileRecord> {
         let record = self
             .files
             .get(file_id)
@@ -359,7 +357,7 @@ impl FileService {
     }
 
     /// Time-limited URLs for the file (and its thumbnail), never valid past its expiry.
-    pub async fn download_urls(&self, caller: &Caller, file_id: &str) -> Result<DownloadUrls> {
+    pub async fn download_urls(&self, caller: &Caller, file_id: &FileId) -> Result<DownloadUrls> {
         let record = self.get_file(caller, file_id).await?;
         let now = now_millis();
         let remaining =
@@ -393,7 +391,7 @@ impl FileService {
     pub async fn download(
         &self,
         caller: &Caller,
-        file_id: &str,
+        file_id: &FileId,
         offset: i64,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
         let record = self.get_file(caller, file_id).await?;
@@ -437,7 +435,7 @@ impl FileService {
     /// Deletes the file (its uploader only): every message carrying it (the upload's own and
     /// every re-post) becomes a tombstone and no new one can carry it, then the bytes and the
     /// record go. Safe to retry after a failure.
-    pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
+    pub async fn delete(&self, caller: &Caller, file_id: &FileId) -> Result<()> {
         let record = self.get_file(caller, file_id).await?;
         if record.file.uploader != caller.user_id {
             return Err(Error::permission_denied(
@@ -459,11 +457,7 @@ impl FileService {
         if let Some(message_id) = record.message_id {
             match self
                 .conversations
-                .delete_message(
-                    caller,
-                    &record.conversation_id.to_string(),
-                    &message_id.to_string(),
-                )
+                .delete_message(caller, record.conversation_id, message_id)
                 .await
             {
                 Ok(_) => {}
@@ -498,8 +492,7 @@ impl FileService {
 
     /// Checks the metadata before any byte is read.
     async fn plan(&self, caller: &Caller, request: UploadRequest) -> Result<UploadPlan> {
-        let conversation_id =
-            ConversationId::from_field("conversation_id", &request.conversation_id)?;
+        let conversation_id = request.conversation_id;
         self.conversations
             .conversation_of_participant(caller, conversation_id)
             .await?;
@@ -565,7 +558,7 @@ impl FileService {
         }
         Ok(UploadPlan {
             conversation_id,
-            file_id: uuid::Uuid::now_v7().to_string(),
+            file_id: FileId::generate(),
             content_type: rule.kind.mime_type().to_owned(),
             rule,
             file_name,
@@ -601,7 +594,7 @@ struct Written {
     unfinished: Option<Box<dyn BlobUpload>>,
     blobs: Vec<String>,
     /// The file id of the stored record.
-    record: Option<String>,
+    record: Option<FileId>,
 }
 
 /// The body as stored, with what was learnt from it on the way.
@@ -824,7 +817,7 @@ pub fn attachment_disposition(file_name: &str) -> String {
     )
 }
 
-pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &str) -> String {
+pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &FileId) -> String {
     format!("{area}/{conversation_id}/{file_id}")
 }
 

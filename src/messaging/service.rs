@@ -10,9 +10,8 @@ use sha2::{Digest, Sha256};
 use super::{
     live::LiveHub,
     model::{
-        ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, MAX_PARTICIPANTS,
-        MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind,
-        MessageRecord, UnixMillis,
+        ClientId, Conversation, Event, EventKind, FileAttachment, MAX_PARTICIPANTS, MAX_TEXT_CHARS,
+        MAX_TITLE_CHARS, Message, MessageContent, MessageKind, MessageRecord, UnixMillis,
     },
     paging::{self, PageSize},
     store_error::store_error,
@@ -22,7 +21,7 @@ use crate::{
     auth::Caller,
     config::MessagingSettings,
     error::{Error, ErrorKind, Reason, Result},
-    ids::UserId,
+    ids::{ConversationId, FileId, MessageId, UserId},
     quota::PerCallerSlots,
     store::files::FileStore,
     store::messages::{
@@ -46,7 +45,7 @@ pub struct ConversationView {
 #[derive(Debug, Clone)]
 pub enum SendContent {
     Text(String),
-    FileId(String),
+    FileId(FileId),
 }
 
 /// Conversations, messages and subscriptions over a [`MessageStore`].
@@ -83,7 +82,7 @@ impl ConversationService {
         caller: &Caller,
         id: ConversationId,
     ) -> Result<Conversation> {
-        self.participating(caller, &id.to_string()).await
+        self.participating(caller, id).await
     }
 
     /// Posts the FILE or IMAGE message announcing an upload, under a message id chosen by the
@@ -99,7 +98,7 @@ impl ConversationService {
         let kind = MessageKind::for_file(attachment.category);
         let client_message_id =
             ClientId::from_field("client_message_id", &format!("file:{}", attachment.file_id))?;
-        let fingerprint = fingerprint(&["file", &attachment.file_id, &caption]);
+        let fingerprint = fingerprint(&["file", attachment.file_id.as_str(), &caption]);
         let new = NewMessage {
             conversation_id: id,
             record: MessageRecord {
@@ -127,8 +126,8 @@ impl ConversationService {
         &self,
         caller: &Caller,
         title: &str,
-        participant_ids: &[String],
-        request_id: &str,
+        others: Vec<UserId>,
+        request_id: Option<ClientId>,
     ) -> Result<ConversationView> {
         let title = title.trim();
         if title.chars().count() > MAX_TITLE_CHARS {
@@ -137,19 +136,14 @@ impl ConversationService {
                 format!("title must be at most {MAX_TITLE_CHARS} characters"),
             ));
         }
-        let others = parse_users("participant_ids", participant_ids, 0)?;
         let mut participants = vec![caller.user_id.clone()];
         participants.extend(others.into_iter().filter(|user| *user != caller.user_id));
         // Ids are random, never derived from (user, request_id): nobody can compute another
         // user's conversation ids. The store remembers which one a request_id created.
-        let request = if request_id.is_empty() {
-            None
-        } else {
-            Some(CreateRequest {
-                request_id: ClientId::from_field("request_id", request_id)?,
-                window: self.settings.idempotency_window,
-            })
-        };
+        let request = request_id.map(|request_id| CreateRequest {
+            request_id,
+            window: self.settings.idempotency_window,
+        });
         let mut sorted: Vec<&str> = participants.iter().map(UserId::as_str).collect();
         sorted.sort_unstable();
         let fingerprint = fingerprint(&[title, &sorted.join("\u{0}")]);
@@ -194,7 +188,11 @@ impl ConversationService {
         self.view(conversation, &caller.user_id).await
     }
 
-    pub async fn get_conversation(&self, caller: &Caller, id: &str) -> Result<ConversationView> {
+    pub async fn get_conversation(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+    ) -> Result<ConversationView> {
         let conversation = self.participating(caller, id).await?;
         self.view(conversation, &caller.user_id).await
     }
@@ -202,10 +200,9 @@ impl ConversationService {
     pub async fn list_conversations(
         &self,
         caller: &Caller,
-        page_size: i32,
+        size: PageSize,
         page_token: &str,
     ) -> Result<(Vec<ConversationView>, String)> {
-        let size = PageSize::parse(page_size)?;
         let cursor = paging::decode_conversations_token(page_token)?;
         let entries = self
             .store
@@ -232,14 +229,12 @@ impl ConversationService {
     pub async fn add_participants(
         &self,
         caller: &Caller,
-        id: &str,
-        user_ids: &[String],
+        id: ConversationId,
+        users: &[UserId],
     ) -> Result<ConversationView> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let users = parse_users("user_ids", user_ids, 1)?;
         let outcome = self
             .store
-            .add_participants(id, &caller.user_id, &users)
+            .add_participants(id, &caller.user_id, users)
             .await
             .map_err(store_error)?;
         let conversation = match outcome {
@@ -253,14 +248,12 @@ impl ConversationService {
     pub async fn remove_participant(
         &self,
         caller: &Caller,
-        id: &str,
-        user_id: &str,
+        id: ConversationId,
+        user: &UserId,
     ) -> Result<ConversationView> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let user = UserId::from_field("user_id", user_id)?;
         let outcome = self
             .store
-            .remove_participant(id, &caller.user_id, &user)
+            .remove_participant(id, &caller.user_id, user)
             .await
             .map_err(store_error)?;
         let conversation = match outcome {
@@ -278,12 +271,10 @@ impl ConversationService {
     pub async fn send_message(
         &self,
         caller: &Caller,
-        id: &str,
-        client_message_id: &str,
+        id: ConversationId,
+        client_message_id: ClientId,
         content: Option<SendContent>,
     ) -> Result<Message> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let client_message_id = ClientId::from_field("client_message_id", client_message_id)?;
         let (kind, content, fingerprint) = match content {
             Some(SendContent::Text(text)) => {
                 let text = validate_text(&text)?;
@@ -296,10 +287,10 @@ impl ConversationService {
             }
             Some(SendContent::FileId(file_id)) => {
                 // Participation first, so outsiders learn nothing about the conversation's files.
-                self.participating(caller, &id.to_string()).await?;
+                self.participating(caller, id).await?;
                 let attachment = self.attachment(id, &file_id).await?;
                 let kind = MessageKind::for_file(attachment.category);
-                let fingerprint = fingerprint(&["file", &file_id]);
+                let fingerprint = fingerprint(&["file", file_id.as_str()]);
                 let content = MessageContent {
                     text: String::new(),
                     file: Some(attachment),
@@ -350,12 +341,11 @@ impl ConversationService {
     pub async fn list_messages(
         &self,
         caller: &Caller,
-        id: &str,
-        page_size: i32,
+        id: ConversationId,
+        size: PageSize,
         page_token: &str,
     ) -> Result<(Vec<Message>, String)> {
         let conversation = self.participating(caller, id).await?;
-        let size = PageSize::parse(page_size)?;
         let before = paging::decode_messages_token(page_token, conversation.id)?;
         let mut messages = self
             .store
@@ -374,11 +364,9 @@ impl ConversationService {
     pub async fn delete_message(
         &self,
         caller: &Caller,
-        id: &str,
-        message_id: &str,
+        id: ConversationId,
+        message_id: MessageId,
     ) -> Result<Message> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let message_id = MessageId::from_field("message_id", message_id)?;
         match self
             .store
             .delete_message(id, message_id, &caller.user_id)
@@ -397,7 +385,7 @@ impl ConversationService {
         &self,
         caller: &Caller,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         file_expire_time: UnixMillis,
     ) -> Result<()> {
         self.store
@@ -407,8 +395,12 @@ impl ConversationService {
         Ok(())
     }
 
-    pub async fn mark_read(&self, caller: &Caller, id: &str, sequence: u64) -> Result<u64> {
-        let id = ConversationId::from_field("conversation_id", id)?;
+    pub async fn mark_read(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+        sequence: u64,
+    ) -> Result<u64> {
         match self
             .store
             .mark_read(id, &caller.user_id, sequence)
@@ -431,7 +423,7 @@ impl ConversationService {
     pub async fn subscribe(
         &self,
         caller: &Caller,
-        id: &str,
+        id: ConversationId,
         after_sequence: u64,
     ) -> Result<BoxStream<'static, Result<Event>>> {
         let conversation = self.participating(caller, id).await?;
@@ -463,14 +455,11 @@ impl ConversationService {
     }
 
     /// The file `file_id` as an attachment, if it belongs to conversation `id` and is live.
-    async fn attachment(&self, id: ConversationId, file_id: &str) -> Result<FileAttachment> {
+    async fn attachment(&self, id: ConversationId, file_id: &FileId) -> Result<FileAttachment> {
         let not_found = || {
             Error::not_found(Reason::FileNotFound, "file not found in this conversation")
                 .with_field("file_id")
         };
-        if file_id.is_empty() {
-            return Err(Error::invalid_field("file_id", "file_id must not be empty"));
-        }
         let record = self
             .files
             .get(file_id)
@@ -482,8 +471,7 @@ impl ConversationService {
     }
 
     /// The conversation, if it exists and `caller` participates.
-    async fn participating(&self, caller: &Caller, id: &str) -> Result<Conversation> {
-        let id = ConversationId::from_field("conversation_id", id)?;
+    async fn participating(&self, caller: &Caller, id: ConversationId) -> Result<Conversation> {
         let conversation = self
             .store
             .conversation(id)
@@ -543,7 +531,9 @@ fn validate_text(text: &str) -> Result<String> {
     Ok(trimmed.to_owned())
 }
 
-fn parse_users(field: &'static str, raw: &[String], min: usize) -> Result<Vec<UserId>> {
+/// The user ids a request names, parsed, without repeats: at least `min`, at most
+/// [`MAX_USERS_PER_REQUEST`].
+pub fn parse_users(field: &'static str, raw: &[String], min: usize) -> Result<Vec<UserId>> {
     if raw.len() < min {
         return Err(Error::invalid_field(
             field,

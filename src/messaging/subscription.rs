@@ -7,12 +7,12 @@ use futures::Stream;
 
 use super::{
     live::{LiveEnd, LiveReceiver},
-    model::{ConversationId, Event, EventKind},
+    model::{Event, EventKind},
     store_error::store_error,
 };
 use crate::{
     error::{Error, ErrorKind, Reason, Result},
-    ids::UserId,
+    ids::{ConversationId, UserId},
     quota::CallerSlot,
     store::messages::{LiveSignal, MessageStore},
 };

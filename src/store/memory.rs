@@ -17,10 +17,10 @@ use super::messages::{
     ReadState, Rejection, Retention, StoreResult,
 };
 use crate::{
-    ids::UserId,
+    ids::{ConversationId, FileId, MessageId, UserId},
     messaging::model::{
-        ClientId, Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, Message,
-        MessageId, MessageRecord, UnixMillis,
+        ClientId, Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, MessageRecord,
+        UnixMillis,
     },
 };
 
@@ -108,7 +108,7 @@ struct ConversationState {
     sent: HashMap<(UserId, ClientId), SentRecord>,
     trimmed_through: u64,
     /// Files deleted with `delete_file_messages` -> until when messages carrying them are refused.
-    deleted_files: HashMap<String, UnixMillis>,
+    deleted_files: HashMap<FileId, UnixMillis>,
 }
 
 struct SentRecord {
@@ -433,7 +433,7 @@ impl MessageStore for MemoryMessageStore {
     async fn delete_file_messages(
         &self,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         by: &UserId,
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>> {
@@ -641,7 +641,7 @@ impl MessageStore for MemoryMessageStore {
 /// The in-process file metadata store.
 #[derive(Default)]
 pub struct MemoryFileStore {
-    files: Mutex<HashMap<String, crate::store::files::FileRecord>>,
+    files: Mutex<HashMap<FileId, crate::store::files::FileRecord>>,
 }
 
 impl MemoryFileStore {
@@ -649,7 +649,7 @@ impl MemoryFileStore {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, crate::store::files::FileRecord>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<FileId, crate::store::files::FileRecord>> {
         self.files
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -667,7 +667,7 @@ impl crate::store::files::FileStore for MemoryFileStore {
         Ok(())
     }
 
-    async fn get(&self, file_id: &str) -> StoreResult<Option<crate::store::files::FileRecord>> {
+    async fn get(&self, file_id: &FileId) -> StoreResult<Option<crate::store::files::FileRecord>> {
         let now = now_millis();
         Ok(self
             .lock()
@@ -676,7 +676,7 @@ impl crate::store::files::FileStore for MemoryFileStore {
             .cloned())
     }
 
-    async fn delete(&self, file_id: &str) -> StoreResult<()> {
+    async fn delete(&self, file_id: &FileId) -> StoreResult<()> {
         self.lock().remove(file_id);
         Ok(())
     }

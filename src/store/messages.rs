@@ -9,11 +9,8 @@ use async_trait::async_trait;
 
 use crate::{
     error::BoxError,
-    ids::UserId,
-    messaging::model::{
-        ClientId, Conversation, ConversationId, Event, Message, MessageId, MessageRecord,
-        UnixMillis,
-    },
+    ids::{ConversationId, FileId, MessageId, UserId},
+    messaging::model::{ClientId, Conversation, Event, Message, MessageRecord, UnixMillis},
 };
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -229,7 +226,7 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn delete_file_messages(
         &self,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         by: &UserId,
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>>;

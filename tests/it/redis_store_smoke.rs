@@ -12,10 +12,8 @@ use secrecy::SecretString;
 use svc_messaging::{
     config::RedisSettings,
     health::DependencyCheck,
-    ids::UserId,
-    messaging::model::{
-        ClientId, ConversationId, EventKind, MessageContent, MessageId, MessageKind, MessageRecord,
-    },
+    ids::{ConversationId, FileId, MessageId, UserId},
+    messaging::model::{ClientId, EventKind, MessageContent, MessageKind, MessageRecord},
     store::{
         messages::{
             ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
@@ -1037,7 +1035,7 @@ async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
         .await
         .unwrap();
     let id = create(&store, "alice", &["bob"]).await;
-    let file_id = uuid::Uuid::now_v7().to_string();
+    let file_id = FileId::generate();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1176,7 +1174,12 @@ async fn refused_writes_leave_no_keys() {
         (
             rejection(
                 store
-                    .delete_file_messages(missing, "f", &user("alice"), i64::MAX)
+                    .delete_file_messages(
+                        missing,
+                        &FileId::parse("f").unwrap(),
+                        &user("alice"),
+                        i64::MAX,
+                    )
                     .await,
             ),
             Rejection::ConversationNotFound,

@@ -9,6 +9,7 @@ use fred::{
 
 use super::RedisMessageStore;
 use crate::{
+    ids::FileId,
     messaging::model::UnixMillis,
     store::{
         files::{FileRecord, FileStore},
@@ -35,7 +36,7 @@ impl FileStore for RedisMessageStore {
         Ok(())
     }
 
-    async fn get(&self, file_id: &str) -> StoreResult<Option<FileRecord>> {
+    async fn get(&self, file_id: &FileId) -> StoreResult<Option<FileRecord>> {
         let json: Option<String> = self.client.get(self.keys.file(file_id)).await?;
         let Some(json) = json else {
             return Ok(None);
@@ -45,7 +46,7 @@ impl FileStore for RedisMessageStore {
         Ok(Some(record).filter(|record| record.file.expire_time > now_millis()))
     }
 
-    async fn delete(&self, file_id: &str) -> StoreResult<()> {
+    async fn delete(&self, file_id: &FileId) -> StoreResult<()> {
         let _: i64 = self.client.del(self.keys.file(file_id)).await?;
         Ok(())
     }

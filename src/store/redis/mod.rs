@@ -50,7 +50,7 @@ mod connection;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing {
-    use crate::messaging::model::ConversationId;
+    use crate::ids::ConversationId;
 
     /// Runs every stored-form parser on `text`; each may fail, none may panic.
     pub fn decode_all(text: &str) {
@@ -87,11 +87,8 @@ use crate::{
     config::RedisSettings,
     error::BoxError,
     health::DependencyCheck,
-    ids::UserId,
-    messaging::model::{
-        Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, Message, MessageId,
-        UnixMillis,
-    },
+    ids::{ConversationId, FileId, MessageId, UserId},
+    messaging::model::{Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, UnixMillis},
 };
 
 /// Most index entries one `conversations_of` round trip reads.
@@ -537,7 +534,7 @@ impl MessageStore for RedisMessageStore {
     async fn delete_file_messages(
         &self,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         by: &UserId,
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>> {

@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 use svc_messaging::{
-    ids::UserId,
-    messaging::model::{
-        ClientId, ConversationId, MessageContent, MessageId, MessageKind, MessageRecord,
-    },
+    ids::{ConversationId, MessageId, UserId},
+    messaging::model::{ClientId, MessageContent, MessageKind, MessageRecord},
     store::messages::{
         AppendOutcome, CreateOutcome, MessageStore, NewConversation, NewMessage, Rejection,
         Retention, StoreError,
