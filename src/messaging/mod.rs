@@ -5,11 +5,9 @@
 //! - [`live`]: in-replica fan-out of the store's live feed.
 //! - [`paging`]: page sizes and opaque page tokens.
 //! - [`subscription`]: the event stream of one live subscription.
-//! - [`store_error`]: how store failures read to callers.
 
 pub mod live;
 pub mod model;
 pub mod paging;
 pub mod service;
-pub mod store_error;
 pub mod subscription;

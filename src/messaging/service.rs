@@ -14,7 +14,6 @@ use super::{
         MAX_TITLE_CHARS, Message, MessageContent, MessageKind, MessageRecord, UnixMillis,
     },
     paging::{self, PageSize},
-    store_error::store_error,
     subscription,
 };
 use crate::{
@@ -26,7 +25,7 @@ use crate::{
     store::files::FileStore,
     store::messages::{
         ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
-        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection,
+        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
     },
 };
 
@@ -114,7 +113,7 @@ impl ConversationService {
             fingerprint,
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
         };
-        match self.store.append_message(new).await.map_err(store_error)? {
+        match self.store.append_message(new).await? {
             AppendOutcome::Appended(event) => Ok(event
                 .created_message()
                 .expect("appending a message records MessageCreated")),
@@ -155,12 +154,7 @@ impl ConversationService {
             fingerprint: fingerprint.clone(),
             request,
         };
-        let conversation = match self
-            .store
-            .create_conversation(new)
-            .await
-            .map_err(store_error)?
-        {
+        let conversation = match self.store.create_conversation(new).await? {
             CreateOutcome::Created(conversation) => conversation,
             CreateOutcome::Existing {
                 conversation,
@@ -207,8 +201,7 @@ impl ConversationService {
         let entries = self
             .store
             .conversations_of(&caller.user_id, cursor.as_ref(), size.get() + 1)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let has_more = entries.len() > size.get();
         let mut views = Vec::with_capacity(size.get());
         let mut last_cursor = None;
@@ -235,8 +228,7 @@ impl ConversationService {
         let outcome = self
             .store
             .add_participants(id, &caller.user_id, users)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let conversation = match outcome {
             ChangeOutcome::Changed(conversation, _) | ChangeOutcome::Unchanged(conversation) => {
                 conversation
@@ -254,8 +246,7 @@ impl ConversationService {
         let outcome = self
             .store
             .remove_participant(id, &caller.user_id, user)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let conversation = match outcome {
             ChangeOutcome::Changed(conversation, _) | ChangeOutcome::Unchanged(conversation) => {
                 conversation
@@ -316,7 +307,7 @@ impl ConversationService {
             fingerprint: fingerprint.clone(),
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
         };
-        match self.store.append_message(new).await.map_err(store_error)? {
+        match self.store.append_message(new).await? {
             AppendOutcome::Appended(event) => Ok(event
                 .created_message()
                 .expect("appending a message records MessageCreated")),
@@ -350,8 +341,7 @@ impl ConversationService {
         let mut messages = self
             .store
             .messages_before(conversation.id, before, size.get() + 1)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let has_more = messages.len() > size.get();
         messages.truncate(size.get());
         let next = match (has_more, messages.last()) {
@@ -370,8 +360,7 @@ impl ConversationService {
         match self
             .store
             .delete_message(id, message_id, &caller.user_id)
-            .await
-            .map_err(store_error)?
+            .await?
         {
             DeleteOutcome::Deleted(message, _) | DeleteOutcome::AlreadyDeleted(message) => {
                 Ok(message)
@@ -390,8 +379,7 @@ impl ConversationService {
     ) -> Result<()> {
         self.store
             .delete_file_messages(id, file_id, &caller.user_id, file_expire_time)
-            .await
-            .map_err(store_error)?;
+            .await?;
         Ok(())
     }
 
@@ -401,12 +389,7 @@ impl ConversationService {
         id: ConversationId,
         sequence: u64,
     ) -> Result<u64> {
-        match self
-            .store
-            .mark_read(id, &caller.user_id, sequence)
-            .await
-            .map_err(store_error)?
-        {
+        match self.store.mark_read(id, &caller.user_id, sequence).await? {
             ReadOutcome::Advanced(event) => match event.kind {
                 EventKind::ReadReceipt { read_sequence, .. } => Ok(read_sequence),
                 _ => Err(Error::internal("mark_read recorded a non-receipt event")),
@@ -463,8 +446,7 @@ impl ConversationService {
         let record = self
             .files
             .get(file_id)
-            .await
-            .map_err(store_error)?
+            .await?
             .filter(|record| record.conversation_id == id)
             .ok_or_else(not_found)?;
         Ok(record.attachment())
@@ -475,11 +457,10 @@ impl ConversationService {
         let conversation = self
             .store
             .conversation(id)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| store_error(Rejection::ConversationNotFound.into()))?;
+            .await?
+            .ok_or_else(|| StoreError::from(Rejection::ConversationNotFound))?;
         if !conversation.has_participant(&caller.user_id) {
-            return Err(store_error(Rejection::NotParticipant.into()));
+            return Err(StoreError::from(Rejection::NotParticipant).into());
         }
         Ok(conversation)
     }
@@ -489,11 +470,7 @@ impl ConversationService {
             unread_count,
             last_message,
             ..
-        } = self
-            .store
-            .read_state(conversation.id, user)
-            .await
-            .map_err(store_error)?;
+        } = self.store.read_state(conversation.id, user).await?;
         Ok(ConversationView {
             conversation,
             unread_count,

@@ -8,7 +8,6 @@ use futures::Stream;
 use super::{
     live::{LiveEnd, LiveReceiver},
     model::{Event, EventKind},
-    store_error::store_error,
 };
 use crate::{
     error::{Error, ErrorKind, Reason, Result},
@@ -39,8 +38,7 @@ pub(super) fn events(
             loop {
                 let page = store
                     .events_after(id, last, BACKFILL_BATCH)
-                    .await
-                    .map_err(store_error)?;
+                    .await?;
                 if last < page.trimmed_through {
                     Err(Error::new(
                         ErrorKind::OutOfRange,
