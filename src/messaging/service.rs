@@ -114,9 +114,7 @@ impl ConversationService {
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
         };
         match self.store.append_message(new).await? {
-            AppendOutcome::Appended(event) => Ok(event
-                .created_message()
-                .expect("appending a message records MessageCreated")),
+            AppendOutcome::Appended(message) => Ok(message),
             AppendOutcome::Duplicate { message, .. } => Ok(message),
         }
     }
@@ -308,9 +306,7 @@ impl ConversationService {
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
         };
         match self.store.append_message(new).await? {
-            AppendOutcome::Appended(event) => Ok(event
-                .created_message()
-                .expect("appending a message records MessageCreated")),
+            AppendOutcome::Appended(message) => Ok(message),
             AppendOutcome::Duplicate {
                 message,
                 fingerprint: original,

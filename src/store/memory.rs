@@ -383,8 +383,14 @@ impl MessageStore for MemoryMessageStore {
                 expires: now + Duration::from_secs(new.idempotency_window_secs),
             },
         );
+        let record = new.record.clone();
         let event = self.append_event(&mut state, id, EventKind::MessageCreated(new.record));
-        Ok(AppendOutcome::Appended(event))
+        Ok(AppendOutcome::Appended(Message {
+            conversation_id: id,
+            sequence: event.sequence,
+            create_time: event.create_time,
+            record,
+        }))
     }
 
     async fn delete_message(

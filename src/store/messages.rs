@@ -168,7 +168,8 @@ pub struct NewMessage {
 
 #[derive(Debug, Clone)]
 pub enum AppendOutcome {
-    Appended(Event),
+    /// The message as appended (its `MessageCreated` event is on the live feed).
+    Appended(Message),
     /// The sender used this `client_message_id` before, within the window.
     Duplicate {
         message: Message,

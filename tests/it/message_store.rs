@@ -164,10 +164,10 @@ pub async fn retries_with_the_same_client_id_are_recognised(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     let first = text_message(id, "alice", "m-1", "hello");
-    let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
+    let AppendOutcome::Appended(original) = store.append_message(first.clone()).await.unwrap()
+    else {
         panic!("first send appends");
     };
-    let original = event.created_message().unwrap();
     // A retry carries a fresh message id (the client cannot know the first one).
     let mut retry = text_message(id, "alice", "m-1", "something else");
     retry.fingerprint = "different".to_owned();
@@ -210,9 +210,9 @@ pub async fn concurrent_retries_append_once(backend: Backend) {
     let mut ids = BTreeSet::new();
     for task in tasks {
         match task.await.unwrap() {
-            AppendOutcome::Appended(event) => {
+            AppendOutcome::Appended(message) => {
                 appended += 1;
-                ids.insert(event.created_message().unwrap().record.id);
+                ids.insert(message.record.id);
             }
             AppendOutcome::Duplicate { message, .. } => {
                 ids.insert(message.record.id);
@@ -394,7 +394,7 @@ fn file_message(id: ConversationId, sender: &str, file_id: &FileId) -> NewMessag
 
 async fn append(store: &dyn MessageStore, new: NewMessage) -> Message {
     match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => event.created_message().unwrap(),
+        AppendOutcome::Appended(message) => message,
         other => panic!("expected an append, got {other:?}"),
     }
 }

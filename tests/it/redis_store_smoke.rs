@@ -137,7 +137,8 @@ async fn duplicate_client_message_ids_are_reported() {
     let store = store("duplicate", GENEROUS).await;
     let id = create(&store, "alice", &["bob"]).await;
     let first = text_message(id, "alice", "c-1", "hello");
-    let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
+    let AppendOutcome::Appended(appended) = store.append_message(first.clone()).await.unwrap()
+    else {
         panic!("first append must append");
     };
     let retry = NewMessage {
@@ -154,7 +155,7 @@ async fn duplicate_client_message_ids_are_reported() {
             fingerprint,
         } => {
             assert_eq!(fingerprint, "fp:hello");
-            assert_eq!(Some(message), event.created_message());
+            assert_eq!(message, appended);
         }
         other => panic!("expected Duplicate, got {other:?}"),
     }

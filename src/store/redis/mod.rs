@@ -452,14 +452,18 @@ impl MessageStore for RedisMessageStore {
             .await?;
         match reply.status() {
             "appended" => {
-                let event = codec::event(id, reply.field(0)?)?;
+                let message = codec::event(id, reply.field(0)?)?
+                    .created_message()
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("append_message recorded no MessageCreated".to_owned())
+                    })?;
                 let participants = reply.rest()[1..]
                     .iter()
                     .filter_map(|raw| UserId::parse(raw).ok())
                     .collect::<Vec<_>>();
-                self.touch_activity(id, &participants, event.create_time)
+                self.touch_activity(id, &participants, message.create_time)
                     .await;
-                Ok(AppendOutcome::Appended(event))
+                Ok(AppendOutcome::Appended(message))
             }
             "duplicate" => Ok(AppendOutcome::Duplicate {
                 fingerprint: reply.field(0)?.to_owned(),

@@ -70,10 +70,7 @@ pub async fn send(
 ) -> (MessageId, u64) {
     let new = text_message(id, sender, &format!("c-{}", MessageId::generate()), text);
     match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => {
-            let message = event.created_message().unwrap();
-            (message.record.id, message.sequence)
-        }
+        AppendOutcome::Appended(message) => (message.record.id, message.sequence),
         other => panic!("expected an append, got {other:?}"),
     }
 }
