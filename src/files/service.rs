@@ -36,7 +36,7 @@ use crate::{
     quota::{CallerSlot, PerCallerSlots},
     store::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
-        files::{FileRecord, FileStore},
+        file_records::{FileRecord, FileRecordStore},
     },
     thumbnails::{Thumbnail, ThumbnailPool},
 };
@@ -91,7 +91,7 @@ struct UploadPlan {
 pub struct FileService {
     conversations: Arc<ConversationService>,
     blobs: Arc<dyn BlobStore>,
-    files: Arc<dyn FileStore>,
+    file_records: Arc<dyn FileRecordStore>,
     policy: Arc<UploadPolicy>,
     thumbnails: Arc<ThumbnailPool>,
     url_ttl: Duration,
@@ -104,7 +104,7 @@ impl FileService {
     pub fn new(
         conversations: Arc<ConversationService>,
         blobs: Arc<dyn BlobStore>,
-        files: Arc<dyn FileStore>,
+        file_records: Arc<dyn FileRecordStore>,
         policy: Arc<UploadPolicy>,
         thumbnails: Arc<ThumbnailPool>,
         url_ttl: Duration,
@@ -114,7 +114,7 @@ impl FileService {
         Self {
             conversations,
             blobs,
-            files,
+            file_records,
             policy,
             thumbnails,
             url_ttl,
@@ -291,7 +291,7 @@ impl FileService {
             thumbnail_key,
             message_id: Some(message_id),
         };
-        self.files.put(&record).await?;
+        self.file_records.put(&record).await?;
         written.record = Some(record.file.file_id.clone());
         let message = self
             .conversations
@@ -320,14 +320,14 @@ impl FileService {
             }
         }
         if let Some(file_id) = written.record {
-            let _ = self.files.delete(&file_id).await;
+            let _ = self.file_records.delete(&file_id).await;
         }
     }
 
     /// The file, if it is live and the caller participates in its conversation.
     pub async fn get_file(&self, caller: &Caller, file_id: &FileId) -> Result<FileRecord> {
         let record = self
-            .files
+            .file_records
             .get(file_id)
             .await?
             // The store forgets expired files on its own; this also covers the moments before.
@@ -439,7 +439,7 @@ impl FileService {
         for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
             self.blobs.delete(key).await?;
         }
-        self.files.delete(file_id).await?;
+        self.file_records.delete(file_id).await?;
         Ok(())
     }
 

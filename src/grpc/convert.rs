@@ -13,7 +13,7 @@ use crate::{
         model::{Event, EventKind, FileAttachment, Message, MessageKind, UnixMillis},
         service::{ConversationView, SendContent},
     },
-    store::files::FileRecord,
+    store::file_records::FileRecord,
 };
 
 pub fn timestamp(millis: UnixMillis) -> prost_types::Timestamp {

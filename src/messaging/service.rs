@@ -22,7 +22,7 @@ use crate::{
     error::{Error, ErrorKind, Reason, Result},
     ids::{ConversationId, FileId, MessageId, UserId},
     quota::PerCallerSlots,
-    store::files::FileStore,
+    store::file_records::FileRecordStore,
     store::messages::{
         ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
         MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
@@ -50,7 +50,7 @@ pub enum SendContent {
 /// Conversations, messages and subscriptions over a [`MessageStore`].
 pub struct ConversationService {
     store: Arc<dyn MessageStore>,
-    files: Arc<dyn FileStore>,
+    file_records: Arc<dyn FileRecordStore>,
     hub: Arc<LiveHub>,
     subscriptions: PerCallerSlots,
     settings: MessagingSettings,
@@ -58,17 +58,17 @@ pub struct ConversationService {
 
 impl ConversationService {
     /// Builds the service and starts routing the store's live feed to local subscribers.
-    /// `files` resolves the `file_id` of SendMessage.
+    /// `file_records` resolves the `file_id` of SendMessage.
     pub fn new(
         store: Arc<dyn MessageStore>,
-        files: Arc<dyn FileStore>,
+        file_records: Arc<dyn FileRecordStore>,
         settings: MessagingSettings,
     ) -> Self {
         let hub = LiveHub::new();
         hub.spawn_dispatcher(store.live_events());
         Self {
             store,
-            files,
+            file_records,
             hub,
             subscriptions: PerCallerSlots::new(settings.max_subscriptions_per_caller),
             settings,
@@ -440,7 +440,7 @@ impl ConversationService {
                 .with_field("file_id")
         };
         let record = self
-            .files
+            .file_records
             .get(file_id)
             .await?
             .filter(|record| record.conversation_id == id)

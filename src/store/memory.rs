@@ -646,34 +646,37 @@ impl MessageStore for MemoryMessageStore {
 
 /// The in-process file metadata store.
 #[derive(Default)]
-pub struct MemoryFileStore {
-    files: Mutex<HashMap<FileId, crate::store::files::FileRecord>>,
+pub struct MemoryFileRecordStore {
+    records: Mutex<HashMap<FileId, crate::store::file_records::FileRecord>>,
 }
 
-impl MemoryFileStore {
+impl MemoryFileRecordStore {
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<FileId, crate::store::files::FileRecord>> {
-        self.files
+    fn lock(&self) -> MutexGuard<'_, HashMap<FileId, crate::store::file_records::FileRecord>> {
+        self.records
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 #[async_trait]
-impl crate::store::files::FileStore for MemoryFileStore {
-    async fn put(&self, record: &crate::store::files::FileRecord) -> StoreResult<()> {
+impl crate::store::file_records::FileRecordStore for MemoryFileRecordStore {
+    async fn put(&self, record: &crate::store::file_records::FileRecord) -> StoreResult<()> {
         let now = now_millis();
-        let mut files = self.lock();
+        let mut records = self.lock();
         // Expired records go the way Redis TTLs would.
-        files.retain(|_, record| record.file.expire_time > now);
-        files.insert(record.file.file_id.clone(), record.clone());
+        records.retain(|_, record| record.file.expire_time > now);
+        records.insert(record.file.file_id.clone(), record.clone());
         Ok(())
     }
 
-    async fn get(&self, file_id: &FileId) -> StoreResult<Option<crate::store::files::FileRecord>> {
+    async fn get(
+        &self,
+        file_id: &FileId,
+    ) -> StoreResult<Option<crate::store::file_records::FileRecord>> {
         let now = now_millis();
         Ok(self
             .lock()

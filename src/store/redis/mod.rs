@@ -63,7 +63,7 @@ pub mod fuzzing {
     }
 }
 mod error;
-mod files;
+mod file_records;
 mod keys;
 mod live;
 mod scripts;

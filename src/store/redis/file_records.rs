@@ -12,13 +12,13 @@ use crate::{
     ids::FileId,
     messaging::model::UnixMillis,
     store::{
-        files::{FileRecord, FileStore},
+        file_records::{FileRecord, FileRecordStore},
         messages::{StoreError, StoreResult},
     },
 };
 
 #[async_trait]
-impl FileStore for RedisMessageStore {
+impl FileRecordStore for RedisMessageStore {
     async fn put(&self, record: &FileRecord) -> StoreResult<()> {
         let json = serde_json::to_string(record)
             .map_err(|error| StoreError::Corrupt(format!("file record: {error}")))?;

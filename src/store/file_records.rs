@@ -35,7 +35,7 @@ impl FileRecord {
 }
 
 #[async_trait]
-pub trait FileStore: Send + Sync + 'static {
+pub trait FileRecordStore: Send + Sync + 'static {
     /// Records (or replaces) a file; it disappears on its own at `expire_time`.
     async fn put(&self, record: &FileRecord) -> StoreResult<()>;
 
