@@ -94,7 +94,8 @@ impl BlobAttributes {
     }
 }
 
-/// What is known about a stored object.
+/// What is known about a stored object. Only the conformance suite asks (feature `testsuite`).
+#[cfg(any(test, feature = "testsuite"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
     pub size: u64,
@@ -130,6 +131,7 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()>;
 
     /// The object's size and type, or `NotFound`.
+    #[cfg(any(test, feature = "testsuite"))]
     async fn info(&self, key: &str) -> BlobResult<BlobInfo>;
 
     /// Streams the object from `offset`.
