@@ -1,6 +1,7 @@
 //! The messaging domain: conversations, messages, read positions and live subscriptions.
 //!
-//! - [`model`]: ids, conversations, messages, events (also the stores' storage form).
+//! - [`model`]: conversations, messages, events, idempotency keys (also the stores' storage
+//!   form); their ids are in [`crate::ids`].
 //! - [`service`]: the rules ([`service::ConversationService`]).
 //! - [`live`]: in-replica fan-out of the store's live feed.
 //! - [`paging`]: page sizes and opaque page tokens.
