@@ -154,10 +154,7 @@ pub fn upload_part(
         Ok(pb::UploadFileRequest {
             payload: Some(Payload::Metadata(metadata)),
         }) => Ok(UploadPart::Metadata(UploadRequest {
-            conversation_id: ConversationId::from_field(
-                "conversation_id",
-                &metadata.conversation_id,
-            )?,
+            conversation_id: conversation_id(&metadata.conversation_id)?,
             file_name: metadata.file_name,
             content_type: metadata.content_type,
             size_bytes: metadata.size_bytes,
@@ -186,6 +183,11 @@ pub fn send_content(content: pb::send_message_request::Content) -> Result<SendCo
         Content::Text(text) => SendContent::Text(text),
         Content::FileId(file_id) => SendContent::FileId(FileId::from_field("file_id", &file_id)?),
     })
+}
+
+/// The `conversation_id` field of a request.
+pub fn conversation_id(raw: &str) -> Result<ConversationId, Error> {
+    ConversationId::from_field("conversation_id", raw)
 }
 
 /// `None` for an empty (unset) field, else the field parsed.

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{caller, convert, pb};
 use crate::{
-    ids::{ConversationId, MessageId, UserId},
+    ids::{MessageId, UserId},
     messaging::{
         model::ClientId,
         paging::PageSize,
@@ -60,7 +60,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         request: Request<pb::GetConversationRequest>,
     ) -> ApiResult<pb::GetConversationResponse> {
         let caller = caller(&request)?;
-        let id = conversation_id(&request.get_ref().conversation_id)?;
+        let id = convert::conversation_id(&request.get_ref().conversation_id)?;
         let view = self.conversations.get_conversation(&caller, id).await?;
         Ok(Response::new(pb::GetConversationResponse {
             conversation: Some(convert::conversation(view)),
@@ -92,7 +92,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::AddParticipantsResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let users = parse_users("user_ids", &request.user_ids, 1)?;
         let view = self
             .conversations
@@ -110,7 +110,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::RemoveParticipantResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let user = UserId::from_field("user_id", &request.user_id)?;
         let view = self
             .conversations
@@ -128,7 +128,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::SendMessageResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let client_message_id =
             ClientId::from_field("client_message_id", &request.client_message_id)?;
         let content = request.content.map(convert::send_content).transpose()?;
@@ -148,7 +148,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::ListMessagesResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let size = PageSize::parse(request.page_size)?;
         let (messages, next_page_token) = self
             .conversations
@@ -167,7 +167,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<Self::SubscribeMessagesStream> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let events = self
             .conversations
             .subscribe(&caller, id, request.after_sequence)
@@ -189,7 +189,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::DeleteMessageResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let message_id = MessageId::from_field("message_id", &request.message_id)?;
         let message = self
             .conversations
@@ -207,15 +207,11 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::MarkReadResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let id = conversation_id(&request.conversation_id)?;
+        let id = convert::conversation_id(&request.conversation_id)?;
         let read_sequence = self
             .conversations
             .mark_read(&caller, id, request.sequence)
             .await?;
         Ok(Response::new(pb::MarkReadResponse { read_sequence }))
     }
-}
-
-fn conversation_id(raw: &str) -> Result<ConversationId, crate::error::Error> {
-    ConversationId::from_field("conversation_id", raw)
 }
