@@ -33,9 +33,9 @@ use crate::{
     startup,
     store::{
         blobs::{BlobError, BlobStore},
-        files::FileStore,
+        file_records::FileRecordStore,
         fs::{FsBlobStore, UrlSigner},
-        memory::{MemoryFileStore, MemoryMessageStore},
+        memory::{MemoryFileRecordStore, MemoryMessageStore},
         messages::{MessageStore, Retention, StoreError},
         redis::RedisMessageStore,
         s3::{LifecycleOutcome, S3BlobStore},
@@ -192,7 +192,7 @@ impl Services {
         let policy = Arc::new(UploadPolicy::from_settings(&settings.uploads));
         let conversations = Arc::new(ConversationService::new(
             backends.messages.clone(),
-            backends.files.clone(),
+            backends.file_records.clone(),
             settings.messaging.clone(),
         ));
         let messaging = InterceptedService::new(
@@ -208,7 +208,7 @@ impl Services {
         let file_service = Arc::new(FileService::new(
             conversations,
             backends.blobs.clone(),
-            backends.files.clone(),
+            backends.file_records.clone(),
             policy,
             thumbnails.clone(),
             settings.downloads.url_ttl,
@@ -406,7 +406,7 @@ const SERVED_DESCRIPTOR_SETS: [&[u8]; 4] = [
 /// The storage backends chosen by `storage.*`, and the dependencies whose health they report.
 struct Backends {
     messages: Arc<dyn MessageStore>,
-    files: Arc<dyn FileStore>,
+    file_records: Arc<dyn FileRecordStore>,
     blobs: Arc<dyn BlobStore>,
     /// Set for the filesystem store, whose signed URLs the HTTP port serves.
     fs_blobs: Option<FsBlobStore>,
@@ -422,11 +422,11 @@ impl Backends {
             max_age: settings.messaging.history_max_age,
         };
         let mut dependencies: Vec<Arc<dyn DependencyCheck>> = Vec::new();
-        let (messages, files): (Arc<dyn MessageStore>, Arc<dyn FileStore>) =
+        let (messages, file_records): (Arc<dyn MessageStore>, Arc<dyn FileRecordStore>) =
             match settings.storage.messages {
                 MessageBackend::Memory => (
                     Arc::new(MemoryMessageStore::new(retention)),
-                    Arc::new(MemoryFileStore::new()),
+                    Arc::new(MemoryFileRecordStore::new()),
                 ),
                 MessageBackend::Redis => {
                     let redis =
@@ -483,7 +483,7 @@ impl Backends {
         );
         Ok(Self {
             messages,
-            files,
+            file_records,
             blobs,
             fs_blobs,
             budget,

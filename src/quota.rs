@@ -55,6 +55,7 @@ impl PerCallerSlots {
     }
 
     /// Slots `user` holds now.
+    #[cfg(test)]
     pub fn held_by(&self, user: &UserId) -> usize {
         lock(&self.held).get(user).copied().unwrap_or(0)
     }

@@ -4,12 +4,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use svc_messaging::{
-    messaging::{
-        model::ConversationId,
-        paging::{
-            decode_conversations_token, decode_messages_token, encode_conversations_token,
-            encode_messages_token,
-        },
+    ids::ConversationId,
+    messaging::paging::{
+        decode_conversations_token, decode_messages_token, encode_conversations_token,
+        encode_messages_token,
     },
     store::messages::ActivityCursor,
 };

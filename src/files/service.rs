@@ -22,23 +22,23 @@ use sha2::{Digest, Sha256};
 
 use super::{
     policy::{FileCategory, FileTypeRule, UploadPolicy},
-    sniff::{ContentSniffer, SniffError},
+    sniff::ContentSniffer,
 };
 use crate::{
     auth::Caller,
     budget::{MemoryBudget, MemoryReservation},
     error::{Error, ErrorKind, Reason, Result},
+    ids::{ConversationId, FileId, MessageId},
     messaging::{
-        model::{ConversationId, FileAttachment, Message, MessageId, UnixMillis},
+        model::{FileAttachment, Message, UnixMillis},
         service::ConversationService,
-        store_error::store_error,
     },
     quota::{CallerSlot, PerCallerSlots},
     store::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
-        files::{FileRecord, FileStore},
+        file_records::{FileRecord, FileRecordStore},
     },
-    thumbnails::{Thumbnail, ThumbnailError, ThumbnailPool},
+    thumbnails::{Thumbnail, ThumbnailPool},
 };
 
 /// Longest file name, in characters.
@@ -56,9 +56,9 @@ pub enum UploadPart {
 }
 
 /// The upload's declared metadata, as the client sent it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct UploadRequest {
-    pub conversation_id: String,
+    pub conversation_id: ConversationId,
     pub file_name: String,
     pub content_type: String,
     pub size_bytes: i64,
@@ -78,7 +78,7 @@ pub struct DownloadUrls {
 /// An accepted upload's plan, before any byte was read.
 struct UploadPlan {
     conversation_id: ConversationId,
-    file_id: String,
+    file_id: FileId,
     rule: FileTypeRule,
     file_name: String,
     content_type: String,
@@ -91,7 +91,7 @@ struct UploadPlan {
 pub struct FileService {
     conversations: Arc<ConversationService>,
     blobs: Arc<dyn BlobStore>,
-    files: Arc<dyn FileStore>,
+    file_records: Arc<dyn FileRecordStore>,
     policy: Arc<UploadPolicy>,
     thumbnails: Arc<ThumbnailPool>,
     url_ttl: Duration,
@@ -104,7 +104,7 @@ impl FileService {
     pub fn new(
         conversations: Arc<ConversationService>,
         blobs: Arc<dyn BlobStore>,
-        files: Arc<dyn FileStore>,
+        file_records: Arc<dyn FileRecordStore>,
         policy: Arc<UploadPolicy>,
         thumbnails: Arc<ThumbnailPool>,
         url_ttl: Duration,
@@ -114,7 +114,7 @@ impl FileService {
         Self {
             conversations,
             blobs,
-            files,
+            file_records,
             policy,
             thumbnails,
             url_ttl,
@@ -194,12 +194,7 @@ impl FileService {
         let mut sink = if plan.rule.kind.category() == FileCategory::Image {
             Sink::Kept(KeptBody::new(&self.budget, plan.declared_size))
         } else {
-            Sink::Streamed(
-                self.blobs
-                    .start_upload(&key, attributes.clone())
-                    .await
-                    .map_err(blob_error)?,
-            )
+            Sink::Streamed(self.blobs.start_upload(&key, attributes.clone()).await?)
         };
         let (sha256, dimensions) = match receive(plan, &self.policy, parts, &mut sink).await {
             Ok(received) => received,
@@ -213,7 +208,7 @@ impl FileService {
         let sha256_metadata = vec![(SHA256_METADATA.to_owned(), sha256.clone())];
         let thumbnail = match sink {
             Sink::Streamed(upload) => {
-                upload.commit(sha256_metadata).await.map_err(blob_error)?;
+                upload.commit(sha256_metadata).await?;
                 None
             }
             Sink::Kept(body) => {
@@ -222,16 +217,9 @@ impl FileService {
                     bytes, reservation, ..
                 } = body;
                 let bytes = bytes.freeze();
-                let thumbnail = self
-                    .thumbnails
-                    .make(plan.rule.kind, bytes.clone())
-                    .await
-                    .map_err(thumbnail_error)?;
+                let thumbnail = self.thumbnails.make(plan.rule.kind, bytes.clone()).await?;
                 attributes.merge_metadata(sha256_metadata);
-                self.blobs
-                    .put(&key, attributes, bytes)
-                    .await
-                    .map_err(blob_error)?;
+                self.blobs.put(&key, attributes, bytes).await?;
                 drop(reservation);
                 thumbnail
             }
@@ -266,10 +254,7 @@ impl FileService {
             content_disposition: attachment_disposition(&format!("thumbnail.{extension}")),
             metadata: Vec::new(),
         };
-        self.blobs
-            .put(&key, attributes, thumbnail.bytes)
-            .await
-            .map_err(blob_error)?;
+        self.blobs.put(&key, attributes, thumbnail.bytes).await?;
         written.blobs.push(key.clone());
         Ok(key)
     }
@@ -306,7 +291,7 @@ impl FileService {
             thumbnail_key,
             message_id: Some(message_id),
         };
-        self.files.put(&record).await.map_err(store_error)?;
+        self.file_records.put(&record).await?;
         written.record = Some(record.file.file_id.clone());
         let message = self
             .conversations
@@ -335,20 +320,16 @@ impl FileService {
             }
         }
         if let Some(file_id) = written.record {
-            let _ = self.files.delete(&file_id).await;
+            let _ = self.file_records.delete(&file_id).await;
         }
     }
 
     /// The file, if it is live and the caller participates in its conversation.
-    pub async fn get_file(&self, caller: &Caller, file_id: &str) -> Result<FileRecord> {
-        if file_id.is_empty() {
-            return Err(Error::invalid_field("file_id", "file_id is required"));
-        }
+    pub async fn get_file(&self, caller: &Caller, file_id: &FileId) -> Result<FileRecord> {
         let record = self
-            .files
+            .file_records
             .get(file_id)
-            .await
-            .map_err(store_error)?
+            .await?
             // The store forgets expired files on its own; this also covers the moments before.
             .filter(|record| record.file.expire_time > now_millis())
             .ok_or_else(file_not_found)?;
@@ -359,7 +340,7 @@ impl FileService {
     }
 
     /// Time-limited URLs for the file (and its thumbnail), never valid past its expiry.
-    pub async fn download_urls(&self, caller: &Caller, file_id: &str) -> Result<DownloadUrls> {
+    pub async fn download_urls(&self, caller: &Caller, file_id: &FileId) -> Result<DownloadUrls> {
         let record = self.get_file(caller, file_id).await?;
         let now = now_millis();
         let remaining =
@@ -368,18 +349,9 @@ impl FileService {
         if valid_for < Duration::from_secs(1) {
             return Err(file_not_found());
         }
-        let url = self
-            .blobs
-            .download_url(&record.blob_key, valid_for)
-            .await
-            .map_err(blob_error)?;
+        let url = self.blobs.download_url(&record.blob_key, valid_for).await?;
         let thumbnail_url = match &record.thumbnail_key {
-            Some(key) => Some(
-                self.blobs
-                    .download_url(key, valid_for)
-                    .await
-                    .map_err(blob_error)?,
-            ),
+            Some(key) => Some(self.blobs.download_url(key, valid_for).await?),
             None => None,
         };
         Ok(DownloadUrls {
@@ -393,7 +365,7 @@ impl FileService {
     pub async fn download(
         &self,
         caller: &Caller,
-        file_id: &str,
+        file_id: &FileId,
         offset: i64,
     ) -> Result<BoxStream<'static, Result<Bytes>>> {
         let record = self.get_file(caller, file_id).await?;
@@ -409,11 +381,7 @@ impl FileService {
                     ),
                 )
             })?;
-        let stream = self
-            .blobs
-            .read(&record.blob_key, offset)
-            .await
-            .map_err(blob_error)?;
+        let stream = self.blobs.read(&record.blob_key, offset).await?;
         let max_chunk = usize::try_from(self.policy.max_chunk_bytes).unwrap_or(usize::MAX);
         let chunks = stream.flat_map(move |piece| {
             let pieces: Vec<Result<Bytes>> = match piece {
@@ -427,7 +395,7 @@ impl FileService {
                     }
                     out
                 }
-                Err(error) => vec![Err(blob_error(error))],
+                Err(error) => vec![Err(error.into())],
             };
             futures::stream::iter(pieces)
         });
@@ -437,7 +405,7 @@ impl FileService {
     /// Deletes the file (its uploader only): every message carrying it (the upload's own and
     /// every re-post) becomes a tombstone and no new one can carry it, then the bytes and the
     /// record go. Safe to retry after a failure.
-    pub async fn delete(&self, caller: &Caller, file_id: &str) -> Result<()> {
+    pub async fn delete(&self, caller: &Caller, file_id: &FileId) -> Result<()> {
         let record = self.get_file(caller, file_id).await?;
         if record.file.uploader != caller.user_id {
             return Err(Error::permission_denied(
@@ -459,11 +427,7 @@ impl FileService {
         if let Some(message_id) = record.message_id {
             match self
                 .conversations
-                .delete_message(
-                    caller,
-                    &record.conversation_id.to_string(),
-                    &message_id.to_string(),
-                )
+                .delete_message(caller, record.conversation_id, message_id)
                 .await
             {
                 Ok(_) => {}
@@ -473,9 +437,9 @@ impl FileService {
             }
         }
         for key in std::iter::once(&record.blob_key).chain(record.thumbnail_key.iter()) {
-            self.blobs.delete(key).await.map_err(blob_error)?;
+            self.blobs.delete(key).await?;
         }
-        self.files.delete(file_id).await.map_err(store_error)?;
+        self.file_records.delete(file_id).await?;
         Ok(())
     }
 
@@ -498,8 +462,7 @@ impl FileService {
 
     /// Checks the metadata before any byte is read.
     async fn plan(&self, caller: &Caller, request: UploadRequest) -> Result<UploadPlan> {
-        let conversation_id =
-            ConversationId::from_field("conversation_id", &request.conversation_id)?;
+        let conversation_id = request.conversation_id;
         self.conversations
             .conversation_of_participant(caller, conversation_id)
             .await?;
@@ -565,7 +528,7 @@ impl FileService {
         }
         Ok(UploadPlan {
             conversation_id,
-            file_id: uuid::Uuid::now_v7().to_string(),
+            file_id: FileId::generate(),
             content_type: rule.kind.mime_type().to_owned(),
             rule,
             file_name,
@@ -601,7 +564,7 @@ struct Written {
     unfinished: Option<Box<dyn BlobUpload>>,
     blobs: Vec<String>,
     /// The file id of the stored record.
-    record: Option<String>,
+    record: Option<FileId>,
 }
 
 /// The body as stored, with what was learnt from it on the way.
@@ -649,7 +612,7 @@ impl KeptBody {
                 self.declared_size as u64,
             )
             .await
-            .map_err(|exhausted| blob_error(BlobError::Busy(exhausted)))?;
+            .map_err(BlobError::Busy)?;
         if self.bytes.capacity() < filled {
             let capacity =
                 (2 * self.bytes.capacity()).clamp(filled, self.declared_size.max(filled));
@@ -754,10 +717,10 @@ where
                 plan.declared_size
             )));
         }
-        sniffer.feed(&chunk).map_err(sniff_error)?;
+        sniffer.feed(&chunk)?;
         hasher.update(&chunk);
         match sink {
-            Sink::Streamed(upload) => upload.write(chunk).await.map_err(blob_error)?,
+            Sink::Streamed(upload) => upload.write(chunk).await?,
             Sink::Kept(body) => body.extend(&chunk).await?,
         }
     }
@@ -767,7 +730,7 @@ where
             plan.declared_size
         )));
     }
-    let report = sniffer.finish().map_err(sniff_error)?;
+    let report = sniffer.finish()?;
     let sha256: String = hasher
         .finalize()
         .iter()
@@ -824,7 +787,7 @@ pub fn attachment_disposition(file_name: &str) -> String {
     )
 }
 
-pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &str) -> String {
+pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &FileId) -> String {
     format!("{area}/{conversation_id}/{file_id}")
 }
 
@@ -842,98 +805,6 @@ fn size_mismatch(message: String) -> Error {
 
 fn file_not_found() -> Error {
     Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
-}
-
-/// How soon a thumbnail refused for lack of workers or memory is worth retrying.
-const THUMBNAIL_RETRY_DELAY: Duration = Duration::from_secs(1);
-/// When an upload refused for want of memory may try again: buffers free as uploads progress.
-const MEMORY_RETRY_DELAY: Duration = Duration::from_secs(1);
-
-fn thumbnail_error(error: ThumbnailError) -> Error {
-    match error {
-        ThumbnailError::Undecodable(detail) => Error::invalid(
-            Reason::ImageUndecodable,
-            format!("the image cannot be decoded: {detail}"),
-        ),
-        too_large @ ThumbnailError::TooLarge { .. } => {
-            Error::invalid(Reason::ImageTooLarge, too_large.to_string())
-        }
-        ThumbnailError::TooManyScans { max_scans } => Error::invalid(
-            Reason::ImageTooComplex,
-            format!("a JPEG may have at most {max_scans} scans; this one has more"),
-        )
-        .with_metadata("max_jpeg_scans", max_scans.to_string()),
-        // Fits no budget this server will ever have free: retrying cannot help.
-        ThumbnailError::TooLargeToDecode {
-            needed_bytes,
-            budget_bytes,
-        } => Error::invalid(
-            Reason::ImageTooLargeToDecode,
-            format!(
-                "decoding the image needs {needed_bytes} bytes of memory, more than the \
-                 {budget_bytes} this server has for all uploads together"
-            ),
-        )
-        .with_metadata("decode_bytes", needed_bytes.to_string())
-        .with_metadata("memory_budget_bytes", budget_bytes.to_string()),
-        // Too many images at once: the same upload may succeed shortly.
-        ThumbnailError::Busy => Error::new(
-            ErrorKind::ResourceExhausted,
-            Reason::UploadMemoryBusy,
-            "the server is decoding too many images; retry shortly",
-        )
-        .with_retry_delay(THUMBNAIL_RETRY_DELAY),
-        ThumbnailError::WorkersBusy => Error::new(
-            ErrorKind::ResourceExhausted,
-            Reason::ThumbnailWorkersBusy,
-            "every image decoder is busy; retry shortly",
-        )
-        .with_retry_delay(THUMBNAIL_RETRY_DELAY),
-        ThumbnailError::TimedOut => Error::new(
-            ErrorKind::Unavailable,
-            Reason::ImageDecodeTimeout,
-            "making the image's thumbnail took too long; retry shortly",
-        ),
-        ThumbnailError::ShuttingDown => Error::new(
-            ErrorKind::Unavailable,
-            Reason::BackendUnavailable,
-            "the server is shutting down; retry",
-        ),
-        ThumbnailError::Internal(detail) => Error::internal(detail),
-    }
-}
-
-fn sniff_error(error: SniffError) -> Error {
-    let reason = match &error {
-        SniffError::ContentTypeMismatch { .. } => Reason::ContentTypeMismatch,
-        SniffError::ImageTooLarge { .. } => Reason::ImageTooLarge,
-        SniffError::ImageUndecodable => Reason::ImageUndecodable,
-        SniffError::MalformedDocument(_) => Reason::MalformedDocument,
-    };
-    Error::invalid(reason, error.to_string())
-}
-
-/// Maps blob store failures; outages stay retryable.
-pub(crate) fn blob_error(error: BlobError) -> Error {
-    match error {
-        BlobError::NotFound => file_not_found(),
-        BlobError::Unavailable(source) => Error::new(
-            ErrorKind::Unavailable,
-            Reason::BackendUnavailable,
-            "the file store is unavailable; retry shortly",
-        )
-        .with_source(source),
-        // Operators must fix this; clients cannot.
-        BlobError::Misconfigured(source) => Error::internal(source),
-        // Too many uploads at once: this one may succeed a little later.
-        BlobError::Busy(exhausted) => Error::new(
-            ErrorKind::ResourceExhausted,
-            Reason::UploadMemoryBusy,
-            "the server is handling too many uploads; retry shortly",
-        )
-        .with_retry_delay(MEMORY_RETRY_DELAY)
-        .with_source(exhausted),
-    }
 }
 
 fn now_millis() -> UnixMillis {

@@ -18,6 +18,7 @@ use std::{
 };
 
 use super::kind::FileKind;
+use crate::error::{Error, Reason};
 
 /// Longest image header kept while looking for the dimensions (a JPEG's frame header follows
 /// its EXIF block, which may hold a large embedded preview).
@@ -51,6 +52,19 @@ pub enum SniffError {
     ImageUndecodable,
     #[error("the document is malformed: {0}")]
     MalformedDocument(&'static str),
+}
+
+/// Every sniffing failure is the upload's fault (`INVALID_ARGUMENT`).
+impl From<SniffError> for Error {
+    fn from(error: SniffError) -> Self {
+        let reason = match &error {
+            SniffError::ContentTypeMismatch { .. } => Reason::ContentTypeMismatch,
+            SniffError::ImageTooLarge { .. } => Reason::ImageTooLarge,
+            SniffError::ImageUndecodable => Reason::ImageUndecodable,
+            SniffError::MalformedDocument(_) => Reason::MalformedDocument,
+        };
+        Error::invalid(reason, error.to_string())
+    }
 }
 
 /// What the bytes turned out to be.

@@ -8,11 +8,12 @@ use crate::{
         policy::{FileCategory, UploadPolicy},
         service::{UploadPart, UploadRequest},
     },
+    ids::{ConversationId, FileId},
     messaging::{
         model::{Event, EventKind, FileAttachment, Message, MessageKind, UnixMillis},
         service::{ConversationView, SendContent},
     },
-    store::files::FileRecord,
+    store::file_records::FileRecord,
 };
 
 pub fn timestamp(millis: UnixMillis) -> prost_types::Timestamp {
@@ -82,7 +83,7 @@ pub fn message(message: Message) -> pb::Message {
 
 pub fn file_info(file: FileAttachment, conversation_id: &str) -> pb::FileInfo {
     pb::FileInfo {
-        file_id: file.file_id,
+        file_id: file.file_id.to_string(),
         conversation_id: conversation_id.to_owned(),
         uploader_id: file.uploader.as_str().to_owned(),
         file_name: file.file_name,
@@ -153,7 +154,7 @@ pub fn upload_part(
         Ok(pb::UploadFileRequest {
             payload: Some(Payload::Metadata(metadata)),
         }) => Ok(UploadPart::Metadata(UploadRequest {
-            conversation_id: metadata.conversation_id,
+            conversation_id: conversation_id(&metadata.conversation_id)?,
             file_name: metadata.file_name,
             content_type: metadata.content_type,
             size_bytes: metadata.size_bytes,
@@ -176,12 +177,28 @@ pub fn upload_part(
 }
 
 /// The content of a `SendMessage` request.
-pub fn send_content(content: pb::send_message_request::Content) -> SendContent {
+pub fn send_content(content: pb::send_message_request::Content) -> Result<SendContent, Error> {
     use pb::send_message_request::Content;
-    match content {
+    Ok(match content {
         Content::Text(text) => SendContent::Text(text),
-        Content::FileId(file_id) => SendContent::FileId(file_id),
+        Content::FileId(file_id) => SendContent::FileId(FileId::from_field("file_id", &file_id)?),
+    })
+}
+
+/// The `conversation_id` field of a request.
+pub fn conversation_id(raw: &str) -> Result<ConversationId, Error> {
+    ConversationId::from_field("conversation_id", raw)
+}
+
+/// `None` for an empty (unset) field, else the field parsed.
+pub fn optional<T>(
+    raw: &str,
+    parse: impl FnOnce(&str) -> Result<T, Error>,
+) -> Result<Option<T>, Error> {
+    if raw.is_empty() {
+        return Ok(None);
     }
+    parse(raw).map(Some)
 }
 
 pub fn upload_policy(policy: &UploadPolicy) -> pb::GetUploadPolicyResponse {

@@ -6,7 +6,7 @@ use futures::{StreamExt, stream::BoxStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{caller, convert, pb};
-use crate::files::service::FileService;
+use crate::{files::service::FileService, ids::FileId};
 
 /// The FileRelayService endpoint.
 #[derive(Clone)]
@@ -46,10 +46,8 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
         request: Request<pb::GetFileRequest>,
     ) -> ApiResult<pb::GetFileResponse> {
         let caller = caller(&request)?;
-        let record = self
-            .files
-            .get_file(&caller, &request.get_ref().file_id)
-            .await?;
+        let file_id = FileId::from_field("file_id", &request.get_ref().file_id)?;
+        let record = self.files.get_file(&caller, &file_id).await?;
         Ok(Response::new(pb::GetFileResponse {
             file: Some(convert::file_record(&record)),
         }))
@@ -61,10 +59,8 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
         request: Request<pb::GetDownloadUrlRequest>,
     ) -> ApiResult<pb::GetDownloadUrlResponse> {
         let caller = caller(&request)?;
-        let urls = self
-            .files
-            .download_urls(&caller, &request.get_ref().file_id)
-            .await?;
+        let file_id = FileId::from_field("file_id", &request.get_ref().file_id)?;
+        let urls = self.files.download_urls(&caller, &file_id).await?;
         Ok(Response::new(pb::GetDownloadUrlResponse {
             url: urls.url,
             thumbnail_url: urls.thumbnail_url.unwrap_or_default(),
@@ -79,9 +75,10 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
     ) -> ApiResult<Self::DownloadFileStream> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let file_id = FileId::from_field("file_id", &request.file_id)?;
         let chunks = self
             .files
-            .download(&caller, &request.file_id, request.offset)
+            .download(&caller, &file_id, request.offset)
             .await?;
         let responses = chunks.map(|chunk| {
             chunk
@@ -97,9 +94,8 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
         request: Request<pb::DeleteFileRequest>,
     ) -> ApiResult<pb::DeleteFileResponse> {
         let caller = caller(&request)?;
-        self.files
-            .delete(&caller, &request.get_ref().file_id)
-            .await?;
+        let file_id = FileId::from_field("file_id", &request.get_ref().file_id)?;
+        self.files.delete(&caller, &file_id).await?;
         Ok(Response::new(pb::DeleteFileResponse {}))
     }
 

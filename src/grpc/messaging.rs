@@ -6,7 +6,14 @@ use futures::{StreamExt, stream::BoxStream};
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert, pb};
-use crate::messaging::service::ConversationService;
+use crate::{
+    ids::{MessageId, UserId},
+    messaging::{
+        model::ClientId,
+        paging::PageSize,
+        service::{ConversationService, parse_users},
+    },
+};
 
 /// The MessagingService endpoint.
 #[derive(Clone)]
@@ -34,14 +41,13 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::CreateConversationResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let participants = parse_users("participant_ids", &request.participant_ids, 0)?;
+        let request_id = convert::optional(&request.request_id, |raw| {
+            ClientId::from_field("request_id", raw)
+        })?;
         let view = self
             .conversations
-            .create_conversation(
-                &caller,
-                &request.title,
-                &request.participant_ids,
-                &request.request_id,
-            )
+            .create_conversation(&caller, &request.title, participants, request_id)
             .await?;
         Ok(Response::new(pb::CreateConversationResponse {
             conversation: Some(convert::conversation(view)),
@@ -54,10 +60,8 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         request: Request<pb::GetConversationRequest>,
     ) -> ApiResult<pb::GetConversationResponse> {
         let caller = caller(&request)?;
-        let view = self
-            .conversations
-            .get_conversation(&caller, &request.get_ref().conversation_id)
-            .await?;
+        let id = convert::conversation_id(&request.get_ref().conversation_id)?;
+        let view = self.conversations.get_conversation(&caller, id).await?;
         Ok(Response::new(pb::GetConversationResponse {
             conversation: Some(convert::conversation(view)),
         }))
@@ -70,9 +74,10 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::ListConversationsResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let size = PageSize::parse(request.page_size)?;
         let (views, next_page_token) = self
             .conversations
-            .list_conversations(&caller, request.page_size, &request.page_token)
+            .list_conversations(&caller, size, &request.page_token)
             .await?;
         Ok(Response::new(pb::ListConversationsResponse {
             conversations: views.into_iter().map(convert::conversation).collect(),
@@ -87,9 +92,11 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::AddParticipantsResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let id = convert::conversation_id(&request.conversation_id)?;
+        let users = parse_users("user_ids", &request.user_ids, 1)?;
         let view = self
             .conversations
-            .add_participants(&caller, &request.conversation_id, &request.user_ids)
+            .add_participants(&caller, id, &users)
             .await?;
         Ok(Response::new(pb::AddParticipantsResponse {
             conversation: Some(convert::conversation(view)),
@@ -103,9 +110,11 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::RemoveParticipantResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let id = convert::conversation_id(&request.conversation_id)?;
+        let user = UserId::from_field("user_id", &request.user_id)?;
         let view = self
             .conversations
-            .remove_participant(&caller, &request.conversation_id, &request.user_id)
+            .remove_participant(&caller, id, &user)
             .await?;
         Ok(Response::new(pb::RemoveParticipantResponse {
             conversation: Some(convert::conversation(view)),
@@ -119,15 +128,13 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::SendMessageResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
-        let content = request.content.map(convert::send_content);
+        let id = convert::conversation_id(&request.conversation_id)?;
+        let client_message_id =
+            ClientId::from_field("client_message_id", &request.client_message_id)?;
+        let content = request.content.map(convert::send_content).transpose()?;
         let message = self
             .conversations
-            .send_message(
-                &caller,
-                &request.conversation_id,
-                &request.client_message_id,
-                content,
-            )
+            .send_message(&caller, id, client_message_id, content)
             .await?;
         Ok(Response::new(pb::SendMessageResponse {
             message: Some(convert::message(message)),
@@ -141,14 +148,11 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::ListMessagesResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let id = convert::conversation_id(&request.conversation_id)?;
+        let size = PageSize::parse(request.page_size)?;
         let (messages, next_page_token) = self
             .conversations
-            .list_messages(
-                &caller,
-                &request.conversation_id,
-                request.page_size,
-                &request.page_token,
-            )
+            .list_messages(&caller, id, size, &request.page_token)
             .await?;
         Ok(Response::new(pb::ListMessagesResponse {
             messages: messages.into_iter().map(convert::message).collect(),
@@ -163,9 +167,10 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<Self::SubscribeMessagesStream> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let id = convert::conversation_id(&request.conversation_id)?;
         let events = self
             .conversations
-            .subscribe(&caller, &request.conversation_id, request.after_sequence)
+            .subscribe(&caller, id, request.after_sequence)
             .await?;
         let responses = events.map(|event| {
             event
@@ -184,9 +189,11 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::DeleteMessageResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let id = convert::conversation_id(&request.conversation_id)?;
+        let message_id = MessageId::from_field("message_id", &request.message_id)?;
         let message = self
             .conversations
-            .delete_message(&caller, &request.conversation_id, &request.message_id)
+            .delete_message(&caller, id, message_id)
             .await?;
         Ok(Response::new(pb::DeleteMessageResponse {
             message: Some(convert::message(message)),
@@ -200,9 +207,10 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
     ) -> ApiResult<pb::MarkReadResponse> {
         let caller = caller(&request)?;
         let request = request.into_inner();
+        let id = convert::conversation_id(&request.conversation_id)?;
         let read_sequence = self
             .conversations
-            .mark_read(&caller, &request.conversation_id, request.sequence)
+            .mark_read(&caller, id, request.sequence)
             .await?;
         Ok(Response::new(pb::MarkReadResponse { read_sequence }))
     }

@@ -14,7 +14,7 @@ use std::{
 
 use tokio::sync::{broadcast, mpsc};
 
-use crate::{messaging::model::ConversationId, store::messages::LiveSignal};
+use crate::{ids::ConversationId, store::messages::LiveSignal};
 
 /// Routes the store's live feed to per-conversation subscribers.
 #[derive(Default)]

@@ -1,15 +1,14 @@
 //! The messaging domain: conversations, messages, read positions and live subscriptions.
 //!
-//! - [`model`]: ids, conversations, messages, events (also the stores' storage form).
+//! - [`model`]: conversations, messages, events, idempotency keys (also the stores' storage
+//!   form); their ids are in [`crate::ids`].
 //! - [`service`]: the rules ([`service::ConversationService`]).
 //! - [`live`]: in-replica fan-out of the store's live feed.
 //! - [`paging`]: page sizes and opaque page tokens.
 //! - [`subscription`]: the event stream of one live subscription.
-//! - [`store_error`]: how store failures read to callers.
 
 pub mod live;
 pub mod model;
 pub mod paging;
 pub mod service;
-pub mod store_error;
 pub mod subscription;

@@ -5,12 +5,11 @@
 //! JSON), so their serde form is a storage format: change it only compatibly.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::{
     error::Error,
     files::policy::FileCategory,
-    ids::{InvalidId, UserId},
+    ids::{ConversationId, FileId, MessageId, UserId},
 };
 
 /// Longest `client_message_id` / `request_id`.
@@ -21,57 +20,6 @@ pub const MAX_TEXT_CHARS: usize = 4000;
 pub const MAX_TITLE_CHARS: usize = 200;
 /// Most participants one conversation may have.
 pub const MAX_PARTICIPANTS: usize = 1000;
-
-macro_rules! uuid_id {
-    ($(#[$doc:meta])* $name:ident, $what:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(Uuid);
-
-        impl $name {
-            /// A new, time-ordered id.
-            pub fn generate() -> Self {
-                Self(Uuid::now_v7())
-            }
-
-            pub fn from_uuid(uuid: Uuid) -> Self {
-                Self(uuid)
-            }
-
-            /// Parses the canonical text form, naming `field` in the error.
-            pub fn from_field(field: &'static str, raw: &str) -> Result<Self, Error> {
-                Self::parse(raw).map_err(|InvalidId(why)| Error::invalid_field(field, why))
-            }
-
-            pub fn parse(raw: &str) -> Result<Self, InvalidId> {
-                if raw.is_empty() {
-                    return Err(InvalidId(concat!($what, " is required")));
-                }
-                Uuid::try_parse(raw)
-                    .map(Self)
-                    .map_err(|_| InvalidId(concat!($what, " is not a valid id")))
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                self.0.hyphenated().fmt(f)
-            }
-        }
-    };
-}
-
-uuid_id!(
-    /// A conversation.
-    ConversationId,
-    "conversation_id"
-);
-uuid_id!(
-    /// A message.
-    MessageId,
-    "message_id"
-);
 
 /// A client-chosen idempotency key: `client_message_id` or `request_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -146,7 +94,7 @@ impl MessageKind {
 /// A file carried by a FILE or IMAGE message, as it was when posted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileAttachment {
-    pub file_id: String,
+    pub file_id: FileId,
     pub uploader: UserId,
     pub file_name: String,
     pub content_type: String,
@@ -189,11 +137,11 @@ impl MessageRecord {
     }
 
     /// The id of the file the message carries, unless it carries none (or was deleted).
-    pub fn file_id(&self) -> Option<&str> {
+    pub fn file_id(&self) -> Option<&FileId> {
         self.content
             .as_ref()
             .and_then(|content| content.file.as_ref())
-            .map(|file| file.file_id.as_str())
+            .map(|file| &file.file_id)
     }
 
     /// The same message with its content removed.

@@ -6,7 +6,7 @@
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use super::model::ConversationId;
+use crate::ids::ConversationId;
 use crate::{
     error::{Error, Result},
     store::messages::ActivityCursor,

@@ -10,24 +10,22 @@ use sha2::{Digest, Sha256};
 use super::{
     live::LiveHub,
     model::{
-        ClientId, Conversation, ConversationId, Event, EventKind, FileAttachment, MAX_PARTICIPANTS,
-        MAX_TEXT_CHARS, MAX_TITLE_CHARS, Message, MessageContent, MessageId, MessageKind,
-        MessageRecord, UnixMillis,
+        ClientId, Conversation, Event, EventKind, FileAttachment, MAX_PARTICIPANTS, MAX_TEXT_CHARS,
+        MAX_TITLE_CHARS, Message, MessageContent, MessageKind, MessageRecord, UnixMillis,
     },
     paging::{self, PageSize},
-    store_error::store_error,
     subscription,
 };
 use crate::{
     auth::Caller,
     config::MessagingSettings,
     error::{Error, ErrorKind, Reason, Result},
-    ids::UserId,
+    ids::{ConversationId, FileId, MessageId, UserId},
     quota::PerCallerSlots,
-    store::files::FileStore,
+    store::file_records::FileRecordStore,
     store::messages::{
         ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome,
-        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection,
+        MessageStore, NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, StoreError,
     },
 };
 
@@ -46,13 +44,13 @@ pub struct ConversationView {
 #[derive(Debug, Clone)]
 pub enum SendContent {
     Text(String),
-    FileId(String),
+    FileId(FileId),
 }
 
 /// Conversations, messages and subscriptions over a [`MessageStore`].
 pub struct ConversationService {
     store: Arc<dyn MessageStore>,
-    files: Arc<dyn FileStore>,
+    file_records: Arc<dyn FileRecordStore>,
     hub: Arc<LiveHub>,
     subscriptions: PerCallerSlots,
     settings: MessagingSettings,
@@ -60,17 +58,17 @@ pub struct ConversationService {
 
 impl ConversationService {
     /// Builds the service and starts routing the store's live feed to local subscribers.
-    /// `files` resolves the `file_id` of SendMessage.
+    /// `file_records` resolves the `file_id` of SendMessage.
     pub fn new(
         store: Arc<dyn MessageStore>,
-        files: Arc<dyn FileStore>,
+        file_records: Arc<dyn FileRecordStore>,
         settings: MessagingSettings,
     ) -> Self {
         let hub = LiveHub::new();
         hub.spawn_dispatcher(store.live_events());
         Self {
             store,
-            files,
+            file_records,
             hub,
             subscriptions: PerCallerSlots::new(settings.max_subscriptions_per_caller),
             settings,
@@ -83,7 +81,7 @@ impl ConversationService {
         caller: &Caller,
         id: ConversationId,
     ) -> Result<Conversation> {
-        self.participating(caller, &id.to_string()).await
+        self.participating(caller, id).await
     }
 
     /// Posts the FILE or IMAGE message announcing an upload, under a message id chosen by the
@@ -99,7 +97,7 @@ impl ConversationService {
         let kind = MessageKind::for_file(attachment.category);
         let client_message_id =
             ClientId::from_field("client_message_id", &format!("file:{}", attachment.file_id))?;
-        let fingerprint = fingerprint(&["file", &attachment.file_id, &caption]);
+        let fingerprint = fingerprint(&["file", attachment.file_id.as_str(), &caption]);
         let new = NewMessage {
             conversation_id: id,
             record: MessageRecord {
@@ -115,10 +113,8 @@ impl ConversationService {
             fingerprint,
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
         };
-        match self.store.append_message(new).await.map_err(store_error)? {
-            AppendOutcome::Appended(event) => Ok(event
-                .created_message()
-                .expect("appending a message records MessageCreated")),
+        match self.store.append_message(new).await? {
+            AppendOutcome::Appended(message) => Ok(message),
             AppendOutcome::Duplicate { message, .. } => Ok(message),
         }
     }
@@ -127,8 +123,8 @@ impl ConversationService {
         &self,
         caller: &Caller,
         title: &str,
-        participant_ids: &[String],
-        request_id: &str,
+        others: Vec<UserId>,
+        request_id: Option<ClientId>,
     ) -> Result<ConversationView> {
         let title = title.trim();
         if title.chars().count() > MAX_TITLE_CHARS {
@@ -137,19 +133,14 @@ impl ConversationService {
                 format!("title must be at most {MAX_TITLE_CHARS} characters"),
             ));
         }
-        let others = parse_users("participant_ids", participant_ids, 0)?;
         let mut participants = vec![caller.user_id.clone()];
         participants.extend(others.into_iter().filter(|user| *user != caller.user_id));
         // Ids are random, never derived from (user, request_id): nobody can compute another
         // user's conversation ids. The store remembers which one a request_id created.
-        let request = if request_id.is_empty() {
-            None
-        } else {
-            Some(CreateRequest {
-                request_id: ClientId::from_field("request_id", request_id)?,
-                window: self.settings.idempotency_window,
-            })
-        };
+        let request = request_id.map(|request_id| CreateRequest {
+            request_id,
+            window: self.settings.idempotency_window,
+        });
         let mut sorted: Vec<&str> = participants.iter().map(UserId::as_str).collect();
         sorted.sort_unstable();
         let fingerprint = fingerprint(&[title, &sorted.join("\u{0}")]);
@@ -161,12 +152,7 @@ impl ConversationService {
             fingerprint: fingerprint.clone(),
             request,
         };
-        let conversation = match self
-            .store
-            .create_conversation(new)
-            .await
-            .map_err(store_error)?
-        {
+        let conversation = match self.store.create_conversation(new).await? {
             CreateOutcome::Created(conversation) => conversation,
             CreateOutcome::Existing {
                 conversation,
@@ -194,7 +180,11 @@ impl ConversationService {
         self.view(conversation, &caller.user_id).await
     }
 
-    pub async fn get_conversation(&self, caller: &Caller, id: &str) -> Result<ConversationView> {
+    pub async fn get_conversation(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+    ) -> Result<ConversationView> {
         let conversation = self.participating(caller, id).await?;
         self.view(conversation, &caller.user_id).await
     }
@@ -202,16 +192,14 @@ impl ConversationService {
     pub async fn list_conversations(
         &self,
         caller: &Caller,
-        page_size: i32,
+        size: PageSize,
         page_token: &str,
     ) -> Result<(Vec<ConversationView>, String)> {
-        let size = PageSize::parse(page_size)?;
         let cursor = paging::decode_conversations_token(page_token)?;
         let entries = self
             .store
             .conversations_of(&caller.user_id, cursor.as_ref(), size.get() + 1)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let has_more = entries.len() > size.get();
         let mut views = Vec::with_capacity(size.get());
         let mut last_cursor = None;
@@ -232,16 +220,13 @@ impl ConversationService {
     pub async fn add_participants(
         &self,
         caller: &Caller,
-        id: &str,
-        user_ids: &[String],
+        id: ConversationId,
+        users: &[UserId],
     ) -> Result<ConversationView> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let users = parse_users("user_ids", user_ids, 1)?;
         let outcome = self
             .store
-            .add_participants(id, &caller.user_id, &users)
-            .await
-            .map_err(store_error)?;
+            .add_participants(id, &caller.user_id, users)
+            .await?;
         let conversation = match outcome {
             ChangeOutcome::Changed(conversation, _) | ChangeOutcome::Unchanged(conversation) => {
                 conversation
@@ -253,16 +238,13 @@ impl ConversationService {
     pub async fn remove_participant(
         &self,
         caller: &Caller,
-        id: &str,
-        user_id: &str,
+        id: ConversationId,
+        user: &UserId,
     ) -> Result<ConversationView> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let user = UserId::from_field("user_id", user_id)?;
         let outcome = self
             .store
-            .remove_participant(id, &caller.user_id, &user)
-            .await
-            .map_err(store_error)?;
+            .remove_participant(id, &caller.user_id, user)
+            .await?;
         let conversation = match outcome {
             ChangeOutcome::Changed(conversation, _) | ChangeOutcome::Unchanged(conversation) => {
                 conversation
@@ -278,12 +260,10 @@ impl ConversationService {
     pub async fn send_message(
         &self,
         caller: &Caller,
-        id: &str,
-        client_message_id: &str,
+        id: ConversationId,
+        client_message_id: ClientId,
         content: Option<SendContent>,
     ) -> Result<Message> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let client_message_id = ClientId::from_field("client_message_id", client_message_id)?;
         let (kind, content, fingerprint) = match content {
             Some(SendContent::Text(text)) => {
                 let text = validate_text(&text)?;
@@ -296,10 +276,10 @@ impl ConversationService {
             }
             Some(SendContent::FileId(file_id)) => {
                 // Participation first, so outsiders learn nothing about the conversation's files.
-                self.participating(caller, &id.to_string()).await?;
+                self.participating(caller, id).await?;
                 let attachment = self.attachment(id, &file_id).await?;
                 let kind = MessageKind::for_file(attachment.category);
-                let fingerprint = fingerprint(&["file", &file_id]);
+                let fingerprint = fingerprint(&["file", file_id.as_str()]);
                 let content = MessageContent {
                     text: String::new(),
                     file: Some(attachment),
@@ -325,10 +305,8 @@ impl ConversationService {
             fingerprint: fingerprint.clone(),
             idempotency_window_secs: self.settings.idempotency_window.as_secs(),
         };
-        match self.store.append_message(new).await.map_err(store_error)? {
-            AppendOutcome::Appended(event) => Ok(event
-                .created_message()
-                .expect("appending a message records MessageCreated")),
+        match self.store.append_message(new).await? {
+            AppendOutcome::Appended(message) => Ok(message),
             AppendOutcome::Duplicate {
                 message,
                 fingerprint: original,
@@ -350,18 +328,16 @@ impl ConversationService {
     pub async fn list_messages(
         &self,
         caller: &Caller,
-        id: &str,
-        page_size: i32,
+        id: ConversationId,
+        size: PageSize,
         page_token: &str,
     ) -> Result<(Vec<Message>, String)> {
         let conversation = self.participating(caller, id).await?;
-        let size = PageSize::parse(page_size)?;
         let before = paging::decode_messages_token(page_token, conversation.id)?;
         let mut messages = self
             .store
             .messages_before(conversation.id, before, size.get() + 1)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let has_more = messages.len() > size.get();
         messages.truncate(size.get());
         let next = match (has_more, messages.last()) {
@@ -374,16 +350,13 @@ impl ConversationService {
     pub async fn delete_message(
         &self,
         caller: &Caller,
-        id: &str,
-        message_id: &str,
+        id: ConversationId,
+        message_id: MessageId,
     ) -> Result<Message> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        let message_id = MessageId::from_field("message_id", message_id)?;
         match self
             .store
             .delete_message(id, message_id, &caller.user_id)
-            .await
-            .map_err(store_error)?
+            .await?
         {
             DeleteOutcome::Deleted(message, _) | DeleteOutcome::AlreadyDeleted(message) => {
                 Ok(message)
@@ -397,24 +370,22 @@ impl ConversationService {
         &self,
         caller: &Caller,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         file_expire_time: UnixMillis,
     ) -> Result<()> {
         self.store
             .delete_file_messages(id, file_id, &caller.user_id, file_expire_time)
-            .await
-            .map_err(store_error)?;
+            .await?;
         Ok(())
     }
 
-    pub async fn mark_read(&self, caller: &Caller, id: &str, sequence: u64) -> Result<u64> {
-        let id = ConversationId::from_field("conversation_id", id)?;
-        match self
-            .store
-            .mark_read(id, &caller.user_id, sequence)
-            .await
-            .map_err(store_error)?
-        {
+    pub async fn mark_read(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+        sequence: u64,
+    ) -> Result<u64> {
+        match self.store.mark_read(id, &caller.user_id, sequence).await? {
             ReadOutcome::Advanced(event) => match event.kind {
                 EventKind::ReadReceipt { read_sequence, .. } => Ok(read_sequence),
                 _ => Err(Error::internal("mark_read recorded a non-receipt event")),
@@ -431,7 +402,7 @@ impl ConversationService {
     pub async fn subscribe(
         &self,
         caller: &Caller,
-        id: &str,
+        id: ConversationId,
         after_sequence: u64,
     ) -> Result<BoxStream<'static, Result<Event>>> {
         let conversation = self.participating(caller, id).await?;
@@ -463,35 +434,29 @@ impl ConversationService {
     }
 
     /// The file `file_id` as an attachment, if it belongs to conversation `id` and is live.
-    async fn attachment(&self, id: ConversationId, file_id: &str) -> Result<FileAttachment> {
+    async fn attachment(&self, id: ConversationId, file_id: &FileId) -> Result<FileAttachment> {
         let not_found = || {
             Error::not_found(Reason::FileNotFound, "file not found in this conversation")
                 .with_field("file_id")
         };
-        if file_id.is_empty() {
-            return Err(Error::invalid_field("file_id", "file_id must not be empty"));
-        }
         let record = self
-            .files
+            .file_records
             .get(file_id)
-            .await
-            .map_err(store_error)?
+            .await?
             .filter(|record| record.conversation_id == id)
             .ok_or_else(not_found)?;
         Ok(record.attachment())
     }
 
     /// The conversation, if it exists and `caller` participates.
-    async fn participating(&self, caller: &Caller, id: &str) -> Result<Conversation> {
-        let id = ConversationId::from_field("conversation_id", id)?;
+    async fn participating(&self, caller: &Caller, id: ConversationId) -> Result<Conversation> {
         let conversation = self
             .store
             .conversation(id)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| store_error(Rejection::ConversationNotFound.into()))?;
+            .await?
+            .ok_or_else(|| StoreError::from(Rejection::ConversationNotFound))?;
         if !conversation.has_participant(&caller.user_id) {
-            return Err(store_error(Rejection::NotParticipant.into()));
+            return Err(StoreError::from(Rejection::NotParticipant).into());
         }
         Ok(conversation)
     }
@@ -501,11 +466,7 @@ impl ConversationService {
             unread_count,
             last_message,
             ..
-        } = self
-            .store
-            .read_state(conversation.id, user)
-            .await
-            .map_err(store_error)?;
+        } = self.store.read_state(conversation.id, user).await?;
         Ok(ConversationView {
             conversation,
             unread_count,
@@ -543,7 +504,9 @@ fn validate_text(text: &str) -> Result<String> {
     Ok(trimmed.to_owned())
 }
 
-fn parse_users(field: &'static str, raw: &[String], min: usize) -> Result<Vec<UserId>> {
+/// The user ids a request names, parsed, without repeats: at least `min`, at most
+/// [`MAX_USERS_PER_REQUEST`].
+pub fn parse_users(field: &'static str, raw: &[String], min: usize) -> Result<Vec<UserId>> {
     if raw.len() < min {
         return Err(Error::invalid_field(
             field,

@@ -7,12 +7,11 @@ use futures::Stream;
 
 use super::{
     live::{LiveEnd, LiveReceiver},
-    model::{ConversationId, Event, EventKind},
-    store_error::store_error,
+    model::{Event, EventKind},
 };
 use crate::{
     error::{Error, ErrorKind, Reason, Result},
-    ids::UserId,
+    ids::{ConversationId, UserId},
     quota::CallerSlot,
     store::messages::{LiveSignal, MessageStore},
 };
@@ -39,8 +38,7 @@ pub(super) fn events(
             loop {
                 let page = store
                     .events_after(id, last, BACKFILL_BATCH)
-                    .await
-                    .map_err(store_error)?;
+                    .await?;
                 if last < page.trimmed_through {
                     Err(Error::new(
                         ErrorKind::OutOfRange,

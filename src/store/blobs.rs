@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::error::BoxError;
+use crate::error::{BoxError, Error, ErrorKind, Reason};
 
 pub type BlobResult<T> = Result<T, BlobError>;
 
@@ -26,6 +26,36 @@ pub enum BlobError {
     /// at once. Retrying later may help (`RESOURCE_EXHAUSTED`).
     #[error("blob store busy: {0}")]
     Busy(#[source] crate::budget::BudgetExhausted),
+}
+
+/// When an upload refused for want of memory may try again: buffers free as uploads progress.
+const MEMORY_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Maps blob store failures; outages stay retryable.
+impl From<BlobError> for Error {
+    fn from(error: BlobError) -> Self {
+        match error {
+            BlobError::NotFound => {
+                Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
+            }
+            BlobError::Unavailable(source) => Error::new(
+                ErrorKind::Unavailable,
+                Reason::BackendUnavailable,
+                "the file store is unavailable; retry shortly",
+            )
+            .with_source(source),
+            // Operators must fix this; clients cannot.
+            BlobError::Misconfigured(source) => Error::internal(source),
+            // Too many uploads at once: this one may succeed a little later.
+            BlobError::Busy(exhausted) => Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::UploadMemoryBusy,
+                "the server is handling too many uploads; retry shortly",
+            )
+            .with_retry_delay(MEMORY_RETRY_DELAY)
+            .with_source(exhausted),
+        }
+    }
 }
 
 /// How an object is served back.
@@ -64,7 +94,8 @@ impl BlobAttributes {
     }
 }
 
-/// What is known about a stored object.
+/// What is known about a stored object. Only the conformance suite asks (feature `testsuite`).
+#[cfg(any(test, feature = "testsuite"))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
     pub size: u64,
@@ -100,6 +131,7 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()>;
 
     /// The object's size and type, or `NotFound`.
+    #[cfg(any(test, feature = "testsuite"))]
     async fn info(&self, key: &str) -> BlobResult<BlobInfo>;
 
     /// Streams the object from `offset`.

@@ -17,10 +17,10 @@ use super::messages::{
     ReadState, Rejection, Retention, StoreResult,
 };
 use crate::{
-    ids::UserId,
+    ids::{ConversationId, FileId, MessageId, UserId},
     messaging::model::{
-        ClientId, Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, Message,
-        MessageId, MessageRecord, UnixMillis,
+        ClientId, Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, MessageRecord,
+        UnixMillis,
     },
 };
 
@@ -108,7 +108,7 @@ struct ConversationState {
     sent: HashMap<(UserId, ClientId), SentRecord>,
     trimmed_through: u64,
     /// Files deleted with `delete_file_messages` -> until when messages carrying them are refused.
-    deleted_files: HashMap<String, UnixMillis>,
+    deleted_files: HashMap<FileId, UnixMillis>,
 }
 
 struct SentRecord {
@@ -383,8 +383,14 @@ impl MessageStore for MemoryMessageStore {
                 expires: now + Duration::from_secs(new.idempotency_window_secs),
             },
         );
+        let record = new.record.clone();
         let event = self.append_event(&mut state, id, EventKind::MessageCreated(new.record));
-        Ok(AppendOutcome::Appended(event))
+        Ok(AppendOutcome::Appended(Message {
+            conversation_id: id,
+            sequence: event.sequence,
+            create_time: event.create_time,
+            record,
+        }))
     }
 
     async fn delete_message(
@@ -433,7 +439,7 @@ impl MessageStore for MemoryMessageStore {
     async fn delete_file_messages(
         &self,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         by: &UserId,
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>> {
@@ -640,34 +646,37 @@ impl MessageStore for MemoryMessageStore {
 
 /// The in-process file metadata store.
 #[derive(Default)]
-pub struct MemoryFileStore {
-    files: Mutex<HashMap<String, crate::store::files::FileRecord>>,
+pub struct MemoryFileRecordStore {
+    records: Mutex<HashMap<FileId, crate::store::file_records::FileRecord>>,
 }
 
-impl MemoryFileStore {
+impl MemoryFileRecordStore {
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, crate::store::files::FileRecord>> {
-        self.files
+    fn lock(&self) -> MutexGuard<'_, HashMap<FileId, crate::store::file_records::FileRecord>> {
+        self.records
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 #[async_trait]
-impl crate::store::files::FileStore for MemoryFileStore {
-    async fn put(&self, record: &crate::store::files::FileRecord) -> StoreResult<()> {
+impl crate::store::file_records::FileRecordStore for MemoryFileRecordStore {
+    async fn put(&self, record: &crate::store::file_records::FileRecord) -> StoreResult<()> {
         let now = now_millis();
-        let mut files = self.lock();
+        let mut records = self.lock();
         // Expired records go the way Redis TTLs would.
-        files.retain(|_, record| record.file.expire_time > now);
-        files.insert(record.file.file_id.clone(), record.clone());
+        records.retain(|_, record| record.file.expire_time > now);
+        records.insert(record.file.file_id.clone(), record.clone());
         Ok(())
     }
 
-    async fn get(&self, file_id: &str) -> StoreResult<Option<crate::store::files::FileRecord>> {
+    async fn get(
+        &self,
+        file_id: &FileId,
+    ) -> StoreResult<Option<crate::store::file_records::FileRecord>> {
         let now = now_millis();
         Ok(self
             .lock()
@@ -676,7 +685,7 @@ impl crate::store::files::FileStore for MemoryFileStore {
             .cloned())
     }
 
-    async fn delete(&self, file_id: &str) -> StoreResult<()> {
+    async fn delete(&self, file_id: &FileId) -> StoreResult<()> {
         self.lock().remove(file_id);
         Ok(())
     }

@@ -8,11 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::{
-    error::BoxError,
-    ids::UserId,
+    error::{BoxError, Error, ErrorKind, Reason},
+    ids::{ConversationId, FileId, MessageId, UserId},
     messaging::model::{
-        ClientId, Conversation, ConversationId, Event, Message, MessageId, MessageRecord,
-        UnixMillis,
+        ClientId, Conversation, Event, MAX_PARTICIPANTS, Message, MessageRecord, UnixMillis,
     },
 };
 
@@ -33,6 +32,66 @@ pub enum StoreError {
     /// Stored data could not be read back: a bug or tampering.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// How store failures read to callers: a rejection is the caller's mistake, infrastructure
+/// trouble stays retryable.
+impl From<StoreError> for Error {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Rejected(rejection) => match rejection {
+                Rejection::ConversationNotFound => {
+                    Error::not_found(Reason::ConversationNotFound, "conversation not found")
+                }
+                Rejection::MessageNotFound => {
+                    Error::not_found(Reason::MessageNotFound, "message not found")
+                }
+                Rejection::ParticipantNotFound => Error::not_found(
+                    Reason::ParticipantNotFound,
+                    "that user is not a participant",
+                ),
+                Rejection::NotParticipant => Error::permission_denied(
+                    Reason::NotAParticipant,
+                    "you are not a participant of this conversation",
+                ),
+                Rejection::NotCreator => Error::permission_denied(
+                    Reason::NotConversationCreator,
+                    "only the conversation's creator may remove other participants",
+                ),
+                Rejection::NotSender => Error::permission_denied(
+                    Reason::NotMessageSender,
+                    "only the sender may delete a message",
+                ),
+                Rejection::SequenceAhead => Error::invalid_field(
+                    "sequence",
+                    "sequence is beyond the conversation's last sequence",
+                ),
+                Rejection::TooManyParticipants => Error::new(
+                    ErrorKind::FailedPrecondition,
+                    Reason::TooManyParticipants,
+                    format!("a conversation may have at most {MAX_PARTICIPANTS} participants"),
+                ),
+                Rejection::FileDeleted => {
+                    Error::not_found(Reason::FileNotFound, "file not found in this conversation")
+                        .with_field("file_id")
+                }
+            },
+            // Connection loss or a failover: the same request may well succeed shortly.
+            StoreError::Unavailable(source) => Error::new(
+                ErrorKind::Unavailable,
+                Reason::BackendUnavailable,
+                "the message store is unavailable; retry shortly",
+            )
+            .with_source(source),
+            StoreError::Timeout => Error::new(
+                ErrorKind::Unavailable,
+                Reason::BackendTimeout,
+                "the message store did not answer in time; retry shortly",
+            ),
+            // Unreadable data will not become readable by retrying.
+            StoreError::Corrupt(detail) => Error::internal(detail),
+        }
+    }
 }
 
 /// A write refused because of the state it found, decided atomically with the write.
@@ -109,7 +168,8 @@ pub struct NewMessage {
 
 #[derive(Debug, Clone)]
 pub enum AppendOutcome {
-    Appended(Event),
+    /// The message as appended (its `MessageCreated` event is on the live feed).
+    Appended(Message),
     /// The sender used this `client_message_id` before, within the window.
     Duplicate {
         message: Message,
@@ -229,7 +289,7 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn delete_file_messages(
         &self,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         by: &UserId,
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>>;

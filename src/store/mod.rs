@@ -2,15 +2,15 @@
 //! zero-setup default and a shared backend (Redis, S3) for real deployments.
 //!
 //! - [`messages`]: the [`messages::MessageStore`] trait (conversations, events, live feed).
-//! - [`files`]: the [`files::FileStore`] trait (file metadata until expiry).
-//! - [`memory`]: the in-process message and file stores.
+//! - [`file_records`]: the [`file_records::FileRecordStore`] trait (file metadata until expiry).
+//! - [`memory`]: the in-process message and file-record stores.
 //! - [`redis`]: the Redis message store, shared by replicas.
 //! - [`blobs`]: the [`blobs::BlobStore`] trait (streamed writes, reads, download URLs).
-//! - [`fs`]: the filesystem blob store under `storage.data_dir`.
+//! - [`fs`]: the filesystem blob store ([`fs::FsBlobStore`]) under `storage.data_dir`.
 //! - [`s3`]: the S3 blob store (AWS or an S3-compatible server), shared by replicas.
 
 pub mod blobs;
-pub mod files;
+pub mod file_records;
 pub mod fs;
 pub mod memory;
 pub mod messages;

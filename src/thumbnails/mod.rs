@@ -61,6 +61,7 @@ pub use raster::Orientation;
 use crate::{
     budget::{MemoryBudget, MemoryReservation},
     config::ThumbnailSettings,
+    error::{Error, ErrorKind, Reason},
     files::policy::FileKind,
 };
 
@@ -134,6 +135,66 @@ pub enum ThumbnailError {
     /// A bug or resource failure on our side, not the image's fault.
     #[error("thumbnail failed: {0}")]
     Internal(String),
+}
+
+/// How soon a thumbnail refused for lack of workers or memory is worth retrying.
+const THUMBNAIL_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// What a caller is told when no thumbnail could be made; busy servers ask for a retry.
+impl From<ThumbnailError> for Error {
+    fn from(error: ThumbnailError) -> Self {
+        match error {
+            ThumbnailError::Undecodable(detail) => Error::invalid(
+                Reason::ImageUndecodable,
+                format!("the image cannot be decoded: {detail}"),
+            ),
+            too_large @ ThumbnailError::TooLarge { .. } => {
+                Error::invalid(Reason::ImageTooLarge, too_large.to_string())
+            }
+            ThumbnailError::TooManyScans { max_scans } => Error::invalid(
+                Reason::ImageTooComplex,
+                format!("a JPEG may have at most {max_scans} scans; this one has more"),
+            )
+            .with_metadata("max_jpeg_scans", max_scans.to_string()),
+            // Fits no budget this server will ever have free: retrying cannot help.
+            ThumbnailError::TooLargeToDecode {
+                needed_bytes,
+                budget_bytes,
+            } => Error::invalid(
+                Reason::ImageTooLargeToDecode,
+                format!(
+                    "decoding the image needs {needed_bytes} bytes of memory, more than the \
+                     {budget_bytes} this server has for all uploads together"
+                ),
+            )
+            .with_metadata("decode_bytes", needed_bytes.to_string())
+            .with_metadata("memory_budget_bytes", budget_bytes.to_string()),
+            // Too many images at once: the same upload may succeed shortly.
+            ThumbnailError::Busy => Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::UploadMemoryBusy,
+                "the server is decoding too many images; retry shortly",
+            )
+            .with_retry_delay(THUMBNAIL_RETRY_DELAY),
+            ThumbnailError::WorkersBusy => Error::new(
+                ErrorKind::ResourceExhausted,
+                Reason::ThumbnailWorkersBusy,
+                "every image decoder is busy; retry shortly",
+            )
+            .with_retry_delay(THUMBNAIL_RETRY_DELAY),
+            ThumbnailError::TimedOut => Error::new(
+                ErrorKind::Unavailable,
+                Reason::ImageDecodeTimeout,
+                "making the image's thumbnail took too long; retry shortly",
+            ),
+            ThumbnailError::ShuttingDown => Error::new(
+                ErrorKind::Unavailable,
+                Reason::BackendUnavailable,
+                "the server is shutting down; retry",
+            ),
+            ThumbnailError::Internal(detail) => Error::internal(detail),
+        }
+    }
 }
 
 /// How one image will be decoded, read from its header alone.

@@ -6,10 +6,9 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use crate::support::messages::{GENEROUS, create, rejection, send, text_message, user};
 use svc_messaging::{
     files::policy::FileCategory,
-    ids::UserId,
+    ids::{ConversationId, FileId, MessageId, UserId},
     messaging::model::{
-        ClientId, ConversationId, EventKind, FileAttachment, Message, MessageContent, MessageId,
-        MessageKind, MessageRecord,
+        ClientId, EventKind, FileAttachment, Message, MessageContent, MessageKind, MessageRecord,
     },
     store::{
         memory::MemoryMessageStore,
@@ -165,10 +164,10 @@ pub async fn retries_with_the_same_client_id_are_recognised(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob"]).await;
     let first = text_message(id, "alice", "m-1", "hello");
-    let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
+    let AppendOutcome::Appended(original) = store.append_message(first.clone()).await.unwrap()
+    else {
         panic!("first send appends");
     };
-    let original = event.created_message().unwrap();
     // A retry carries a fresh message id (the client cannot know the first one).
     let mut retry = text_message(id, "alice", "m-1", "something else");
     retry.fingerprint = "different".to_owned();
@@ -211,9 +210,9 @@ pub async fn concurrent_retries_append_once(backend: Backend) {
     let mut ids = BTreeSet::new();
     for task in tasks {
         match task.await.unwrap() {
-            AppendOutcome::Appended(event) => {
+            AppendOutcome::Appended(message) => {
                 appended += 1;
-                ids.insert(event.created_message().unwrap().record.id);
+                ids.insert(message.record.id);
             }
             AppendOutcome::Duplicate { message, .. } => {
                 ids.insert(message.record.id);
@@ -353,7 +352,7 @@ pub async fn participants_change_with_events(backend: Backend) {
 }
 
 /// A message from `sender` carrying file `file_id` (as an upload or a re-post appends it).
-fn file_message(id: ConversationId, sender: &str, file_id: &str) -> NewMessage {
+fn file_message(id: ConversationId, sender: &str, file_id: &FileId) -> NewMessage {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -372,7 +371,7 @@ fn file_message(id: ConversationId, sender: &str, file_id: &str) -> NewMessage {
             content: Some(MessageContent {
                 text: String::new(),
                 file: Some(FileAttachment {
-                    file_id: file_id.to_owned(),
+                    file_id: file_id.clone(),
                     uploader: user("alice"),
                     file_name: "plans.pdf".to_owned(),
                     content_type: "application/pdf".to_owned(),
@@ -395,7 +394,7 @@ fn file_message(id: ConversationId, sender: &str, file_id: &str) -> NewMessage {
 
 async fn append(store: &dyn MessageStore, new: NewMessage) -> Message {
     match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => event.created_message().unwrap(),
+        AppendOutcome::Appended(message) => message,
         other => panic!("expected an append, got {other:?}"),
     }
 }
@@ -406,8 +405,8 @@ async fn append(store: &dyn MessageStore, new: NewMessage) -> Message {
 pub async fn deleting_a_file_tombstones_every_copy(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &["bob", "carol"]).await;
-    let file_id = MessageId::generate().to_string();
-    let other_file = MessageId::generate().to_string();
+    let file_id = FileId::generate();
+    let other_file = FileId::generate();
     let expire = file_message(id, "alice", &file_id)
         .record
         .content
@@ -493,7 +492,7 @@ pub async fn deleting_a_file_tombstones_every_copy(backend: Backend) {
     let page = store.events_after(id, 0, 100).await.unwrap();
     for event in &page.events {
         if let EventKind::MessageCreated(record) = &event.kind {
-            assert_ne!(record.file_id(), Some(file_id.as_str()), "{event:?}");
+            assert_ne!(record.file_id(), Some(&file_id), "{event:?}");
         }
     }
     // Unread counts no longer count the copies: carol sees bob's text and alice's other file.

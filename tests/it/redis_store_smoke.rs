@@ -12,10 +12,8 @@ use secrecy::SecretString;
 use svc_messaging::{
     config::RedisSettings,
     health::DependencyCheck,
-    ids::UserId,
-    messaging::model::{
-        ClientId, ConversationId, EventKind, MessageContent, MessageId, MessageKind, MessageRecord,
-    },
+    ids::{ConversationId, FileId, MessageId, UserId},
+    messaging::model::{ClientId, EventKind, MessageContent, MessageKind, MessageRecord},
     store::{
         messages::{
             ActivityCursor, AppendOutcome, ChangeOutcome, CreateOutcome, DeleteOutcome, LiveSignal,
@@ -139,7 +137,8 @@ async fn duplicate_client_message_ids_are_reported() {
     let store = store("duplicate", GENEROUS).await;
     let id = create(&store, "alice", &["bob"]).await;
     let first = text_message(id, "alice", "c-1", "hello");
-    let AppendOutcome::Appended(event) = store.append_message(first.clone()).await.unwrap() else {
+    let AppendOutcome::Appended(appended) = store.append_message(first.clone()).await.unwrap()
+    else {
         panic!("first append must append");
     };
     let retry = NewMessage {
@@ -156,7 +155,7 @@ async fn duplicate_client_message_ids_are_reported() {
             fingerprint,
         } => {
             assert_eq!(fingerprint, "fp:hello");
-            assert_eq!(Some(message), event.created_message());
+            assert_eq!(message, appended);
         }
         other => panic!("expected Duplicate, got {other:?}"),
     }
@@ -1037,7 +1036,7 @@ async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
         .await
         .unwrap();
     let id = create(&store, "alice", &["bob"]).await;
-    let file_id = uuid::Uuid::now_v7().to_string();
+    let file_id = FileId::generate();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1176,7 +1175,12 @@ async fn refused_writes_leave_no_keys() {
         (
             rejection(
                 store
-                    .delete_file_messages(missing, "f", &user("alice"), i64::MAX)
+                    .delete_file_messages(
+                        missing,
+                        &FileId::parse("f").unwrap(),
+                        &user("alice"),
+                        i64::MAX,
+                    )
                     .await,
             ),
             Rejection::ConversationNotFound,

@@ -9,8 +9,8 @@
 use serde::de::DeserializeOwned;
 
 use crate::{
-    ids::UserId,
-    messaging::model::{Conversation, ConversationId, Event, Message, MessageRecord},
+    ids::{ConversationId, UserId},
+    messaging::model::{Conversation, Event, Message, MessageRecord},
     store::messages::StoreError,
 };
 

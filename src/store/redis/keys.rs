@@ -2,7 +2,7 @@
 //! touches a single slot and the layout works on Redis Cluster; a user's conversation index
 //! carries `{u:<user>}` and lives elsewhere (it is derived data, written after the scripts).
 
-use crate::{ids::UserId, messaging::model::ConversationId};
+use crate::ids::{ConversationId, FileId, UserId};
 
 /// Names keys under one `redis.key_prefix`.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl Keys {
     }
 
     /// `P:{f:FILE}:file`: a file's metadata record (JSON), expiring with the file.
-    pub(super) fn file(&self, file_id: &str) -> String {
+    pub(super) fn file(&self, file_id: &FileId) -> String {
         format!("{}:{{f:{file_id}}}:file", self.prefix)
     }
 
@@ -137,7 +137,7 @@ impl ConversationKeys {
 
     /// HASH of the messages carrying one file (`m:<message id>` -> sequence), and `gone` once the
     /// file was deleted; expires with the file. File ids are server-made UUIDs.
-    pub(super) fn file_messages(&self, file_id: &str) -> String {
+    pub(super) fn file_messages(&self, file_id: &FileId) -> String {
         format!("{}file:{file_id}", self.base)
     }
 
@@ -171,7 +171,8 @@ mod tests {
         for key in conversation.for_write().into_iter().chain([
             conversation.sent_by(&user),
             conversation.idempotency(&user, "m-1"),
-            conversation.file_messages("0190a4d6-0000-7000-8000-000000000002"),
+            conversation
+                .file_messages(&FileId::parse("0190a4d6-0000-7000-8000-000000000002").unwrap()),
         ]) {
             assert!(key.starts_with(&format!("svcmsg:{tag}:")), "{key}");
         }

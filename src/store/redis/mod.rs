@@ -50,7 +50,7 @@ mod connection;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing {
-    use crate::messaging::model::ConversationId;
+    use crate::ids::ConversationId;
 
     /// Runs every stored-form parser on `text`; each may fail, none may panic.
     pub fn decode_all(text: &str) {
@@ -63,7 +63,7 @@ pub mod fuzzing {
     }
 }
 mod error;
-mod files;
+mod file_records;
 mod keys;
 mod live;
 mod scripts;
@@ -87,11 +87,8 @@ use crate::{
     config::RedisSettings,
     error::BoxError,
     health::DependencyCheck,
-    ids::UserId,
-    messaging::model::{
-        Conversation, ConversationId, Event, EventKind, MAX_PARTICIPANTS, Message, MessageId,
-        UnixMillis,
-    },
+    ids::{ConversationId, FileId, MessageId, UserId},
+    messaging::model::{Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, UnixMillis},
 };
 
 /// Most index entries one `conversations_of` round trip reads.
@@ -455,14 +452,18 @@ impl MessageStore for RedisMessageStore {
             .await?;
         match reply.status() {
             "appended" => {
-                let event = codec::event(id, reply.field(0)?)?;
+                let message = codec::event(id, reply.field(0)?)?
+                    .created_message()
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("append_message recorded no MessageCreated".to_owned())
+                    })?;
                 let participants = reply.rest()[1..]
                     .iter()
                     .filter_map(|raw| UserId::parse(raw).ok())
                     .collect::<Vec<_>>();
-                self.touch_activity(id, &participants, event.create_time)
+                self.touch_activity(id, &participants, message.create_time)
                     .await;
-                Ok(AppendOutcome::Appended(event))
+                Ok(AppendOutcome::Appended(message))
             }
             "duplicate" => Ok(AppendOutcome::Duplicate {
                 fingerprint: reply.field(0)?.to_owned(),
@@ -537,7 +538,7 @@ impl MessageStore for RedisMessageStore {
     async fn delete_file_messages(
         &self,
         id: ConversationId,
-        file_id: &str,
+        file_id: &FileId,
         by: &UserId,
         file_expire_time: UnixMillis,
     ) -> StoreResult<Vec<Event>> {

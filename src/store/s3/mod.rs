@@ -38,7 +38,7 @@ use self::{
     errors::{Scope, has_code, map_sdk_error, status},
     upload::{Bucket, PartBuffering, S3Upload},
 };
-use super::blobs::{BlobAttributes, BlobError, BlobInfo, BlobResult, BlobStore, BlobUpload};
+use super::blobs::{BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload};
 use crate::{budget::MemoryBudget, config::S3Settings, error::BoxError, health::DependencyCheck};
 
 /// S3's smallest part (all but the last) and largest part.
@@ -224,7 +224,8 @@ impl S3BlobStore {
     }
 
     /// Keys of the multipart uploads under `prefix` that were started and neither completed nor
-    /// aborted (none should outlive its upload).
+    /// aborted (none should outlive its upload). Only the tests ask (feature `testsuite`).
+    #[cfg(any(test, feature = "testsuite"))]
     pub async fn open_multipart_uploads(&self, prefix: &str) -> BlobResult<Vec<String>> {
         let mut keys = Vec::new();
         let mut key_marker: Option<String> = None;
@@ -283,7 +284,8 @@ impl BlobStore for S3BlobStore {
         self.bucket.put_object(key, &attributes, bytes).await
     }
 
-    async fn info(&self, key: &str) -> BlobResult<BlobInfo> {
+    #[cfg(any(test, feature = "testsuite"))]
+    async fn info(&self, key: &str) -> BlobResult<super::blobs::BlobInfo> {
         let head = self
             .bucket
             .client
@@ -293,7 +295,7 @@ impl BlobStore for S3BlobStore {
             .send()
             .await
             .map_err(|error| map_sdk_error("HeadObject", Scope::Object, error))?;
-        Ok(BlobInfo {
+        Ok(super::blobs::BlobInfo {
             size: head
                 .content_length()
                 .and_then(|length| u64::try_from(length).ok())

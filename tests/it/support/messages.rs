@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 use svc_messaging::{
-    ids::UserId,
-    messaging::model::{
-        ClientId, ConversationId, MessageContent, MessageId, MessageKind, MessageRecord,
-    },
+    ids::{ConversationId, MessageId, UserId},
+    messaging::model::{ClientId, MessageContent, MessageKind, MessageRecord},
     store::messages::{
         AppendOutcome, CreateOutcome, MessageStore, NewConversation, NewMessage, Rejection,
         Retention, StoreError,
@@ -72,10 +70,7 @@ pub async fn send(
 ) -> (MessageId, u64) {
     let new = text_message(id, sender, &format!("c-{}", MessageId::generate()), text);
     match store.append_message(new).await.unwrap() {
-        AppendOutcome::Appended(event) => {
-            let message = event.created_message().unwrap();
-            (message.record.id, message.sequence)
-        }
+        AppendOutcome::Appended(message) => (message.record.id, message.sequence),
         other => panic!("expected an append, got {other:?}"),
     }
 }

@@ -9,15 +9,16 @@ use fred::{
 
 use super::RedisMessageStore;
 use crate::{
+    ids::FileId,
     messaging::model::UnixMillis,
     store::{
-        files::{FileRecord, FileStore},
+        file_records::{FileRecord, FileRecordStore},
         messages::{StoreError, StoreResult},
     },
 };
 
 #[async_trait]
-impl FileStore for RedisMessageStore {
+impl FileRecordStore for RedisMessageStore {
     async fn put(&self, record: &FileRecord) -> StoreResult<()> {
         let json = serde_json::to_string(record)
             .map_err(|error| StoreError::Corrupt(format!("file record: {error}")))?;
@@ -35,7 +36,7 @@ impl FileStore for RedisMessageStore {
         Ok(())
     }
 
-    async fn get(&self, file_id: &str) -> StoreResult<Option<FileRecord>> {
+    async fn get(&self, file_id: &FileId) -> StoreResult<Option<FileRecord>> {
         let json: Option<String> = self.client.get(self.keys.file(file_id)).await?;
         let Some(json) = json else {
             return Ok(None);
@@ -45,7 +46,7 @@ impl FileStore for RedisMessageStore {
         Ok(Some(record).filter(|record| record.file.expire_time > now_millis()))
     }
 
-    async fn delete(&self, file_id: &str) -> StoreResult<()> {
+    async fn delete(&self, file_id: &FileId) -> StoreResult<()> {
         let _: i64 = self.client.del(self.keys.file(file_id)).await?;
         Ok(())
     }

@@ -4,7 +4,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::messages::StoreResult;
-use crate::messaging::model::{ConversationId, FileAttachment, MessageId};
+use crate::{
+    ids::{ConversationId, FileId, MessageId},
+    messaging::model::FileAttachment,
+};
 
 /// An uploaded file, as recorded once its bytes are stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,14 +35,14 @@ impl FileRecord {
 }
 
 #[async_trait]
-pub trait FileStore: Send + Sync + 'static {
+pub trait FileRecordStore: Send + Sync + 'static {
     /// Records (or replaces) a file; it disappears on its own at `expire_time`.
     async fn put(&self, record: &FileRecord) -> StoreResult<()>;
 
     /// The file, unless unknown, deleted or expired.
-    async fn get(&self, file_id: &str) -> StoreResult<Option<FileRecord>>;
+    async fn get(&self, file_id: &FileId) -> StoreResult<Option<FileRecord>>;
 
-    async fn delete(&self, file_id: &str) -> StoreResult<()>;
+    async fn delete(&self, file_id: &FileId) -> StoreResult<()>;
 }
 
 #[cfg(test)]
