@@ -1,12 +1,10 @@
 -- Adds the users who are not participants yet, on behalf of participant ARGV[6].
 -- ARGV: 6 acting user, 7 participant limit, 8.. users
 -- Returns {rejection} | snapshot({'unchanged'}) | snapshot({'changed', event member}).
-if redis.call('EXISTS', K_META) == 0 then
-  return {'conversation_not_found'}
-end
 local by = ARGV[6]
-if not is_member(by) then
-  return {'not_participant'}
+local refused = refusal_for(by)
+if refused then
+  return refused
 end
 local added, seen = {}, {}
 for i = 8, #ARGV do

@@ -9,12 +9,10 @@
 -- Returns {rejection} | {'duplicate', fingerprint, stored message} |
 --   {'appended', event member, participants...}
 local K_BY, K_IDEM, K_FILE = KEYS[10], KEYS[11], KEYS[12]
-if redis.call('EXISTS', K_META) == 0 then
-  return {'conversation_not_found'}
-end
 local sender, message_id, record = ARGV[6], ARGV[7], ARGV[8]
-if not is_member(sender) then
-  return {'not_participant'}
+local refused = refusal_for(sender)
+if refused then
+  return refused
 end
 if K_FILE and redis.call('HEXISTS', K_FILE, 'gone') == 1 then
   return {'file_deleted'}

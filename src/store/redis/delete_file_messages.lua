@@ -8,12 +8,10 @@
 --   MessageDeleted EventKind JSON ('' and '' for a message that was already a tombstone)
 -- Returns {rejection} | {'retry'} | {'deleted', event members...}
 local K_FILE = KEYS[10]
-if redis.call('EXISTS', K_META) == 0 then
-  return {'conversation_not_found'}
-end
 local by = ARGV[6]
-if not is_member(by) then
-  return {'not_participant'}
+local refused = refusal_for(by)
+if refused then
+  return refused
 end
 local read = {}
 for i = 8, #ARGV, 4 do

@@ -8,12 +8,10 @@
 -- Returns {rejection} | {'retry'} | {'already_deleted', stored message} |
 --   {'deleted', tombstone message, event member}
 local K_BY = KEYS[10]
-if redis.call('EXISTS', K_META) == 0 then
-  return {'conversation_not_found'}
-end
 local by, message_id = ARGV[6], ARGV[7]
-if not is_member(by) then
-  return {'not_participant'}
+local refused = refusal_for(by)
+if refused then
+  return refused
 end
 local stored = redis.call('HGET', K_MSG, message_id)
 if not stored then

@@ -1,12 +1,10 @@
 -- Moves a participant's read position forward and records a read receipt.
 -- ARGV: 6 user, 7 sequence, 8 ReadReceipt EventKind JSON
 -- Returns {rejection} | {'unchanged', current read sequence} | {'advanced', event member}
-if redis.call('EXISTS', K_META) == 0 then
-  return {'conversation_not_found'}
-end
 local user = ARGV[6]
-if not is_member(user) then
-  return {'not_participant'}
+local refused = refusal_for(user)
+if refused then
+  return refused
 end
 local wanted = tonumber(ARGV[7])
 if wanted > tonumber(redis.call('HGET', K_META, 'last_seq')) then

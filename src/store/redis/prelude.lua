@@ -37,6 +37,17 @@ local function is_member(user)
   return redis.call('ZSCORE', K_MEMBERS, user) ~= false
 end
 
+-- Why `user` may not act on this conversation ({rejection}), or nil when they may.
+local function refusal_for(user)
+  if redis.call('EXISTS', K_META) == 0 then
+    return {'conversation_not_found'}
+  end
+  if not is_member(user) then
+    return {'not_participant'}
+  end
+  return nil
+end
+
 -- Applies `fn(chunk)` to `list` in chunks, keeping unpack() well inside Lua's stack limit.
 local function in_chunks(list, fn)
   for i = 1, #list, 500 do

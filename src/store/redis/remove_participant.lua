@@ -1,12 +1,10 @@
 -- Removes ARGV[7] on behalf of ARGV[6] (themselves, or anyone when ARGV[6] created it).
 -- ARGV: 6 acting user, 7 user to remove
 -- Returns {rejection} | snapshot({'changed', event member}).
-if redis.call('EXISTS', K_META) == 0 then
-  return {'conversation_not_found'}
-end
 local by, user = ARGV[6], ARGV[7]
-if not is_member(by) then
-  return {'not_participant'}
+local refused = refusal_for(by)
+if refused then
+  return refused
 end
 if by ~= user and by ~= redis.call('HGET', K_META, 'created_by') then
   return {'not_creator'}
