@@ -1,6 +1,8 @@
 //! File relay domain: the file kinds ([`kind`]), what may be uploaded ([`policy`]), checking
-//! bytes as they arrive ([`sniff`]), and the upload / download / delete rules ([`service`]).
+//! bytes as they arrive ([`sniff`]), a SHA-256 that can be checkpointed and resumed
+//! ([`digest`]), and the upload / download / delete rules ([`service`]).
 
+pub mod digest;
 pub mod kind;
 pub mod policy;
 pub mod service;
