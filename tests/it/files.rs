@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use crate::support::{
     TestServer, as_user,
     cloud::{Files, Messaging, download_from, metadata_of_size, upload_messages},
-    create_conversation, reason, sha256_hex, unique_prefix,
+    create_conversation, history, reason, sha256_hex, unique_prefix,
 };
 use bytes::Bytes;
 use svc_messaging::grpc::pb::{self, upload_file_request::Payload};
@@ -149,21 +149,8 @@ pub async fn an_upload_round_trips_through_every_download_path(backend: Backend)
     assert_eq!(message.file.as_ref().unwrap().file_id, file.file_id);
 
     // The message is in the conversation's history for everyone.
-    let history = messaging
-        .list_messages(as_user(
-            "bob",
-            pb::ListMessagesRequest {
-                conversation_id: conversation_id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        history.messages[0].file.as_ref().unwrap().file_id,
-        file.file_id
-    );
+    let history = history(&mut messaging, "bob", &conversation_id).await;
+    assert_eq!(history[0].file.as_ref().unwrap().file_id, file.file_id);
 
     // GetFile, by another participant.
     let got = files
@@ -490,18 +477,8 @@ pub async fn every_refusal_is_precise_and_leaves_nothing(backend: Backend) {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "NOT_A_PARTICIPANT");
     // No message was posted by any of them.
-    let history = messaging
-        .list_messages(as_user(
-            "alice",
-            pb::ListMessagesRequest {
-                conversation_id: conversation_id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(history.messages.is_empty());
+    let history = history(&mut messaging, "alice", &conversation_id).await;
+    assert!(history.is_empty());
 }
 
 fn bytesize_kib(kib: u64) -> bytesize::ByteSize {
@@ -631,19 +608,9 @@ pub async fn only_the_uploader_deletes_and_the_message_becomes_a_tombstone(backe
     ] {
         assert_eq!(call.unwrap_err().code(), Code::NotFound);
     }
-    let history = messaging
-        .list_messages(as_user(
-            "bob",
-            pb::ListMessagesRequest {
-                conversation_id: conversation_id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(history.messages[0].deleted);
-    assert!(history.messages[0].file.is_none());
+    let history = history(&mut messaging, "bob", &conversation_id).await;
+    assert!(history[0].deleted);
+    assert!(history[0].file.is_none());
     let left = leftovers(backend, &server, &conversation_id).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
@@ -988,18 +955,8 @@ pub async fn undecodable_images_are_refused_and_leave_nothing(backend: Backend) 
         let left = leftovers(backend, &server, &conversation_id).await;
         assert!(left.is_empty(), "{name} left {left:?}");
     }
-    let history = messaging
-        .list_messages(as_user(
-            "alice",
-            pb::ListMessagesRequest {
-                conversation_id: conversation_id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(history.messages.is_empty());
+    let history = history(&mut messaging, "alice", &conversation_id).await;
+    assert!(history.is_empty());
     // HEIC is stored without a thumbnail (no well-kept decoder is used).
     let mut heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic".to_vec();
     heic.extend(std::iter::repeat_n(0u8, 2000));

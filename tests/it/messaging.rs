@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::{TestServer, as_user, reason, text_request};
+use crate::support::{TestServer, as_user, history, reason, text_request};
 use futures::StreamExt;
 use svc_messaging::{config::Settings, grpc::pb};
 use tonic::{Code, Streaming, transport::Channel};
@@ -380,18 +380,8 @@ pub async fn retries_are_idempotent(backend: Backend) {
         .unwrap_err();
     assert_eq!(conflict.code(), Code::AlreadyExists);
     assert_eq!(reason(&conflict), "CLIENT_MESSAGE_ID_REUSED");
-    let history = client
-        .list_messages(as_user(
-            "alice",
-            pb::ListMessagesRequest {
-                conversation_id: id,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(history.messages.len(), 1);
+    let history = history(&mut client, "alice", &id).await;
+    assert_eq!(history.len(), 1);
 }
 
 /// Issue 9 item 5: a replayed CreateConversation is a read like any other, and its answer is
@@ -550,21 +540,6 @@ fn message_by_id<'a>(messages: &'a [pb::Message], id: &str) -> &'a pb::Message {
         .iter()
         .find(|message| message.message_id == id)
         .unwrap_or_else(|| panic!("message {id} in history"))
-}
-
-async fn history(client: &mut Client, user: &str, conversation_id: &str) -> Vec<pb::Message> {
-    client
-        .list_messages(as_user(
-            user,
-            pb::ListMessagesRequest {
-                conversation_id: conversation_id.to_owned(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .messages
 }
 
 /// Issue 9 item 6: DeleteFile tombstones every message carrying the file, re-posts by others
@@ -969,19 +944,9 @@ pub async fn deleted_messages_are_tombstones(backend: Backend) {
         .unwrap();
     assert!(tombstone.deleted);
     assert!(tombstone.text.is_empty());
-    let history = client
-        .list_messages(as_user(
-            "bob",
-            pb::ListMessagesRequest {
-                conversation_id: id.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(history.messages[0].deleted);
-    assert!(history.messages[0].text.is_empty());
+    let history = history(&mut client, "bob", &id).await;
+    assert!(history[0].deleted);
+    assert!(history[0].text.is_empty());
     let mut replay = subscribe(&mut client, "bob", &id, 0).await;
     let created = next_event(&mut replay).await;
     assert_eq!(

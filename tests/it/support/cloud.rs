@@ -318,25 +318,7 @@ pub async fn upload_messages(
         .map(tonic::Response::into_inner)
 }
 
-pub async fn history(
-    messaging: &mut Messaging,
-    user: &str,
-    conversation_id: &str,
-) -> Vec<pb::Message> {
-    messaging
-        .list_messages(as_user(
-            user,
-            pb::ListMessagesRequest {
-                conversation_id: conversation_id.to_owned(),
-                page_size: 100,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .messages
-}
+pub use super::history;
 
 /// DownloadFile from offset 0, whole.
 pub async fn download(files: &mut Files, user: &str, file_id: &str) -> Vec<u8> {

@@ -350,6 +350,29 @@ pub fn text_request(
     }
 }
 
+/// The first page (up to 100) of a conversation's messages, as `user` sees them.
+pub async fn history(
+    messaging: &mut svc_messaging::grpc::pb::messaging_service_client::MessagingServiceClient<
+        Channel,
+    >,
+    user: &str,
+    conversation_id: &str,
+) -> Vec<svc_messaging::grpc::pb::Message> {
+    messaging
+        .list_messages(as_user(
+            user,
+            svc_messaging::grpc::pb::ListMessagesRequest {
+                conversation_id: conversation_id.to_owned(),
+                page_size: 100,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .messages
+}
+
 /// Lowercase hex SHA-256.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
