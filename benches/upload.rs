@@ -6,7 +6,10 @@
 //! (b) memory: peak RSS of the service binary (a child process) while 16 uploads of 50 MiB run
 //!     at once, from /proc/<pid>/status;
 //! (c) refusal: how many chunks a client stream has been asked for when the error for a first
-//!     chunk with the wrong magic bytes arrives.
+//!     chunk with the wrong magic bytes arrives;
+//! (d) resume: the same 50 MiB as a resumable upload (a `request_id`) whose first stream ends at
+//!     a part boundary about half-way, then GetUploadStatus and a resume from committed_size,
+//!     against a one-shot UploadFile of the same bytes, interleaved.
 //!
 //! Knobs: SVC_BENCH_ROUNDS (5: one upload takes well under a second), SVC_BENCH_UPLOAD_MIB (50),
 //! SVC_BENCH_CONCURRENT (16), SVC_BENCH_MEMORY_RUNS (3), SVC_BENCH_MEMORY_BUDGET (service default).
@@ -38,7 +41,7 @@ use secrecy::ExposeSecret;
 use svc_messaging::{
     config::Settings,
     grpc::pb::{
-        DeleteFileRequest, UploadFileRequest, UploadMetadata,
+        DeleteFileRequest, GetUploadStatusRequest, UploadFileRequest, UploadMetadata, UploadResume,
         file_relay_service_client::FileRelayServiceClient, upload_file_request::Payload,
     },
 };
@@ -52,6 +55,8 @@ const CHUNK: usize = MIB;
 const BAD_CHUNK: usize = 64 * 1024;
 const GOAL_RATIO: f64 = 0.9;
 const GOAL_RSS_PER_UPLOAD_MIB: f64 = 16.0;
+/// A resumed upload (both attempts and the status call) against a one-shot one.
+const GOAL_RESUME_RATIO: f64 = 1.1;
 
 #[tokio::main]
 async fn main() {
@@ -111,6 +116,27 @@ async fn main() {
     }
     let cpu_a = common::CpuSample::now().since(&cpu_start);
     let load_a = format!("loadavg before {load_start}, after {}", common::loadavg());
+
+    // (d) resume vs one-shot, interleaved; the cut is the last part boundary before half-way.
+    let cut = (data.len() / 2) / part_size * part_size;
+    resumed_upload(&channel, &conversation, &data, cut, "warm-up").await;
+    let (mut once_secs, mut resumed_secs, mut resume_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let once = ours_upload(&channel, &conversation, &data).await;
+        let resumed = resumed_upload(&channel, &conversation, &data, cut, &round.to_string()).await;
+        resume_rows.push(vec![
+            round.to_string(),
+            format!("{once:.2}"),
+            format!("{:.2}", resumed.first),
+            format!("{:.3}", resumed.status),
+            format!("{:.2}", resumed.rest),
+            format!("{:.2}", resumed.total()),
+            format!("{}", resumed.resent),
+            format!("{:.2}", resumed.total() / once),
+        ]);
+        once_secs.push(once);
+        resumed_secs.push(resumed.total());
+    }
 
     // (c) refusal, on the in-process service.
     let refusals = [
@@ -201,7 +227,134 @@ async fn main() {
             "NOT MET"
         }
     );
+    println!();
+    let resume_ratio = median(&resumed_secs) / median(&once_secs);
+    println!(
+        "(d) {size_mib} MiB resumable upload cut at {} MiB (a part boundary), then \
+         GetUploadStatus and a resume from committed_size, vs one-shot UploadFile, interleaved:",
+        cut / MIB
+    );
+    print_table(
+        &[
+            "round",
+            "one-shot s",
+            "first attempt s",
+            "status s",
+            "resume s",
+            "resumed total s",
+            "bytes resent",
+            "ratio",
+        ],
+        &resume_rows,
+    );
+    println!(
+        "median one-shot {:.2} s, resumed {:.2} s; ratio {resume_ratio:.2}; goal <= \
+         {GOAL_RESUME_RATIO}: {}",
+        median(&once_secs),
+        median(&resumed_secs),
+        if resume_ratio <= GOAL_RESUME_RATIO {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
     println!("---- end ----");
+}
+
+/// The times of one resumed upload's steps.
+struct Resumed {
+    first: f64,
+    status: f64,
+    rest: f64,
+    /// Bytes sent twice (sent in the first attempt beyond what became durable).
+    resent: usize,
+}
+
+impl Resumed {
+    fn total(&self) -> f64 {
+        self.first + self.status + self.rest
+    }
+}
+
+/// A resumable UploadFile of `data` whose stream ends after `cut` bytes (the server answers
+/// that the upload is incomplete and keeps its durable parts), GetUploadStatus, then a resume
+/// from committed_size with the rest. The file is deleted afterwards (untimed).
+async fn resumed_upload(
+    channel: &Channel,
+    conversation: &str,
+    data: &Bytes,
+    cut: usize,
+    round: &str,
+) -> Resumed {
+    let mut client = FileRelayServiceClient::new(channel.clone());
+    let request_id = common::unique_prefix(&format!("resume-{round}"));
+    let first: Vec<UploadFileRequest> = upload_messages(conversation, data)
+        .map(|mut message| {
+            if let Some(Payload::Metadata(metadata)) = &mut message.payload {
+                metadata.request_id = request_id.clone();
+            }
+            message
+        })
+        .take(1 + cut / CHUNK)
+        .collect()
+        .await;
+    let start = Instant::now();
+    let ended = client
+        .upload_file(as_user(UPLOADER, stream::iter(first)))
+        .await
+        .expect_err("the first attempt ends early");
+    assert_eq!(common_reason(&ended), "SIZE_MISMATCH", "{ended:?}");
+    let first = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let status = client
+        .get_upload_status(as_user(
+            UPLOADER,
+            GetUploadStatusRequest {
+                request_id: request_id.clone(),
+            },
+        ))
+        .await
+        .expect("GetUploadStatus")
+        .into_inner();
+    let status_secs = start.elapsed().as_secs_f64();
+    let committed = status.committed_size as usize;
+    let resume = UploadFileRequest {
+        payload: Some(Payload::Resume(UploadResume {
+            request_id,
+            write_offset: committed as i64,
+        })),
+    };
+    let rest = data.slice(committed..);
+    let chunks = (0..rest.len().div_ceil(CHUNK)).map(move |index| UploadFileRequest {
+        payload: Some(Payload::Chunk(
+            rest.slice(index * CHUNK..((index + 1) * CHUNK).min(rest.len())),
+        )),
+    });
+    let start = Instant::now();
+    let response = client
+        .upload_file(as_user(
+            UPLOADER,
+            stream::iter(std::iter::once(resume).chain(chunks)),
+        ))
+        .await
+        .expect("the resume completes")
+        .into_inner();
+    let rest_secs = start.elapsed().as_secs_f64();
+    client
+        .delete_file(as_user(
+            UPLOADER,
+            DeleteFileRequest {
+                file_id: response.file.unwrap().file_id,
+            },
+        ))
+        .await
+        .expect("DeleteFile");
+    Resumed {
+        first,
+        status: status_secs,
+        rest: rest_secs,
+        resent: cut - committed,
+    }
 }
 
 /// A PDF-shaped document of `size` bytes: `%PDF-` first, `%%EOF` last, filler between.
@@ -335,6 +488,7 @@ fn upload_messages(
             size_bytes: data.len() as i64,
             sha256: String::new(),
             caption: String::new(),
+            request_id: String::new(),
         })),
     };
     let data = data.clone();
@@ -679,6 +833,7 @@ async fn refused_upload(
             size_bytes: (BAD_CHUNKS * BAD_CHUNK) as i64,
             sha256: String::new(),
             caption: String::new(),
+            request_id: String::new(),
         })),
     };
     let mut first = vec![b'x'; BAD_CHUNK];

@@ -35,10 +35,12 @@ use crate::{
         blobs::{BlobError, BlobStore},
         file_records::FileRecordStore,
         fs::{FsBlobStore, UrlSigner},
+        fs_sessions::FsUploadSessionStore,
         memory::{MemoryFileRecordStore, MemoryMessageStore},
         messages::{MessageStore, Retention, StoreError},
         redis::RedisMessageStore,
         s3::{LifecycleOutcome, S3BlobStore},
+        upload_sessions::UploadSessionStore,
     },
     thumbnails::ThumbnailPool,
     transport::LimitedIncoming,
@@ -156,6 +158,8 @@ struct Services {
     routes: Routes,
     /// Closed when the drain gives up on running calls, which stops every image decode.
     thumbnails: Arc<ThumbnailPool>,
+    /// For the janitor of expired upload sessions.
+    files: Arc<FileService>,
 }
 
 impl Services {
@@ -209,13 +213,14 @@ impl Services {
             conversations,
             backends.blobs.clone(),
             backends.file_records.clone(),
+            backends.upload_sessions.clone(),
             policy,
             thumbnails.clone(),
             settings.downloads.url_ttl,
             backends.budget.clone(),
         ));
         let file_relay = InterceptedService::new(
-            FileRelayServiceServer::new(FileRelayApi::new(file_service))
+            FileRelayServiceServer::new(FileRelayApi::new(file_service.clone()))
                 .max_decoding_message_size(max_message),
             authenticator,
         );
@@ -230,6 +235,7 @@ impl Services {
             board,
             routes,
             thumbnails,
+            files: file_service,
         })
     }
 }
@@ -262,6 +268,7 @@ impl Running {
             board,
             routes,
             thumbnails,
+            files,
         } = services;
         let stop_accepting = CancellationToken::new();
         let stop_monitor = CancellationToken::new();
@@ -303,6 +310,11 @@ impl Running {
                 .await
         });
 
+        tokio::spawn(expire_upload_sessions(
+            files,
+            settings.uploads.session_ttl.min(settings.uploads.retention),
+            stop_monitor.clone(),
+        ));
         if let Some(store) = backends.fs_blobs {
             tokio::spawn(sweep_expired_files(
                 store,
@@ -407,6 +419,8 @@ const SERVED_DESCRIPTOR_SETS: [&[u8]; 4] = [
 struct Backends {
     messages: Arc<dyn MessageStore>,
     file_records: Arc<dyn FileRecordStore>,
+    /// Redis for the shared deployment (Redis and S3), else files in the data directory.
+    upload_sessions: Arc<dyn UploadSessionStore>,
     blobs: Arc<dyn BlobStore>,
     /// Set for the filesystem store, whose signed URLs the HTTP port serves.
     fs_blobs: Option<FsBlobStore>,
@@ -422,6 +436,7 @@ impl Backends {
             max_age: settings.messaging.history_max_age,
         };
         let mut dependencies: Vec<Arc<dyn DependencyCheck>> = Vec::new();
+        let mut redis_sessions: Option<Arc<dyn UploadSessionStore>> = None;
         let (messages, file_records): (Arc<dyn MessageStore>, Arc<dyn FileRecordStore>) =
             match settings.storage.messages {
                 MessageBackend::Memory => (
@@ -432,7 +447,23 @@ impl Backends {
                     let redis =
                         Arc::new(RedisMessageStore::connect(&settings.redis, retention).await?);
                     dependencies.push(redis.clone());
+                    redis_sessions = Some(redis.clone());
                     (redis.clone(), redis)
+                }
+            };
+        // Sessions must be seen wherever their staged bytes can be continued: by every replica
+        // when both are shared, else by this process, across its restarts.
+        let upload_sessions: Arc<dyn UploadSessionStore> =
+            match (redis_sessions, settings.storage.blobs) {
+                (Some(redis), BlobBackend::S3) => redis,
+                _ => {
+                    let dir = settings.storage.data_dir.join("sessions");
+                    Arc::new(FsUploadSessionStore::open(&dir).await.map_err(|source| {
+                        StartupError::DataDir {
+                            path: dir.display().to_string(),
+                            source,
+                        }
+                    })?)
                 }
             };
         let budget = MemoryBudget::new(
@@ -484,6 +515,7 @@ impl Backends {
         Ok(Self {
             messages,
             file_records,
+            upload_sessions,
             blobs,
             fs_blobs,
             budget,
@@ -520,6 +552,35 @@ async fn open_fs_store(
         path: settings.storage.data_dir.display().to_string(),
         source,
     })
+}
+
+/// Discards resumable uploads whose session expired unfinished: their staged bytes (an S3
+/// multipart upload, a staging file) and their session. Every replica runs it; discarding is
+/// idempotent. The bucket lifecycle rule stays the backstop for a session Redis forgot.
+async fn expire_upload_sessions(files: Arc<FileService>, ttl: Duration, stop: CancellationToken) {
+    const BATCH: usize = 100;
+    let period = (ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        loop {
+            match files.expire_sessions(BATCH).await {
+                Ok(0) => break,
+                Ok(discarded) => {
+                    tracing::info!(discarded, "discarded expired unfinished uploads");
+                    if discarded < BATCH {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not list expired upload sessions");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Removes expired files from the filesystem store (S3 has its lifecycle rule for this). The

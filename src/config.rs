@@ -294,6 +294,13 @@ pub struct UploadSettings {
     pub idle_timeout: Duration,
     /// Uploads one caller may have open at once.
     pub max_concurrent_per_caller: u32,
+    /// How long a resumable upload (one with a `request_id`) can be continued, and its result
+    /// found again, from its start; an unfinished one is discarded after it. Never longer than
+    /// `retention` (staged bytes are swept with expired files).
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Unfinished resumable uploads one caller may have at once.
+    pub max_sessions_per_caller: u32,
 }
 
 impl Default for UploadSettings {
@@ -320,6 +327,8 @@ impl Default for UploadSettings {
             min_chunk_bytes: ByteSize::kib(1),
             idle_timeout: Duration::from_secs(30),
             max_concurrent_per_caller: 16,
+            session_ttl: Duration::from_secs(24 * 3600),
+            max_sessions_per_caller: 32,
         }
     }
 }
@@ -844,6 +853,14 @@ impl UploadSettings {
                 "must be between 5MiB (the S3 minimum) and 512MiB",
             ));
         }
+        // Resumable uploads checkpoint their SHA-256 at part boundaries, which must fall on
+        // its 64-byte blocks.
+        if !self.part_size.as_u64().is_multiple_of(1024) {
+            return Err(ConfigError::new(
+                "uploads.part_size",
+                "must be a whole number of KiB",
+            ));
+        }
         if self.parts_in_flight == 0 || self.parts_in_flight > 64 {
             return Err(ConfigError::new(
                 "uploads.parts_in_flight",
@@ -892,6 +909,18 @@ impl UploadSettings {
         if self.max_concurrent_per_caller == 0 {
             return Err(ConfigError::new(
                 "uploads.max_concurrent_per_caller",
+                "must be greater than zero",
+            ));
+        }
+        if self.session_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "uploads.session_ttl",
+                "must be at least 1s",
+            ));
+        }
+        if self.max_sessions_per_caller == 0 {
+            return Err(ConfigError::new(
+                "uploads.max_sessions_per_caller",
                 "must be greater than zero",
             ));
         }

@@ -23,6 +23,9 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// A position outside what is kept (e.g. truncated history).
     OutOfRange,
+    /// Another call is working on the same thing (a resumable upload's other writer); retry
+    /// once it is done.
+    Aborted,
     /// A limit was hit (memory, a slow consumer); retrying later may help.
     ResourceExhausted,
     /// A dependency is down or the server is shutting down; retrying may help.
@@ -72,6 +75,10 @@ pub enum Reason {
     TooManyChunks,
     UploadIdleTimeout,
     TooManyUploads,
+    UploadNotFound,
+    UploadInProgress,
+    WriteOffsetAhead,
+    TooManyUploadSessions,
     BackendUnavailable,
     BackendTimeout,
     Internal,
@@ -116,6 +123,10 @@ impl Reason {
             Reason::TooManyChunks => "TOO_MANY_CHUNKS",
             Reason::UploadIdleTimeout => "UPLOAD_IDLE_TIMEOUT",
             Reason::TooManyUploads => "TOO_MANY_UPLOADS",
+            Reason::UploadNotFound => "UPLOAD_NOT_FOUND",
+            Reason::UploadInProgress => "UPLOAD_IN_PROGRESS",
+            Reason::WriteOffsetAhead => "WRITE_OFFSET_AHEAD",
+            Reason::TooManyUploadSessions => "TOO_MANY_UPLOAD_SESSIONS",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::BackendTimeout => "BACKEND_TIMEOUT",
             Reason::Internal => "INTERNAL",

@@ -29,6 +29,12 @@ pub struct UploadPolicy {
     pub idle_timeout: Duration,
     /// Uploads one caller may have open at once.
     pub max_concurrent_per_caller: usize,
+    /// How long a resumable upload's session lives (at most `retention`).
+    pub session_ttl: Duration,
+    /// Unfinished resumable uploads one caller may have.
+    pub max_sessions_per_caller: u32,
+    /// The part size resumable uploads become durable in.
+    pub resume_part_bytes: u64,
 }
 
 impl UploadPolicy {
@@ -60,6 +66,9 @@ impl UploadPolicy {
             min_chunk_bytes: settings.min_chunk_bytes.as_u64().max(1),
             idle_timeout: settings.idle_timeout,
             max_concurrent_per_caller: settings.max_concurrent_per_caller as usize,
+            session_ttl: settings.session_ttl.min(settings.retention),
+            max_sessions_per_caller: settings.max_sessions_per_caller,
+            resume_part_bytes: settings.part_size.as_u64(),
         }
     }
 

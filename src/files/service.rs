@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     policy::{FileCategory, FileTypeRule, UploadPolicy},
+    resume::Start,
     sniff::ContentSniffer,
 };
 use crate::{
@@ -37,6 +38,7 @@ use crate::{
     store::{
         blobs::{BlobAttributes, BlobError, BlobStore, BlobUpload},
         file_records::{FileRecord, FileRecordStore},
+        upload_sessions::UploadSessionStore,
     },
     thumbnails::{Thumbnail, ThumbnailPool},
 };
@@ -52,7 +54,16 @@ pub const SHA256_METADATA: &str = "sha256";
 #[derive(Debug)]
 pub enum UploadPart {
     Metadata(UploadRequest),
+    /// Continues a resumable upload (in place of the metadata).
+    Resume(UploadResume),
     Chunk(Bytes),
+}
+
+/// Where a resumed upload's content continues.
+#[derive(Debug, Clone)]
+pub struct UploadResume {
+    pub request_id: String,
+    pub write_offset: i64,
 }
 
 /// The upload's declared metadata, as the client sent it.
@@ -65,6 +76,8 @@ pub struct UploadRequest {
     /// Lowercase or uppercase hex; empty when not given.
     pub sha256: String,
     pub caption: String,
+    /// Empty for a one-shot upload; otherwise names a resumable one (see [`super::resume`]).
+    pub request_id: String,
 }
 
 /// Where to download a file from.
@@ -76,35 +89,38 @@ pub struct DownloadUrls {
 }
 
 /// An accepted upload's plan, before any byte was read.
-struct UploadPlan {
-    conversation_id: ConversationId,
-    file_id: FileId,
-    rule: FileTypeRule,
-    file_name: String,
-    content_type: String,
-    declared_size: u64,
-    expected_sha256: Option<String>,
-    caption: String,
+pub(super) struct UploadPlan {
+    pub(super) conversation_id: ConversationId,
+    pub(super) file_id: FileId,
+    pub(super) rule: FileTypeRule,
+    pub(super) file_name: String,
+    pub(super) content_type: String,
+    pub(super) declared_size: u64,
+    pub(super) expected_sha256: Option<String>,
+    pub(super) caption: String,
 }
 
 /// The file relay domain; see the module docs.
 pub struct FileService {
-    conversations: Arc<ConversationService>,
-    blobs: Arc<dyn BlobStore>,
-    file_records: Arc<dyn FileRecordStore>,
-    policy: Arc<UploadPolicy>,
-    thumbnails: Arc<ThumbnailPool>,
+    pub(super) conversations: Arc<ConversationService>,
+    pub(super) blobs: Arc<dyn BlobStore>,
+    pub(super) file_records: Arc<dyn FileRecordStore>,
+    pub(super) sessions: Arc<dyn UploadSessionStore>,
+    pub(super) policy: Arc<UploadPolicy>,
+    pub(super) thumbnails: Arc<ThumbnailPool>,
     url_ttl: Duration,
     /// The budget image bodies kept for their thumbnail are reserved from.
-    budget: Arc<MemoryBudget>,
+    pub(super) budget: Arc<MemoryBudget>,
     slots: PerCallerSlots,
 }
 
 impl FileService {
+    #[allow(clippy::too_many_arguments)] // Its parts, each named; built once, in app.rs.
     pub fn new(
         conversations: Arc<ConversationService>,
         blobs: Arc<dyn BlobStore>,
         file_records: Arc<dyn FileRecordStore>,
+        sessions: Arc<dyn UploadSessionStore>,
         policy: Arc<UploadPolicy>,
         thumbnails: Arc<ThumbnailPool>,
         url_ttl: Duration,
@@ -115,6 +131,7 @@ impl FileService {
             conversations,
             blobs,
             file_records,
+            sessions,
             policy,
             thumbnails,
             url_ttl,
@@ -129,13 +146,48 @@ impl FileService {
 
     /// Receives one upload: metadata first, then the chunks. Returns the stored file and the
     /// message that announced it.
-    pub async fn upload<S>(&self, caller: &Caller, mut parts: S) -> Result<(FileRecord, Message)>
+    ///
+    /// A resumable upload runs on a task of its own: if the client goes away (which drops this
+    /// call), the task still sees the stream end, and records the parts that became durable
+    /// before it lets go of the session.
+    pub async fn upload<S>(
+        self: &Arc<Self>,
+        caller: &Caller,
+        mut parts: S,
+    ) -> Result<(FileRecord, Message)>
+    where
+        S: Stream<Item = Result<UploadPart>> + Unpin + Send + 'static,
+    {
+        // Held until the upload ends, whichever way.
+        let slot = self.take_slot(caller)?;
+        let start = match first_part(&mut parts, self.policy.idle_timeout).await? {
+            UploadPart::Metadata(request) if request.request_id.is_empty() => {
+                return self.upload_once(caller, request, parts).await;
+            }
+            UploadPart::Metadata(request) => Start::Declared(request),
+            UploadPart::Resume(resume) => Start::Resume(resume),
+            UploadPart::Chunk(_) => unreachable!("first_part returns metadata or resume"),
+        };
+        let service = self.clone();
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            service.upload_resumable(&caller, start, parts).await
+        })
+        .await
+        .map_err(|error| Error::internal(format!("a resumable upload's task failed: {error}")))?
+    }
+
+    /// A one-shot upload (no request id), all or nothing.
+    async fn upload_once<S>(
+        &self,
+        caller: &Caller,
+        request: UploadRequest,
+        mut parts: S,
+    ) -> Result<(FileRecord, Message)>
     where
         S: Stream<Item = Result<UploadPart>> + Unpin + Send,
     {
-        // Held until the upload ends, whichever way.
-        let _slot = self.take_slot(caller)?;
-        let request = first_metadata(&mut parts, self.policy.idle_timeout).await?;
         let plan = self.plan(caller, request).await?;
         let mut written = Written::default();
         let stored = self.store(caller, &plan, &mut parts, &mut written).await;
@@ -162,8 +214,15 @@ impl FileService {
             Some(thumbnail) => Some(self.store_thumbnail(plan, thumbnail, written).await?),
             None => None,
         };
-        self.record_and_announce(caller, plan, body, thumbnail_key, written)
-            .await
+        self.record_and_announce(
+            caller,
+            plan,
+            MessageId::generate(),
+            body,
+            thumbnail_key,
+            written,
+        )
+        .await
     }
 
     /// Receives the chunks into the blob store. Documents stream to it as they arrive. Images
@@ -237,7 +296,7 @@ impl FileService {
     }
 
     /// Stores an image's thumbnail next to it; returns its key.
-    async fn store_thumbnail(
+    pub(super) async fn store_thumbnail(
         &self,
         plan: &UploadPlan,
         thumbnail: Thumbnail,
@@ -259,18 +318,19 @@ impl FileService {
         Ok(key)
     }
 
-    /// Records the stored file and posts the FILE/IMAGE message that announces it.
-    async fn record_and_announce(
+    /// Records the stored file and posts the FILE/IMAGE message that announces it (as
+    /// `message_id`: posting it again returns the first).
+    pub(super) async fn record_and_announce(
         &self,
         caller: &Caller,
         plan: &UploadPlan,
+        message_id: MessageId,
         body: ReceivedBody,
         thumbnail_key: Option<String>,
         written: &mut Written,
     ) -> Result<(FileRecord, Message)> {
         let now = now_millis();
         let retention = i64::try_from(self.policy.retention.as_millis()).unwrap_or(i64::MAX);
-        let message_id = MessageId::generate();
         let record = FileRecord {
             conversation_id: plan.conversation_id,
             file: FileAttachment {
@@ -308,7 +368,7 @@ impl FileService {
 
     /// The one clean-up path of a failed upload: aborts its unfinished multipart upload and
     /// removes the blobs and the record it stored.
-    async fn remove(&self, written: Written) {
+    pub(super) async fn remove(&self, written: Written) {
         if let Some(upload) = written.unfinished
             && let Err(error) = upload.abort().await
         {
@@ -461,7 +521,7 @@ impl FileService {
     }
 
     /// Checks the metadata before any byte is read.
-    async fn plan(&self, caller: &Caller, request: UploadRequest) -> Result<UploadPlan> {
+    pub(super) async fn plan(&self, caller: &Caller, request: UploadRequest) -> Result<UploadPlan> {
         let conversation_id = request.conversation_id;
         self.conversations
             .conversation_of_participant(caller, conversation_id)
@@ -559,21 +619,21 @@ impl FileService {
 
 /// What an upload has stored so far.
 #[derive(Default)]
-struct Written {
+pub(super) struct Written {
     /// A multipart upload begun and neither committed nor aborted.
     unfinished: Option<Box<dyn BlobUpload>>,
-    blobs: Vec<String>,
+    pub(super) blobs: Vec<String>,
     /// The file id of the stored record.
     record: Option<FileId>,
 }
 
 /// The body as stored, with what was learnt from it on the way.
-struct ReceivedBody {
-    key: String,
-    sha256: String,
-    dimensions: (u32, u32),
+pub(super) struct ReceivedBody {
+    pub(super) key: String,
+    pub(super) sha256: String,
+    pub(super) dimensions: (u32, u32),
     /// Taken when it is stored.
-    thumbnail: Option<Thumbnail>,
+    pub(super) thumbnail: Option<Thumbnail>,
 }
 
 /// Where an upload's bytes go while they arrive.
@@ -627,7 +687,10 @@ impl KeptBody {
 
 /// The next message of the stream, or `UPLOAD_IDLE_TIMEOUT` when none came within
 /// `idle_timeout`.
-async fn next_part<S>(parts: &mut S, idle_timeout: Duration) -> Option<Result<UploadPart>>
+pub(super) async fn next_part<S>(
+    parts: &mut S,
+    idle_timeout: Duration,
+) -> Option<Result<UploadPart>>
 where
     S: Stream<Item = Result<UploadPart>> + Unpin + Send,
 {
@@ -645,17 +708,17 @@ where
     }
 }
 
-/// The upload's metadata, which must come first.
-async fn first_metadata<S>(parts: &mut S, idle_timeout: Duration) -> Result<UploadRequest>
+/// The upload's first message, which must be its metadata or a resume.
+async fn first_part<S>(parts: &mut S, idle_timeout: Duration) -> Result<UploadPart>
 where
     S: Stream<Item = Result<UploadPart>> + Unpin + Send,
 {
     match next_part(parts, idle_timeout).await {
-        Some(Ok(UploadPart::Metadata(request))) => Ok(request),
+        Some(Ok(part @ (UploadPart::Metadata(_) | UploadPart::Resume(_)))) => Ok(part),
         Some(Err(error)) => Err(error),
         Some(Ok(UploadPart::Chunk(_))) | None => Err(Error::invalid(
             Reason::MetadataFirst,
-            "the first message of an upload must carry its metadata",
+            "the first message of an upload must carry its metadata (or resume)",
         )
         .with_field("metadata")),
     }
@@ -679,33 +742,9 @@ where
     while let Some(part) = next_part(parts, policy.idle_timeout).await {
         let chunk = match part? {
             UploadPart::Chunk(chunk) => chunk,
-            UploadPart::Metadata(_) => {
-                return Err(Error::invalid(
-                    Reason::MetadataFirst,
-                    "metadata may only be sent once, as the first message",
-                )
-                .with_field("metadata"));
-            }
+            UploadPart::Metadata(_) | UploadPart::Resume(_) => return Err(metadata_again()),
         };
-        if chunk.len() as u64 > policy.max_chunk_bytes {
-            return Err(Error::invalid_field(
-                "chunk",
-                format!("a chunk may be at most {} bytes", policy.max_chunk_bytes),
-            ));
-        }
-        chunks += 1;
-        if chunks > max_chunks {
-            return Err(Error::invalid(
-                Reason::TooManyChunks,
-                format!(
-                    "an upload of {} bytes may be sent in at most {max_chunks} chunks; send larger chunks",
-                    plan.declared_size
-                ),
-            )
-            .with_field("chunk")
-            .with_metadata("max_chunks", max_chunks.to_string())
-            .with_metadata("min_chunk_bytes", policy.min_chunk_bytes.to_string()));
-        }
+        check_chunk(policy, plan.declared_size, &chunk, &mut chunks, max_chunks)?;
         // Nothing to check, hash or store.
         if chunk.is_empty() {
             continue;
@@ -730,14 +769,21 @@ where
             plan.declared_size
         )));
     }
+    let sha256 = hex(&hasher.finalize());
+    let dimensions = closing_checks(plan, sniffer, &sha256)?;
+    Ok((sha256, dimensions))
+}
+
+/// The checks that need every byte: the content's structure and the declared sha256. Returns
+/// the dimensions the header gave.
+pub(super) fn closing_checks(
+    plan: &UploadPlan,
+    sniffer: ContentSniffer,
+    sha256: &str,
+) -> Result<(u32, u32)> {
     let report = sniffer.finish()?;
-    let sha256: String = hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
     if let Some(expected) = &plan.expected_sha256
-        && *expected != sha256
+        && expected != sha256
     {
         return Err(Error::invalid(
             Reason::ChecksumMismatch,
@@ -745,7 +791,48 @@ where
         )
         .with_field("sha256"));
     }
-    Ok((sha256, (report.width, report.height)))
+    Ok((report.width, report.height))
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+pub(super) fn metadata_again() -> Error {
+    Error::invalid(
+        Reason::MetadataFirst,
+        "metadata (or resume) may only be sent once, as the first message",
+    )
+    .with_field("metadata")
+}
+
+/// Checks one more chunk of a stream against the chunk size and count limits.
+pub(super) fn check_chunk(
+    policy: &UploadPolicy,
+    declared_size: u64,
+    chunk: &[u8],
+    chunks: &mut u64,
+    max_chunks: u64,
+) -> Result<()> {
+    if chunk.len() as u64 > policy.max_chunk_bytes {
+        return Err(Error::invalid_field(
+            "chunk",
+            format!("a chunk may be at most {} bytes", policy.max_chunk_bytes),
+        ));
+    }
+    *chunks += 1;
+    if *chunks > max_chunks {
+        return Err(Error::invalid(
+            Reason::TooManyChunks,
+            format!(
+                "an upload of {declared_size} bytes may be sent in at most {max_chunks} chunks; send larger chunks"
+            ),
+        )
+        .with_field("chunk")
+        .with_metadata("max_chunks", max_chunks.to_string())
+        .with_metadata("min_chunk_bytes", policy.min_chunk_bytes.to_string()));
+    }
+    Ok(())
 }
 
 fn validate_file_name(raw: &str) -> Result<String> {
@@ -792,14 +879,14 @@ pub fn blob_key(area: &str, conversation_id: ConversationId, file_id: &FileId) -
 }
 
 /// At most `max_chars` characters of `text`, for quoting caller input.
-fn truncated(text: &str, max_chars: usize) -> String {
+pub(super) fn truncated(text: &str, max_chars: usize) -> String {
     match text.char_indices().nth(max_chars) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
     }
 }
 
-fn size_mismatch(message: String) -> Error {
+pub(super) fn size_mismatch(message: String) -> Error {
     Error::invalid(Reason::SizeMismatch, message).with_field("size_bytes")
 }
 
@@ -807,7 +894,7 @@ fn file_not_found() -> Error {
     Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
 }
 
-fn now_millis() -> UnixMillis {
+pub(super) fn now_millis() -> UnixMillis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {

@@ -28,6 +28,21 @@ const TAIL_LIMIT: usize = 256 * 1024;
 /// The shortest image header worth a parse attempt (every format's dimensions fit in it when
 /// nothing precedes them).
 const FIRST_PARSE_AT: usize = 32;
+/// `Vec<u8>` as base64 text: checkpoints travel as JSON.
+mod base64_bytes {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Where `%%EOF` must appear in a PDF, counted from the end.
 const PDF_EOF_WINDOW: usize = 1024;
 /// Most entries an Office document may have.
@@ -75,11 +90,29 @@ pub struct SniffReport {
     pub height: u32,
 }
 
+/// A [`ContentSniffer`]'s state, for carrying on elsewhere (a resumed upload): everything it
+/// keeps, which is bounded (the image header until the dimensions are known, the tail).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnifferCheckpoint {
+    #[serde(with = "base64_bytes")]
+    head: Vec<u8>,
+    magic_checked: bool,
+    dimensions: Option<(u32, u32)>,
+    next_parse_at: usize,
+    #[serde(with = "base64_bytes")]
+    utf8_carry: Vec<u8>,
+    #[serde(with = "base64_bytes")]
+    tail: Vec<u8>,
+    total: u64,
+}
+
 /// Checks one upload's bytes; see the module docs.
 pub struct ContentSniffer {
     kind: FileKind,
     max_image_pixels: u64,
     head: Vec<u8>,
+    /// No more bytes belong in `head` (its checks are done; a resumed sniffer may not have it).
+    head_done: bool,
     magic_checked: bool,
     dimensions: Option<(u32, u32)>,
     /// The header length at which the next parse for the dimensions is tried.
@@ -100,6 +133,7 @@ impl ContentSniffer {
             kind,
             max_image_pixels,
             head: Vec::new(),
+            head_done: false,
             magic_checked: false,
             dimensions: None,
             next_parse_at: FIRST_PARSE_AT,
@@ -109,6 +143,61 @@ impl ContentSniffer {
             total: 0,
             examined: 0,
         }
+    }
+
+    /// The state to [`ContentSniffer::resume`] from.
+    pub fn checkpoint(&self) -> SnifferCheckpoint {
+        // Once the dimensions are known (or the kind has none), only the magic bytes' verdict
+        // of the head matters.
+        let head_needed = !self.magic_checked || (self.is_image() && self.dimensions.is_none());
+        SnifferCheckpoint {
+            head: if head_needed {
+                self.head.clone()
+            } else {
+                Vec::new()
+            },
+            magic_checked: self.magic_checked,
+            dimensions: self.dimensions,
+            next_parse_at: self.next_parse_at,
+            utf8_carry: self.utf8_carry.clone(),
+            tail: self.tail.iter().copied().collect(),
+            total: self.total,
+        }
+    }
+
+    /// Carries on from a checkpoint taken by a sniffer of the same kind and limit.
+    pub fn resume(kind: FileKind, max_image_pixels: u64, checkpoint: SnifferCheckpoint) -> Self {
+        let mut sniffer = Self::new(kind, max_image_pixels);
+        let SnifferCheckpoint {
+            head,
+            magic_checked,
+            dimensions,
+            next_parse_at,
+            utf8_carry,
+            tail,
+            total,
+        } = checkpoint;
+        let head_limit = if sniffer.is_image() {
+            IMAGE_HEAD_LIMIT
+        } else {
+            64
+        };
+        sniffer.head = head;
+        sniffer.head.truncate(head_limit);
+        // A head dropped at the checkpoint is full as far as further bytes are concerned.
+        if magic_checked && (dimensions.is_some() || !sniffer.is_image()) {
+            sniffer.head = Vec::new();
+            sniffer.head_done = true;
+        }
+        sniffer.magic_checked = magic_checked;
+        sniffer.dimensions = dimensions;
+        sniffer.next_parse_at = next_parse_at;
+        sniffer.utf8_carry = utf8_carry;
+        sniffer.utf8_carry.truncate(3);
+        let keep = tail.len().min(sniffer.tail_limit);
+        sniffer.tail = tail[tail.len() - keep..].iter().copied().collect();
+        sniffer.total = total;
+        sniffer
     }
 
     /// Bytes examined so far (parsed, validated or copied), for checking that the work stays
@@ -128,7 +217,7 @@ impl ContentSniffer {
         } else {
             64
         };
-        if self.head.len() < head_limit {
+        if !self.head_done && self.head.len() < head_limit {
             let take = chunk.len().min(head_limit - self.head.len());
             self.head.extend_from_slice(&chunk[..take]);
             self.examined += take as u64;
@@ -744,5 +833,64 @@ mod tests {
                 "entries overlap (a zip bomb)"
             ))
         );
+    }
+
+    /// Sniffs `bytes` with a checkpoint at `split`, serialized to JSON and resumed by a fresh
+    /// sniffer (as a resumed upload does on another replica).
+    fn sniff_resumed(
+        kind: FileKind,
+        bytes: &[u8],
+        split: usize,
+    ) -> Result<SniffReport, SniffError> {
+        let mut first = ContentSniffer::new(kind, 40_000_000);
+        for piece in bytes[..split].chunks(7) {
+            first.feed(piece)?;
+        }
+        let json = serde_json::to_string(&first.checkpoint()).expect("checkpoint serializes");
+        drop(first);
+        let checkpoint: SnifferCheckpoint = serde_json::from_str(&json).expect("and reads back");
+        let mut second = ContentSniffer::resume(kind, 40_000_000, checkpoint);
+        for piece in bytes[split..].chunks(5) {
+            second.feed(piece)?;
+        }
+        second.finish()
+    }
+
+    #[test]
+    fn a_resumed_sniffer_decides_exactly_as_an_uninterrupted_one() {
+        let text = "naïve café — 🎉\n".repeat(40).into_bytes();
+        let mut bad_text = text.clone();
+        bad_text[300] = 0xFF;
+        let docx = zip_with(&["[Content_Types].xml", "word/document.xml"], 3000);
+        let not_docx = zip_with(&["[Content_Types].xml", "xl/workbook.xml"], 3000);
+        let mut png = png_header(640, 480);
+        png.extend_from_slice(&[7; 500]);
+        let mut huge_png = png_header(50_000, 50_000);
+        huge_png.extend_from_slice(&[7; 100]);
+        let pdf = b"%PDF-1.7\n0123456789abcdef\n%%EOF\n".to_vec();
+        let cases: [(FileKind, &[u8]); 7] = [
+            (FileKind::Txt, &text),
+            (FileKind::Txt, &bad_text),
+            (FileKind::Docx, &docx),
+            (FileKind::Docx, &not_docx),
+            (FileKind::Png, &png),
+            (FileKind::Png, &huge_png),
+            (FileKind::Pdf, &pdf),
+        ];
+        for (kind, bytes) in cases {
+            let whole = sniff(kind, bytes, 64);
+            for split in 0..=bytes.len() {
+                assert_eq!(
+                    sniff_resumed(kind, bytes, split),
+                    whole,
+                    "{kind:?} resumed at {split} of {}",
+                    bytes.len()
+                );
+            }
+        }
+        assert!(sniff(FileKind::Txt, &text, 64).is_ok());
+        assert!(sniff(FileKind::Txt, &bad_text, 64).is_err());
+        assert!(sniff(FileKind::Docx, &docx, 64).is_ok());
+        assert!(sniff(FileKind::Docx, &not_docx, 64).is_err());
     }
 }

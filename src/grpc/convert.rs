@@ -6,7 +6,8 @@ use crate::{
     error::{Error, Reason},
     files::{
         policy::{FileCategory, UploadPolicy},
-        service::{UploadPart, UploadRequest},
+        resume::UploadStatus,
+        service::{UploadPart, UploadRequest, UploadResume},
     },
     ids::{ConversationId, FileId},
     messaging::{
@@ -160,13 +161,20 @@ pub fn upload_part(
             size_bytes: metadata.size_bytes,
             sha256: metadata.sha256,
             caption: metadata.caption,
+            request_id: metadata.request_id,
+        })),
+        Ok(pb::UploadFileRequest {
+            payload: Some(Payload::Resume(resume)),
+        }) => Ok(UploadPart::Resume(UploadResume {
+            request_id: resume.request_id,
+            write_offset: resume.write_offset,
         })),
         Ok(pb::UploadFileRequest {
             payload: Some(Payload::Chunk(chunk)),
         }) => Ok(UploadPart::Chunk(chunk)),
         Ok(pb::UploadFileRequest { payload: None }) => Err(Error::invalid_field(
             "payload",
-            "each message must carry metadata or a chunk",
+            "each message must carry metadata, resume or a chunk",
         )),
         // The client's stream broke off (or sent a message over the size limit).
         Err(status) => Err(Error::invalid(
@@ -220,6 +228,18 @@ pub fn upload_policy(policy: &UploadPolicy) -> pb::GetUploadPolicyResponse {
             .collect(),
         retention: prost_types::Duration::try_from(policy.retention).ok(),
         max_chunk_bytes: i64::try_from(policy.max_chunk_bytes).unwrap_or(i64::MAX),
+        resume_part_bytes: i64::try_from(policy.resume_part_bytes).unwrap_or(i64::MAX),
+        upload_session_ttl: prost_types::Duration::try_from(policy.session_ttl).ok(),
+    }
+}
+
+pub fn upload_status(status: &UploadStatus) -> pb::GetUploadStatusResponse {
+    pb::GetUploadStatusResponse {
+        committed_size: i64::try_from(status.committed_size).unwrap_or(i64::MAX),
+        size_bytes: i64::try_from(status.size_bytes).unwrap_or(i64::MAX),
+        complete: status.complete,
+        file: status.file.as_ref().map(file_record),
+        expire_time: Some(timestamp(status.expire_time)),
     }
 }
 

@@ -100,6 +100,19 @@ impl pb::file_relay_service_server::FileRelayService for FileRelayApi {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn get_upload_status(
+        &self,
+        request: Request<pb::GetUploadStatusRequest>,
+    ) -> ApiResult<pb::GetUploadStatusResponse> {
+        let caller = caller(&request)?;
+        let status = self
+            .files
+            .upload_status(&caller, &request.get_ref().request_id)
+            .await?;
+        Ok(Response::new(convert::upload_status(&status)))
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn get_upload_policy(
         &self,
         request: Request<pb::GetUploadPolicyRequest>,

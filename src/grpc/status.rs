@@ -22,6 +22,7 @@ impl From<Error> for Status {
             ErrorKind::AlreadyExists => Code::AlreadyExists,
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::OutOfRange => Code::OutOfRange,
+            ErrorKind::Aborted => Code::Aborted,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,

@@ -84,6 +84,21 @@ impl ConversationService {
         self.participating(caller, id).await
     }
 
+    /// A message of a conversation `caller` participates in (a completed upload's
+    /// announcement, found again for a retry).
+    pub async fn message_of_participant(
+        &self,
+        caller: &Caller,
+        id: ConversationId,
+        message_id: MessageId,
+    ) -> Result<Message> {
+        self.participating(caller, id).await?;
+        self.store
+            .message(id, message_id)
+            .await?
+            .ok_or_else(|| Error::not_found(Reason::MessageNotFound, "message not found"))
+    }
+
     /// Posts the FILE or IMAGE message announcing an upload, under a message id chosen by the
     /// caller (so the file record can name it before it is posted).
     pub async fn post_file(

@@ -118,6 +118,40 @@ pub trait BlobUpload: Send {
     async fn abort(self: Box<Self>) -> BlobResult<()>;
 }
 
+/// A resumable write's durable progress, as its blob store describes it. Kept in the upload
+/// session, so that any replica (or this one after a restart) can continue the write.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StagedParts {
+    /// The store's name for the unfinished object (an S3 multipart upload id, a staging file);
+    /// `None` until a first part is durable.
+    pub upload_id: Option<String>,
+    /// One entry per durable part, in order, each a whole part (S3: the part's ETag).
+    pub parts: Vec<String>,
+}
+
+/// A write that outlives its writer: its bytes become durable part by part (each `part_size`
+/// bytes, the last one at the commit), and the [`StagedParts`] that describe them let a later
+/// [`BlobStore::resume_upload`] continue after the last durable part. Dropping it (or
+/// [`ResumableUpload::pause`]) keeps the durable parts; only [`BlobStore::discard_staged`]
+/// removes them.
+#[async_trait]
+pub trait ResumableUpload: Send {
+    /// Appends bytes after the durable ones and those written since. May wait for parts in
+    /// flight (back-pressure, as [`BlobUpload::write`]).
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()>;
+    /// The staged state, if more parts became durable since it was last taken.
+    fn take_durable(&mut self) -> Option<StagedParts>;
+    /// Waits until a part in flight finishes (never, when none is); cancel-safe, so it can be
+    /// raced against the next chunk's arrival.
+    async fn wait_durable(&mut self) -> BlobResult<()>;
+    /// Waits for the parts in flight and returns what is durable; bytes buffered beyond it
+    /// are dropped (the client sends them again).
+    async fn pause(self: Box<Self>) -> BlobResult<StagedParts>;
+    /// As [`BlobUpload::commit`]. A failure before the object is visible keeps the durable
+    /// parts; after (its metadata could not be completed) the object is removed again.
+    async fn commit(self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()>;
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Starts a streamed write of `key`.
@@ -126,6 +160,20 @@ pub trait BlobStore: Send + Sync + 'static {
         key: &str,
         attributes: BlobAttributes,
     ) -> BlobResult<Box<dyn BlobUpload>>;
+
+    /// Continues (or, from `StagedParts::default()`, begins) a resumable write of `key` in parts
+    /// of `part_size` bytes, after the durable parts `staged` names.
+    async fn resume_upload(
+        &self,
+        key: &str,
+        attributes: BlobAttributes,
+        part_size: u64,
+        staged: StagedParts,
+    ) -> BlobResult<Box<dyn ResumableUpload>>;
+
+    /// Removes the durable parts of a resumable write that will not be completed; parts
+    /// already gone are fine.
+    async fn discard_staged(&self, key: &str, staged: &StagedParts) -> BlobResult<()>;
 
     /// Writes a small object in one request (thumbnails).
     async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()>;

@@ -3,7 +3,9 @@
 //!
 //! Layout: `objects/<key>` holds the bytes and `objects/<key>.attrs.json` how to serve them;
 //! uploads are written to `incoming/<random>` and renamed into place on commit, so a reader
-//! never sees half an object and an aborted upload leaves nothing under `objects/`. Download
+//! never sees half an object and an aborted upload leaves nothing under `objects/`. Resumable
+//! writes go to `staged/<upload id>`, synced to disk at every part boundary (their checkpoints),
+//! and survive a restart of the process. Download
 //! URLs point at this service's HTTP port and carry an expiry and an HMAC-SHA256 signature.
 
 use std::{
@@ -19,11 +21,15 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
-use super::blobs::{BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload};
+use super::blobs::{
+    BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ResumableUpload, StagedParts,
+};
 use crate::{error::BoxError, health::DependencyCheck};
 
 const OBJECTS: &str = "objects";
 const INCOMING: &str = "incoming";
+/// Resumable writes, named by their upload id; they survive a restart.
+const STAGED: &str = "staged";
 const ATTRIBUTES_SUFFIX: &str = ".attrs.json";
 /// Read size when streaming an object back.
 const READ_CHUNK: usize = 256 * 1024;
@@ -92,6 +98,7 @@ impl FsBlobStore {
     pub async fn open(root: &Path, signer: UrlSigner) -> std::io::Result<Self> {
         tokio::fs::create_dir_all(root.join(OBJECTS)).await?;
         tokio::fs::create_dir_all(root.join(INCOMING)).await?;
+        tokio::fs::create_dir_all(root.join(STAGED)).await?;
         Ok(Self {
             root: root.to_path_buf(),
             signer: Arc::new(signer),
@@ -114,6 +121,15 @@ impl FsBlobStore {
             return Err(BlobError::NotFound);
         }
         Ok(self.root.join(OBJECTS).join(relative))
+    }
+
+    /// Where a resumable write is staged; the id is one this store made (hex), anything else is
+    /// refused rather than joined into a path.
+    fn staged_path(&self, upload_id: &str) -> BlobResult<PathBuf> {
+        if upload_id.is_empty() || !upload_id.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Err(BlobError::NotFound);
+        }
+        Ok(self.root.join(STAGED).join(upload_id))
     }
 
     fn attributes_path(object: &Path) -> PathBuf {
@@ -140,16 +156,19 @@ impl FsBlobStore {
             }
         }
         let stale_upload = SystemTime::now() - Duration::from_secs(24 * 3600);
-        let mut incoming = tokio::fs::read_dir(self.root.join(INCOMING))
-            .await
-            .map_err(io_error)?;
-        while let Some(entry) = incoming.next_entry().await.map_err(io_error)? {
-            let modified = entry
-                .metadata()
+        // Staged writes live as long as their session, which never outlives a file.
+        for (area, stale) in [(INCOMING, stale_upload), (STAGED, cutoff)] {
+            let mut unfinished = tokio::fs::read_dir(self.root.join(area))
                 .await
-                .and_then(|metadata| metadata.modified());
-            if matches!(modified, Ok(time) if time < stale_upload) {
-                let _ = tokio::fs::remove_file(entry.path()).await;
+                .map_err(io_error)?;
+            while let Some(entry) = unfinished.next_entry().await.map_err(io_error)? {
+                let modified = entry
+                    .metadata()
+                    .await
+                    .and_then(|metadata| metadata.modified());
+                if matches!(modified, Ok(time) if time < stale) {
+                    let _ = tokio::fs::remove_file(entry.path()).await;
+                }
             }
         }
         Ok(removed)
@@ -270,6 +289,96 @@ impl Drop for FsUpload {
     }
 }
 
+/// A resumable write to `staged/<upload id>`: synced at every part boundary, which makes the
+/// part durable; renamed into place on commit.
+struct FsStagedUpload {
+    path: PathBuf,
+    object: PathBuf,
+    attributes: BlobAttributes,
+    upload_id: String,
+    part_size: u64,
+    file: Option<tokio::fs::File>,
+    /// Bytes in the file.
+    written: u64,
+    durable_parts: usize,
+    reported_parts: usize,
+    finished: bool,
+}
+
+impl FsStagedUpload {
+    fn staged(&self) -> StagedParts {
+        if self.durable_parts == 0 {
+            return StagedParts::default();
+        }
+        StagedParts {
+            upload_id: Some(self.upload_id.clone()),
+            parts: vec![String::new(); self.durable_parts],
+        }
+    }
+}
+
+#[async_trait]
+impl ResumableUpload for FsStagedUpload {
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()> {
+        let file = self.file.as_mut().expect("written before commit");
+        file.write_all(&bytes).await.map_err(io_error)?;
+        self.written += bytes.len() as u64;
+        let whole_parts = usize::try_from(self.written / self.part_size).unwrap_or(usize::MAX);
+        if whole_parts > self.durable_parts {
+            file.flush().await.map_err(io_error)?;
+            file.sync_data().await.map_err(io_error)?;
+            self.durable_parts = whole_parts;
+        }
+        Ok(())
+    }
+
+    fn take_durable(&mut self) -> Option<StagedParts> {
+        (self.durable_parts > self.reported_parts).then(|| {
+            self.reported_parts = self.durable_parts;
+            self.staged()
+        })
+    }
+
+    async fn wait_durable(&mut self) -> BlobResult<()> {
+        // Parts become durable inside `write`; nothing is ever in flight.
+        std::future::pending().await
+    }
+
+    async fn pause(mut self: Box<Self>) -> BlobResult<StagedParts> {
+        self.file.take();
+        self.reported_parts = self.durable_parts;
+        Ok(self.staged())
+    }
+
+    async fn commit(mut self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
+        self.attributes.merge_metadata(metadata);
+        let mut file = self.file.take().expect("committed once");
+        file.flush().await.map_err(io_error)?;
+        file.sync_all().await.map_err(io_error)?;
+        drop(file);
+        if let Some(parent) = self.object.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
+        }
+        FsBlobStore::write_attributes(&self.object, &self.attributes).await?;
+        if let Err(error) = tokio::fs::rename(&self.path, &self.object).await {
+            let _ = tokio::fs::remove_file(FsBlobStore::attributes_path(&self.object)).await;
+            return Err(io_error(error));
+        }
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for FsStagedUpload {
+    fn drop(&mut self) {
+        // A write of which no part was ever reported durable is known to no session: nothing
+        // can resume it.
+        if !self.finished && self.reported_parts == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn start_upload(
@@ -290,6 +399,67 @@ impl BlobStore for FsBlobStore {
             file: Some(file),
             finished: false,
         }))
+    }
+
+    async fn resume_upload(
+        &self,
+        key: &str,
+        attributes: BlobAttributes,
+        part_size: u64,
+        staged: StagedParts,
+    ) -> BlobResult<Box<dyn ResumableUpload>> {
+        let object = self.object_path(key)?;
+        let durable_parts = staged.parts.len();
+        let (upload_id, file) = match staged.upload_id {
+            Some(upload_id) => {
+                let path = self.staged_path(&upload_id)?;
+                let mut file = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .await
+                    .map_err(io_error)?;
+                let durable = durable_parts as u64 * part_size;
+                if file.metadata().await.map_err(io_error)?.len() < durable {
+                    return Err(BlobError::NotFound);
+                }
+                // Bytes past the last durable part are sent again.
+                file.set_len(durable).await.map_err(io_error)?;
+                file.seek(std::io::SeekFrom::End(0))
+                    .await
+                    .map_err(io_error)?;
+                (upload_id, file)
+            }
+            None => {
+                let upload_id = uuid::Uuid::now_v7().simple().to_string();
+                let file = tokio::fs::File::create(self.staged_path(&upload_id)?)
+                    .await
+                    .map_err(io_error)?;
+                (upload_id, file)
+            }
+        };
+        Ok(Box::new(FsStagedUpload {
+            path: self.staged_path(&upload_id)?,
+            object,
+            attributes,
+            upload_id,
+            part_size: part_size.max(1),
+            file: Some(file),
+            written: durable_parts as u64 * part_size,
+            durable_parts,
+            reported_parts: durable_parts,
+            finished: false,
+        }))
+    }
+
+    async fn discard_staged(&self, _key: &str, staged: &StagedParts) -> BlobResult<()> {
+        let Some(upload_id) = &staged.upload_id else {
+            return Ok(());
+        };
+        match tokio::fs::remove_file(self.staged_path(upload_id)?).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error(error)),
+        }
     }
 
     async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()> {

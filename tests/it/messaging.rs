@@ -565,6 +565,7 @@ pub async fn delete_file_tombstones_every_copy(backend: Backend) {
                             size_bytes: body.len() as i64,
                             sha256: String::new(),
                             caption: String::new(),
+                            request_id: String::new(),
                         },
                     )),
                 },

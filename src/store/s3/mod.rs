@@ -38,7 +38,9 @@ use self::{
     errors::{Scope, has_code, map_sdk_error, status},
     upload::{Bucket, PartBuffering, S3Upload},
 };
-use super::blobs::{BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload};
+use super::blobs::{
+    BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ResumableUpload, StagedParts,
+};
 use crate::{budget::MemoryBudget, config::S3Settings, error::BoxError, health::DependencyCheck};
 
 /// S3's smallest part (all but the last) and largest part.
@@ -278,6 +280,33 @@ impl BlobStore for S3BlobStore {
             attributes,
             self.parts.clone(),
         )))
+    }
+
+    async fn resume_upload(
+        &self,
+        key: &str,
+        attributes: BlobAttributes,
+        part_size: u64,
+        staged: StagedParts,
+    ) -> BlobResult<Box<dyn ResumableUpload>> {
+        let parts = PartBuffering {
+            part_size: usize::try_from(part_size).unwrap_or(usize::MAX),
+            ..self.parts.clone()
+        };
+        Ok(Box::new(S3Upload::resumed(
+            self.bucket.clone(),
+            key.to_owned(),
+            attributes,
+            parts,
+            staged,
+        )))
+    }
+
+    async fn discard_staged(&self, key: &str, staged: &StagedParts) -> BlobResult<()> {
+        match &staged.upload_id {
+            Some(upload_id) => self.bucket.abort_multipart(key, upload_id).await,
+            None => Ok(()),
+        }
     }
 
     async fn put(&self, key: &str, attributes: BlobAttributes, bytes: Bytes) -> BlobResult<()> {

@@ -27,7 +27,9 @@ use tokio::task::{JoinError, JoinHandle, JoinSet};
 use super::errors::{Scope, has_code, map_sdk_error};
 use crate::{
     budget::{MemoryBudget, MemoryReservation},
-    store::blobs::{BlobAttributes, BlobError, BlobResult, BlobUpload},
+    store::blobs::{
+        BlobAttributes, BlobError, BlobResult, BlobUpload, ResumableUpload, StagedParts,
+    },
 };
 
 /// S3 refuses part numbers above this.
@@ -204,6 +206,10 @@ pub(super) struct S3Upload {
     completed: bool,
     /// Committed or aborted: nothing left for `Drop` to clean up.
     finished: bool,
+    /// A resumable write: its durable parts outlive it (dropping it or a failed commit does
+    /// not abort the multipart upload), and `reported_parts` of them were taken as durable.
+    resumable: bool,
+    reported_parts: usize,
 }
 
 impl S3Upload {
@@ -223,6 +229,60 @@ impl S3Upload {
             poisoned: false,
             completed: false,
             finished: false,
+            resumable: false,
+            reported_parts: 0,
+        }
+    }
+
+    /// A resumable write continuing after the durable parts `staged` names.
+    pub(super) fn resumed(
+        bucket: Arc<Bucket>,
+        key: String,
+        attributes: BlobAttributes,
+        parts: PartBuffering,
+        staged: StagedParts,
+    ) -> Self {
+        let mut upload = Self::new(bucket, key, attributes, parts);
+        upload.resumable = true;
+        upload.reported_parts = staged.parts.len();
+        if let Some(upload_id) = staged.upload_id {
+            let completed: Vec<CompletedPart> = staged
+                .parts
+                .into_iter()
+                .zip(1..)
+                .map(|(e_tag, number)| {
+                    CompletedPart::builder()
+                        .e_tag(e_tag)
+                        .part_number(number)
+                        .build()
+                })
+                .collect();
+            upload.multipart = Multipart::Open(OpenMultipart {
+                upload_id,
+                next_part_number: i32::try_from(completed.len()).unwrap_or(MAX_PARTS) + 1,
+                in_flight: JoinSet::new(),
+                completed,
+            });
+        }
+        upload
+    }
+
+    /// The durable parts: the completed ones without a gap from part 1.
+    fn staged(&self) -> StagedParts {
+        let Multipart::Open(multipart) = &self.multipart else {
+            return StagedParts::default();
+        };
+        let mut by_number: Vec<&CompletedPart> = multipart.completed.iter().collect();
+        by_number.sort_unstable_by_key(|part| part.part_number);
+        let parts = by_number
+            .into_iter()
+            .zip(1..)
+            .take_while(|(part, number)| part.part_number == Some(*number))
+            .map(|(part, _)| part.e_tag.clone().unwrap_or_default())
+            .collect();
+        StagedParts {
+            upload_id: Some(multipart.upload_id.clone()),
+            parts,
         }
     }
 
@@ -487,7 +547,11 @@ impl BlobUpload for S3Upload {
         self.check_usable()?;
         self.poisoned = true;
         let result = self.commit_parts(metadata).await;
+        // A resumable write keeps its durable parts for the next attempt, unless the object
+        // was already completed (then its unfinished metadata makes it go).
+        let undo = !self.resumable || self.completed;
         if result.is_err()
+            && undo
             && let Some(cleanup) = self.take_cleanup()
         {
             // The caller cannot abort a failed commit: undo it here.
@@ -517,7 +581,9 @@ impl BlobUpload for S3Upload {
 
 impl Drop for S3Upload {
     fn drop(&mut self) {
-        if self.finished {
+        // A resumable write's parts stay for the next writer (its parts in flight are cancelled
+        // as their JoinSet drops; one that lands anyway is simply sent again).
+        if self.finished || (self.resumable && !self.completed) {
             return;
         }
         // Dropped without commit or abort (a cancelled RPC): nothing half-written may remain.
@@ -542,6 +608,70 @@ impl Drop for S3Upload {
                 "upload dropped outside a runtime; its multipart upload is left to the bucket lifecycle rule"
             ),
         }
+    }
+}
+
+#[async_trait]
+impl ResumableUpload for S3Upload {
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()> {
+        BlobUpload::write(self, bytes).await
+    }
+
+    fn take_durable(&mut self) -> Option<StagedParts> {
+        if let Multipart::Open(multipart) = &mut self.multipart
+            && multipart.collect_finished().is_err()
+        {
+            // The failed part surfaces at the next write.
+            self.poisoned = true;
+        }
+        let staged = self.staged();
+        (staged.parts.len() > self.reported_parts).then(|| {
+            self.reported_parts = staged.parts.len();
+            staged
+        })
+    }
+
+    async fn wait_durable(&mut self) -> BlobResult<()> {
+        match &mut self.multipart {
+            Multipart::Open(multipart) if !multipart.in_flight.is_empty() => multipart
+                .join_one()
+                .await
+                .inspect_err(|_| self.poisoned = true),
+            _ => std::future::pending().await,
+        }
+    }
+
+    async fn pause(mut self: Box<Self>) -> BlobResult<StagedParts> {
+        // A part that is full only waited for more bytes to be sent: it can be durable too.
+        if !self.poisoned
+            && self
+                .part
+                .as_ref()
+                .is_some_and(|part| part.bytes.len() == self.parts.part_size)
+            && self.send_part().await.is_err()
+        {
+            self.part = None;
+        }
+        if let Multipart::Open(multipart) = &mut self.multipart {
+            while !multipart.in_flight.is_empty() {
+                // A failed part is simply not durable: it is sent again on resume.
+                let _ = multipart.join_one().await;
+            }
+        }
+        self.part = None;
+        let staged = self.staged();
+        if staged.parts.is_empty() {
+            // Created, but nothing durable yet: no session can name it, so it goes now.
+            self.resumable = false;
+            return BlobUpload::abort(self)
+                .await
+                .map(|()| StagedParts::default());
+        }
+        Ok(staged)
+    }
+
+    async fn commit(self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
+        BlobUpload::commit(self, metadata).await
     }
 }
 

@@ -258,6 +258,7 @@ pub fn metadata_of_size(
         size_bytes: size as i64,
         sha256: String::new(),
         caption: String::new(),
+        request_id: String::new(),
     }
 }
 
