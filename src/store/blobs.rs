@@ -118,6 +118,17 @@ pub trait BlobUpload: Send {
     async fn abort(self: Box<Self>) -> BlobResult<()>;
 }
 
+/// A resumable write's durable progress, as its blob store describes it. Kept in the upload
+/// session, so that any replica (or this one after a restart) can continue the write.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StagedParts {
+    /// The store's name for the unfinished object (an S3 multipart upload id, a staging file);
+    /// `None` until a first part is durable.
+    pub upload_id: Option<String>,
+    /// One entry per durable part, in order, each a whole part (S3: the part's ETag).
+    pub parts: Vec<String>,
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Starts a streamed write of `key`.

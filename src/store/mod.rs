@@ -7,6 +7,7 @@
 //! - [`redis`]: the Redis message store, shared by replicas.
 //! - [`blobs`]: the [`blobs::BlobStore`] trait (streamed writes, reads, download URLs).
 //! - [`fs`]: the filesystem blob store ([`fs::FsBlobStore`]) under `storage.data_dir`.
+//! - [`upload_sessions`]: the [`upload_sessions::UploadSessionStore`] trait (resumable uploads).
 //! - [`s3`]: the S3 blob store (AWS or an S3-compatible server), shared by replicas.
 
 pub mod blobs;
@@ -16,3 +17,4 @@ pub mod memory;
 pub mod messages;
 pub mod redis;
 pub mod s3;
+pub mod upload_sessions;
