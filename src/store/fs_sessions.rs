@@ -203,9 +203,9 @@ impl FsUploadSessionStore {
     }
 
     async fn read(&self, digest: &str) -> Result<UploadSession, StoreError> {
-        read_session(&self.path(digest)).await.map_err(|error| {
-            StoreError::Corrupt(format!("upload session {digest}: {error}"))
-        })
+        read_session(&self.path(digest))
+            .await
+            .map_err(|error| StoreError::Corrupt(format!("upload session {digest}: {error}")))
     }
 
     /// Replaces the session's file atomically (temp file, fsync, rename, fsync of the directory).
@@ -401,7 +401,9 @@ impl UploadSessionStore for FsUploadSessionStore {
     }
 }
 
-async fn read_session(path: &Path) -> Result<UploadSession, Box<dyn std::error::Error + Send + Sync>> {
+async fn read_session(
+    path: &Path,
+) -> Result<UploadSession, Box<dyn std::error::Error + Send + Sync>> {
     let bytes = tokio::fs::read(path).await?;
     Ok(serde_json::from_slice(&bytes)?)
 }

@@ -15,3 +15,4 @@ mod replicas;
 mod server;
 mod support;
 mod thumbnails;
+mod upload_sessions;

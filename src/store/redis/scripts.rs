@@ -216,16 +216,10 @@ impl Scripts {
                 include_str!("conversations_page.lua"),
             ),
             upload_open: LuaScript::upload("upload_open", include_str!("upload_open.lua")),
-            upload_acquire: LuaScript::upload(
-                "upload_acquire",
-                include_str!("upload_acquire.lua"),
-            ),
+            upload_acquire: LuaScript::upload("upload_acquire", include_str!("upload_acquire.lua")),
             upload_update: LuaScript::upload("upload_update", include_str!("upload_update.lua")),
             upload_renew: LuaScript::upload("upload_renew", include_str!("upload_renew.lua")),
-            upload_release: LuaScript::upload(
-                "upload_release",
-                include_str!("upload_release.lua"),
-            ),
+            upload_release: LuaScript::upload("upload_release", include_str!("upload_release.lua")),
             upload_remove: LuaScript::upload("upload_remove", include_str!("upload_remove.lua")),
         }
     }
