@@ -8,11 +8,14 @@
 //! - [`blobs`]: the [`blobs::BlobStore`] trait (streamed writes, reads, download URLs).
 //! - [`fs`]: the filesystem blob store ([`fs::FsBlobStore`]) under `storage.data_dir`.
 //! - [`upload_sessions`]: the [`upload_sessions::UploadSessionStore`] trait (resumable uploads).
+//! - [`fs_sessions`]: the data-directory upload session store
+//!   ([`fs_sessions::FsUploadSessionStore`]); Redis implements the trait too.
 //! - [`s3`]: the S3 blob store (AWS or an S3-compatible server), shared by replicas.
 
 pub mod blobs;
 pub mod file_records;
 pub mod fs;
+pub mod fs_sessions;
 pub mod memory;
 pub mod messages;
 pub mod redis;

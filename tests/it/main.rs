@@ -16,3 +16,4 @@ mod resumable;
 mod server;
 mod support;
 mod thumbnails;
+mod upload_sessions;

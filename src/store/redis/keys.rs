@@ -2,7 +2,10 @@
 //! touches a single slot and the layout works on Redis Cluster; a user's conversation index
 //! carries `{u:<user>}` and lives elsewhere (it is derived data, written after the scripts).
 
-use crate::ids::{ConversationId, FileId, UserId};
+use crate::{
+    ids::{ConversationId, FileId, UserId},
+    store::fs_sessions::session_digest,
+};
 
 /// Names keys under one `redis.key_prefix`.
 #[derive(Debug, Clone)]
@@ -32,19 +35,27 @@ impl Keys {
     /// with the idempotency window. The digest covers the user and the request id
     /// (length-prefixed), so no two pairs share a key whatever characters user ids contain.
     pub(super) fn create_request(&self, user: &UserId, request_id: &str) -> String {
-        use sha2::{Digest, Sha256};
-        let user = user.as_str();
-        let mut hasher = Sha256::new();
-        hasher.update(user.len().to_string().as_bytes());
-        hasher.update(b":");
-        hasher.update(user.as_bytes());
-        hasher.update(request_id.as_bytes());
-        let digest: String = hasher
-            .finalize()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
-        format!("{}:{{u:{user}}}:req:{digest}", self.prefix)
+        let digest = session_digest(user, request_id);
+        format!("{}:{{u:{}}}:req:{digest}", self.prefix, user.as_str())
+    }
+
+    /// `P:{u:USER}:upload:<digest>`: one upload session (HASH, see `upload_prelude.lua`),
+    /// named by the same length-prefixed digest of the owner and the `request_id`.
+    pub(super) fn upload_session(&self, user: &UserId, request_id: &str) -> String {
+        let digest = session_digest(user, request_id);
+        format!("{}:{{u:{}}}:upload:{digest}", self.prefix, user.as_str())
+    }
+
+    /// `P:{u:USER}:uploads`: ZSET of the user's unfinished upload sessions (digests) scored by
+    /// their `expire_time`, in the sessions' slot (for `max_open`).
+    pub(super) fn user_uploads(&self, user: &UserId) -> String {
+        format!("{}:{{u:{}}}:uploads", self.prefix, user.as_str())
+    }
+
+    /// `P:upload-expiry`: ZSET of unfinished upload session keys scored by their `expire_time`,
+    /// in a slot of its own (a hint for the janitor, written beside the scripts).
+    pub(super) fn upload_expiry(&self) -> String {
+        format!("{}:upload-expiry", self.prefix)
     }
 
     /// `P:{f:FILE}:file`: a file's metadata record (JSON), expiring with the file.
@@ -193,5 +204,12 @@ mod tests {
             keys.create_request(&UserId::parse("a").unwrap(), "b}:req:c")
         );
         assert_eq!(keys.channel(), "svcmsg:events");
+        let upload = keys.upload_session(&user, "r-1");
+        assert!(upload.starts_with("svcmsg:{u:a:b{x}}:upload:"), "{upload}");
+        assert_eq!(keys.user_uploads(&user), "svcmsg:{u:a:b{x}}:uploads");
+        assert_ne!(
+            keys.upload_session(&UserId::parse("a}:upload:b").unwrap(), "c"),
+            keys.upload_session(&UserId::parse("a").unwrap(), "b}:upload:c")
+        );
     }
 }

@@ -22,6 +22,9 @@
 //! | `P:{c:C}:file:<file_id>`          | HASH   | `m:<message_id>` -> seq per message carrying the file; `gone` once deleted; expires with the file |
 //! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
 //! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
+//! | `P:{u:USER}:upload:<digest>`      | HASH   | an upload session; see [`upload_sessions`]                  |
+//! | `P:{u:USER}:uploads`              | ZSET   | the user's unfinished upload sessions, score = expire_time  |
+//! | `P:upload-expiry`                 | ZSET   | unfinished upload session keys, score = expire_time         |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
 //! the layout works on Redis Cluster. Unread = `ZCOUNT live (read +inf` minus
@@ -67,6 +70,7 @@ mod file_records;
 mod keys;
 mod live;
 mod scripts;
+pub mod upload_sessions;
 
 use async_trait::async_trait;
 use fred::{

@@ -6,6 +6,7 @@ use fred::{clients::Client, types::scripts::Script};
 use crate::store::messages::{Rejection, StoreError};
 
 const PRELUDE: &str = include_str!("prelude.lua");
+const UPLOAD_PRELUDE: &str = include_str!("upload_prelude.lua");
 
 /// One script with its cached SHA-1.
 pub(super) struct LuaScript {
@@ -31,6 +32,14 @@ impl LuaScript {
         Self {
             name,
             script: Script::from_lua(format!("{PRELUDE}\n{body}")),
+        }
+    }
+
+    /// A script over one upload session's keys (see `upload_prelude.lua`).
+    fn upload(name: &'static str, body: &'static str) -> Self {
+        Self {
+            name,
+            script: Script::from_lua(format!("{UPLOAD_PRELUDE}\n{body}")),
         }
     }
 
@@ -99,7 +108,7 @@ impl Reply {
         StoreError::Rejected(rejection)
     }
 
-    fn unexpected(&self) -> StoreError {
+    pub(super) fn unexpected(&self) -> StoreError {
         StoreError::Corrupt(format!(
             "unexpected reply from script {}: status {:?}, {} fields",
             self.script,
@@ -124,6 +133,12 @@ pub(super) struct Scripts {
     pub(super) messages_before: LuaScript,
     pub(super) read_state: LuaScript,
     pub(super) conversations_page: LuaScript,
+    pub(super) upload_open: LuaScript,
+    pub(super) upload_acquire: LuaScript,
+    pub(super) upload_update: LuaScript,
+    pub(super) upload_renew: LuaScript,
+    pub(super) upload_release: LuaScript,
+    pub(super) upload_remove: LuaScript,
 }
 
 impl Scripts {
@@ -145,6 +160,12 @@ impl Scripts {
             &self.messages_before,
             &self.read_state,
             &self.conversations_page,
+            &self.upload_open,
+            &self.upload_acquire,
+            &self.upload_update,
+            &self.upload_renew,
+            &self.upload_release,
+            &self.upload_remove,
         ] {
             script.script.load(client).await.map_err(|error| {
                 tracing::error!(script = script.name, %error, "loading a redis script failed");
@@ -194,6 +215,12 @@ impl Scripts {
                 "conversations_page",
                 include_str!("conversations_page.lua"),
             ),
+            upload_open: LuaScript::upload("upload_open", include_str!("upload_open.lua")),
+            upload_acquire: LuaScript::upload("upload_acquire", include_str!("upload_acquire.lua")),
+            upload_update: LuaScript::upload("upload_update", include_str!("upload_update.lua")),
+            upload_renew: LuaScript::upload("upload_renew", include_str!("upload_renew.lua")),
+            upload_release: LuaScript::upload("upload_release", include_str!("upload_release.lua")),
+            upload_remove: LuaScript::upload("upload_remove", include_str!("upload_remove.lua")),
         }
     }
 }

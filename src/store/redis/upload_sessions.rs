@@ -1,0 +1,382 @@
+//! Upload sessions in Redis, shared by every replica.
+//!
+//! | key                            | type | contents                                                     |
+//! |--------------------------------|------|--------------------------------------------------------------|
+//! | `P:{u:USER}:upload:<digest>`   | HASH | state (JSON), holder, until, committed, complete, expire      |
+//! | `P:{u:USER}:uploads`           | ZSET | the owner's unfinished sessions (digest), score = expire_time |
+//! | `P:upload-expiry`              | ZSET | unfinished session keys, score = expire_time                  |
+//!
+//! `<digest>` is the hex SHA-256 of the owner and the request id, length-prefixed (as for
+//! `P:{u:USER}:req:`). A session and its owner's index share the slot `{u:USER}`, so each call is
+//! one script there (see `upload_prelude.lua`), fenced by the lease: holder and lease end are
+//! compared with the clock values the caller passes. The session key expires
+//! [`SESSION_GRACE_MS`] after `expire_time` (`PEXPIREAT`), so a session nobody removes still
+//! leaves Redis, while the janitor can read it right after it expired.
+//!
+//! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: `open` adds
+//! the session before its script (`ZADD LT`, so a retry never postpones an entry), `update` and
+//! `remove` fix it after theirs. It is a hint: [`UploadSessionStore::expired`] re-reads every
+//! session it names, drops entries whose session is gone or complete, and moves those not yet
+//! expired to their real expiry.
+
+use async_trait::async_trait;
+use fred::{
+    prelude::{HashesInterface, SortedSetsInterface},
+    types::sorted_sets::Ordering,
+};
+use futures::future::try_join_all;
+
+use super::RedisMessageStore;
+use crate::{
+    ids::UserId,
+    messaging::model::UnixMillis,
+    store::{
+        fs_sessions::session_digest,
+        messages::StoreError,
+        upload_sessions::{
+            Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
+        },
+    },
+};
+
+/// How long a session key outlives its `expire_time` in Redis: the janitor's window to abort
+/// its staged bytes before Redis forgets where they are.
+pub const SESSION_GRACE_MS: i64 = 60 * 60 * 1000;
+/// Most expiry-index entries one `expired` round trip reads.
+const EXPIRY_PAGE: usize = 200;
+/// Rounds of `expired` before it returns what it found (each round removes or moves every stale
+/// entry it met, so more rounds are only needed while others write the index).
+const EXPIRY_ROUNDS: usize = 50;
+
+impl RedisMessageStore {
+    /// The session's key and digest.
+    fn session_names(&self, owner: &UserId, request_id: &str) -> (String, String) {
+        (
+            self.keys.upload_session(owner, request_id),
+            session_digest(owner, request_id),
+        )
+    }
+
+    /// When the session's key disappears from Redis (Unix ms): `None` without a session, `-1`
+    /// if it never would. Only the tests ask (feature `testsuite`).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub async fn upload_session_key_expiry(
+        &self,
+        owner: &UserId,
+        request_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        use fred::prelude::KeysInterface;
+        let at: i64 = self
+            .client
+            .pexpire_time(self.keys.upload_session(owner, request_id))
+            .await?;
+        Ok((at != -2).then_some(at))
+    }
+
+    /// The session stored under `key` (a member of the expiry index), if any.
+    async fn session_at(&self, key: &str) -> Result<Option<UploadSession>, StoreError> {
+        let state: Option<String> = self.client.hget(key, "state").await?;
+        state.as_deref().map(decode).transpose()
+    }
+}
+
+#[async_trait]
+impl UploadSessionStore for RedisMessageStore {
+    async fn open(
+        &self,
+        new: &UploadSession,
+        lease: Lease<'_>,
+        now: UnixMillis,
+        max_open: u32,
+    ) -> SessionResult<Opened> {
+        let (key, digest) = self.session_names(&new.owner, &new.request_id);
+        if !new.complete {
+            // Before the script, so a session is never stored unindexed; LT keeps an existing
+            // entry's earlier expiry.
+            let _: i64 = self
+                .client
+                .zadd(
+                    self.keys.upload_expiry(),
+                    None,
+                    Some(Ordering::LessThan),
+                    false,
+                    false,
+                    (new.expire_time as f64, key.as_str()),
+                )
+                .await
+                .map_err(StoreError::from)?;
+        }
+        let (holder, until) = if new.complete {
+            ("", 0)
+        } else {
+            (lease.holder, lease.until)
+        };
+        let reply = self
+            .scripts
+            .upload_open
+            .run(
+                &self.client,
+                vec![key, self.keys.user_uploads(&new.owner)],
+                vec![
+                    encode(new)?,
+                    holder.to_owned(),
+                    until.to_string(),
+                    now.to_string(),
+                    max_open.to_string(),
+                    new.committed_size.to_string(),
+                    flag(new.complete),
+                    new.expire_time.to_string(),
+                    SESSION_GRACE_MS.to_string(),
+                    digest,
+                ],
+            )
+            .await?;
+        match reply.status() {
+            "created" => Ok(Opened::Created),
+            "existing" => Ok(Opened::Existing(decode(reply.field(0)?)?)),
+            "busy" => Err(SessionError::Busy),
+            "too_many" => Err(SessionError::TooMany { limit: max_open }),
+            _ => Err(reply.unexpected().into()),
+        }
+    }
+
+    async fn acquire(
+        &self,
+        owner: &UserId,
+        request_id: &str,
+        lease: Lease<'_>,
+        now: UnixMillis,
+    ) -> SessionResult<Option<UploadSession>> {
+        let (key, _) = self.session_names(owner, request_id);
+        let reply = self
+            .scripts
+            .upload_acquire
+            .run(
+                &self.client,
+                vec![key, self.keys.user_uploads(owner)],
+                vec![
+                    lease.holder.to_owned(),
+                    lease.until.to_string(),
+                    now.to_string(),
+                ],
+            )
+            .await?;
+        match reply.status() {
+            "none" => Ok(None),
+            "found" => Ok(Some(decode(reply.field(0)?)?)),
+            "busy" => Err(SessionError::Busy),
+            _ => Err(reply.unexpected().into()),
+        }
+    }
+
+    async fn get(
+        &self,
+        owner: &UserId,
+        request_id: &str,
+        now: UnixMillis,
+    ) -> Result<Option<UploadSession>, StoreError> {
+        let (key, _) = self.session_names(owner, request_id);
+        Ok(self
+            .session_at(&key)
+            .await?
+            .filter(|session| session.expire_time > now))
+    }
+
+    async fn update(&self, session: &UploadSession, lease: Lease<'_>) -> SessionResult<()> {
+        let (key, digest) = self.session_names(&session.owner, &session.request_id);
+        let reply = self
+            .scripts
+            .upload_update
+            .run(
+                &self.client,
+                vec![key.clone(), self.keys.user_uploads(&session.owner)],
+                vec![
+                    encode(session)?,
+                    lease.holder.to_owned(),
+                    lease.until.to_string(),
+                    session.committed_size.to_string(),
+                    flag(session.complete),
+                    session.expire_time.to_string(),
+                    SESSION_GRACE_MS.to_string(),
+                    digest,
+                ],
+            )
+            .await?;
+        match reply.status() {
+            "updated" => {}
+            "lease_lost" => return Err(SessionError::LeaseLost),
+            _ => return Err(reply.unexpected().into()),
+        }
+        // The expiry index changes only when the session completes or moves its expiry; an
+        // ordinary progress update is the one script.
+        let index = self.keys.upload_expiry();
+        let fixed: Result<i64, _> = if session.complete {
+            self.client.zrem(index, key.as_str()).await
+        } else if reply.field(0)? != session.expire_time.to_string() {
+            self.client
+                .zadd(
+                    index,
+                    None,
+                    None,
+                    false,
+                    false,
+                    (session.expire_time as f64, key.as_str()),
+                )
+                .await
+        } else {
+            Ok(0)
+        };
+        if let Err(error) = fixed {
+            // The session stands; `expired` corrects a stale entry when it meets it.
+            tracing::warn!(%error, "upload expiry index update failed");
+        }
+        Ok(())
+    }
+
+    async fn renew(&self, owner: &UserId, request_id: &str, lease: Lease<'_>) -> SessionResult<()> {
+        let (key, _) = self.session_names(owner, request_id);
+        let reply = self
+            .scripts
+            .upload_renew
+            .run(
+                &self.client,
+                vec![key, self.keys.user_uploads(owner)],
+                vec![lease.holder.to_owned(), lease.until.to_string()],
+            )
+            .await?;
+        match reply.status() {
+            "renewed" => Ok(()),
+            "lease_lost" => Err(SessionError::LeaseLost),
+            _ => Err(reply.unexpected().into()),
+        }
+    }
+
+    async fn release(
+        &self,
+        owner: &UserId,
+        request_id: &str,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        let (key, _) = self.session_names(owner, request_id);
+        let reply = self
+            .scripts
+            .upload_release
+            .run(
+                &self.client,
+                vec![key, self.keys.user_uploads(owner)],
+                vec![holder.to_owned()],
+            )
+            .await?;
+        match reply.status() {
+            "released" | "unchanged" => Ok(()),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    async fn remove(&self, owner: &UserId, request_id: &str) -> Result<(), StoreError> {
+        let (key, digest) = self.session_names(owner, request_id);
+        let reply = self
+            .scripts
+            .upload_remove
+            .run(
+                &self.client,
+                vec![key.clone(), self.keys.user_uploads(owner)],
+                vec![digest],
+            )
+            .await?;
+        if reply.status() != "removed" {
+            return Err(reply.unexpected());
+        }
+        let _: i64 = self
+            .client
+            .zrem(self.keys.upload_expiry(), key.as_str())
+            .await?;
+        Ok(())
+    }
+
+    async fn expired(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<UploadSession>, StoreError> {
+        let index = self.keys.upload_expiry();
+        let mut found = Vec::new();
+        // Entries before `kept` are due sessions already listed (or unreadable ones, left for
+        // an operator); every other entry met is removed or moved past `now`.
+        let mut kept = 0usize;
+        for _ in 0..EXPIRY_ROUNDS {
+            if found.len() >= limit {
+                break;
+            }
+            let wanted = (limit - found.len()).min(EXPIRY_PAGE);
+            let members: Vec<String> = self
+                .client
+                .zrangebyscore(
+                    &index,
+                    "-inf".to_owned(),
+                    now,
+                    false,
+                    Some((i64::try_from(kept).unwrap_or(i64::MAX), wanted as i64)),
+                )
+                .await?;
+            let sessions = try_join_all(members.iter().map(|key| async move {
+                // A session that cannot be decoded is kept in the index and skipped, so one bad
+                // record does not stop the janitor.
+                match self.session_at(key).await {
+                    Err(StoreError::Corrupt(error)) => {
+                        tracing::warn!(error, "skipping an unreadable upload session");
+                        Ok(Err(()))
+                    }
+                    other => other.map(Ok),
+                }
+            }))
+            .await?;
+            for (key, session) in members.iter().zip(sessions) {
+                let fixed: i64 = match session {
+                    Err(()) => {
+                        kept += 1;
+                        continue;
+                    }
+                    Ok(Some(session)) if !session.complete && session.expire_time <= now => {
+                        kept += 1;
+                        found.push(session);
+                        continue;
+                    }
+                    Ok(Some(session)) if !session.complete => {
+                        self.client
+                            .zadd(
+                                &index,
+                                None,
+                                None,
+                                false,
+                                false,
+                                (session.expire_time as f64, key.as_str()),
+                            )
+                            .await?
+                    }
+                    // Gone, or complete: nothing left for the janitor.
+                    Ok(_) => self.client.zrem(&index, key.as_str()).await?,
+                };
+                let _ = fixed;
+            }
+            if members.len() < wanted {
+                break;
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn encode(session: &UploadSession) -> Result<String, StoreError> {
+    serde_json::to_string(session)
+        .map_err(|error| StoreError::Corrupt(format!("upload session: {error}")))
+}
+
+fn decode(json: &str) -> Result<UploadSession, StoreError> {
+    serde_json::from_str(json)
+        .map_err(|error| StoreError::Corrupt(format!("upload session: {error}")))
+}
+
+fn flag(set: bool) -> String {
+    if set { "1" } else { "0" }.to_owned()
+}
