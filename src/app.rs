@@ -16,6 +16,7 @@ use crate::{
     auth::Authenticator,
     budget::MemoryBudget,
     config::{BlobBackend, ConfigError, MessageBackend, Settings},
+    deadline::DeadlineLayer,
     drain::DrainLayer,
     files::{policy::UploadPolicy, service::FileService},
     grpc::{
@@ -290,6 +291,8 @@ impl Running {
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .layer(GrpcMetricsLayer::new(metrics.clone(), served_methods))
+            // Inside the metrics layer, so calls past their deadline are counted as such.
+            .layer(DeadlineLayer::new())
             .layer(DrainLayer::new(cancel_calls.clone()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(grpc_incoming, stop_accepting.clone().cancelled_owned());

@@ -74,6 +74,8 @@ pub enum Reason {
     TooManyUploads,
     BackendUnavailable,
     BackendTimeout,
+    /// The caller's own deadline (`grpc-timeout`) ran out before the call was over.
+    DeadlineExceeded,
     Internal,
 }
 
@@ -118,6 +120,7 @@ impl Reason {
             Reason::TooManyUploads => "TOO_MANY_UPLOADS",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::BackendTimeout => "BACKEND_TIMEOUT",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Reason::Internal => "INTERNAL",
         }
     }
