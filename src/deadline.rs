@@ -234,7 +234,17 @@ mod tests {
 
     #[test]
     fn malformed_grpc_timeouts_are_ignored() {
-        for value in ["", "S", "100", "100x", "123456789S", "-1S", "1.5S", "+1S", "１S"] {
+        for value in [
+            "",
+            "S",
+            "100",
+            "100x",
+            "123456789S",
+            "-1S",
+            "1.5S",
+            "+1S",
+            "１S",
+        ] {
             assert_eq!(parsed(value), None, "{value:?}");
         }
     }

@@ -129,11 +129,7 @@ async fn an_upload_past_its_deadline_gets_deadline_exceeded() {
     let stalled = futures::stream::iter([metadata]).chain(futures::stream::pending());
     let status = tokio::time::timeout(
         Duration::from_secs(10),
-        files.upload_file(with_deadline(
-            "alice",
-            stalled,
-            Duration::from_millis(300),
-        )),
+        files.upload_file(with_deadline("alice", stalled, Duration::from_millis(300))),
     )
     .await
     .expect("the server answers at the deadline")
@@ -176,9 +172,15 @@ async fn a_subscription_ends_at_its_deadline() {
     let end = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .expect("the stream outlived its deadline");
-    let status = end.expect("a final status").expect_err("ended by the deadline");
+    let status = end
+        .expect("a final status")
+        .expect_err("ended by the deadline");
     assert_deadline_exceeded(&status);
-    assert!(started.elapsed() >= deadline, "ended after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= deadline,
+        "ended after {:?}",
+        started.elapsed()
+    );
 
     messaging
         .subscribe_messages(as_user("bob", subscription))
