@@ -26,6 +26,7 @@ use crate::{
             self, file_relay_service_server::FileRelayServiceServer,
             messaging_service_server::MessagingServiceServer,
         },
+        status::status_detail_descriptors,
     },
     health::{self, DependencyCheck, HealthBoard},
     http,
@@ -389,12 +390,16 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
 }
 
 /// Both reflection versions describe every service, each other included: grpcurl 1.8 and
-/// Python's client only speak v1alpha, newer clients v1.
+/// Python's client only speak v1alpha, newer clients v1. They describe the messages of status
+/// details too (not among the served sets: they have no methods to label).
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    SERVED_DESCRIPTOR_SETS.iter().fold(
-        tonic_reflection::server::Builder::configure().include_reflection_service(false),
-        |builder, set| builder.register_encoded_file_descriptor_set(set),
-    )
+    SERVED_DESCRIPTOR_SETS
+        .iter()
+        .fold(
+            tonic_reflection::server::Builder::configure().include_reflection_service(false),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+        .register_file_descriptor_set(status_detail_descriptors())
 }
 
 /// The descriptors of every service the gRPC port serves: reflection describes them and the
