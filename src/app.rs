@@ -16,6 +16,7 @@ use crate::{
     auth::Authenticator,
     budget::MemoryBudget,
     config::{BlobBackend, ConfigError, MessageBackend, Settings},
+    deadline::DeadlineLayer,
     drain::DrainLayer,
     files::{policy::UploadPolicy, service::FileService},
     grpc::{
@@ -25,6 +26,7 @@ use crate::{
             self, file_relay_service_server::FileRelayServiceServer,
             messaging_service_server::MessagingServiceServer,
         },
+        status::status_detail_descriptors,
     },
     health::{self, DependencyCheck, HealthBoard},
     http,
@@ -297,6 +299,8 @@ impl Running {
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .layer(GrpcMetricsLayer::new(metrics.clone(), served_methods))
+            // Inside the metrics layer, so calls past their deadline are counted as such.
+            .layer(DeadlineLayer::new())
             .layer(DrainLayer::new(cancel_calls.clone()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(grpc_incoming, stop_accepting.clone().cancelled_owned());
@@ -398,12 +402,16 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
 }
 
 /// Both reflection versions describe every service, each other included: grpcurl 1.8 and
-/// Python's client only speak v1alpha, newer clients v1.
+/// Python's client only speak v1alpha, newer clients v1. They describe the messages of status
+/// details too (not among the served sets: they have no methods to label).
 fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    SERVED_DESCRIPTOR_SETS.iter().fold(
-        tonic_reflection::server::Builder::configure().include_reflection_service(false),
-        |builder, set| builder.register_encoded_file_descriptor_set(set),
-    )
+    SERVED_DESCRIPTOR_SETS
+        .iter()
+        .fold(
+            tonic_reflection::server::Builder::configure().include_reflection_service(false),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+        .register_file_descriptor_set(status_detail_descriptors())
 }
 
 /// The descriptors of every service the gRPC port serves: reflection describes them and the

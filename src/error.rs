@@ -81,6 +81,8 @@ pub enum Reason {
     TooManyUploadSessions,
     BackendUnavailable,
     BackendTimeout,
+    /// The caller's own deadline (`grpc-timeout`) ran out before the call was over.
+    DeadlineExceeded,
     Internal,
 }
 
@@ -129,6 +131,7 @@ impl Reason {
             Reason::TooManyUploadSessions => "TOO_MANY_UPLOAD_SESSIONS",
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::BackendTimeout => "BACKEND_TIMEOUT",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Reason::Internal => "INTERNAL",
         }
     }

@@ -8,6 +8,7 @@
 //! - [`budget`]: the process-wide memory budget of upload buffers.
 //! - [`auth`]: who is calling (JWT or a trusted gateway header).
 //! - [`drain`]: ends calls still open after the shutdown grace with `UNAVAILABLE`.
+//! - [`deadline`]: ends calls whose `grpc-timeout` ran out with `DEADLINE_EXCEEDED`.
 //! - [`error`]: the error vocabulary (kind + machine-readable reason).
 //! - [`grpc`]: generated types, the status mapping and the thin service adapters.
 //! - [`health`]: dependency checks feeding gRPC health and the HTTP probes.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod budget;
 pub mod call_layer;
 pub mod config;
+pub mod deadline;
 pub mod drain;
 pub mod error;
 pub mod files;

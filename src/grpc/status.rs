@@ -57,6 +57,25 @@ impl From<Error> for Status {
     }
 }
 
+/// The descriptors of every message a status of this service carries: `google.rpc.Status` and
+/// the details (`ErrorInfo`, `BadRequest`, `RetryInfo`, `QuotaFailure`), for reflection, so
+/// grpcurl and `buf curl` print the details decoded. They are tonic-types' own descriptors (the
+/// encoder of the details), under their googleapis file names: tonic-types names them
+/// `status.proto` and `error_details.proto`, and a client that already knows
+/// `google/rpc/error_details.proto` (Python's googleapis-common-protos) would otherwise see the
+/// same messages defined twice. No services: they add nothing to `list` or to metric labels.
+pub fn status_detail_descriptors() -> prost_types::FileDescriptorSet {
+    use prost::Message;
+    let mut set = prost_types::FileDescriptorSet::decode(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .expect("tonic-types ships a valid descriptor set");
+    for file in &mut set.file {
+        if file.package() == "google.rpc" && !file.name().contains('/') {
+            file.name = Some(format!("google/rpc/{}", file.name()));
+        }
+    }
+    set
+}
+
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -104,6 +123,41 @@ mod tests {
             "messaging.max_subscriptions_per_caller"
         );
         assert_eq!(quota.violations[0].description, "at most 2");
+    }
+
+    #[test]
+    fn every_detail_sent_is_described() {
+        use prost::Message;
+        let status = Status::from(
+            Error::new(ErrorKind::ResourceExhausted, Reason::TooManyUploads, "busy")
+                .with_field("chunk")
+                .with_retry_delay(std::time::Duration::from_secs(1))
+                .with_quota_violation("uploads.max_concurrent_per_caller", "at most 16"),
+        );
+        let sent = tonic_types::pb::Status::decode(status.details()).expect("a google.rpc.Status");
+        let descriptors = status_detail_descriptors();
+        let described: Vec<String> = descriptors
+            .file
+            .iter()
+            .flat_map(|file| {
+                file.message_type
+                    .iter()
+                    .map(move |message| format!("{}.{}", file.package(), message.name()))
+            })
+            .collect();
+        assert_eq!(sent.details.len(), 4, "{sent:?}");
+        for detail in sent.details.iter().map(|any| any.type_url.as_str()) {
+            let name = detail.trim_start_matches("type.googleapis.com/");
+            assert!(described.iter().any(|d| d == name), "{name} not described");
+        }
+        assert!(described.iter().any(|d| d == "google.rpc.Status"));
+        let names: Vec<&str> = descriptors.file.iter().map(|file| file.name()).collect();
+        assert!(
+            names.contains(&"google/rpc/error_details.proto"),
+            "{names:?}"
+        );
+        assert!(names.contains(&"google/rpc/status.proto"), "{names:?}");
+        assert!(descriptors.file.iter().all(|file| file.service.is_empty()));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod auth;
 mod blob_store;
 mod cli;
+mod deadlines;
 mod files;
 mod files_cloud;
 mod hostile;

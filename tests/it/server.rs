@@ -527,6 +527,126 @@ mod reflection {
         .await;
         assert!(policy.contains("application/pdf"), "{policy}");
     }
+
+    /// A malformed field, as grpcurl prints it: the ErrorInfo and BadRequest details decoded
+    /// through reflection, not "google.rpc.ErrorInfo is not recognized".
+    #[tokio::test]
+    async fn grpcurl_prints_error_details_decoded() {
+        let grpcurl = crate::support::required_tool("SVC_TEST_GRPCURL");
+        let server = TestServer::start().await;
+        let addr = server.grpc_addr.to_string();
+        let request = r#"{"conversation_id":"","client_message_id":"m-1","text":"hi"}"#;
+        let output = tokio::process::Command::new(&grpcurl)
+            .args(["-plaintext", "-format-error", "-H", "x-user-id: alice"])
+            .args([
+                "-d",
+                request,
+                &addr,
+                "messaging.v1.MessagingService/SendMessage",
+            ])
+            .output()
+            .await
+            .expect("run grpcurl");
+        let printed = String::from_utf8_lossy(&output.stderr);
+        // grpcurl exits 64 + the status code.
+        assert_eq!(output.status.code(), Some(64 + 3), "{printed}");
+        let status: serde_json::Value =
+            serde_json::from_str(&printed).unwrap_or_else(|error| panic!("{error}: {printed}"));
+        assert_eq!(status["code"], 3, "{status}");
+        let details = status["details"].as_array().expect("details");
+        let detail = |kind: &str| {
+            details
+                .iter()
+                .find(|detail| detail["@type"] == format!("type.googleapis.com/google.rpc.{kind}"))
+                .unwrap_or_else(|| panic!("no {kind} in {status}"))
+        };
+        assert_eq!(detail("ErrorInfo")["reason"], "INVALID_FIELD", "{status}");
+        assert_eq!(detail("ErrorInfo")["domain"], "messaging.v1", "{status}");
+        let violation = &detail("BadRequest")["fieldViolations"][0];
+        assert_eq!(violation["field"], "conversation_id", "{status}");
+        assert_eq!(
+            violation["description"], "conversation_id is required",
+            "{status}"
+        );
+
+        // The other details the service sends are described too, and none of it is a service.
+        for kind in ["RetryInfo", "QuotaFailure", "ErrorInfo", "BadRequest"] {
+            let output = tokio::process::Command::new(&grpcurl)
+                .args([
+                    "-plaintext",
+                    &addr,
+                    "describe",
+                    &format!("google.rpc.{kind}"),
+                ])
+                .output()
+                .await
+                .expect("run grpcurl");
+            let described = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                described.contains(&format!("message {kind} {{")),
+                "{kind}: {described}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let listed = tokio::process::Command::new(&grpcurl)
+            .args(["-plaintext", &addr, "list"])
+            .output()
+            .await
+            .expect("run grpcurl");
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(!listed.contains("google.rpc"), "{listed}");
+    }
+
+    /// `buf curl` names the details' types; it decodes error details only from types compiled
+    /// into it, never through reflection, so their values stay base64 (decoded here).
+    #[tokio::test]
+    async fn buf_curl_names_the_error_details() {
+        use base64::Engine;
+        let buf = crate::support::required_tool("SVC_TEST_BUF");
+        let server = TestServer::start().await;
+        let url = format!(
+            "http://{}/messaging.v1.MessagingService/SendMessage",
+            server.grpc_addr
+        );
+        let output = tokio::process::Command::new(&buf)
+            .args(["curl", "--protocol", "grpc", "--http2-prior-knowledge"])
+            .args(["-H", "x-user-id: alice"])
+            .args([
+                "-d",
+                r#"{"conversation_id":"","client_message_id":"m-1","text":"hi"}"#,
+            ])
+            .arg(&url)
+            .output()
+            .await
+            .expect("run buf curl");
+        let printed = String::from_utf8_lossy(&output.stderr);
+        let status: serde_json::Value =
+            serde_json::from_str(&printed).unwrap_or_else(|error| panic!("{error}: {printed}"));
+        assert_eq!(status["code"], "invalid_argument", "{status}");
+        let details = status["details"].as_array().expect("details");
+        let value = |kind: &str| {
+            let detail = details
+                .iter()
+                .find(|detail| detail["type"] == format!("google.rpc.{kind}"))
+                .unwrap_or_else(|| panic!("no {kind} in {status}"));
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(
+                    detail["value"]
+                        .as_str()
+                        .expect("a value")
+                        .trim_end_matches('='),
+                )
+                .expect("base64")
+        };
+        let info = tonic_types::pb::ErrorInfo::decode(value("ErrorInfo").as_slice()).unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_FIELD", "messaging.v1")
+        );
+        let bad_request =
+            tonic_types::pb::BadRequest::decode(value("BadRequest").as_slice()).unwrap();
+        assert_eq!(bad_request.field_violations[0].field, "conversation_id");
+    }
 }
 
 #[tokio::test]
