@@ -32,7 +32,7 @@ use super::{
     digest::{ResumableSha256, Sha256Checkpoint},
     policy::FileCategory,
     service::{
-        FileService, ReceivedBody, SHA256_METADATA, UploadPart, UploadPlan, UploadRequest,
+        FileService, ReceivedBody, SHA256_METADATA, Start, UploadPart, UploadPlan, UploadRequest,
         UploadResume, Written, attachment_disposition, blob_key, check_chunk, closing_checks, hex,
         metadata_again, next_part, now_millis, size_mismatch, truncated,
     },
@@ -52,14 +52,6 @@ use crate::{
         },
     },
 };
-
-/// How a resumable upload's stream began.
-pub enum Start {
-    /// With its metadata: a new upload, or the same one again (content from offset 0).
-    Declared(UploadRequest),
-    /// With a resume: an existing upload, content from `write_offset`.
-    Resume(UploadResume),
-}
 
 /// The upload's state after a whole number of parts: what a session's checkpoint holds.
 #[derive(Serialize, Deserialize)]

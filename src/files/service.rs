@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 
 use super::{
     policy::{FileCategory, FileTypeRule, UploadPolicy},
-    resume::Start,
     sniff::ContentSniffer,
 };
 use crate::{
@@ -57,6 +56,14 @@ pub enum UploadPart {
     /// Continues a resumable upload (in place of the metadata).
     Resume(UploadResume),
     Chunk(Bytes),
+}
+
+/// How a resumable upload's stream began (see [`super::resume`]).
+pub enum Start {
+    /// With its metadata: a new upload, or the same one again (content from offset 0).
+    Declared(UploadRequest),
+    /// With a resume: an existing upload, content from `write_offset`.
+    Resume(UploadResume),
 }
 
 /// Where a resumed upload's content continues.

@@ -111,6 +111,29 @@ impl OpenUpload {
     }
 }
 
+/// UploadFile with `messages`, retried while another writer still holds the upload, for at
+/// most `limit`.
+async fn upload_when_free(
+    files: &mut Files,
+    user: &str,
+    messages: Vec<pb::UploadFileRequest>,
+    limit: Duration,
+) -> Result<pb::UploadFileResponse, tonic::Status> {
+    let started = std::time::Instant::now();
+    loop {
+        match upload_messages(files, user, messages.clone()).await {
+            Err(status) if reason(&status) == "UPLOAD_IN_PROGRESS" => {
+                assert!(
+                    started.elapsed() < limit,
+                    "the upload was still held after {limit:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Waits until the upload has at least `at_least` bytes durable; returns its status.
 async fn committed_at_least(
     files: &mut Files,
@@ -216,10 +239,11 @@ async fn an_upload_cut_on_one_replica_completes_on_another_and_a_retry_finds_it(
     assert_eq!(other.code(), Code::NotFound);
     assert_eq!(reason(&other), "UPLOAD_NOT_FOUND");
 
-    // Resumed on B from committed_size.
+    // Resumed on B from committed_size, as soon as A noticed the cut and let go (far sooner
+    // than the 30 s idle timeout after which a vanished writer loses the upload).
     let mut resumed = vec![resume_message(request_id, committed)];
     resumed.extend(chunks_from(&body, committed));
-    let done = upload_messages(&mut files_b, "alice", resumed)
+    let done = upload_when_free(&mut files_b, "alice", resumed, Duration::from_secs(5))
         .await
         .unwrap();
     let file = done.file.unwrap();
@@ -625,20 +649,9 @@ async fn killed_and_resumed(blobs: &str, test: &str) {
         payload: Some(Payload::Metadata(meta)),
     }];
     resend.extend(chunks_from(&body, 0));
-    let started = std::time::Instant::now();
-    let done = loop {
-        match upload_messages(&mut files, "alice", resend.clone()).await {
-            Ok(done) => break done,
-            Err(status) if reason(&status) == "UPLOAD_IN_PROGRESS" => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "lease never released"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(status) => panic!("resuming failed: {status:?}\n{}", restarted.output()),
-        }
-    };
+    let done = upload_when_free(&mut files, "alice", resend, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|status| panic!("resuming failed: {status:?}\n{}", restarted.output()));
     let file = done.file.unwrap();
     assert_eq!(file.sha256, sha256_hex(&body));
     assert_eq!(download(&mut files, "bob", &file.file_id).await, body);
