@@ -33,8 +33,8 @@ use super::{
     policy::FileCategory,
     service::{
         FileService, ReceivedBody, SHA256_METADATA, Start, UploadPart, UploadPlan, UploadRequest,
-        UploadResume, Written, attachment_disposition, blob_key, check_chunk, closing_checks, hex,
-        metadata_again, next_part, now_millis, size_mismatch, truncated,
+        UploadResume, Written, blob_key, check_chunk, closing_checks, hex, metadata_again,
+        next_part, now_millis, size_mismatch, truncated,
     },
     sniff::{ContentSniffer, SnifferCheckpoint},
 };
@@ -44,7 +44,7 @@ use crate::{
     ids::{MessageId, UserId},
     messaging::model::{ClientId, Message, UnixMillis},
     store::{
-        blobs::{BlobAttributes, BlobError, ResumableUpload, StagedParts},
+        blobs::{BlobError, ResumableUpload, StagedParts},
         file_records::FileRecord,
         messages::StoreError,
         upload_sessions::{
@@ -242,7 +242,7 @@ impl FileService {
             .blobs
             .resume_upload(
                 &session.blob_key,
-                attributes_of(&plan),
+                plan.attributes(),
                 session.part_size,
                 session.staged.clone(),
             )
@@ -804,18 +804,6 @@ fn declared_upload(plan: &UploadPlan) -> DeclaredUpload {
         size_bytes: plan.declared_size,
         sha256: plan.expected_sha256.clone(),
         caption: plan.caption.clone(),
-    }
-}
-
-fn attributes_of(plan: &UploadPlan) -> BlobAttributes {
-    BlobAttributes {
-        content_type: plan.content_type.clone(),
-        content_disposition: attachment_disposition(&plan.file_name),
-        metadata: plan
-            .expected_sha256
-            .iter()
-            .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
-            .collect(),
     }
 }
 

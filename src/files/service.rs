@@ -107,6 +107,22 @@ pub(super) struct UploadPlan {
     pub(super) caption: String,
 }
 
+impl UploadPlan {
+    /// How the stored object is served: its verified type, a download disposition, and the
+    /// declared sha256 (if any) from the start.
+    pub(super) fn attributes(&self) -> BlobAttributes {
+        BlobAttributes {
+            content_type: self.content_type.clone(),
+            content_disposition: attachment_disposition(&self.file_name),
+            metadata: self
+                .expected_sha256
+                .iter()
+                .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// The file relay domain; see the module docs.
 pub struct FileService {
     pub(super) conversations: Arc<ConversationService>,
@@ -248,15 +264,7 @@ impl FileService {
         let key = blob_key("files", plan.conversation_id, &plan.file_id);
         // A declared sha256 travels from the start (a multipart upload then needs no rewrite of
         // its metadata at the end); the computed one is given at the commit either way.
-        let mut attributes = BlobAttributes {
-            content_type: plan.content_type.clone(),
-            content_disposition: attachment_disposition(&plan.file_name),
-            metadata: plan
-                .expected_sha256
-                .iter()
-                .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
-                .collect(),
-        };
+        let mut attributes = plan.attributes();
         let mut sink = if plan.rule.kind.category() == FileCategory::Image {
             Sink::Kept(KeptBody::new(&self.budget, plan.declared_size))
         } else {

@@ -252,19 +252,9 @@ impl BlobUpload for FsUpload {
 
     async fn commit(mut self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
         self.attributes.merge_metadata(metadata);
-        let mut file = self.file.take().expect("committed once");
-        file.flush().await.map_err(io_error)?;
-        file.sync_all().await.map_err(io_error)?;
-        drop(file);
-        if let Some(parent) = self.object.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
-        }
-        FsBlobStore::write_attributes(&self.object, &self.attributes).await?;
-        if let Err(error) = tokio::fs::rename(&self.incoming, &self.object).await {
-            // No attributes without their object (Drop removes the incoming file).
-            let _ = tokio::fs::remove_file(FsBlobStore::attributes_path(&self.object)).await;
-            return Err(io_error(error));
-        }
+        let file = self.file.take().expect("committed once");
+        // Drop removes the incoming file if this fails.
+        publish(file, &self.incoming, &self.object, &self.attributes).await?;
         self.finished = true;
         Ok(())
     }
@@ -287,6 +277,28 @@ impl Drop for FsUpload {
             let _ = std::fs::remove_file(&self.incoming);
         }
     }
+}
+
+/// Makes a written file the object: synced, its attributes written, then renamed into place
+/// (so a reader never sees half an object, and no attributes stay without their object).
+async fn publish(
+    mut file: tokio::fs::File,
+    written: &Path,
+    object: &Path,
+    attributes: &BlobAttributes,
+) -> BlobResult<()> {
+    file.flush().await.map_err(io_error)?;
+    file.sync_all().await.map_err(io_error)?;
+    drop(file);
+    if let Some(parent) = object.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
+    }
+    FsBlobStore::write_attributes(object, attributes).await?;
+    if let Err(error) = tokio::fs::rename(written, object).await {
+        let _ = tokio::fs::remove_file(FsBlobStore::attributes_path(object)).await;
+        return Err(io_error(error));
+    }
+    Ok(())
 }
 
 /// A resumable write to `staged/<upload id>`: synced at every part boundary, which makes the
@@ -352,18 +364,9 @@ impl ResumableUpload for FsStagedUpload {
 
     async fn commit(mut self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
         self.attributes.merge_metadata(metadata);
-        let mut file = self.file.take().expect("committed once");
-        file.flush().await.map_err(io_error)?;
-        file.sync_all().await.map_err(io_error)?;
-        drop(file);
-        if let Some(parent) = self.object.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
-        }
-        FsBlobStore::write_attributes(&self.object, &self.attributes).await?;
-        if let Err(error) = tokio::fs::rename(&self.path, &self.object).await {
-            let _ = tokio::fs::remove_file(FsBlobStore::attributes_path(&self.object)).await;
-            return Err(io_error(error));
-        }
+        let file = self.file.take().expect("committed once");
+        // A failure keeps the staged file: its durable parts can still be resumed.
+        publish(file, &self.path, &self.object, &self.attributes).await?;
         self.finished = true;
         Ok(())
     }
