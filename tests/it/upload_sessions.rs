@@ -609,6 +609,15 @@ pub async fn expired_lists_exactly_the_unfinished_expired_sessions(backend: Back
     let subject = backend.subject().await;
     let store = &subject.store;
     let t = mixed_sessions(store.as_ref()).await;
+    // A retry of the complete upload finds it (and must not make it due later on).
+    let retry = session("bob", "done", t + 50, 100);
+    let done = existing(
+        store
+            .open(&retry, lease("r", t + MINUTE), t + 50, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    assert!(done.complete);
 
     assert!(store.expired(t + 99, 10).await.unwrap().is_empty());
     let due = store.expired(t + 250, 10).await.unwrap();
