@@ -806,58 +806,75 @@ pub async fn concurrent_creations_respect_max_open(backend: Backend) {
 pub async fn redis_session_keys_expire_and_go_with_remove(backend: Backend) {
     let subject = backend.subject().await;
     let redis = subject.redis.as_ref().expect("a redis backend");
+    let store = &subject.store;
     let t = real_now();
     let s = session("alice", "r-1", t, 10 * MINUTE);
     created(
-        subject
-            .store
+        store
             .open(&s, lease("a", t + MINUTE), t, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    let gone_at = s.expire_time + SESSION_GRACE_MS;
+    assert_eq!(
+        redis
+            .upload_key_expiries(&user("alice"), "r-1")
+            .await
+            .unwrap(),
+        (Some(gone_at), Some(gone_at))
+    );
+    // The owner's index lives as long as its latest session.
+    let shorter = session("alice", "r-2", t, MINUTE);
+    created(
+        store
+            .open(&shorter, lease("a", t + MINUTE), t, MAX_OPEN)
             .await
             .unwrap(),
     );
     assert_eq!(
         redis
-            .upload_session_key_expiry(&user("alice"), "r-1")
+            .upload_key_expiries(&user("alice"), "r-2")
             .await
             .unwrap(),
-        Some(s.expire_time + SESSION_GRACE_MS)
+        (Some(shorter.expire_time + SESSION_GRACE_MS), Some(gone_at))
     );
     let moved = UploadSession {
         expire_time: s.expire_time + MINUTE,
         ..progressed(&s, 1)
     };
-    subject
-        .store
-        .update(&moved, lease("a", t + MINUTE))
-        .await
-        .unwrap();
+    store.update(&moved, lease("a", t + MINUTE)).await.unwrap();
+    let moved_gone_at = moved.expire_time + SESSION_GRACE_MS;
     assert_eq!(
         redis
-            .upload_session_key_expiry(&user("alice"), "r-1")
+            .upload_key_expiries(&user("alice"), "r-1")
             .await
             .unwrap(),
-        Some(moved.expire_time + SESSION_GRACE_MS)
+        (Some(moved_gone_at), Some(moved_gone_at))
     );
     // The janitor's index follows the moved expiry.
+    assert_eq!(
+        request_ids(&store.expired(s.expire_time, 10).await.unwrap()),
+        ["r-2"]
+    );
+    assert_eq!(
+        request_ids(&store.expired(moved.expire_time, 10).await.unwrap()),
+        ["r-2", "r-1"]
+    );
+    store.remove(&user("alice"), "r-1").await.unwrap();
+    store.remove(&user("alice"), "r-2").await.unwrap();
+    assert_eq!(
+        redis
+            .upload_key_expiries(&user("alice"), "r-1")
+            .await
+            .unwrap(),
+        (None, None)
+    );
     assert!(
-        subject
-            .store
-            .expired(s.expire_time, 10)
+        store
+            .expired(moved.expire_time, 10)
             .await
             .unwrap()
             .is_empty()
-    );
-    assert_eq!(
-        request_ids(&subject.store.expired(moved.expire_time, 10).await.unwrap()),
-        ["r-1"]
-    );
-    subject.store.remove(&user("alice"), "r-1").await.unwrap();
-    assert_eq!(
-        redis
-            .upload_session_key_expiry(&user("alice"), "r-1")
-            .await
-            .unwrap(),
-        None
     );
 }
 

@@ -57,20 +57,26 @@ impl RedisMessageStore {
         )
     }
 
-    /// When the session's key disappears from Redis (Unix ms): `None` without a session, `-1`
-    /// if it never would. Only the tests ask (feature `testsuite`).
+    /// When the session's key and its owner's index of unfinished sessions disappear from
+    /// Redis (Unix ms): `None` for a key that does not exist, `-1` for one that never would.
+    /// Only the tests ask (feature `testsuite`).
     #[cfg(any(test, feature = "testsuite"))]
-    pub async fn upload_session_key_expiry(
+    pub async fn upload_key_expiries(
         &self,
         owner: &UserId,
         request_id: &str,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<(Option<i64>, Option<i64>), StoreError> {
         use fred::prelude::KeysInterface;
-        let at: i64 = self
+        let session: i64 = self
             .client
             .pexpire_time(self.keys.upload_session(owner, request_id))
             .await?;
-        Ok((at != -2).then_some(at))
+        let index: i64 = self
+            .client
+            .pexpire_time(self.keys.user_uploads(owner))
+            .await?;
+        let existing = |at: i64| (at != -2).then_some(at);
+        Ok((existing(session), existing(index)))
     }
 
     /// The session stored under `key` (a member of the expiry index), if any.
