@@ -72,6 +72,7 @@ pub struct Lease<'a> {
 
 /// What [`UploadSessionStore::open`] found.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // Returned once per upload, never stored.
 pub enum Opened {
     /// No live session had this request id: the given one was stored, its lease taken.
     Created,
