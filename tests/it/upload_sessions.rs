@@ -618,6 +618,15 @@ pub async fn expired_lists_exactly_the_unfinished_expired_sessions(backend: Back
             .unwrap(),
     );
     assert!(done.complete);
+    // Nor a writer that lost the lease writing after the completion.
+    let stale = UploadSession {
+        complete: false,
+        ..progressed(&done, 1)
+    };
+    assert!(matches!(
+        store.update(&stale, lease("w-old", t + MINUTE)).await,
+        Err(SessionError::LeaseLost)
+    ));
 
     assert!(store.expired(t + 99, 10).await.unwrap().is_empty());
     let due = store.expired(t + 250, 10).await.unwrap();
@@ -878,6 +887,39 @@ pub async fn redis_session_keys_expire_and_go_with_remove(backend: Backend) {
     );
 }
 
+/// Redis only: refused opens (too many, busy) write nothing, not even to the expiry index, so
+/// a caller cannot grow it by asking.
+pub async fn redis_refused_opens_leave_no_trace(backend: Backend) {
+    let subject = backend.subject().await;
+    let redis = subject.redis.as_ref().expect("a redis backend");
+    let store = &subject.store;
+    let t = real_now();
+    let s = session("alice", "r-0", t, 10 * MINUTE);
+    created(store.open(&s, lease("a", t + MINUTE), t, 1).await.unwrap());
+    assert_eq!(redis.upload_expiry_index_len().await.unwrap(), 1);
+    for i in 1..=20 {
+        let refused = session("alice", &format!("r-{i}"), t, 10 * MINUTE);
+        assert!(matches!(
+            store.open(&refused, lease("a", t + MINUTE), t, 1).await,
+            Err(SessionError::TooMany { limit: 1 })
+        ));
+        assert!(matches!(
+            store
+                .open(&s, lease(&format!("b{i}"), t + MINUTE), t, 1)
+                .await,
+            Err(SessionError::Busy)
+        ));
+    }
+    assert_eq!(redis.upload_expiry_index_len().await.unwrap(), 1);
+    assert_eq!(
+        redis
+            .upload_key_expiries(&user("alice"), "r-7")
+            .await
+            .unwrap(),
+        (None, Some(s.expire_time + SESSION_GRACE_MS))
+    );
+}
+
 /// The data directory only: files are named by digest, never by caller input, and no
 /// temporary file is left behind.
 pub async fn fs_file_names_never_carry_caller_input(backend: Backend) {
@@ -1050,7 +1092,10 @@ mod redis_only {
             redis = super::super::Backend::Redis,
             redis_cluster = super::super::Backend::RedisCluster;
         runtime: (flavor = "multi_thread", worker_threads = 2);
-        tests: [redis_session_keys_expire_and_go_with_remove]
+        tests: [
+            redis_session_keys_expire_and_go_with_remove,
+            redis_refused_opens_leave_no_trace,
+        ]
     }
 }
 

@@ -13,17 +13,15 @@
 //! [`SESSION_GRACE_MS`] after `expire_time` (`PEXPIREAT`), so a session nobody removes still
 //! leaves Redis, while the janitor can read it right after it expired.
 //!
-//! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: `open` adds
-//! the session before its script (`ZADD LT`, so a retry never postpones an entry), `update` and
-//! `remove` fix it after theirs. It is a hint: [`UploadSessionStore::expired`] re-reads every
-//! session it names, drops entries whose session is gone or complete, and moves those not yet
-//! expired to their real expiry.
+//! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: a session
+//! is added once `open` created it and again with every unfinished `update` (sent together with
+//! the update's script, so no extra wait), and dropped after it completes or is removed. Refused
+//! calls add nothing, so callers cannot grow it. It is a hint: [`UploadSessionStore::expired`]
+//! re-reads every session it names, drops entries whose session is gone or complete, and moves
+//! those not yet expired to their real expiry.
 
 use async_trait::async_trait;
-use fred::{
-    prelude::{HashesInterface, SortedSetsInterface},
-    types::sorted_sets::Ordering,
-};
+use fred::prelude::{HashesInterface, SortedSetsInterface};
 use futures::future::try_join_all;
 
 use super::RedisMessageStore;
@@ -79,6 +77,31 @@ impl RedisMessageStore {
         Ok((existing(session), existing(index)))
     }
 
+    /// Lists the session under `key` in the expiry index. A failure is logged, not returned: the
+    /// session's next update writes the entry again.
+    async fn index_expiry(&self, key: &str, expire_time: UnixMillis) {
+        let added: Result<i64, _> = self
+            .client
+            .zadd(
+                self.keys.upload_expiry(),
+                None,
+                None,
+                false,
+                false,
+                (expire_time as f64, key),
+            )
+            .await;
+        if let Err(error) = added {
+            tracing::warn!(%error, "upload expiry index update failed");
+        }
+    }
+
+    /// Entries in the expiry index. Only the tests ask (feature `testsuite`).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub async fn upload_expiry_index_len(&self) -> Result<u64, StoreError> {
+        Ok(self.client.zcard(self.keys.upload_expiry()).await?)
+    }
+
     /// The session stored under `key` (a member of the expiry index), if any.
     async fn session_at(&self, key: &str) -> Result<Option<UploadSession>, StoreError> {
         let state: Option<String> = self.client.hget(key, "state").await?;
@@ -96,22 +119,6 @@ impl UploadSessionStore for RedisMessageStore {
         max_open: u32,
     ) -> SessionResult<Opened> {
         let (key, digest) = self.session_names(&new.owner, &new.request_id);
-        if !new.complete {
-            // Before the script, so a session is never stored unindexed; LT keeps an existing
-            // entry's earlier expiry.
-            let _: i64 = self
-                .client
-                .zadd(
-                    self.keys.upload_expiry(),
-                    None,
-                    Some(Ordering::LessThan),
-                    false,
-                    false,
-                    (new.expire_time as f64, key.as_str()),
-                )
-                .await
-                .map_err(StoreError::from)?;
-        }
         let (holder, until) = if new.complete {
             ("", 0)
         } else {
@@ -122,7 +129,7 @@ impl UploadSessionStore for RedisMessageStore {
             .upload_open
             .run(
                 &self.client,
-                vec![key, self.keys.user_uploads(&new.owner)],
+                vec![key.clone(), self.keys.user_uploads(&new.owner)],
                 vec![
                     encode(new)?,
                     holder.to_owned(),
@@ -138,7 +145,12 @@ impl UploadSessionStore for RedisMessageStore {
             )
             .await?;
         match reply.status() {
-            "created" => Ok(Opened::Created),
+            "created" => {
+                if !new.complete {
+                    self.index_expiry(&key, new.expire_time).await;
+                }
+                Ok(Opened::Created)
+            }
             "existing" => Ok(Opened::Existing(decode(reply.field(0)?)?)),
             "busy" => Err(SessionError::Busy),
             "too_many" => Err(SessionError::TooMany { limit: max_open }),
@@ -190,51 +202,43 @@ impl UploadSessionStore for RedisMessageStore {
 
     async fn update(&self, session: &UploadSession, lease: Lease<'_>) -> SessionResult<()> {
         let (key, digest) = self.session_names(&session.owner, &session.request_id);
-        let reply = self
-            .scripts
-            .upload_update
-            .run(
-                &self.client,
-                vec![key.clone(), self.keys.user_uploads(&session.owner)],
-                vec![
-                    encode(session)?,
-                    lease.holder.to_owned(),
-                    lease.until.to_string(),
-                    session.committed_size.to_string(),
-                    flag(session.complete),
-                    session.expire_time.to_string(),
-                    SESSION_GRACE_MS.to_string(),
-                    digest,
-                ],
-            )
-            .await?;
+        let script = self.scripts.upload_update.run(
+            &self.client,
+            vec![key.clone(), self.keys.user_uploads(&session.owner)],
+            vec![
+                encode(session)?,
+                lease.holder.to_owned(),
+                lease.until.to_string(),
+                session.committed_size.to_string(),
+                flag(session.complete),
+                session.expire_time.to_string(),
+                SESSION_GRACE_MS.to_string(),
+                digest,
+            ],
+        );
+        // An unfinished session is (re)indexed beside every update, in the same round trip:
+        // this repairs an entry its `open` failed to write, and a stale entry written for an
+        // update that turns out refused is dropped by `expired`.
+        let reply = if session.complete {
+            script.await?
+        } else {
+            let (reply, ()) = tokio::join!(script, self.index_expiry(&key, session.expire_time));
+            reply?
+        };
         match reply.status() {
             "updated" => {}
             "lease_lost" => return Err(SessionError::LeaseLost),
             _ => return Err(reply.unexpected().into()),
         }
-        // The expiry index changes only when the session completes or moves its expiry; an
-        // ordinary progress update is the one script.
-        let index = self.keys.upload_expiry();
-        let fixed: Result<i64, _> = if session.complete {
-            self.client.zrem(index, key.as_str()).await
-        } else if reply.field(0)? != session.expire_time.to_string() {
-            self.client
-                .zadd(
-                    index,
-                    None,
-                    None,
-                    false,
-                    false,
-                    (session.expire_time as f64, key.as_str()),
-                )
-                .await
-        } else {
-            Ok(0)
-        };
-        if let Err(error) = fixed {
-            // The session stands; `expired` corrects a stale entry when it meets it.
-            tracing::warn!(%error, "upload expiry index update failed");
+        if session.complete {
+            let removed: Result<i64, _> = self
+                .client
+                .zrem(self.keys.upload_expiry(), key.as_str())
+                .await;
+            if let Err(error) = removed {
+                // The session stands; `expired` drops the entry when it meets it.
+                tracing::warn!(%error, "upload expiry index update failed");
+            }
         }
         Ok(())
     }
