@@ -12,6 +12,9 @@
 //! reads more files than the sessions it returns. Leases live only in memory: no writer survives
 //! a restart, so after one every unfinished session is free to continue at once.
 //!
+//! `open` over an expired, unfinished session keeps the old one under
+//! [`retired_request_id`] (it is due at once), so its staged bytes still reach the janitor.
+//!
 //! Every call runs under one lock, so each check-and-set is atomic within the process (the
 //! directory belongs to one process, like the filesystem blob store). Complete sessions past
 //! their `expire_time` are deleted by [`UploadSessionStore::expired`] (the janitor only removes
@@ -31,7 +34,10 @@ use super::{
         Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
     },
 };
-use crate::{ids::UserId, messaging::model::UnixMillis};
+use crate::{
+    ids::{FileId, UserId},
+    messaging::model::UnixMillis,
+};
 
 /// The directory under `storage.data_dir` that holds the session files.
 pub const SESSIONS_DIR: &str = "sessions";
@@ -54,6 +60,14 @@ pub fn session_digest(owner: &UserId, request_id: &str) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
+}
+
+/// The name an expired, unfinished session keeps when [`UploadSessionStore::open`] replaces it:
+/// listed by [`UploadSessionStore::expired`] under this `request_id`, so the janitor discards its
+/// staged bytes and removes it by this name, never touching its successor. Request ids never
+/// contain control characters, so no caller can name it.
+pub fn retired_request_id(request_id: &str, file_id: &FileId) -> String {
+    format!("{request_id}\u{0}replaced:{file_id}")
 }
 
 /// The [`UploadSessionStore`] of the zero-setup default; see the module docs.
@@ -268,6 +282,18 @@ impl UploadSessionStore for FsUploadSessionStore {
         // counts as neither open nor live.
         if !new.complete && index.open_count(&new.owner, now) >= max_open as usize {
             return Err(SessionError::TooMany { limit: max_open });
+        }
+        if index
+            .sessions
+            .get(&digest)
+            .is_some_and(|entry| !entry.complete)
+        {
+            // Unfinished, its staged bytes still wait for the janitor: keep it for `expired`.
+            let mut retired = self.read(&digest).await?;
+            retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
+            let retired_digest = session_digest(&retired.owner, &retired.request_id);
+            self.write(&retired_digest, &retired).await?;
+            index.insert(retired_digest, Entry::of(&retired));
         }
         self.write(&digest, new).await?;
         let mut entry = Entry::of(new);

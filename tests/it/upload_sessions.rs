@@ -575,6 +575,84 @@ pub async fn sessions_past_their_expiry_are_absent(backend: Backend) {
     );
 }
 
+/// `open` replaces an expired session, but an unfinished one keeps waiting for the janitor
+/// (under a name of its own), so its staged bytes are still discarded; removing it by that name
+/// leaves its successor alone.
+pub async fn an_expired_session_in_the_way_stays_due(backend: Backend) {
+    let subject = backend.subject().await;
+    let store = &subject.store;
+    let t = real_now();
+    let first = session("alice", "r-1", t, 1_000);
+    created(store.open(&first, lease("a", t + 500), t, 1).await.unwrap());
+    let old = progressed(&first, 2);
+    store.update(&old, lease("a", t + 500)).await.unwrap();
+
+    // Past its expiry, a new upload under the same request id (at a limit of one).
+    let new = session("alice", "r-1", t + 1_000, 10 * MINUTE);
+    created(
+        store
+            .open(&new, lease("b", t + MINUTE), t + 1_000, 1)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        store.get(&user("alice"), "r-1", t + 1_000).await.unwrap(),
+        Some(new.clone())
+    );
+
+    let due = store.expired(t + 1_000, 10).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    let retired = &due[0];
+    assert_ne!(retired.request_id, "r-1");
+    assert!(
+        retired.request_id.starts_with("r-1\u{0}"),
+        "{:?}",
+        retired.request_id
+    );
+    assert_eq!(
+        UploadSession {
+            request_id: "r-1".to_owned(),
+            ..retired.clone()
+        },
+        old
+    );
+    // Invisible to the caller, not counted, and the new session's lease is untouched.
+    assert_eq!(
+        store
+            .get(&user("alice"), &retired.request_id, t + 1_000)
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .remove(&user("alice"), &retired.request_id)
+        .await
+        .unwrap();
+    assert!(store.expired(t + 1_000, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.get(&user("alice"), "r-1", t + 1_000).await.unwrap(),
+        Some(new.clone())
+    );
+    store
+        .update(&progressed(&new, 1), lease("b", t + MINUTE))
+        .await
+        .unwrap();
+
+    // A complete session in the way has nothing left to discard: it is simply replaced.
+    store
+        .update(&completed(&progressed(&new, 1)), lease("b", t + MINUTE))
+        .await
+        .unwrap();
+    let later = session("alice", "r-1", new.expire_time, 10 * MINUTE);
+    created(
+        store
+            .open(&later, lease("c", t + MINUTE), new.expire_time, 1)
+            .await
+            .unwrap(),
+    );
+    assert!(store.expired(new.expire_time, 10).await.unwrap().is_empty());
+}
+
 /// Sessions in various states; returns `t`.
 async fn mixed_sessions(store: &dyn UploadSessionStore) -> i64 {
     let t = real_now();
@@ -1076,6 +1154,7 @@ crate::support::suite! {
         too_many_unfinished_sessions_are_refused,
         release_lets_another_writer_continue_at_once,
         sessions_past_their_expiry_are_absent,
+        an_expired_session_in_the_way_stays_due,
         expired_lists_exactly_the_unfinished_expired_sessions,
         sessions_survive_a_restart,
         remove_forgets_the_session,

@@ -13,6 +13,10 @@
 //! [`SESSION_GRACE_MS`] after `expire_time` (`PEXPIREAT`), so a session nobody removes still
 //! leaves Redis, while the janitor can read it right after it expired.
 //!
+//! An expired, unfinished session that `open` finds in the way is first moved to its
+//! [`retired_request_id`] (`upload_retire.lua`, indexed for the janitor before the move), then
+//! the open runs again; the janitor discards and removes it under that name.
+//!
 //! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: a session
 //! is added once `open` created it and again with every unfinished `update` (sent together with
 //! the update's script, so no extra wait), and dropped after it completes or is removed. Refused
@@ -29,7 +33,7 @@ use crate::{
     ids::UserId,
     messaging::model::UnixMillis,
     store::{
-        fs_sessions::session_digest,
+        fs_sessions::{retired_request_id, session_digest},
         messages::StoreError,
         upload_sessions::{
             Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
@@ -40,6 +44,9 @@ use crate::{
 /// How long a session key outlives its `expire_time` in Redis: the janitor's window to abort
 /// its staged bytes before Redis forgets where they are.
 pub const SESSION_GRACE_MS: i64 = 60 * 60 * 1000;
+/// Runs of the open script: one, another after retiring an expired session in the way, and a
+/// last one if that session changed meanwhile.
+const OPEN_ATTEMPTS: usize = 3;
 /// Most expiry-index entries one `expired` round trip reads.
 const EXPIRY_PAGE: usize = 200;
 /// Rounds of `expired` before it returns what it found (each round removes or moves every stale
@@ -75,6 +82,50 @@ impl RedisMessageStore {
             .await?;
         let existing = |at: i64| (at != -2).then_some(at);
         Ok((existing(session), existing(index)))
+    }
+
+    /// Moves the expired, unfinished session stored under `key` (read as `state`) to its
+    /// retired name, indexed for the janitor first, unless it changed meanwhile.
+    async fn retire(&self, key: &str, state: &str) -> Result<(), StoreError> {
+        let mut retired = decode(state)?;
+        retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
+        let retired_key = self
+            .keys
+            .upload_session(&retired.owner, &retired.request_id);
+        let _: i64 = self
+            .client
+            .zadd(
+                self.keys.upload_expiry(),
+                None,
+                None,
+                false,
+                false,
+                (retired.expire_time as f64, retired_key.as_str()),
+            )
+            .await?;
+        let reply = self
+            .scripts
+            .upload_retire
+            .run(
+                &self.client,
+                vec![
+                    key.to_owned(),
+                    self.keys.user_uploads(&retired.owner),
+                    retired_key,
+                ],
+                vec![
+                    state.to_owned(),
+                    encode(&retired)?,
+                    retired.committed_size.to_string(),
+                    retired.expire_time.to_string(),
+                    SESSION_GRACE_MS.to_string(),
+                ],
+            )
+            .await?;
+        match reply.status() {
+            "retired" | "changed" => Ok(()),
+            _ => Err(reply.unexpected()),
+        }
     }
 
     /// Lists the session under `key` in the expiry index. A failure is logged, not returned: the
@@ -124,38 +175,51 @@ impl UploadSessionStore for RedisMessageStore {
         } else {
             (lease.holder, lease.until)
         };
-        let reply = self
-            .scripts
-            .upload_open
-            .run(
-                &self.client,
-                vec![key.clone(), self.keys.user_uploads(&new.owner)],
-                vec![
-                    encode(new)?,
-                    holder.to_owned(),
-                    until.to_string(),
-                    now.to_string(),
-                    max_open.to_string(),
-                    new.committed_size.to_string(),
-                    flag(new.complete),
-                    new.expire_time.to_string(),
-                    SESSION_GRACE_MS.to_string(),
-                    digest,
-                ],
-            )
-            .await?;
-        match reply.status() {
-            "created" => {
-                if !new.complete {
-                    self.index_expiry(&key, new.expire_time).await;
+        let json = encode(new)?;
+        // A retired session is out of the way, so the second attempt decides; a third covers
+        // a session that changed in between.
+        for _ in 0..OPEN_ATTEMPTS {
+            let reply = self
+                .scripts
+                .upload_open
+                .run(
+                    &self.client,
+                    vec![key.clone(), self.keys.user_uploads(&new.owner)],
+                    vec![
+                        json.clone(),
+                        holder.to_owned(),
+                        until.to_string(),
+                        now.to_string(),
+                        max_open.to_string(),
+                        new.committed_size.to_string(),
+                        flag(new.complete),
+                        new.expire_time.to_string(),
+                        SESSION_GRACE_MS.to_string(),
+                        digest.clone(),
+                    ],
+                )
+                .await?;
+            return match reply.status() {
+                "created" => {
+                    if !new.complete {
+                        self.index_expiry(&key, new.expire_time).await;
+                    }
+                    Ok(Opened::Created)
                 }
-                Ok(Opened::Created)
-            }
-            "existing" => Ok(Opened::Existing(decode(reply.field(0)?)?)),
-            "busy" => Err(SessionError::Busy),
-            "too_many" => Err(SessionError::TooMany { limit: max_open }),
-            _ => Err(reply.unexpected().into()),
+                "existing" => Ok(Opened::Existing(decode(reply.field(0)?)?)),
+                "busy" => Err(SessionError::Busy),
+                "too_many" => Err(SessionError::TooMany { limit: max_open }),
+                "retire" => {
+                    self.retire(&key, reply.field(0)?).await?;
+                    continue;
+                }
+                _ => Err(reply.unexpected().into()),
+            };
         }
+        Err(StoreError::Unavailable(
+            "the upload session kept changing while it was being opened".into(),
+        )
+        .into())
     }
 
     async fn acquire(
