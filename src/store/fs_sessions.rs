@@ -10,7 +10,9 @@
 //! built by reading every file once at [`FsUploadSessionStore::open`]; the per-owner count of
 //! unfinished sessions (`max_open`) and [`UploadSessionStore::expired`] come from it, so no call
 //! reads more files than the sessions it returns. Leases live only in memory: no writer survives
-//! a restart, so after one every unfinished session is free to continue at once.
+//! a restart, so after one every unfinished session is free to continue at once. Like the Redis
+//! store, `update` and `renew` are fenced by the holder (the store reads no clock): a writer keeps
+//! its lease until it releases it or another takes it over after the lease's end.
 //!
 //! `open` over an expired, unfinished session keeps the old one under
 //! [`retired_request_id`] (it is due at once), so its staged bytes still reach the janitor.

@@ -8,8 +8,9 @@
 //!
 //! `<digest>` is the hex SHA-256 of the owner and the request id, length-prefixed (as for
 //! `P:{u:USER}:req:`). A session and its owner's index share the slot `{u:USER}`, so each call is
-//! one script there (see `upload_prelude.lua`), fenced by the lease: holder and lease end are
-//! compared with the clock values the caller passes. The session key expires
+//! one script there (see `upload_prelude.lua`). Leases compare the lease end with the `now` the
+//! caller passes (the store reads no clock); `update` and `renew` are fenced by the holder, which
+//! keeps its lease until it releases it or another writer takes it over. The session key expires
 //! [`SESSION_GRACE_MS`] after `expire_time` (`PEXPIREAT`), so a session nobody removes still
 //! leaves Redis, while the janitor can read it right after it expired.
 //!
