@@ -72,6 +72,11 @@ pub fn retired_request_id(request_id: &str, file_id: &FileId) -> String {
     format!("{request_id}\u{0}replaced:{file_id}")
 }
 
+/// Whether `request_id` is a [`retired_request_id`].
+pub fn is_retired(request_id: &str) -> bool {
+    request_id.contains('\u{0}')
+}
+
 /// The [`UploadSessionStore`] of the zero-setup default; see the module docs.
 pub struct FsUploadSessionStore {
     dir: PathBuf,
@@ -248,6 +253,18 @@ impl FsUploadSessionStore {
         Ok(())
     }
 
+    /// Moves the session `digest` names to its [`retired_request_id`] and returns it so.
+    async fn retire(&self, index: &mut Index, digest: &str) -> Result<UploadSession, StoreError> {
+        let mut retired = self.read(digest).await?;
+        retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
+        let retired_digest = session_digest(&retired.owner, &retired.request_id);
+        self.write(&retired_digest, &retired).await?;
+        index.insert(retired_digest, Entry::of(&retired));
+        self.delete(digest).await?;
+        index.forget(digest);
+        Ok(retired)
+    }
+
     async fn delete(&self, digest: &str) -> Result<(), StoreError> {
         match tokio::fs::remove_file(self.path(digest)).await {
             Ok(()) => Ok(()),
@@ -291,11 +308,7 @@ impl UploadSessionStore for FsUploadSessionStore {
             .is_some_and(|entry| !entry.complete)
         {
             // Unfinished, its staged bytes still wait for the janitor: keep it for `expired`.
-            let mut retired = self.read(&digest).await?;
-            retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
-            let retired_digest = session_digest(&retired.owner, &retired.request_id);
-            self.write(&retired_digest, &retired).await?;
-            index.insert(retired_digest, Entry::of(&retired));
+            self.retire(&mut index, &digest).await?;
         }
         self.write(&digest, new).await?;
         let mut entry = Entry::of(new);
@@ -414,16 +427,24 @@ impl UploadSessionStore for FsUploadSessionStore {
             self.delete(&digest).await?;
             index.forget(&digest);
         }
-        let mut due: Vec<(UnixMillis, &String)> = index
+        let mut due: Vec<(UnixMillis, String)> = index
             .sessions
             .iter()
             .filter(|(_, entry)| !entry.complete && !entry.is_live(now))
-            .map(|(digest, entry)| (entry.expire_time, digest))
+            .map(|(digest, entry)| (entry.expire_time, digest.clone()))
             .collect();
         due.sort_unstable();
         let mut sessions = Vec::with_capacity(due.len().min(limit));
         for (_, digest) in due.into_iter().take(limit) {
-            sessions.push(self.read(digest).await?);
+            let session = self.read(&digest).await?;
+            // Listed under its retired name only: whatever reuses the request id now is another
+            // session, which the janitor's remove cannot reach.
+            let session = if is_retired(&session.request_id) {
+                session
+            } else {
+                self.retire(&mut index, &digest).await?
+            };
+            sessions.push(session);
         }
         Ok(sessions)
     }

@@ -99,10 +99,11 @@ fn existing(opened: Opened) -> UploadSession {
     }
 }
 
+/// The request ids the sessions were created under (`expired` lists them under retired names).
 fn request_ids(sessions: &[UploadSession]) -> Vec<&str> {
     sessions
         .iter()
-        .map(|session| session.request_id.as_str())
+        .map(|session| session.request_id.split('\u{0}').next().unwrap())
         .collect()
 }
 
@@ -713,25 +714,53 @@ pub async fn expired_lists_exactly_the_unfinished_expired_sessions(backend: Back
         due.iter()
             .all(|session| session.committed_size == session.part_size)
     );
-    // Earliest first, at most `limit`.
+    // Listed, they are the janitor's: their writer is fenced off, and an upload reusing a
+    // request id is another session, which the janitor's remove does not touch.
+    let original = UploadSession {
+        request_id: "due-1".to_owned(),
+        ..due[0].clone()
+    };
+    assert!(matches!(
+        store
+            .update(&progressed(&original, 1), lease("w", t + MINUTE))
+            .await,
+        Err(SessionError::LeaseLost)
+    ));
+    let reused = session("bob", "due-2", t + 250, 10 * MINUTE);
+    created(
+        store
+            .open(&reused, lease("n", t + MINUTE), t + 250, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    store
+        .remove(&due[1].owner, &due[1].request_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&user("bob"), "due-2", t + 250).await.unwrap(),
+        Some(reused)
+    );
+    // Earliest first, at most `limit`; listing again lists the same.
     assert_eq!(
         request_ids(&store.expired(t + 250, 1).await.unwrap()),
         ["due-1"]
     );
     // At exactly expire_time a session is due.
+    let due = store.expired(t + 300, 10).await.unwrap();
+    assert_eq!(request_ids(&due), ["due-1", "due-3"]);
+    store
+        .remove(&due[0].owner, &due[0].request_id)
+        .await
+        .unwrap();
     assert_eq!(
         request_ids(&store.expired(t + 300, 10).await.unwrap()),
-        ["due-1", "due-2", "due-3"]
-    );
-    store.remove(&user("alice"), "due-1").await.unwrap();
-    assert_eq!(
-        request_ids(&store.expired(t + 300, 10).await.unwrap()),
-        ["due-2", "due-3"]
+        ["due-3"]
     );
     // Much later: every unfinished one, never the complete one.
     assert_eq!(
         request_ids(&store.expired(t + 20 * MINUTE, 10).await.unwrap()),
-        ["due-2", "due-3", "live"]
+        ["due-3", "live", "due-2"]
     );
     assert!(store.expired(t + 20 * MINUTE, 0).await.unwrap().is_empty());
 }
@@ -757,10 +786,6 @@ pub async fn sessions_survive_a_restart(backend: Backend) {
     // The complete one still answers a retry.
     let done = store.get(&user("bob"), "done", t).await.unwrap().unwrap();
     assert!(done.complete && done.committed_size == done.part_size);
-    assert_eq!(
-        request_ids(&store.expired(t + 250, 10).await.unwrap()),
-        ["due-1", "due-2"]
-    );
     // The unfinished sessions still count: alice has "live" (and two that expire at t+100
     // and t+300).
     let more = session("alice", "more", t, 10 * MINUTE);
@@ -768,6 +793,10 @@ pub async fn sessions_survive_a_restart(backend: Backend) {
         store.open(&more, lease("x", t + MINUTE), t, 3).await,
         Err(SessionError::TooMany { limit: 3 })
     ));
+    assert_eq!(
+        request_ids(&store.expired(t + 250, 10).await.unwrap()),
+        ["due-1", "due-2"]
+    );
     assert!(matches!(
         store.open(&more, lease("x", t + MINUTE), t + 300, 1).await,
         Err(SessionError::TooMany { limit: 1 })
@@ -943,19 +972,20 @@ pub async fn redis_session_keys_expire_and_go_with_remove(backend: Backend) {
         request_ids(&store.expired(s.expire_time, 10).await.unwrap()),
         ["r-2"]
     );
-    assert_eq!(
-        request_ids(&store.expired(moved.expire_time, 10).await.unwrap()),
-        ["r-2", "r-1"]
-    );
-    store.remove(&user("alice"), "r-1").await.unwrap();
-    store.remove(&user("alice"), "r-2").await.unwrap();
-    assert_eq!(
-        redis
-            .upload_key_expiries(&user("alice"), "r-1")
+    let due = store.expired(moved.expire_time, 10).await.unwrap();
+    assert_eq!(request_ids(&due), ["r-2", "r-1"]);
+    // Listed under their retired names, they keep their expiry in Redis, until removed.
+    for session in &due {
+        let (key_expiry, _) = redis
+            .upload_key_expiries(&session.owner, &session.request_id)
             .await
-            .unwrap(),
-        (None, None)
-    );
+            .unwrap();
+        assert_eq!(key_expiry, Some(session.expire_time + SESSION_GRACE_MS));
+        store
+            .remove(&session.owner, &session.request_id)
+            .await
+            .unwrap();
+    }
     assert!(
         store
             .expired(moved.expire_time, 10)
@@ -963,6 +993,35 @@ pub async fn redis_session_keys_expire_and_go_with_remove(backend: Backend) {
             .unwrap()
             .is_empty()
     );
+    // A live session removed leaves nothing either: no session key, no owner's index.
+    let live = session("alice", "r-3", t, 10 * MINUTE);
+    created(
+        store
+            .open(&live, lease("a", t + MINUTE), t, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    store.remove(&user("alice"), "r-3").await.unwrap();
+    for request_id in ["r-1", "r-2", "r-3"] {
+        assert_eq!(
+            redis
+                .upload_key_expiries(&user("alice"), request_id)
+                .await
+                .unwrap(),
+            (None, None)
+        );
+    }
+    for session in &due {
+        assert_eq!(
+            redis
+                .upload_key_expiries(&session.owner, &session.request_id)
+                .await
+                .unwrap()
+                .0,
+            None
+        );
+    }
+    assert_eq!(redis.upload_expiry_index_len().await.unwrap(), 0);
 }
 
 /// Redis only: refused opens (too many, busy) write nothing, not even to the expiry index, so

@@ -25,6 +25,8 @@
 //! re-reads every session it names, drops entries whose session is gone or complete, and moves
 //! those not yet expired to their real expiry.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use fred::prelude::{HashesInterface, SortedSetsInterface};
 use futures::future::try_join_all;
@@ -34,7 +36,7 @@ use crate::{
     ids::UserId,
     messaging::model::UnixMillis,
     store::{
-        fs_sessions::{retired_request_id, session_digest},
+        fs_sessions::{is_retired, retired_request_id, session_digest},
         messages::StoreError,
         upload_sessions::{
             Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
@@ -86,9 +88,15 @@ impl RedisMessageStore {
     }
 
     /// Moves the expired, unfinished session stored under `key` (read as `state`) to its
-    /// retired name, indexed for the janitor first, unless it changed meanwhile.
-    async fn retire(&self, key: &str, state: &str) -> Result<(), StoreError> {
+    /// retired name, indexed for the janitor first, unless it changed meanwhile; returns it
+    /// under that name when it moved, with the retired name's key.
+    async fn retire(
+        &self,
+        key: &str,
+        state: &str,
+    ) -> Result<Option<(String, UploadSession)>, StoreError> {
         let mut retired = decode(state)?;
+        let digest = session_digest(&retired.owner, &retired.request_id);
         retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
         let retired_key = self
             .keys
@@ -112,7 +120,7 @@ impl RedisMessageStore {
                 vec![
                     key.to_owned(),
                     self.keys.user_uploads(&retired.owner),
-                    retired_key,
+                    retired_key.clone(),
                 ],
                 vec![
                     state.to_owned(),
@@ -120,11 +128,13 @@ impl RedisMessageStore {
                     retired.committed_size.to_string(),
                     retired.expire_time.to_string(),
                     SESSION_GRACE_MS.to_string(),
+                    digest,
                 ],
             )
             .await?;
         match reply.status() {
-            "retired" | "changed" => Ok(()),
+            "retired" => Ok(Some((retired_key, retired))),
+            "changed" => Ok(None),
             _ => Err(reply.unexpected()),
         }
     }
@@ -154,10 +164,13 @@ impl RedisMessageStore {
         Ok(self.client.zcard(self.keys.upload_expiry()).await?)
     }
 
-    /// The session stored under `key` (a member of the expiry index), if any.
-    async fn session_at(&self, key: &str) -> Result<Option<UploadSession>, StoreError> {
+    /// The session stored under `key` (a member of the expiry index), if any, with its JSON as
+    /// stored.
+    async fn session_at(&self, key: &str) -> Result<Option<(String, UploadSession)>, StoreError> {
         let state: Option<String> = self.client.hget(key, "state").await?;
-        state.as_deref().map(decode).transpose()
+        state
+            .map(|state| decode(&state).map(|session| (state, session)))
+            .transpose()
     }
 }
 
@@ -262,6 +275,7 @@ impl UploadSessionStore for RedisMessageStore {
         Ok(self
             .session_at(&key)
             .await?
+            .map(|(_, session)| session)
             .filter(|session| session.expire_time > now))
     }
 
@@ -376,14 +390,16 @@ impl UploadSessionStore for RedisMessageStore {
     ) -> Result<Vec<UploadSession>, StoreError> {
         let index = self.keys.upload_expiry();
         let mut found = Vec::new();
-        // Entries before `kept` are due sessions already listed (or unreadable ones, left for
-        // an operator); every other entry met is removed or moved past `now`.
-        let mut kept = 0usize;
+        // Index entries met in this call: listed, unreadable (left for an operator) or being
+        // retired; every other entry met is removed or moved past `now`, so each round reads
+        // entries it has not seen.
+        let mut seen = HashSet::new();
         for _ in 0..EXPIRY_ROUNDS {
             if found.len() >= limit {
                 break;
             }
             let wanted = (limit - found.len()).min(EXPIRY_PAGE);
+            let count = seen.len() + wanted;
             let members: Vec<String> = self
                 .client
                 .zrangebyscore(
@@ -391,10 +407,18 @@ impl UploadSessionStore for RedisMessageStore {
                     "-inf".to_owned(),
                     now,
                     false,
-                    Some((i64::try_from(kept).unwrap_or(i64::MAX), wanted as i64)),
+                    Some((0, i64::try_from(count).unwrap_or(i64::MAX))),
                 )
                 .await?;
-            let sessions = try_join_all(members.iter().map(|key| async move {
+            let fresh: Vec<String> = members
+                .iter()
+                .filter(|key| !seen.contains(*key))
+                .cloned()
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            let sessions = try_join_all(fresh.iter().map(|key| async move {
                 // A session that cannot be decoded is kept in the index and skipped, so one bad
                 // record does not stop the janitor.
                 match self.session_at(key).await {
@@ -406,35 +430,43 @@ impl UploadSessionStore for RedisMessageStore {
                 }
             }))
             .await?;
-            for (key, session) in members.iter().zip(sessions) {
-                let fixed: i64 = match session {
-                    Err(()) => {
-                        kept += 1;
+            for (key, session) in fresh.into_iter().zip(sessions) {
+                seen.insert(key.clone());
+                let (state, session) = match session {
+                    // Unreadable: left in the index, skipped.
+                    Err(()) => continue,
+                    Ok(Some(stored)) => stored,
+                    // Gone: nothing left for the janitor.
+                    Ok(None) => {
+                        let _: i64 = self.client.zrem(&index, key.as_str()).await?;
                         continue;
                     }
-                    Ok(Some(session)) if !session.complete && session.expire_time <= now => {
-                        kept += 1;
-                        found.push(session);
-                        continue;
-                    }
-                    Ok(Some(session)) if !session.complete => {
-                        self.client
-                            .zadd(
-                                &index,
-                                None,
-                                None,
-                                false,
-                                false,
-                                (session.expire_time as f64, key.as_str()),
-                            )
-                            .await?
-                    }
-                    // Gone, or complete: nothing left for the janitor.
-                    Ok(_) => self.client.zrem(&index, key.as_str()).await?,
                 };
-                let _ = fixed;
+                if session.complete {
+                    let _: i64 = self.client.zrem(&index, key.as_str()).await?;
+                } else if session.expire_time > now {
+                    let _: i64 = self
+                        .client
+                        .zadd(
+                            &index,
+                            None,
+                            None,
+                            false,
+                            false,
+                            (session.expire_time as f64, key.as_str()),
+                        )
+                        .await?;
+                } else if is_retired(&session.request_id) {
+                    found.push(session);
+                } else if let Some((retired_key, retired)) = self.retire(&key, &state).await? {
+                    // Listed under its retired name only: whatever reuses the request id now
+                    // is another session, which the janitor's remove cannot reach.
+                    let _: i64 = self.client.zrem(&index, key.as_str()).await?;
+                    seen.insert(retired_key);
+                    found.push(retired);
+                }
             }
-            if members.len() < wanted {
+            if members.len() < count {
                 break;
             }
         }
