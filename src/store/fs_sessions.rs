@@ -14,8 +14,11 @@
 //! store, `update` and `renew` are fenced by the holder (the store reads no clock): a writer keeps
 //! its lease until it releases it or another takes it over after the lease's end.
 //!
-//! `open` over an expired, unfinished session keeps the old one under
-//! [`retired_request_id`] (it is due at once), so its staged bytes still reach the janitor.
+//! An expired, unfinished session is handed to the janitor under its [`retired_request_id`]:
+//! [`UploadSessionStore::expired`] moves each due session there before listing it, and `open`
+//! moves one it finds in the way. So the janitor's `remove` never reaches an upload that reuses
+//! the request id, a late writer of the expired session gets `LeaseLost`, and staged bytes are
+//! never forgotten.
 //!
 //! Every call runs under one lock, so each check-and-set is atomic within the process (the
 //! directory belongs to one process, like the filesystem blob store). Complete sessions past

@@ -14,9 +14,11 @@
 //! [`SESSION_GRACE_MS`] after `expire_time` (`PEXPIREAT`), so a session nobody removes still
 //! leaves Redis, while the janitor can read it right after it expired.
 //!
-//! An expired, unfinished session that `open` finds in the way is first moved to its
-//! [`retired_request_id`] (`upload_retire.lua`, indexed for the janitor before the move), then
-//! the open runs again; the janitor discards and removes it under that name.
+//! An expired, unfinished session is handed to the janitor under its [`retired_request_id`]
+//! (`upload_retire.lua`, indexed before the move): [`UploadSessionStore::expired`] moves each due
+//! session there before listing it, and `open` moves one it finds in the way, then runs again.
+//! So the janitor's `remove` never reaches an upload that reuses the request id, a late writer
+//! of the expired session gets `LeaseLost`, and staged bytes are never forgotten.
 //!
 //! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: a session
 //! is added once `open` created it and again with every unfinished `update` (sent together with
