@@ -10,7 +10,15 @@
 //! built by reading every file once at [`FsUploadSessionStore::open`]; the per-owner count of
 //! unfinished sessions (`max_open`) and [`UploadSessionStore::expired`] come from it, so no call
 //! reads more files than the sessions it returns. Leases live only in memory: no writer survives
-//! a restart, so after one every unfinished session is free to continue at once.
+//! a restart, so after one every unfinished session is free to continue at once. Like the Redis
+//! store, `update` and `renew` are fenced by the holder (the store reads no clock): a writer keeps
+//! its lease until it releases it or another takes it over after the lease's end.
+//!
+//! An expired, unfinished session is handed to the janitor under its [`retired_request_id`]:
+//! [`UploadSessionStore::expired`] moves each due session there before listing it, and `open`
+//! moves one it finds in the way. So the janitor's `remove` never reaches an upload that reuses
+//! the request id, a late writer of the expired session gets `LeaseLost`, and staged bytes are
+//! never forgotten.
 //!
 //! Every call runs under one lock, so each check-and-set is atomic within the process (the
 //! directory belongs to one process, like the filesystem blob store). Complete sessions past
@@ -31,7 +39,10 @@ use super::{
         Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
     },
 };
-use crate::{ids::UserId, messaging::model::UnixMillis};
+use crate::{
+    ids::{FileId, UserId},
+    messaging::model::UnixMillis,
+};
 
 /// The directory under `storage.data_dir` that holds the session files.
 pub const SESSIONS_DIR: &str = "sessions";
@@ -54,6 +65,19 @@ pub fn session_digest(owner: &UserId, request_id: &str) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
+}
+
+/// The name an expired, unfinished session keeps when [`UploadSessionStore::open`] replaces it:
+/// listed by [`UploadSessionStore::expired`] under this `request_id`, so the janitor discards its
+/// staged bytes and removes it by this name, never touching its successor. Request ids never
+/// contain control characters, so no caller can name it.
+pub fn retired_request_id(request_id: &str, file_id: &FileId) -> String {
+    format!("{request_id}\u{0}replaced:{file_id}")
+}
+
+/// Whether `request_id` is a [`retired_request_id`].
+pub fn is_retired(request_id: &str) -> bool {
+    request_id.contains('\u{0}')
 }
 
 /// The [`UploadSessionStore`] of the zero-setup default; see the module docs.
@@ -232,6 +256,18 @@ impl FsUploadSessionStore {
         Ok(())
     }
 
+    /// Moves the session `digest` names to its [`retired_request_id`] and returns it so.
+    async fn retire(&self, index: &mut Index, digest: &str) -> Result<UploadSession, StoreError> {
+        let mut retired = self.read(digest).await?;
+        retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
+        let retired_digest = session_digest(&retired.owner, &retired.request_id);
+        self.write(&retired_digest, &retired).await?;
+        index.insert(retired_digest, Entry::of(&retired));
+        self.delete(digest).await?;
+        index.forget(digest);
+        Ok(retired)
+    }
+
     async fn delete(&self, digest: &str) -> Result<(), StoreError> {
         match tokio::fs::remove_file(self.path(digest)).await {
             Ok(()) => Ok(()),
@@ -268,6 +304,14 @@ impl UploadSessionStore for FsUploadSessionStore {
         // counts as neither open nor live.
         if !new.complete && index.open_count(&new.owner, now) >= max_open as usize {
             return Err(SessionError::TooMany { limit: max_open });
+        }
+        if index
+            .sessions
+            .get(&digest)
+            .is_some_and(|entry| !entry.complete)
+        {
+            // Unfinished, its staged bytes still wait for the janitor: keep it for `expired`.
+            self.retire(&mut index, &digest).await?;
         }
         self.write(&digest, new).await?;
         let mut entry = Entry::of(new);
@@ -386,16 +430,24 @@ impl UploadSessionStore for FsUploadSessionStore {
             self.delete(&digest).await?;
             index.forget(&digest);
         }
-        let mut due: Vec<(UnixMillis, &String)> = index
+        let mut due: Vec<(UnixMillis, String)> = index
             .sessions
             .iter()
             .filter(|(_, entry)| !entry.complete && !entry.is_live(now))
-            .map(|(digest, entry)| (entry.expire_time, digest))
+            .map(|(digest, entry)| (entry.expire_time, digest.clone()))
             .collect();
         due.sort_unstable();
         let mut sessions = Vec::with_capacity(due.len().min(limit));
         for (_, digest) in due.into_iter().take(limit) {
-            sessions.push(self.read(digest).await?);
+            let session = self.read(&digest).await?;
+            // Listed under its retired name only: whatever reuses the request id now is another
+            // session, which the janitor's remove cannot reach.
+            let session = if is_retired(&session.request_id) {
+                session
+            } else {
+                self.retire(&mut index, &digest).await?
+            };
+            sessions.push(session);
         }
         Ok(sessions)
     }

@@ -9,7 +9,8 @@
 //! - [`fs`]: the filesystem blob store ([`fs::FsBlobStore`]) under `storage.data_dir`.
 //! - [`upload_sessions`]: the [`upload_sessions::UploadSessionStore`] trait (resumable uploads).
 //! - [`fs_sessions`]: the data-directory upload session store
-//!   ([`fs_sessions::FsUploadSessionStore`]); Redis implements the trait too.
+//!   ([`fs_sessions::FsUploadSessionStore`]); the Redis store implements the trait too
+//!   ([`redis::upload_sessions`]).
 //! - [`s3`]: the S3 blob store (AWS or an S3-compatible server), shared by replicas.
 
 pub mod blobs;

@@ -99,10 +99,11 @@ fn existing(opened: Opened) -> UploadSession {
     }
 }
 
+/// The request ids the sessions were created under (`expired` lists them under retired names).
 fn request_ids(sessions: &[UploadSession]) -> Vec<&str> {
     sessions
         .iter()
-        .map(|session| session.request_id.as_str())
+        .map(|session| session.request_id.split('\u{0}').next().unwrap())
         .collect()
 }
 
@@ -575,6 +576,84 @@ pub async fn sessions_past_their_expiry_are_absent(backend: Backend) {
     );
 }
 
+/// `open` replaces an expired session, but an unfinished one keeps waiting for the janitor
+/// (under a name of its own), so its staged bytes are still discarded; removing it by that name
+/// leaves its successor alone.
+pub async fn an_expired_session_in_the_way_stays_due(backend: Backend) {
+    let subject = backend.subject().await;
+    let store = &subject.store;
+    let t = real_now();
+    let first = session("alice", "r-1", t, 1_000);
+    created(store.open(&first, lease("a", t + 500), t, 1).await.unwrap());
+    let old = progressed(&first, 2);
+    store.update(&old, lease("a", t + 500)).await.unwrap();
+
+    // Past its expiry, a new upload under the same request id (at a limit of one).
+    let new = session("alice", "r-1", t + 1_000, 10 * MINUTE);
+    created(
+        store
+            .open(&new, lease("b", t + MINUTE), t + 1_000, 1)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        store.get(&user("alice"), "r-1", t + 1_000).await.unwrap(),
+        Some(new.clone())
+    );
+
+    let due = store.expired(t + 1_000, 10).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    let retired = &due[0];
+    assert_ne!(retired.request_id, "r-1");
+    assert!(
+        retired.request_id.starts_with("r-1\u{0}"),
+        "{:?}",
+        retired.request_id
+    );
+    assert_eq!(
+        UploadSession {
+            request_id: "r-1".to_owned(),
+            ..retired.clone()
+        },
+        old
+    );
+    // Invisible to the caller, not counted, and the new session's lease is untouched.
+    assert_eq!(
+        store
+            .get(&user("alice"), &retired.request_id, t + 1_000)
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .remove(&user("alice"), &retired.request_id)
+        .await
+        .unwrap();
+    assert!(store.expired(t + 1_000, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.get(&user("alice"), "r-1", t + 1_000).await.unwrap(),
+        Some(new.clone())
+    );
+    store
+        .update(&progressed(&new, 1), lease("b", t + MINUTE))
+        .await
+        .unwrap();
+
+    // A complete session in the way has nothing left to discard: it is simply replaced.
+    store
+        .update(&completed(&progressed(&new, 1)), lease("b", t + MINUTE))
+        .await
+        .unwrap();
+    let later = session("alice", "r-1", new.expire_time, 10 * MINUTE);
+    created(
+        store
+            .open(&later, lease("c", t + MINUTE), new.expire_time, 1)
+            .await
+            .unwrap(),
+    );
+    assert!(store.expired(new.expire_time, 10).await.unwrap().is_empty());
+}
+
 /// Sessions in various states; returns `t`.
 async fn mixed_sessions(store: &dyn UploadSessionStore) -> i64 {
     let t = real_now();
@@ -609,6 +688,24 @@ pub async fn expired_lists_exactly_the_unfinished_expired_sessions(backend: Back
     let subject = backend.subject().await;
     let store = &subject.store;
     let t = mixed_sessions(store.as_ref()).await;
+    // A retry of the complete upload finds it (and must not make it due later on).
+    let retry = session("bob", "done", t + 50, 100);
+    let done = existing(
+        store
+            .open(&retry, lease("r", t + MINUTE), t + 50, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    assert!(done.complete);
+    // Nor a writer that lost the lease writing after the completion.
+    let stale = UploadSession {
+        complete: false,
+        ..progressed(&done, 1)
+    };
+    assert!(matches!(
+        store.update(&stale, lease("w-old", t + MINUTE)).await,
+        Err(SessionError::LeaseLost)
+    ));
 
     assert!(store.expired(t + 99, 10).await.unwrap().is_empty());
     let due = store.expired(t + 250, 10).await.unwrap();
@@ -617,25 +714,53 @@ pub async fn expired_lists_exactly_the_unfinished_expired_sessions(backend: Back
         due.iter()
             .all(|session| session.committed_size == session.part_size)
     );
-    // Earliest first, at most `limit`.
+    // Listed, they are the janitor's: their writer is fenced off, and an upload reusing a
+    // request id is another session, which the janitor's remove does not touch.
+    let original = UploadSession {
+        request_id: "due-1".to_owned(),
+        ..due[0].clone()
+    };
+    assert!(matches!(
+        store
+            .update(&progressed(&original, 1), lease("w", t + MINUTE))
+            .await,
+        Err(SessionError::LeaseLost)
+    ));
+    let reused = session("bob", "due-2", t + 250, 10 * MINUTE);
+    created(
+        store
+            .open(&reused, lease("n", t + MINUTE), t + 250, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    store
+        .remove(&due[1].owner, &due[1].request_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(&user("bob"), "due-2", t + 250).await.unwrap(),
+        Some(reused)
+    );
+    // Earliest first, at most `limit`; listing again lists the same.
     assert_eq!(
         request_ids(&store.expired(t + 250, 1).await.unwrap()),
         ["due-1"]
     );
     // At exactly expire_time a session is due.
+    let due = store.expired(t + 300, 10).await.unwrap();
+    assert_eq!(request_ids(&due), ["due-1", "due-3"]);
+    store
+        .remove(&due[0].owner, &due[0].request_id)
+        .await
+        .unwrap();
     assert_eq!(
         request_ids(&store.expired(t + 300, 10).await.unwrap()),
-        ["due-1", "due-2", "due-3"]
-    );
-    store.remove(&user("alice"), "due-1").await.unwrap();
-    assert_eq!(
-        request_ids(&store.expired(t + 300, 10).await.unwrap()),
-        ["due-2", "due-3"]
+        ["due-3"]
     );
     // Much later: every unfinished one, never the complete one.
     assert_eq!(
         request_ids(&store.expired(t + 20 * MINUTE, 10).await.unwrap()),
-        ["due-2", "due-3", "live"]
+        ["due-3", "live", "due-2"]
     );
     assert!(store.expired(t + 20 * MINUTE, 0).await.unwrap().is_empty());
 }
@@ -661,10 +786,6 @@ pub async fn sessions_survive_a_restart(backend: Backend) {
     // The complete one still answers a retry.
     let done = store.get(&user("bob"), "done", t).await.unwrap().unwrap();
     assert!(done.complete && done.committed_size == done.part_size);
-    assert_eq!(
-        request_ids(&store.expired(t + 250, 10).await.unwrap()),
-        ["due-1", "due-2"]
-    );
     // The unfinished sessions still count: alice has "live" (and two that expire at t+100
     // and t+300).
     let more = session("alice", "more", t, 10 * MINUTE);
@@ -672,6 +793,10 @@ pub async fn sessions_survive_a_restart(backend: Backend) {
         store.open(&more, lease("x", t + MINUTE), t, 3).await,
         Err(SessionError::TooMany { limit: 3 })
     ));
+    assert_eq!(
+        request_ids(&store.expired(t + 250, 10).await.unwrap()),
+        ["due-1", "due-2"]
+    );
     assert!(matches!(
         store.open(&more, lease("x", t + MINUTE), t + 300, 1).await,
         Err(SessionError::TooMany { limit: 1 })
@@ -797,58 +922,138 @@ pub async fn concurrent_creations_respect_max_open(backend: Backend) {
 pub async fn redis_session_keys_expire_and_go_with_remove(backend: Backend) {
     let subject = backend.subject().await;
     let redis = subject.redis.as_ref().expect("a redis backend");
+    let store = &subject.store;
     let t = real_now();
     let s = session("alice", "r-1", t, 10 * MINUTE);
     created(
-        subject
-            .store
+        store
             .open(&s, lease("a", t + MINUTE), t, MAX_OPEN)
+            .await
+            .unwrap(),
+    );
+    let gone_at = s.expire_time + SESSION_GRACE_MS;
+    assert_eq!(
+        redis
+            .upload_key_expiries(&user("alice"), "r-1")
+            .await
+            .unwrap(),
+        (Some(gone_at), Some(gone_at))
+    );
+    // The owner's index lives as long as its latest session.
+    let shorter = session("alice", "r-2", t, MINUTE);
+    created(
+        store
+            .open(&shorter, lease("a", t + MINUTE), t, MAX_OPEN)
             .await
             .unwrap(),
     );
     assert_eq!(
         redis
-            .upload_session_key_expiry(&user("alice"), "r-1")
+            .upload_key_expiries(&user("alice"), "r-2")
             .await
             .unwrap(),
-        Some(s.expire_time + SESSION_GRACE_MS)
+        (Some(shorter.expire_time + SESSION_GRACE_MS), Some(gone_at))
     );
     let moved = UploadSession {
         expire_time: s.expire_time + MINUTE,
         ..progressed(&s, 1)
     };
-    subject
-        .store
-        .update(&moved, lease("a", t + MINUTE))
-        .await
-        .unwrap();
+    store.update(&moved, lease("a", t + MINUTE)).await.unwrap();
+    let moved_gone_at = moved.expire_time + SESSION_GRACE_MS;
     assert_eq!(
         redis
-            .upload_session_key_expiry(&user("alice"), "r-1")
+            .upload_key_expiries(&user("alice"), "r-1")
             .await
             .unwrap(),
-        Some(moved.expire_time + SESSION_GRACE_MS)
+        (Some(moved_gone_at), Some(moved_gone_at))
     );
     // The janitor's index follows the moved expiry.
+    assert_eq!(
+        request_ids(&store.expired(s.expire_time, 10).await.unwrap()),
+        ["r-2"]
+    );
+    let due = store.expired(moved.expire_time, 10).await.unwrap();
+    assert_eq!(request_ids(&due), ["r-2", "r-1"]);
+    // Listed under their retired names, they keep their expiry in Redis, until removed.
+    for session in &due {
+        let (key_expiry, _) = redis
+            .upload_key_expiries(&session.owner, &session.request_id)
+            .await
+            .unwrap();
+        assert_eq!(key_expiry, Some(session.expire_time + SESSION_GRACE_MS));
+        store
+            .remove(&session.owner, &session.request_id)
+            .await
+            .unwrap();
+    }
     assert!(
-        subject
-            .store
-            .expired(s.expire_time, 10)
+        store
+            .expired(moved.expire_time, 10)
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(
-        request_ids(&subject.store.expired(moved.expire_time, 10).await.unwrap()),
-        ["r-1"]
-    );
-    subject.store.remove(&user("alice"), "r-1").await.unwrap();
-    assert_eq!(
-        redis
-            .upload_session_key_expiry(&user("alice"), "r-1")
+    // A live session removed leaves nothing either: no session key, no owner's index.
+    let live = session("alice", "r-3", t, 10 * MINUTE);
+    created(
+        store
+            .open(&live, lease("a", t + MINUTE), t, MAX_OPEN)
             .await
             .unwrap(),
-        None
+    );
+    store.remove(&user("alice"), "r-3").await.unwrap();
+    for request_id in ["r-1", "r-2", "r-3"] {
+        assert_eq!(
+            redis
+                .upload_key_expiries(&user("alice"), request_id)
+                .await
+                .unwrap(),
+            (None, None)
+        );
+    }
+    for session in &due {
+        assert_eq!(
+            redis
+                .upload_key_expiries(&session.owner, &session.request_id)
+                .await
+                .unwrap()
+                .0,
+            None
+        );
+    }
+    assert_eq!(redis.upload_expiry_index_len().await.unwrap(), 0);
+}
+
+/// Redis only: refused opens (too many, busy) write nothing, not even to the expiry index, so
+/// a caller cannot grow it by asking.
+pub async fn redis_refused_opens_leave_no_trace(backend: Backend) {
+    let subject = backend.subject().await;
+    let redis = subject.redis.as_ref().expect("a redis backend");
+    let store = &subject.store;
+    let t = real_now();
+    let s = session("alice", "r-0", t, 10 * MINUTE);
+    created(store.open(&s, lease("a", t + MINUTE), t, 1).await.unwrap());
+    assert_eq!(redis.upload_expiry_index_len().await.unwrap(), 1);
+    for i in 1..=20 {
+        let refused = session("alice", &format!("r-{i}"), t, 10 * MINUTE);
+        assert!(matches!(
+            store.open(&refused, lease("a", t + MINUTE), t, 1).await,
+            Err(SessionError::TooMany { limit: 1 })
+        ));
+        assert!(matches!(
+            store
+                .open(&s, lease(&format!("b{i}"), t + MINUTE), t, 1)
+                .await,
+            Err(SessionError::Busy)
+        ));
+    }
+    assert_eq!(redis.upload_expiry_index_len().await.unwrap(), 1);
+    assert_eq!(
+        redis
+            .upload_key_expiries(&user("alice"), "r-7")
+            .await
+            .unwrap(),
+        (None, Some(s.expire_time + SESSION_GRACE_MS))
     );
 }
 
@@ -1008,6 +1213,7 @@ crate::support::suite! {
         too_many_unfinished_sessions_are_refused,
         release_lets_another_writer_continue_at_once,
         sessions_past_their_expiry_are_absent,
+        an_expired_session_in_the_way_stays_due,
         expired_lists_exactly_the_unfinished_expired_sessions,
         sessions_survive_a_restart,
         remove_forgets_the_session,
@@ -1024,7 +1230,10 @@ mod redis_only {
             redis = super::super::Backend::Redis,
             redis_cluster = super::super::Backend::RedisCluster;
         runtime: (flavor = "multi_thread", worker_threads = 2);
-        tests: [redis_session_keys_expire_and_go_with_remove]
+        tests: [
+            redis_session_keys_expire_and_go_with_remove,
+            redis_refused_opens_leave_no_trace,
+        ]
     }
 }
 

@@ -139,6 +139,7 @@ pub(super) struct Scripts {
     pub(super) upload_renew: LuaScript,
     pub(super) upload_release: LuaScript,
     pub(super) upload_remove: LuaScript,
+    pub(super) upload_retire: LuaScript,
 }
 
 impl Scripts {
@@ -166,6 +167,7 @@ impl Scripts {
             &self.upload_renew,
             &self.upload_release,
             &self.upload_remove,
+            &self.upload_retire,
         ] {
             script.script.load(client).await.map_err(|error| {
                 tracing::error!(script = script.name, %error, "loading a redis script failed");
@@ -221,6 +223,7 @@ impl Scripts {
             upload_renew: LuaScript::upload("upload_renew", include_str!("upload_renew.lua")),
             upload_release: LuaScript::upload("upload_release", include_str!("upload_release.lua")),
             upload_remove: LuaScript::upload("upload_remove", include_str!("upload_remove.lua")),
+            upload_retire: LuaScript::upload("upload_retire", include_str!("upload_retire.lua")),
         }
     }
 }

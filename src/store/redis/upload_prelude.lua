@@ -42,7 +42,7 @@ local function store(state, holder, lease_until, committed, complete, expire, gr
     return
   end
   redis.call('ZADD', K_OPEN, expire, member)
-  if redis.call('PEXPIRETIME', K_OPEN) < gone_at then
-    redis.call('PEXPIREAT', K_OPEN, int(gone_at))
-  end
+  -- Until the latest session's key is gone (PEXPIRETIME and PEXPIREAT GT would need Redis 7).
+  local latest = redis.call('ZRANGE', K_OPEN, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', K_OPEN, int(tonumber(latest[2]) + tonumber(grace)))
 end

@@ -8,22 +8,29 @@
 //!
 //! `<digest>` is the hex SHA-256 of the owner and the request id, length-prefixed (as for
 //! `P:{u:USER}:req:`). A session and its owner's index share the slot `{u:USER}`, so each call is
-//! one script there (see `upload_prelude.lua`), fenced by the lease: holder and lease end are
-//! compared with the clock values the caller passes. The session key expires
+//! one script there (see `upload_prelude.lua`). Leases compare the lease end with the `now` the
+//! caller passes (the store reads no clock); `update` and `renew` are fenced by the holder, which
+//! keeps its lease until it releases it or another writer takes it over. The session key expires
 //! [`SESSION_GRACE_MS`] after `expire_time` (`PEXPIREAT`), so a session nobody removes still
 //! leaves Redis, while the janitor can read it right after it expired.
 //!
-//! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: `open` adds
-//! the session before its script (`ZADD LT`, so a retry never postpones an entry), `update` and
-//! `remove` fix it after theirs. It is a hint: [`UploadSessionStore::expired`] re-reads every
-//! session it names, drops entries whose session is gone or complete, and moves those not yet
-//! expired to their real expiry.
+//! An expired, unfinished session is handed to the janitor under its [`retired_request_id`]
+//! (`upload_retire.lua`, indexed before the move): [`UploadSessionStore::expired`] moves each due
+//! session there before listing it, and `open` moves one it finds in the way, then runs again.
+//! So the janitor's `remove` never reaches an upload that reuses the request id, a late writer
+//! of the expired session gets `LeaseLost`, and staged bytes are never forgotten.
+//!
+//! `P:upload-expiry` lives in a slot of its own and is written beside the scripts: a session
+//! is added once `open` created it and again with every unfinished `update` (sent together with
+//! the update's script, so no extra wait), and dropped after it completes or is removed. Refused
+//! calls add nothing, so callers cannot grow it. It is a hint: [`UploadSessionStore::expired`]
+//! re-reads every session it names, drops entries whose session is gone or complete, and moves
+//! those not yet expired to their real expiry.
+
+use std::collections::HashSet;
 
 use async_trait::async_trait;
-use fred::{
-    prelude::{HashesInterface, SortedSetsInterface},
-    types::sorted_sets::Ordering,
-};
+use fred::prelude::{HashesInterface, SortedSetsInterface};
 use futures::future::try_join_all;
 
 use super::RedisMessageStore;
@@ -31,7 +38,7 @@ use crate::{
     ids::UserId,
     messaging::model::UnixMillis,
     store::{
-        fs_sessions::session_digest,
+        fs_sessions::{is_retired, retired_request_id, session_digest},
         messages::StoreError,
         upload_sessions::{
             Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
@@ -42,6 +49,9 @@ use crate::{
 /// How long a session key outlives its `expire_time` in Redis: the janitor's window to abort
 /// its staged bytes before Redis forgets where they are.
 pub const SESSION_GRACE_MS: i64 = 60 * 60 * 1000;
+/// Runs of the open script: one, another after retiring an expired session in the way, and a
+/// last one if that session changed meanwhile.
+const OPEN_ATTEMPTS: usize = 3;
 /// Most expiry-index entries one `expired` round trip reads.
 const EXPIRY_PAGE: usize = 200;
 /// Rounds of `expired` before it returns what it found (each round removes or moves every stale
@@ -57,26 +67,112 @@ impl RedisMessageStore {
         )
     }
 
-    /// When the session's key disappears from Redis (Unix ms): `None` without a session, `-1`
-    /// if it never would. Only the tests ask (feature `testsuite`).
+    /// When the session's key and its owner's index of unfinished sessions disappear from
+    /// Redis (Unix ms): `None` for a key that does not exist, `-1` for one that never would.
+    /// Only the tests ask (feature `testsuite`).
     #[cfg(any(test, feature = "testsuite"))]
-    pub async fn upload_session_key_expiry(
+    pub async fn upload_key_expiries(
         &self,
         owner: &UserId,
         request_id: &str,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<(Option<i64>, Option<i64>), StoreError> {
         use fred::prelude::KeysInterface;
-        let at: i64 = self
+        let session: i64 = self
             .client
             .pexpire_time(self.keys.upload_session(owner, request_id))
             .await?;
-        Ok((at != -2).then_some(at))
+        let index: i64 = self
+            .client
+            .pexpire_time(self.keys.user_uploads(owner))
+            .await?;
+        let existing = |at: i64| (at != -2).then_some(at);
+        Ok((existing(session), existing(index)))
     }
 
-    /// The session stored under `key` (a member of the expiry index), if any.
-    async fn session_at(&self, key: &str) -> Result<Option<UploadSession>, StoreError> {
+    /// Moves the expired, unfinished session stored under `key` (read as `state`) to its
+    /// retired name, indexed for the janitor first, unless it changed meanwhile; returns it
+    /// under that name when it moved, with the retired name's key.
+    async fn retire(
+        &self,
+        key: &str,
+        state: &str,
+    ) -> Result<Option<(String, UploadSession)>, StoreError> {
+        let mut retired = decode(state)?;
+        let digest = session_digest(&retired.owner, &retired.request_id);
+        retired.request_id = retired_request_id(&retired.request_id, &retired.file_id);
+        let retired_key = self
+            .keys
+            .upload_session(&retired.owner, &retired.request_id);
+        let _: i64 = self
+            .client
+            .zadd(
+                self.keys.upload_expiry(),
+                None,
+                None,
+                false,
+                false,
+                (retired.expire_time as f64, retired_key.as_str()),
+            )
+            .await?;
+        let reply = self
+            .scripts
+            .upload_retire
+            .run(
+                &self.client,
+                vec![
+                    key.to_owned(),
+                    self.keys.user_uploads(&retired.owner),
+                    retired_key.clone(),
+                ],
+                vec![
+                    state.to_owned(),
+                    encode(&retired)?,
+                    retired.committed_size.to_string(),
+                    retired.expire_time.to_string(),
+                    SESSION_GRACE_MS.to_string(),
+                    digest,
+                ],
+            )
+            .await?;
+        match reply.status() {
+            "retired" => Ok(Some((retired_key, retired))),
+            "changed" => Ok(None),
+            _ => Err(reply.unexpected()),
+        }
+    }
+
+    /// Lists the session under `key` in the expiry index. A failure is logged, not returned: the
+    /// session's next update writes the entry again.
+    async fn index_expiry(&self, key: &str, expire_time: UnixMillis) {
+        let added: Result<i64, _> = self
+            .client
+            .zadd(
+                self.keys.upload_expiry(),
+                None,
+                None,
+                false,
+                false,
+                (expire_time as f64, key),
+            )
+            .await;
+        if let Err(error) = added {
+            tracing::warn!(%error, "upload expiry index update failed");
+        }
+    }
+
+    /// Entries in the expiry index. Only the tests ask (feature `testsuite`).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub async fn upload_expiry_index_len(&self) -> Result<u64, StoreError> {
+        Ok(self.client.zcard(self.keys.upload_expiry()).await?)
+    }
+
+    /// The session stored under `key` (a member of the expiry index), if any, with its JSON as
+    /// stored.
+    async fn session_at(&self, key: &str) -> Result<Option<(String, UploadSession)>, StoreError> {
         let state: Option<String> = self.client.hget(key, "state").await?;
-        state.as_deref().map(decode).transpose()
+        state
+            .map(|state| decode(&state).map(|session| (state, session)))
+            .transpose()
     }
 }
 
@@ -90,54 +186,56 @@ impl UploadSessionStore for RedisMessageStore {
         max_open: u32,
     ) -> SessionResult<Opened> {
         let (key, digest) = self.session_names(&new.owner, &new.request_id);
-        if !new.complete {
-            // Before the script, so a session is never stored unindexed; LT keeps an existing
-            // entry's earlier expiry.
-            let _: i64 = self
-                .client
-                .zadd(
-                    self.keys.upload_expiry(),
-                    None,
-                    Some(Ordering::LessThan),
-                    false,
-                    false,
-                    (new.expire_time as f64, key.as_str()),
-                )
-                .await
-                .map_err(StoreError::from)?;
-        }
         let (holder, until) = if new.complete {
             ("", 0)
         } else {
             (lease.holder, lease.until)
         };
-        let reply = self
-            .scripts
-            .upload_open
-            .run(
-                &self.client,
-                vec![key, self.keys.user_uploads(&new.owner)],
-                vec![
-                    encode(new)?,
-                    holder.to_owned(),
-                    until.to_string(),
-                    now.to_string(),
-                    max_open.to_string(),
-                    new.committed_size.to_string(),
-                    flag(new.complete),
-                    new.expire_time.to_string(),
-                    SESSION_GRACE_MS.to_string(),
-                    digest,
-                ],
-            )
-            .await?;
-        match reply.status() {
-            "created" => Ok(Opened::Created),
-            "existing" => Ok(Opened::Existing(decode(reply.field(0)?)?)),
-            "busy" => Err(SessionError::Busy),
-            "too_many" => Err(SessionError::TooMany { limit: max_open }),
-            _ => Err(reply.unexpected().into()),
+        let json = encode(new)?;
+        // A retired session is out of the way, so the second attempt decides; a third covers
+        // a session that changed in between.
+        for _ in 0..OPEN_ATTEMPTS {
+            let reply = self
+                .scripts
+                .upload_open
+                .run(
+                    &self.client,
+                    vec![key.clone(), self.keys.user_uploads(&new.owner)],
+                    vec![
+                        json.clone(),
+                        holder.to_owned(),
+                        until.to_string(),
+                        now.to_string(),
+                        max_open.to_string(),
+                        new.committed_size.to_string(),
+                        flag(new.complete),
+                        new.expire_time.to_string(),
+                        SESSION_GRACE_MS.to_string(),
+                        digest.clone(),
+                    ],
+                )
+                .await?;
+            return match reply.status() {
+                "created" => {
+                    if !new.complete {
+                        self.index_expiry(&key, new.expire_time).await;
+                    }
+                    Ok(Opened::Created)
+                }
+                "existing" => Ok(Opened::Existing(decode(reply.field(0)?)?)),
+                "busy" => Err(SessionError::Busy),
+                "too_many" => Err(SessionError::TooMany { limit: max_open }),
+                "retire" => {
+                    self.retire(&key, reply.field(0)?).await?;
+                    continue;
+                }
+                _ => Err(reply.unexpected().into()),
+            };
         }
+        Err(StoreError::Unavailable(
+            "the upload session kept changing while it was being opened".into(),
+        )
+        .into())
     }
 
     async fn acquire(
@@ -179,56 +277,49 @@ impl UploadSessionStore for RedisMessageStore {
         Ok(self
             .session_at(&key)
             .await?
+            .map(|(_, session)| session)
             .filter(|session| session.expire_time > now))
     }
 
     async fn update(&self, session: &UploadSession, lease: Lease<'_>) -> SessionResult<()> {
         let (key, digest) = self.session_names(&session.owner, &session.request_id);
-        let reply = self
-            .scripts
-            .upload_update
-            .run(
-                &self.client,
-                vec![key.clone(), self.keys.user_uploads(&session.owner)],
-                vec![
-                    encode(session)?,
-                    lease.holder.to_owned(),
-                    lease.until.to_string(),
-                    session.committed_size.to_string(),
-                    flag(session.complete),
-                    session.expire_time.to_string(),
-                    SESSION_GRACE_MS.to_string(),
-                    digest,
-                ],
-            )
-            .await?;
+        let script = self.scripts.upload_update.run(
+            &self.client,
+            vec![key.clone(), self.keys.user_uploads(&session.owner)],
+            vec![
+                encode(session)?,
+                lease.holder.to_owned(),
+                lease.until.to_string(),
+                session.committed_size.to_string(),
+                flag(session.complete),
+                session.expire_time.to_string(),
+                SESSION_GRACE_MS.to_string(),
+                digest,
+            ],
+        );
+        // An unfinished session is (re)indexed beside every update, in the same round trip:
+        // this repairs an entry its `open` failed to write, and a stale entry written for an
+        // update that turns out refused is dropped by `expired`.
+        let reply = if session.complete {
+            script.await?
+        } else {
+            let (reply, ()) = tokio::join!(script, self.index_expiry(&key, session.expire_time));
+            reply?
+        };
         match reply.status() {
             "updated" => {}
             "lease_lost" => return Err(SessionError::LeaseLost),
             _ => return Err(reply.unexpected().into()),
         }
-        // The expiry index changes only when the session completes or moves its expiry; an
-        // ordinary progress update is the one script.
-        let index = self.keys.upload_expiry();
-        let fixed: Result<i64, _> = if session.complete {
-            self.client.zrem(index, key.as_str()).await
-        } else if reply.field(0)? != session.expire_time.to_string() {
-            self.client
-                .zadd(
-                    index,
-                    None,
-                    None,
-                    false,
-                    false,
-                    (session.expire_time as f64, key.as_str()),
-                )
-                .await
-        } else {
-            Ok(0)
-        };
-        if let Err(error) = fixed {
-            // The session stands; `expired` corrects a stale entry when it meets it.
-            tracing::warn!(%error, "upload expiry index update failed");
+        if session.complete {
+            let removed: Result<i64, _> = self
+                .client
+                .zrem(self.keys.upload_expiry(), key.as_str())
+                .await;
+            if let Err(error) = removed {
+                // The session stands; `expired` drops the entry when it meets it.
+                tracing::warn!(%error, "upload expiry index update failed");
+            }
         }
         Ok(())
     }
@@ -301,14 +392,16 @@ impl UploadSessionStore for RedisMessageStore {
     ) -> Result<Vec<UploadSession>, StoreError> {
         let index = self.keys.upload_expiry();
         let mut found = Vec::new();
-        // Entries before `kept` are due sessions already listed (or unreadable ones, left for
-        // an operator); every other entry met is removed or moved past `now`.
-        let mut kept = 0usize;
+        // Index entries met in this call: listed, unreadable (left for an operator) or being
+        // retired; every other entry met is removed or moved past `now`, so each round reads
+        // entries it has not seen.
+        let mut seen = HashSet::new();
         for _ in 0..EXPIRY_ROUNDS {
             if found.len() >= limit {
                 break;
             }
             let wanted = (limit - found.len()).min(EXPIRY_PAGE);
+            let count = seen.len() + wanted;
             let members: Vec<String> = self
                 .client
                 .zrangebyscore(
@@ -316,10 +409,18 @@ impl UploadSessionStore for RedisMessageStore {
                     "-inf".to_owned(),
                     now,
                     false,
-                    Some((i64::try_from(kept).unwrap_or(i64::MAX), wanted as i64)),
+                    Some((0, i64::try_from(count).unwrap_or(i64::MAX))),
                 )
                 .await?;
-            let sessions = try_join_all(members.iter().map(|key| async move {
+            let fresh: Vec<String> = members
+                .iter()
+                .filter(|key| !seen.contains(*key))
+                .cloned()
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            let sessions = try_join_all(fresh.iter().map(|key| async move {
                 // A session that cannot be decoded is kept in the index and skipped, so one bad
                 // record does not stop the janitor.
                 match self.session_at(key).await {
@@ -331,35 +432,43 @@ impl UploadSessionStore for RedisMessageStore {
                 }
             }))
             .await?;
-            for (key, session) in members.iter().zip(sessions) {
-                let fixed: i64 = match session {
-                    Err(()) => {
-                        kept += 1;
+            for (key, session) in fresh.into_iter().zip(sessions) {
+                seen.insert(key.clone());
+                let (state, session) = match session {
+                    // Unreadable: left in the index, skipped.
+                    Err(()) => continue,
+                    Ok(Some(stored)) => stored,
+                    // Gone: nothing left for the janitor.
+                    Ok(None) => {
+                        let _: i64 = self.client.zrem(&index, key.as_str()).await?;
                         continue;
                     }
-                    Ok(Some(session)) if !session.complete && session.expire_time <= now => {
-                        kept += 1;
-                        found.push(session);
-                        continue;
-                    }
-                    Ok(Some(session)) if !session.complete => {
-                        self.client
-                            .zadd(
-                                &index,
-                                None,
-                                None,
-                                false,
-                                false,
-                                (session.expire_time as f64, key.as_str()),
-                            )
-                            .await?
-                    }
-                    // Gone, or complete: nothing left for the janitor.
-                    Ok(_) => self.client.zrem(&index, key.as_str()).await?,
                 };
-                let _ = fixed;
+                if session.complete {
+                    let _: i64 = self.client.zrem(&index, key.as_str()).await?;
+                } else if session.expire_time > now {
+                    let _: i64 = self
+                        .client
+                        .zadd(
+                            &index,
+                            None,
+                            None,
+                            false,
+                            false,
+                            (session.expire_time as f64, key.as_str()),
+                        )
+                        .await?;
+                } else if is_retired(&session.request_id) {
+                    found.push(session);
+                } else if let Some((retired_key, retired)) = self.retire(&key, &state).await? {
+                    // Listed under its retired name only: whatever reuses the request id now
+                    // is another session, which the janitor's remove cannot reach.
+                    let _: i64 = self.client.zrem(&index, key.as_str()).await?;
+                    seen.insert(retired_key);
+                    found.push(retired);
+                }
             }
-            if members.len() < wanted {
+            if members.len() < count {
                 break;
             }
         }
