@@ -37,7 +37,7 @@ use crate::{
         blobs::{BlobError, BlobStore},
         file_records::FileRecordStore,
         fs::{FsBlobStore, UrlSigner},
-        fs_sessions::FsUploadSessionStore,
+        fs_sessions::{FsUploadSessionStore, SESSIONS_DIR},
         memory::{MemoryFileRecordStore, MemoryMessageStore},
         messages::{MessageStore, Retention, StoreError},
         redis::RedisMessageStore,
@@ -465,7 +465,7 @@ impl Backends {
             match (redis_sessions, settings.storage.blobs) {
                 (Some(redis), BlobBackend::S3) => redis,
                 _ => {
-                    let dir = settings.storage.data_dir.join("sessions");
+                    let dir = settings.storage.data_dir.join(SESSIONS_DIR);
                     Arc::new(FsUploadSessionStore::open(&dir).await.map_err(|source| {
                         StartupError::DataDir {
                             path: dir.display().to_string(),
@@ -567,13 +567,16 @@ async fn open_fs_store(
 /// idempotent. The bucket lifecycle rule stays the backstop for a session Redis forgot.
 async fn expire_upload_sessions(files: Arc<FileService>, ttl: Duration, stop: CancellationToken) {
     const BATCH: usize = 100;
+    const MAX_BATCHES: usize = 10;
     let period = (ttl / 8).clamp(Duration::from_millis(200), Duration::from_secs(60));
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(period) => {}
         }
-        loop {
+        // A bounded number of batches per round: sessions whose removal keeps failing are
+        // listed again and must not keep the janitor spinning.
+        for _ in 0..MAX_BATCHES {
             match files.expire_sessions(BATCH).await {
                 Ok(0) => break,
                 Ok(discarded) => {
