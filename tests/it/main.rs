@@ -12,6 +12,7 @@ mod message_store;
 mod messaging;
 mod redis_store_smoke;
 mod replicas;
+mod s3_access;
 mod server;
 mod support;
 mod thumbnails;
