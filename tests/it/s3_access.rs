@@ -415,6 +415,5 @@ async fn chain_credentials_that_cannot_be_fetched_keep_the_service_not_ready_say
         .lines()
         .find(|line| line.contains("dependency is down"))
         .unwrap_or_else(|| panic!("no health report:\n{output}"));
-    println!("{down}");
     assert!(down.contains("credentials"), "{down}");
 }
