@@ -1227,9 +1227,16 @@ fn the_dockerfile_builds_a_small_non_root_image_without_healthcheck() {
 /// AWS default chain, and the binary accepts that config.
 #[test]
 fn the_mainnet_aws_variant_uses_irsa_and_no_static_s3_keys() {
-    let rendered = render_dir(&repo().join("deploy/k8s/variants/mainnet-aws"), "mainnet-aws");
+    let rendered = render_dir(
+        &repo().join("deploy/k8s/variants/mainnet-aws"),
+        "mainnet-aws",
+    );
     let env = rendered.env;
-    assert_eq!(rendered.deployment()["spec"]["replicas"], 2, "{env}: replicas");
+    assert_eq!(
+        rendered.deployment()["spec"]["replicas"],
+        2,
+        "{env}: replicas"
+    );
     let account = rendered.pod()["serviceAccountName"].as_str().unwrap();
     let role = rendered.named("ServiceAccount", account)["metadata"]["annotations"]
         ["eks.amazonaws.com/role-arn"]
@@ -1252,7 +1259,10 @@ fn the_mainnet_aws_variant_uses_irsa_and_no_static_s3_keys() {
         );
     }
     let config = pod_config(&rendered);
-    assert_eq!(config.file_value("s3.credentials").as_deref(), Some("chain"));
+    assert_eq!(
+        config.file_value("s3.credentials").as_deref(),
+        Some("chain")
+    );
     assert_eq!(config.file_value("s3.endpoint"), None, "{env}: AWS's own");
     let (ok, output) = config.check_config(&[]);
     assert!(ok, "{env}: check-config refused the config: {output}");

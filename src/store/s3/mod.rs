@@ -9,7 +9,6 @@
 //! - [`S3BlobStore::install_lifecycle`] makes the bucket expire files and thumbnails after the
 //!   retention and drop incomplete multipart uploads (e.g. of a crashed replica) after a day.
 //! - [`errors`] is the one mapping from SDK failures to [`BlobError`].
-//!
 //! - [`credentials`]: static keys, or the AWS default chain (`s3.credentials`).
 //!
 //! Download URLs are presigned for `s3.public_endpoint` when it is set (SigV4 signs the `Host`
@@ -25,7 +24,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use aws_sdk_s3::{
     Client,
-    config::{BehaviorVersion, Region, SharedCredentialsProvider, SharedHttpClient},
+    config::{BehaviorVersion, IdentityCache, Region, SharedCredentialsProvider, SharedHttpClient},
     presigning::PresigningConfig,
     types::{
         AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
@@ -146,6 +145,9 @@ impl S3BlobStore {
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(settings.region.clone()))
             .credentials_provider(credentials)
+            // Explicitly one cache in the config that the presigning client below is built from:
+            // temporary credentials are fetched once for both clients (the test counts fetches).
+            .identity_cache(IdentityCache::lazy().build())
             .force_path_style(settings.force_path_style)
             .http_client(http_client);
         if let Some(endpoint) = &settings.endpoint {
