@@ -246,7 +246,14 @@ async fn chain_credentials_from_environment_variables_reach_s3() {
 /// every request with `credentials` and records the request lines and Authorization headers.
 struct CredentialsEndpoint {
     url: String,
-    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    requests: Arc<Mutex<Vec<CredentialsRequest>>>,
+}
+
+/// What the credentials endpoint was asked: the request line and the Authorization header.
+#[derive(Debug, Clone)]
+struct CredentialsRequest {
+    line: String,
+    authorization: Option<String>,
 }
 
 impl CredentialsEndpoint {
@@ -278,7 +285,10 @@ impl CredentialsEndpoint {
                     name.eq_ignore_ascii_case("authorization")
                         .then(|| value.trim().to_owned())
                 });
-                seen.lock().unwrap().push((request_line, authorization));
+                seen.lock().unwrap().push(CredentialsRequest {
+                    line: request_line,
+                    authorization,
+                });
                 let response = format!(
                     "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{credentials}",
                     credentials.len()
@@ -324,9 +334,16 @@ async fn chain_credentials_from_a_container_credentials_endpoint_reach_s3() {
     // client), not once per request: the credentials are valid for an hour.
     let requests = endpoint.requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 2, "{requests:?}");
-    for (line, authorization) in &requests {
-        assert!(line.starts_with("GET /v2/credentials/test "), "{line}");
-        assert_eq!(authorization.as_deref(), Some(AUTHORIZATION), "{line}");
+    for request in &requests {
+        assert!(
+            request.line.starts_with("GET /v2/credentials/test "),
+            "{request:?}"
+        );
+        assert_eq!(
+            request.authorization.as_deref(),
+            Some(AUTHORIZATION),
+            "{request:?}"
+        );
     }
     assert!(
         output.contains("s3 credentials from the AWS default chain"),
