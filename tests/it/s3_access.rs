@@ -5,8 +5,10 @@
 //!   signed for one host name is refused when opened through another, which is why the option
 //!   exists;
 //! - with `s3.credentials = "chain"` the service finds its keys the AWS way: from
-//!   `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, from a container credentials endpoint (as on
-//!   ECS and EKS Pod Identity), and when no source has any, start-up fails naming the sources.
+//!   `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, from a web identity token exchanged at STS (EKS
+//!   IRSA; STS is a stand-in here), from a container credentials endpoint (as on ECS and EKS Pod
+//!   Identity); when no source has any, start-up fails naming the sources, and when one fails
+//!   for now the service runs not ready, its health check naming the credential error.
 
 use std::{
     process::{Command, Stdio},
@@ -242,22 +244,28 @@ async fn chain_credentials_from_environment_variables_reach_s3() {
     );
 }
 
-/// A container credentials endpoint (what ECS and EKS Pod Identity run next to the pod): answers
-/// every request with `credentials` and records the request lines and Authorization headers.
+/// A credentials server: a container credentials endpoint (what ECS and EKS Pod Identity run
+/// next to the pod) or an STS stand-in. Answers every request with `status` and `body` of
+/// `content_type`, and records each request's line, Authorization header and body.
 struct CredentialsEndpoint {
     url: String,
     requests: Arc<Mutex<Vec<CredentialsRequest>>>,
 }
 
-/// What the credentials endpoint was asked: the request line and the Authorization header.
+/// What the credentials server was asked.
 #[derive(Debug, Clone)]
 struct CredentialsRequest {
     line: String,
     authorization: Option<String>,
+    body: String,
 }
 
 impl CredentialsEndpoint {
-    async fn start(status: u16, credentials: String) -> Self {
+    async fn start(status: u16, body: String) -> Self {
+        Self::start_with(status, "application/json", body).await
+    }
+
+    async fn start_with(status: u16, content_type: &'static str, body: String) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
             "http://{}/v2/credentials/test",
@@ -270,34 +278,58 @@ impl CredentialsEndpoint {
                 let Ok((mut socket, _)) = listener.accept().await else {
                     return;
                 };
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 1024];
-                while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-                    match socket.read(&mut buffer).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(read) => head.extend_from_slice(&buffer[..read]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let request_line = head.lines().next().unwrap_or_default().to_owned();
-                let authorization = head.lines().find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("authorization")
-                        .then(|| value.trim().to_owned())
-                });
-                seen.lock().unwrap().push(CredentialsRequest {
-                    line: request_line,
-                    authorization,
-                });
+                let request = read_request(&mut socket).await;
+                seen.lock().unwrap().push(request);
                 let response = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{credentials}",
-                    credentials.len()
+                    "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
                 );
                 let _ = socket.write_all(response.as_bytes()).await;
                 let _ = socket.shutdown().await;
             }
         });
         Self { url, requests }
+    }
+
+    /// The server's root (`http://127.0.0.1:PORT`), e.g. for an STS endpoint override.
+    fn root(&self) -> String {
+        let url = url::Url::parse(&self.url).unwrap();
+        format!("http://{}", url.authority())
+    }
+}
+
+/// One HTTP/1.1 request: its head, then `content-length` bytes of body.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> CredentialsRequest {
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = bytes.windows(4).position(|window| window == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match socket.read(&mut buffer).await {
+            Ok(0) | Err(_) => break bytes.len(),
+            Ok(read) => bytes.extend_from_slice(&buffer[..read]),
+        }
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+    let header = |wanted: &str| {
+        head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case(wanted)
+                .then(|| value.trim().to_owned())
+        })
+    };
+    let length: usize = header("content-length").map_or(0, |value| value.parse().unwrap());
+    while bytes.len() < head_end + length {
+        match socket.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => bytes.extend_from_slice(&buffer[..read]),
+        }
+    }
+    CredentialsRequest {
+        line: head.lines().next().unwrap_or_default().to_owned(),
+        authorization: header("authorization"),
+        body: String::from_utf8_lossy(&bytes[head_end..]).into_owned(),
     }
 }
 
@@ -350,6 +382,84 @@ async fn chain_credentials_from_a_container_credentials_endpoint_reach_s3() {
         "{output}"
     );
     for leaked in [secret.as_str(), SESSION_TOKEN, AUTHORIZATION] {
+        assert!(!output.contains(leaked), "{leaked} leaked:\n{output}");
+    }
+}
+
+/// IRSA's path: a web identity token file and a role ARN (what EKS's webhook sets), exchanged at
+/// STS (here a stand-in at `AWS_ENDPOINT_URL_STS`) for temporary credentials of the role.
+#[tokio::test]
+async fn chain_credentials_from_a_web_identity_token_reach_s3() {
+    const WEB_IDENTITY_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.projected-service-account-token.sig";
+    const SESSION_TOKEN: &str = "session-token-from-sts";
+    const ROLE: &str = "arn:aws:iam::111122223333:role/svc-messaging-test";
+    let secret = required_tool("SVC_TEST_S3_SECRET_ACCESS_KEY");
+    let expiration =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600));
+    let answer = format!(
+        r#"<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleWithWebIdentityResult>
+    <Credentials>
+      <AccessKeyId>{}</AccessKeyId>
+      <SecretAccessKey>{secret}</SecretAccessKey>
+      <SessionToken>{SESSION_TOKEN}</SessionToken>
+      <Expiration>{expiration}</Expiration>
+    </Credentials>
+    <AssumedRoleUser>
+      <Arn>arn:aws:sts::111122223333:assumed-role/svc-messaging-test/pod</Arn>
+      <AssumedRoleId>AROAEXAMPLE:pod</AssumedRoleId>
+    </AssumedRoleUser>
+  </AssumeRoleWithWebIdentityResult>
+  <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata>
+</AssumeRoleWithWebIdentityResponse>"#,
+        required_tool("SVC_TEST_S3_ACCESS_KEY_ID")
+    );
+    let sts = CredentialsEndpoint::start_with(200, "text/xml", answer).await;
+    let home = tempfile::tempdir().unwrap();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, WEB_IDENTITY_TOKEN).unwrap();
+    let mut env = chain_env(&unique_prefix("chain-irsa"), home.path());
+    env.extend([
+        ("AWS_ROLE_ARN".to_owned(), ROLE.to_owned()),
+        (
+            "AWS_WEB_IDENTITY_TOKEN_FILE".to_owned(),
+            token_file.display().to_string(),
+        ),
+        ("AWS_ENDPOINT_URL_STS".to_owned(), sts.root()),
+    ]);
+    let service = spawn(&env).await;
+    assert_round_trip(&service).await;
+    let output = stop(service).await;
+
+    let requests = sts.requests.lock().unwrap().clone();
+    assert!(!requests.is_empty(), "STS was never asked");
+    for request in &requests {
+        let form: Vec<(String, String)> = url::form_urlencoded::parse(request.body.as_bytes())
+            .into_owned()
+            .collect();
+        let field = |name: &str| {
+            form.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+        };
+        assert!(request.line.starts_with("POST / "), "{request:?}");
+        assert_eq!(
+            field("Action"),
+            Some("AssumeRoleWithWebIdentity"),
+            "{request:?}"
+        );
+        assert_eq!(field("RoleArn"), Some(ROLE), "{request:?}");
+        assert_eq!(
+            field("WebIdentityToken"),
+            Some(WEB_IDENTITY_TOKEN),
+            "{request:?}"
+        );
+    }
+    assert!(
+        output.contains("s3 credentials from the AWS default chain"),
+        "{output}"
+    );
+    for leaked in [secret.as_str(), SESSION_TOKEN, WEB_IDENTITY_TOKEN] {
         assert!(!output.contains(leaked), "{leaked} leaked:\n{output}");
     }
 }
