@@ -489,12 +489,13 @@ impl Backends {
             }
             BlobBackend::S3 => {
                 let store = Arc::new(
-                    S3BlobStore::new(
+                    S3BlobStore::connect(
                         &settings.s3,
                         settings.uploads.part_size.as_u64(),
                         settings.uploads.parts_in_flight as usize,
                         budget.clone(),
                     )
+                    .await
                     .map_err(StartupError::S3)?,
                 );
                 if settings.s3.manage_lifecycle {

@@ -224,11 +224,28 @@ impl Default for RedisSettings {
     }
 }
 
+/// Where the S3 client's credentials come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum S3Credentials {
+    /// `s3.access_key_id` and `s3.secret_access_key` (S3-compatible servers, or AWS user keys).
+    #[default]
+    Static,
+    /// The AWS default chain: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, the shared profile,
+    /// web identity (EKS IRSA), container credentials (ECS task role, EKS Pod Identity), EC2
+    /// instance metadata; temporary credentials are refreshed before they expire.
+    Chain,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Settings {
     /// Custom endpoint of an S3-compatible server; unset means AWS.
     pub endpoint: Option<String>,
+    /// The endpoint download URLs are presigned for (what callers can reach, e.g. an HTTPS
+    /// ingress in front of the server); unset means `endpoint`.
+    pub public_endpoint: Option<String>,
+    pub credentials: S3Credentials,
     pub region: String,
     pub bucket: Option<String>,
     pub access_key_id: Option<String>,
@@ -247,6 +264,8 @@ impl Default for S3Settings {
     fn default() -> Self {
         Self {
             endpoint: None,
+            public_endpoint: None,
+            credentials: S3Credentials::Static,
             region: "us-east-1".to_owned(),
             bucket: None,
             access_key_id: None,
@@ -777,14 +796,61 @@ impl S3Settings {
                 "set both s3.access_key_id and s3.secret_access_key",
             ));
         }
-        if backend == BlobBackend::S3 && self.access_key_id.is_none() {
-            return Err(ConfigError::new(
-                "s3.access_key_id",
-                "required when storage.blobs = \"s3\" (static keys; the AWS default credential chain is not supported)",
-            ));
+        if let Some(public_endpoint) = &self.public_endpoint {
+            validate_public_endpoint(public_endpoint)
+                .map_err(|message| ConfigError::new("s3.public_endpoint", message))?;
+        }
+        match self.credentials {
+            S3Credentials::Static => {
+                if backend == BlobBackend::S3 && self.access_key_id.is_none() {
+                    return Err(ConfigError::new(
+                        "s3.access_key_id",
+                        "required when storage.blobs = \"s3\" with s3.credentials = \"static\" (the default; s3.credentials = \"chain\" uses the AWS default credential chain instead)",
+                    ));
+                }
+            }
+            // Keys next to the chain would be ignored silently, or win silently: neither is what
+            // an operator who set both meant.
+            S3Credentials::Chain => {
+                if self.access_key_id.is_some() {
+                    return Err(ConfigError::new(
+                        "s3.access_key_id",
+                        "set with s3.credentials = \"chain\", which ignores static keys: remove the keys or set s3.credentials = \"static\"",
+                    ));
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A presigned URL's signature covers the scheme-less host, the path and the query: the public
+/// endpoint may only differ from the server's own endpoint by scheme, host and port, and the
+/// proxy in front must pass the path and query through unchanged.
+fn validate_public_endpoint(raw: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(raw).map_err(|error| format!("not a valid URL: {error}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http or https, not {:?}",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host".to_owned());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("must not hold credentials (user:password@)".to_owned());
+    }
+    if parsed.path() != "/" {
+        return Err(format!(
+            "must have no path (got {:?}): the signature covers the path the S3 server sees, so a proxy that adds or strips a prefix breaks every URL",
+            parsed.path()
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err("must have no query or fragment".to_owned());
+    }
+    Ok(())
 }
 
 impl UploadSettings {
@@ -1440,5 +1506,79 @@ mod tests {
         ] {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }
+    }
+
+    /// An S3 deployment's settings in `SVC_MESSAGING__S3__*` form, plus `extra`.
+    fn load_s3(extra: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut pairs = vec![
+            ("SVC_MESSAGING__STORAGE__BLOBS", "s3"),
+            ("SVC_MESSAGING__S3__BUCKET", "files"),
+            ("SVC_MESSAGING__S3__ENDPOINT", "http://garage:3900"),
+        ];
+        pairs.extend_from_slice(extra);
+        load(&pairs)
+    }
+
+    #[test]
+    fn the_public_endpoint_is_optional_and_checked() {
+        let settings = load_s3(&[
+            ("SVC_MESSAGING__S3__ACCESS_KEY_ID", "GK0123"),
+            ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", "secret"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.s3.public_endpoint, None);
+        for good in ["https://files.example.com", "http://127.0.0.1:3900/"] {
+            let settings = load_s3(&[
+                ("SVC_MESSAGING__S3__ACCESS_KEY_ID", "GK0123"),
+                ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", "secret"),
+                ("SVC_MESSAGING__S3__PUBLIC_ENDPOINT", good),
+            ])
+            .unwrap_or_else(|error| panic!("{good}: {error}"));
+            assert_eq!(settings.s3.public_endpoint.as_deref(), Some(good));
+        }
+        for (bad, says) in [
+            ("files.example.com", "not a valid URL"),
+            ("ftp://files.example.com", "scheme"),
+            ("https://user:pw@files.example.com", "credentials"),
+            ("https://files.example.com/s3", "no path"),
+            ("https://files.example.com/?x=1", "no query"),
+            ("https://files.example.com/#top", "no query or fragment"),
+        ] {
+            let error = load_s3(&[
+                ("SVC_MESSAGING__S3__ACCESS_KEY_ID", "GK0123"),
+                ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", "secret"),
+                ("SVC_MESSAGING__S3__PUBLIC_ENDPOINT", bad),
+            ])
+            .expect_err(bad);
+            assert_eq!(error.key, "s3.public_endpoint", "{bad}: {error}");
+            assert!(error.message.contains(says), "{bad}: {error}");
+            assert!(!error.message.contains("pw@"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_static_keys_unless_the_chain_is_chosen() {
+        let error = load_s3(&[]).expect_err("no keys");
+        assert_eq!(error.key, "s3.access_key_id", "{error}");
+        assert!(
+            error.message.contains("s3.credentials = \"chain\""),
+            "{error}"
+        );
+
+        let settings = load_s3(&[("SVC_MESSAGING__S3__CREDENTIALS", "chain")]).expect("valid");
+        assert_eq!(settings.s3.credentials, S3Credentials::Chain);
+
+        let error = load_s3(&[
+            ("SVC_MESSAGING__S3__CREDENTIALS", "chain"),
+            ("SVC_MESSAGING__S3__ACCESS_KEY_ID", "GK0123"),
+            ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", "secret"),
+        ])
+        .expect_err("keys and chain");
+        assert_eq!(error.key, "s3.access_key_id", "{error}");
+        assert!(error.message.contains("ignores static keys"), "{error}");
+
+        let error = load_s3(&[("SVC_MESSAGING__S3__CREDENTIALS", "instance-profile")])
+            .expect_err("unknown mode");
+        assert_eq!(error.key, "s3.credentials", "{error}");
     }
 }

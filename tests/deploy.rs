@@ -97,11 +97,15 @@ struct Rendered {
 }
 
 fn render(env: &'static str) -> Rendered {
+    render_dir(&repo().join("deploy/k8s/overlays").join(env), env)
+}
+
+/// Renders the kustomization in `dir` (an overlay, or a variant of one), named `env`.
+fn render_dir(dir: &Path, env: &'static str) -> Rendered {
     let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
-    let dir = repo().join("deploy/k8s/overlays").join(env);
     let output = Command::new(&kubectl)
         .arg("kustomize")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .unwrap_or_else(|error| {
             panic!("cannot run `{kubectl} kustomize` (kubectl is on the machine image): {error}")
@@ -1215,5 +1219,69 @@ fn the_dockerfile_builds_a_small_non_root_image_without_healthcheck() {
                 .any(|pattern| pattern.trim_matches('/') == excluded),
             ".dockerignore should leave out {excluded}"
         );
+    }
+}
+
+/// `deploy/k8s/variants/mainnet-aws`: mainnet on AWS S3 with IRSA. The pods' ServiceAccount
+/// names an IAM role, no static S3 key reaches the pod, the config takes its credentials from the
+/// AWS default chain, and the binary accepts that config.
+#[test]
+fn the_mainnet_aws_variant_uses_irsa_and_no_static_s3_keys() {
+    let rendered = render_dir(
+        &repo().join("deploy/k8s/variants/mainnet-aws"),
+        "mainnet-aws",
+    );
+    let env = rendered.env;
+    assert_eq!(
+        rendered.deployment()["spec"]["replicas"],
+        2,
+        "{env}: replicas"
+    );
+    let account = rendered.pod()["serviceAccountName"].as_str().unwrap();
+    let role = rendered.named("ServiceAccount", account)["metadata"]["annotations"]
+        ["eks.amazonaws.com/role-arn"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{env}: the ServiceAccount names no IAM role"));
+    assert!(
+        role.starts_with("arn:aws:iam::") && role.contains(":role/"),
+        "{env}: {role} is not an IAM role ARN"
+    );
+    let vars = rendered.container_env();
+    for static_key in [
+        "SVC_MESSAGING__S3__ACCESS_KEY_ID",
+        "SVC_MESSAGING__S3__SECRET_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ] {
+        assert!(
+            vars.iter().all(|(name, _)| name != static_key),
+            "{env}: {static_key} reaches the pod"
+        );
+    }
+    let config = pod_config(&rendered);
+    assert_eq!(
+        config.file_value("s3.credentials").as_deref(),
+        Some("chain")
+    );
+    assert_eq!(config.file_value("s3.endpoint"), None, "{env}: AWS's own");
+    let (ok, output) = config.check_config(&[]);
+    assert!(ok, "{env}: check-config refused the config: {output}");
+}
+
+/// The service reaches Garage by its in-namespace name, which no caller outside can open: the
+/// download URLs must be signed for a public HTTPS endpoint instead.
+#[test]
+fn download_urls_are_signed_for_a_public_https_endpoint() {
+    for (expected, rendered) in every_environment() {
+        let env = expected.env;
+        let config = pod_config(&rendered);
+        let endpoint = config.file_value("s3.endpoint");
+        let public = config
+            .file_value("s3.public_endpoint")
+            .unwrap_or_else(|| panic!("{env}: no s3.public_endpoint for {endpoint:?}"));
+        let public = url::Url::parse(&public).expect("s3.public_endpoint parses");
+        assert_eq!(public.scheme(), "https", "{env}: {public}");
+        let internal = url::Url::parse(endpoint.as_deref().unwrap()).unwrap();
+        assert_ne!(public.host_str(), internal.host_str(), "{env}");
     }
 }

@@ -14,6 +14,7 @@ mod messaging;
 mod redis_store_smoke;
 mod replicas;
 mod resumable;
+mod s3_access;
 mod server;
 mod support;
 mod thumbnails;

@@ -9,11 +9,13 @@
 //! - [`S3BlobStore::install_lifecycle`] makes the bucket expire files and thumbnails after the
 //!   retention and drop incomplete multipart uploads (e.g. of a crashed replica) after a day.
 //! - [`errors`] is the one mapping from SDK failures to [`BlobError`].
+//! - [`credentials`]: static keys, or the AWS default chain (`s3.credentials`).
 //!
-//! Credentials are static (`s3.access_key_id`, `s3.secret_access_key`); the AWS default chain
-//! (instance profiles, web identity) is not wired in, to keep `aws-config` and its STS/SSO
-//! clients out of the build.
+//! Download URLs are presigned for `s3.public_endpoint` when it is set (SigV4 signs the `Host`
+//! header, so a URL signed for the in-cluster name fails when opened through an ingress's), by a
+//! second client that differs only in its endpoint and never sends a request.
 
+mod credentials;
 mod errors;
 mod upload;
 
@@ -22,7 +24,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use aws_sdk_s3::{
     Client,
-    config::{BehaviorVersion, Credentials, Region},
+    config::{BehaviorVersion, IdentityCache, Region, SharedCredentialsProvider, SharedHttpClient},
     presigning::PresigningConfig,
     types::{
         AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
@@ -32,7 +34,6 @@ use aws_sdk_s3::{
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use bytes::Bytes;
 use futures::{StreamExt, stream::BoxStream};
-use secrecy::ExposeSecret;
 
 use self::{
     errors::{Scope, has_code, map_sdk_error, status},
@@ -65,6 +66,8 @@ pub enum LifecycleOutcome {
 pub struct S3BlobStore {
     bucket: Arc<Bucket>,
     parts: PartBuffering,
+    /// Presigns download URLs: the bucket's client, or one for `s3.public_endpoint`.
+    presigner: Client,
 }
 
 impl fmt::Debug for S3BlobStore {
@@ -78,50 +81,101 @@ impl fmt::Debug for S3BlobStore {
 }
 
 impl S3BlobStore {
-    /// A store on `settings.bucket`, writing parts of `part_size` bytes (5 MiB..=5 GiB, S3's
-    /// limits) with at most `parts_in_flight` of them uploading at once per upload, their
-    /// buffers reserved from `budget`. Sends no request.
+    /// A store on `settings.bucket` with the static keys of `settings`, writing parts of
+    /// `part_size` bytes (5 MiB..=5 GiB, S3's limits) with at most `parts_in_flight` of them
+    /// uploading at once per upload, their buffers reserved from `budget`. Sends no request.
+    /// For `s3.credentials = "chain"` use [`S3BlobStore::connect`].
     pub fn new(
         settings: &S3Settings,
         part_size: u64,
         parts_in_flight: usize,
         budget: Arc<MemoryBudget>,
     ) -> Result<Self, BlobError> {
-        let misconfigured = |message: &str| BlobError::Misconfigured(message.to_owned().into());
+        let Some(keys) = credentials::static_keys(settings)? else {
+            return Err(BlobError::Misconfigured(
+                "s3.credentials = \"chain\" resolves credentials at start-up: S3BlobStore::connect builds this store".into(),
+            ));
+        };
+        let provider = SharedCredentialsProvider::new(keys);
+        Self::from_settings(
+            settings,
+            provider,
+            https_client(),
+            part_size,
+            parts_in_flight,
+            budget,
+        )
+    }
+
+    /// Like [`S3BlobStore::new`], for either kind of `s3.credentials`: with the AWS default
+    /// chain it asks the chain once, and fails when no source in it has credentials.
+    pub async fn connect(
+        settings: &S3Settings,
+        part_size: u64,
+        parts_in_flight: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Self, BlobError> {
+        let http_client = https_client();
+        let provider = match credentials::static_keys(settings)? {
+            Some(keys) => SharedCredentialsProvider::new(keys),
+            None => credentials::default_chain(&settings.region, http_client.clone()).await?,
+        };
+        Self::from_settings(
+            settings,
+            provider,
+            http_client,
+            part_size,
+            parts_in_flight,
+            budget,
+        )
+    }
+
+    fn from_settings(
+        settings: &S3Settings,
+        credentials: SharedCredentialsProvider,
+        http_client: SharedHttpClient,
+        part_size: u64,
+        parts_in_flight: usize,
+        budget: Arc<MemoryBudget>,
+    ) -> Result<Self, BlobError> {
         let bucket = settings
             .bucket
             .clone()
             .filter(|bucket| !bucket.is_empty())
-            .ok_or_else(|| misconfigured("s3.bucket is required"))?;
-        let (Some(access_key_id), Some(secret_access_key)) =
-            (&settings.access_key_id, &settings.secret_access_key)
-        else {
-            return Err(misconfigured(
-                "s3.access_key_id and s3.secret_access_key are required (the AWS default credential chain is not supported)",
-            ));
-        };
-        let credentials = Credentials::new(
-            access_key_id,
-            secret_access_key.expose_secret(),
-            None,
-            None,
-            "svc-messaging-settings",
-        );
-        // rustls with ring: HTTPS to AWS, plain HTTP to a local endpoint, no aws-lc build.
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::Ring))
-            .build_https();
+            .ok_or_else(|| BlobError::Misconfigured("s3.bucket is required".into()))?;
         let mut config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(settings.region.clone()))
             .credentials_provider(credentials)
+            // Explicitly one cache in the config that the presigning client below is built from:
+            // temporary credentials are fetched once for both clients (the test counts fetches).
+            .identity_cache(IdentityCache::lazy().build())
             .force_path_style(settings.force_path_style)
             .http_client(http_client);
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
-        let client = Client::from_conf(config.build());
-        Self::with_client(client, bucket, part_size, parts_in_flight, budget)
+        let config = config.build();
+        let presigner = settings.public_endpoint.as_ref().map(|public| {
+            // Same credentials, region and addressing: only the host the signature is for differs.
+            Client::from_conf(
+                config
+                    .to_builder()
+                    .endpoint_url(public.trim_end_matches('/'))
+                    .build(),
+            )
+        });
+        let mut store = Self::with_client(
+            Client::from_conf(config),
+            bucket,
+            part_size,
+            parts_in_flight,
+            budget,
+        )?;
+        if let Some(presigner) = presigner {
+            store.presigner = presigner;
+        }
+        Ok(store)
     }
 
     /// Like [`S3BlobStore::new`] with a client configured elsewhere (tests, other credentials).
@@ -143,6 +197,7 @@ impl S3BlobStore {
             ));
         }
         Ok(Self {
+            presigner: client.clone(),
             bucket: Arc::new(Bucket {
                 client,
                 name: bucket,
@@ -259,6 +314,14 @@ impl S3BlobStore {
             }
         }
     }
+}
+
+/// rustls with ring: HTTPS to AWS, plain HTTP to a local endpoint, no aws-lc build. The S3
+/// clients and the credential chain's requests (STS, container and instance metadata) share it.
+fn https_client() -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
 }
 
 /// Lifecycle rules count in whole days: `retention` rounded up, at least one, so no file expires
@@ -381,8 +444,7 @@ impl BlobStore for S3BlobStore {
             BlobError::Misconfigured(format!("download URL lifetime: {error}").into())
         })?;
         let request = self
-            .bucket
-            .client
+            .presigner
             .get_object()
             .bucket(&self.bucket.name)
             .key(key)
