@@ -55,6 +55,8 @@ const CHUNK: usize = MIB;
 const BAD_CHUNK: usize = 64 * 1024;
 const GOAL_RATIO: f64 = 0.9;
 const GOAL_RSS_PER_UPLOAD_MIB: f64 = 16.0;
+/// How far above its starting value RSS may stay one second after the uploads finished.
+const GOAL_RSS_SETTLED_MIB: f64 = 20.0;
 /// A resumed upload (both attempts and the status call) against a one-shot one.
 const GOAL_RESUME_RATIO: f64 = 1.1;
 
@@ -632,6 +634,8 @@ struct Memory {
     sampled_max: u64,
     hwm_after: u64,
     rss_after: u64,
+    /// VmRSS one second after the last upload finished.
+    rss_settled: u64,
     seconds: f64,
     size_mib: usize,
 }
@@ -659,6 +663,7 @@ impl Memory {
             mib(self.sampled_max),
             mib(self.hwm_after),
             mib(self.rss_after),
+            mib(self.rss_settled),
             mib(self.hwm_after.saturating_sub(self.rss_before)),
             format!("{:.1}", self.per_upload(concurrent)),
             format!(
@@ -679,6 +684,7 @@ fn print_memory(runs: &[Memory], concurrent: usize) {
             "max VmRSS (20 ms samples)",
             "VmHWM after",
             "VmRSS after",
+            "VmRSS 1 s later",
             "growth (HWM after - RSS before)",
             "per upload",
             "all uploads took",
@@ -691,6 +697,20 @@ fn print_memory(runs: &[Memory], concurrent: usize) {
     );
     let per_upload: Vec<f64> = runs.iter().map(|run| run.per_upload(concurrent)).collect();
     let median_per_upload = median(&per_upload);
+    let settled: Vec<f64> = runs
+        .iter()
+        .map(|run| Memory::mib(run.rss_settled.saturating_sub(run.rss_before)))
+        .collect();
+    let median_settled = median(&settled);
+    println!(
+        "RSS 1 s after the uploads finished, above its value before: median {median_settled:.1} \
+         MiB; goal <= {GOAL_RSS_SETTLED_MIB} MiB: {}",
+        if median_settled <= GOAL_RSS_SETTLED_MIB {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    );
     println!(
         "(MiB; VmHWM reset to VmRSS through /proc/<pid>/clear_refs after a warm-up upload, \
          fresh process per run) growth per upload: median {median_per_upload:.1} MiB \
@@ -755,13 +775,16 @@ async fn concurrent_uploads_rss(prefix: &str, data: &Bytes, concurrent: usize) -
     }
     let seconds = start.elapsed().as_secs_f64();
     sampling.abort();
+    let (hwm_after, rss_after) = (service.status_kib("VmHWM"), service.status_kib("VmRSS"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
     Memory {
         rss_before,
         hwm_before,
         peak_reset,
         sampled_max: sampled_max.load(Ordering::Relaxed),
-        hwm_after: service.status_kib("VmHWM"),
-        rss_after: service.status_kib("VmRSS"),
+        hwm_after,
+        rss_after,
+        rss_settled: service.status_kib("VmRSS"),
         seconds,
         size_mib: data.len() / MIB,
     }

@@ -16,7 +16,13 @@
 //! main pool always complete and release: every wait ends when someone finishes, as with
 //! whole-buffer reservations, while idle or slow streams hold only what they sent.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -33,6 +39,8 @@ pub struct MemoryBudget {
     first_bytes: Arc<Semaphore>,
     first_bytes_units: u32,
     wait_timeout: Duration,
+    /// Reservations of bytes returned so far (see [`MemoryBudget::releases`]).
+    releases: Arc<AtomicU64>,
 }
 
 /// Bytes held against the budget until this is dropped.
@@ -43,6 +51,15 @@ pub struct MemoryReservation {
     /// Units of the main pool: a whole buffer's worth once it outgrew its first bytes.
     main: Option<OwnedSemaphorePermit>,
     bytes: u64,
+    releases: Arc<AtomicU64>,
+}
+
+impl Drop for MemoryReservation {
+    fn drop(&mut self) {
+        if self.first_bytes.is_some() || self.main.is_some() {
+            self.releases.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl MemoryReservation {
@@ -69,7 +86,20 @@ impl MemoryBudget {
             first_bytes: Arc::new(Semaphore::new(first_bytes_units as usize)),
             first_bytes_units,
             wait_timeout,
+            releases: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// How many reservations holding memory were returned so far: a change means buffers were
+    /// freed since the last look.
+    pub fn releases(&self) -> u64 {
+        self.releases.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing is reserved.
+    pub fn is_idle(&self) -> bool {
+        self.main.available_permits() == self.main_units as usize
+            && self.first_bytes.available_permits() == self.first_bytes_units as usize
     }
 
     /// Reserves `bytes` from the main pool at once, waiting up to the configured timeout for
@@ -81,6 +111,7 @@ impl MemoryBudget {
             first_bytes: None,
             main: Some(permit),
             bytes,
+            releases: self.releases.clone(),
         })
     }
 
@@ -90,6 +121,7 @@ impl MemoryBudget {
             first_bytes: None,
             main: None,
             bytes: 0,
+            releases: self.releases.clone(),
         }
     }
 
