@@ -17,4 +17,5 @@ mod resumable;
 mod server;
 mod support;
 mod thumbnails;
+mod tls;
 mod upload_sessions;
