@@ -106,10 +106,13 @@ impl Stream for LimitedIncoming {
                     Ok(Some(connection)) => return Poll::Ready(Some(Ok(connection))),
                     // Counted by the handshake; its slot is free again.
                     Ok(None) => continue,
-                    Err(join_error) if join_error.is_panic() => {
-                        std::panic::resume_unwind(join_error.into_panic())
+                    // One client's handshake must not take the port down with it.
+                    Err(join_error) => {
+                        if join_error.is_panic() {
+                            tracing::error!("a TLS handshake panicked; closing its connection");
+                        }
+                        continue;
                     }
-                    Err(_) => continue,
                 }
             }
             let (stream, _) = match this.listener.poll_accept(cx) {

@@ -548,3 +548,29 @@ fn start_up_errors_name_the_config_key() {
     });
     assert_eq!(error.key, "server.tls.reload_interval", "{error}");
 }
+
+#[test]
+fn check_config_exits_2_naming_the_tls_key_at_fault() {
+    let ca = Ca::new("server ca");
+    let files = TlsFiles::new(&ca.server(), None);
+    files.write("other.key", ca.server().key.as_bytes());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_svc-messaging"))
+        .env_clear()
+        .env(
+            "SVC_MESSAGING__SERVER__TLS__CERT_FILE",
+            files.path("cert.pem"),
+        )
+        .env(
+            "SVC_MESSAGING__SERVER__TLS__KEY_FILE",
+            files.path("other.key"),
+        )
+        .arg("check-config")
+        .output()
+        .expect("run svc-messaging check-config");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("server.tls.key_file: does not match the certificate"),
+        "{stderr}"
+    );
+}
