@@ -45,6 +45,7 @@ use crate::{
         upload_sessions::UploadSessionStore,
     },
     thumbnails::ThumbnailPool,
+    tls::ServerTls,
     transport::LimitedIncoming,
 };
 
@@ -134,10 +135,17 @@ impl App {
         } = self;
         let grpc_addr = local_addr(&grpc_listener, settings.server.grpc_addr)?;
         let http_addr = local_addr(&http_listener, settings.server.http_addr)?;
-        let authenticator = startup::check(&settings)?.authenticator;
+        let startup::Checked { authenticator, tls } = startup::check(&settings)?;
         let backends = Backends::build(&settings, http_addr).await?;
         let services = Services::build(&settings, &backends, authenticator).await?;
-        let running = Running::serve(&settings, backends, services, grpc_listener, http_listener);
+        let running = Running::serve(
+            &settings,
+            backends,
+            services,
+            grpc_listener,
+            http_listener,
+            tls,
+        );
         tracing::info!(%grpc_addr, %http_addr, "serving");
         running
             .drain_after(shutdown, settings.server.shutdown_grace)
@@ -263,6 +271,7 @@ impl Running {
         services: Services,
         grpc_listener: TcpListener,
         http_listener: TcpListener,
+        tls: Option<ServerTls>,
     ) -> Self {
         let Services {
             metrics,
@@ -281,7 +290,16 @@ impl Running {
             settings.server.max_connections,
             settings.server.handshake_timeout,
             metrics.connections.clone(),
-        );
+        )
+        .with_tls(tls.map(|tls| {
+            tracing::info!(
+                client_certificates = tls.verifies_clients(),
+                "gRPC port serves TLS"
+            );
+            let acceptors = tls.acceptors();
+            tokio::spawn(tls.reload_on_change(metrics.tls.clone(), stop_monitor.clone()));
+            acceptors
+        }));
         let grpc_server = Server::builder()
             .max_concurrent_streams(Some(settings.server.max_concurrent_streams))
             // tonic hands hyper `None` for these unless set, which turns the local-reset limit

@@ -87,6 +87,85 @@ pub struct ServerSettings {
     /// Largest request message of every RPC but UploadFile (whose chunks follow
     /// `uploads.max_chunk_bytes`).
     pub max_request_bytes: ByteSize,
+    /// TLS of the gRPC port (the HTTP probe port stays plaintext).
+    pub tls: TlsSettings,
+}
+
+/// TLS of the gRPC port: off unless a certificate and its key are configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates that sign client certificates; set, clients are verified (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// Whether a client must present a certificate when `client_ca_file` is set.
+    pub client_cert: ClientCertPolicy,
+    /// How often the files are read again; changed files take effect for new connections.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            client_cert: ClientCertPolicy::Required,
+            reload_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// Whether the gRPC port serves TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "server.tls.key_file",
+                    "must be set along with server.tls.cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "server.tls.cert_file",
+                    "must be set along with server.tls.key_file",
+                ));
+            }
+            _ => {}
+        }
+        if self.client_ca_file.is_some() && !self.enabled() {
+            return Err(ConfigError::new(
+                "server.tls.client_ca_file",
+                "client certificates need TLS: set server.tls.cert_file and server.tls.key_file",
+            ));
+        }
+        if self.reload_interval.is_zero() {
+            return Err(ConfigError::new(
+                "server.tls.reload_interval",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Client certificates under mTLS (`server.tls.client_ca_file` set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientCertPolicy {
+    /// A client without a certificate signed by the CA is refused in the handshake.
+    Required,
+    /// A client may present no certificate; one it presents must be signed by the CA.
+    Optional,
 }
 
 impl Default for ServerSettings {
@@ -102,6 +181,7 @@ impl Default for ServerSettings {
             max_concurrent_streams: 256,
             max_header_list_size: ByteSize::kib(16),
             max_request_bytes: ByteSize::kib(256),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -632,7 +712,7 @@ impl ServerSettings {
                 "must be between 16KiB and 16MiB",
             ));
         }
-        Ok(())
+        self.tls.validate()
     }
 }
 

@@ -22,6 +22,7 @@
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
 //! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
+//! - [`tls`]: TLS of the gRPC port (optional client certificates), reloaded from its files.
 //! - [`transport`]: connection limits of the gRPC port (count, time to send the preface).
 
 pub mod app;
@@ -44,4 +45,5 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod thumbnails;
+pub mod tls;
 pub mod transport;

@@ -17,6 +17,7 @@ use std::{
 
 use crate::{
     call_layer::{CallLayer, CallWrapper},
+    tls::TlsMetrics,
     transport::ConnectionMetrics,
 };
 use futures::future::BoxFuture;
@@ -100,6 +101,8 @@ pub struct Metrics {
     registry: Registry,
     /// Connections of the gRPC port, counted by [`crate::transport::LimitedIncoming`].
     pub connections: ConnectionMetrics,
+    /// Certificate reloads of the gRPC port's TLS, counted by [`crate::tls::ServerTls`].
+    pub tls: TlsMetrics,
     handled: Family<HandledLabels, Counter>,
     handling_seconds: HistogramFamily,
     in_flight: Family<MethodLabels, Gauge>,
@@ -147,9 +150,26 @@ impl Metrics {
             "gRPC connections closed for not sending the HTTP/2 preface within server.handshake_timeout",
             connections.handshake_timeouts.clone(),
         );
+        registry.register(
+            "grpc_server_tls_handshake_failures",
+            "gRPC connections closed because their TLS handshake failed (plaintext clients, untrusted client certificates)",
+            connections.tls_handshake_failures.clone(),
+        );
+        let tls = TlsMetrics::default();
+        registry.register(
+            "tls_certificate_reloads",
+            "Changed TLS files of the gRPC port that now serve new connections",
+            tls.reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_reload_failures",
+            "Changed TLS files of the gRPC port that could not be used (the previous certificate stays)",
+            tls.reload_failures.clone(),
+        );
         Arc::new(Self {
             registry,
             connections,
+            tls,
             handled,
             handling_seconds,
             in_flight,

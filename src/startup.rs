@@ -5,18 +5,23 @@
 use crate::{
     auth::Authenticator,
     config::{ConfigError, Settings},
+    tls::ServerTls,
 };
 
 /// What the check built, for the app to use instead of building it again.
 pub struct Checked {
     pub authenticator: Authenticator,
+    /// The gRPC port's TLS, when `server.tls` names a certificate.
+    pub tls: Option<ServerTls>,
 }
 
-/// Validates `settings` as a whole and builds the authenticator from them.
+/// Validates `settings` as a whole and builds the authenticator (and the TLS configuration,
+/// which reads the certificate files) from them.
 pub fn check(settings: &Settings) -> Result<Checked, ConfigError> {
     settings.validate()?;
     let authenticator = Authenticator::from_settings(&settings.auth)?;
-    Ok(Checked { authenticator })
+    let tls = ServerTls::load(&settings.server.tls)?;
+    Ok(Checked { authenticator, tls })
 }
 
 #[cfg(test)]

@@ -7,6 +7,11 @@
 //! instead of waiting in the backlog), and gives each new connection
 //! `server.handshake_timeout` to send the HTTP/2 connection preface, so sockets that connect and
 //! then say nothing, or trickle a byte at a time, cannot hold the slots.
+//!
+//! With `server.tls` configured, the TLS handshake runs here too, on a task of its own per
+//! connection (a slow client cannot hold up the accept loop): a connection holds its slot from
+//! the moment it is accepted, and `server.handshake_timeout` covers the TLS handshake and the
+//! HTTP/2 preface together. A connection over the limit gets its GOAWAY over TLS.
 
 use std::{
     io,
@@ -22,9 +27,14 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
-    time::Sleep,
+    task::JoinSet,
+    time::{Instant, Sleep},
 };
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::tls::TlsAcceptors;
 
 /// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`), the
 /// first thing every gRPC client sends.
@@ -41,8 +51,11 @@ pub struct ConnectionMetrics {
     pub open: Gauge,
     /// Connections closed at once because `server.max_connections` were open.
     pub refused: Counter,
-    /// Connections closed because they did not send the preface in time.
+    /// Connections closed because they did not send the preface (or finish the TLS handshake)
+    /// in time.
     pub handshake_timeouts: Counter,
+    /// Connections closed because their TLS handshake failed.
+    pub tls_handshake_failures: Counter,
 }
 
 /// Accepted connections of the gRPC port, within the connection limits (see the module docs).
@@ -52,6 +65,9 @@ pub struct LimitedIncoming {
     refusals: Arc<Semaphore>,
     handshake_timeout: Duration,
     metrics: ConnectionMetrics,
+    tls: Option<TlsAcceptors>,
+    /// TLS handshakes under way; each yields its connection or nothing.
+    handshakes: JoinSet<Option<LimitedConnection>>,
 }
 
 impl LimitedIncoming {
@@ -67,7 +83,15 @@ impl LimitedIncoming {
             refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT)),
             handshake_timeout,
             metrics,
+            tls: None,
+            handshakes: JoinSet::new(),
         }
+    }
+
+    /// Serves TLS on every connection, with the configuration current when it is accepted.
+    pub fn with_tls(mut self, tls: Option<TlsAcceptors>) -> Self {
+        self.tls = tls;
+        self
     }
 }
 
@@ -77,6 +101,20 @@ impl Stream for LimitedIncoming {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            if let Poll::Ready(Some(handshake)) = this.handshakes.poll_join_next(cx) {
+                match handshake {
+                    Ok(Some(connection)) => return Poll::Ready(Some(Ok(connection))),
+                    // Counted by the handshake; its slot is free again.
+                    Ok(None) => continue,
+                    // One client's handshake must not take the port down with it.
+                    Err(join_error) => {
+                        if join_error.is_panic() {
+                            tracing::error!("a TLS handshake panicked; closing its connection");
+                        }
+                        continue;
+                    }
+                }
+            }
             let (stream, _) = match this.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
                 // tonic logs accept errors and goes on accepting, as with its own TcpIncoming.
@@ -87,29 +125,93 @@ impl Stream for LimitedIncoming {
                 this.metrics.refused.inc();
                 tracing::warn!("server.max_connections reached; refusing a new connection");
                 if let Ok(permit) = this.refusals.clone().try_acquire_owned() {
-                    tokio::spawn(refuse(stream, permit));
+                    let tls = this.tls.as_ref().map(TlsAcceptors::current);
+                    tokio::spawn(refuse(stream, tls, permit));
                 }
                 continue;
             };
             // Small messages (health checks, sends) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            this.metrics.open.inc();
-            return Poll::Ready(Some(Ok(LimitedConnection {
-                stream,
-                _slot: slot,
-                preface_left: PREFACE_LEN,
-                handshake_deadline: Some(Box::pin(tokio::time::sleep(this.handshake_timeout))),
+            let accepted = Accepted {
+                connect_info: stream.connect_info(),
+                slot,
+                handshake_deadline: Instant::now() + this.handshake_timeout,
                 metrics: this.metrics.clone(),
-            })));
+            };
+            match &this.tls {
+                None => {
+                    return Poll::Ready(Some(Ok(accepted.into_connection(Either::Left(stream)))));
+                }
+                Some(tls) => {
+                    this.handshakes
+                        .spawn(accepted.tls_handshake(tls.current(), stream));
+                }
+            }
         }
     }
 }
+
+/// A connection holding its slot, before its TLS handshake.
+struct Accepted {
+    connect_info: TcpConnectInfo,
+    slot: OwnedSemaphorePermit,
+    /// When the TLS handshake and the HTTP/2 preface must be done by.
+    handshake_deadline: Instant,
+    metrics: ConnectionMetrics,
+}
+
+impl Accepted {
+    async fn tls_handshake(
+        self,
+        acceptor: TlsAcceptor,
+        stream: TcpStream,
+    ) -> Option<LimitedConnection> {
+        match tokio::time::timeout_at(self.handshake_deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => Some(self.into_connection(Either::Right(Box::new(tls)))),
+            Ok(Err(error)) => {
+                self.metrics.tls_handshake_failures.inc();
+                // Plaintext clients and port scanners land here: not worth a warning each.
+                tracing::debug!(%error, peer = ?self.connect_info.remote_addr(), "TLS handshake failed");
+                None
+            }
+            Err(_elapsed) => {
+                self.metrics.handshake_timeouts.inc();
+                None
+            }
+        }
+    }
+
+    fn into_connection(self, stream: ServedStream) -> LimitedConnection {
+        self.metrics.open.inc();
+        LimitedConnection {
+            stream,
+            connect_info: self.connect_info,
+            _slot: self.slot,
+            preface_left: PREFACE_LEN,
+            handshake_deadline: Some(Box::pin(tokio::time::sleep_until(self.handshake_deadline))),
+            metrics: self.metrics,
+        }
+    }
+}
+
+/// A connection's byte stream: plain TCP, or TLS over it once the handshake is done.
+type ServedStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// Answers a connection over the limit with the server preface and a GOAWAY
 /// (`ENHANCE_YOUR_CALM`, no stream processed), then closes it. Its bytes are read and dropped
 /// meanwhile: closing a socket with unread input resets it, and the reset could destroy the
 /// GOAWAY before the client reads it.
-async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
+async fn refuse(stream: TcpStream, tls: Option<TlsAcceptor>, _permit: OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        match tls {
+            None => send_goaway(stream).await,
+            Some(acceptor) => send_goaway(acceptor.accept(stream).await?).await,
+        }
+    })
+    .await;
+}
+
+async fn send_goaway(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const DEBUG: &[u8] = b"server.max_connections reached";
     let mut frames = Vec::with_capacity(9 + 9 + 8 + DEBUG.len());
@@ -121,19 +223,17 @@ async fn refuse(mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
     frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
     frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0xb]);
     frames.extend_from_slice(DEBUG);
-    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-        stream.write_all(&frames).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 1024];
-        while stream.read(&mut sink).await? > 0 {}
-        io::Result::Ok(())
-    })
-    .await;
+    stream.write_all(&frames).await?;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 1024];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }
 
 /// One accepted connection; its slot is released when hyper drops it.
 pub struct LimitedConnection {
-    stream: TcpStream,
+    stream: ServedStream,
+    connect_info: TcpConnectInfo,
     _slot: OwnedSemaphorePermit,
     /// Preface bytes still to arrive before the handshake deadline is lifted.
     preface_left: usize,
@@ -151,7 +251,7 @@ impl Connected for LimitedConnection {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.connect_info.clone()
     }
 }
 

@@ -87,6 +87,23 @@ fn secret_placeholder(key: &str) -> &'static str {
     }
 }
 
+/// Stand-ins for the files of a mounted Secret, under the keys of a `kubernetes.io/tls` Secret
+/// (and cert-manager's `ca.crt`): a self-signed certificate for the server and as the CA.
+fn write_secret_file_stand_ins(dir: &Path) {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = rcgen::CertificateParams::new(vec!["svc-messaging".to_owned()])
+        .and_then(|params| params.self_signed(&key))
+        .expect("a self-signed certificate");
+    std::fs::create_dir_all(dir).expect("secret stand-in dir");
+    for (file, contents) in [
+        ("tls.crt", cert.pem()),
+        ("tls.key", key.serialize_pem()),
+        ("ca.crt", cert.pem()),
+    ] {
+        std::fs::write(dir.join(file), contents).expect("write a secret stand-in");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rendering and navigating the manifests
 
@@ -270,6 +287,27 @@ impl Rendered {
             .to_owned()
     }
 
+    /// The Secret volumes the container mounts: (mount path, Secret name).
+    fn secret_mounts(&self) -> Vec<(String, String)> {
+        let volumes = self.pod()["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        self.container()["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|mount| {
+                let volume = volumes.iter().find(|v| v["name"] == mount["name"])?;
+                let secret = volume["secret"]["secretName"].as_str()?;
+                Some((
+                    mount["mountPath"].as_str().unwrap().to_owned(),
+                    secret.to_owned(),
+                ))
+            })
+            .collect()
+    }
+
     /// The container's environment as the kubelet would set it, with each Secret value
     /// replaced by its placeholder.
     fn container_env(&self) -> Vec<(String, String)> {
@@ -407,7 +445,17 @@ struct PodConfig {
 fn pod_config(rendered: &Rendered) -> PodConfig {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("config.toml");
-    std::fs::write(&path, rendered.config_toml()).expect("write config.toml");
+    // Files the config names in a mounted Secret are read from stand-ins in the temp dir.
+    let mut config_toml = rendered.config_toml();
+    for (mount_path, secret) in rendered.secret_mounts() {
+        let stand_in = dir.path().join("secrets").join(&secret);
+        write_secret_file_stand_ins(&stand_in);
+        config_toml = config_toml.replace(
+            &format!("\"{mount_path}/"),
+            &format!("\"{}/", stand_in.display()),
+        );
+    }
+    std::fs::write(&path, config_toml).expect("write config.toml");
     let original = config_path(rendered.container()).unwrap();
     let args = rendered.container()["args"]
         .as_array()
@@ -747,6 +795,49 @@ fn pods_run_non_root_read_only_without_capabilities() {
         );
         let account = pod["serviceAccountName"].as_str().unwrap();
         rendered.named("ServiceAccount", account);
+    }
+}
+
+#[test]
+fn mainnet_serves_grpc_over_tls_from_a_mounted_secret() {
+    for (expected, rendered) in every_environment() {
+        let env = expected.env;
+        let config = config::Config::builder()
+            .add_source(config::File::from_str(
+                &rendered.config_toml(),
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .expect("config.toml parses");
+        let cert_file = config.get_string("server.tls.cert_file").ok();
+        if env != "mainnet" && cert_file.is_none() {
+            continue;
+        }
+        let cert_file = cert_file.unwrap_or_else(|| panic!("{env}: gRPC is served without TLS"));
+        let key_file = config
+            .get_string("server.tls.key_file")
+            .unwrap_or_else(|_| panic!("{env}: server.tls.key_file"));
+        let mounts = rendered.secret_mounts();
+        for file in [&cert_file, &key_file] {
+            let (mount_path, _) = mounts
+                .iter()
+                .find(|(path, _)| file.starts_with(&format!("{path}/")))
+                .unwrap_or_else(|| panic!("{env}: {file} is not in a mounted Secret"));
+            let mount = rendered.container()["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == mount_path.as_str())
+                .unwrap();
+            assert_eq!(mount["readOnly"], true, "{env}: {mount_path}");
+            assert!(
+                mount["subPath"].is_null(),
+                "{env}: a subPath mount never sees a renewed Secret, so the certificate would \
+                 never reload"
+            );
+        }
+        // The certificate files load (stand-ins for the Secret's files).
+        assert!(pod_config(&rendered).settings(env).server.tls.enabled());
     }
 }
 

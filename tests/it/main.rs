@@ -19,4 +19,5 @@ mod sdk;
 mod server;
 mod support;
 mod thumbnails;
+mod tls;
 mod upload_sessions;
