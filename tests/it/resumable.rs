@@ -535,6 +535,70 @@ async fn an_expired_session_is_discarded_with_its_multipart_upload() {
     assert_eq!(reason(&resumed), "UPLOAD_NOT_FOUND");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_uploads_per_caller_are_limited_in_the_zero_setup_default() {
+    use tonic_types::StatusExt;
+    // Memory messages and the filesystem store: sessions live in the data directory.
+    let server = TestServer::start_with(|settings| {
+        settings.uploads.max_sessions_per_caller = 1;
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut messaging = Messaging::new(channel.clone());
+    let mut files = Files::new(channel.clone());
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
+    let body = Bytes::from(pdf(10 * MIB));
+    let first = resumable_metadata(&conversation_id, "1.pdf", "application/pdf", &body, "one");
+    let second = resumable_metadata(&conversation_id, "2.pdf", "application/pdf", &body, "two");
+
+    let mut partial = vec![pb::UploadFileRequest {
+        payload: Some(Payload::Metadata(first)),
+    }];
+    partial.extend(chunks_from(&body.slice(..9 * MIB), 0));
+    let paused = upload_messages(&mut files, "alice", partial)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&paused), "SIZE_MISMATCH");
+    assert_eq!(
+        status(&mut files, "alice", "one")
+            .await
+            .unwrap()
+            .committed_size as usize,
+        PART
+    );
+
+    let refused = upload(&mut files, "alice", second.clone(), &body)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&refused), "TOO_MANY_UPLOAD_SESSIONS");
+    let quota = refused.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, "user:alice");
+    // Another caller is not affected.
+    let bobs = resumable_metadata(&conversation_id, "b.pdf", "application/pdf", &body, "two");
+    upload(&mut files, "bob", bobs, &body).await.unwrap();
+
+    // Finishing the first frees the slot.
+    let mut rest = vec![resume_message("one", PART)];
+    rest.extend(chunks_from(&body, PART));
+    let file = upload_messages(&mut files, "alice", rest)
+        .await
+        .unwrap()
+        .file
+        .unwrap();
+    assert_eq!(file.sha256, sha256_hex(&body));
+    let file = upload(&mut files, "alice", second, &body)
+        .await
+        .unwrap()
+        .file
+        .unwrap();
+    assert_eq!(download(&mut files, "bob", &file.file_id).await, body);
+    let staged = std::fs::read_dir(server.data_dir.path().join("blobs/staged"))
+        .unwrap()
+        .count();
+    assert_eq!(staged, 0, "staged files remain");
+}
+
 /// The environment of a service process on the test Redis (under `key_prefix`) and, unless
 /// `blobs` is "fs", the test bucket; writers lose their lease 2 s after they vanish.
 fn process_env(key_prefix: &str, blobs: &str, data_dir: &std::path::Path) -> Vec<(String, String)> {
