@@ -271,7 +271,10 @@ impl FileService {
                 finished
             }
             Err(error) if proves_content_invalid(&error) => {
-                drop(upload);
+                // Through the upload: it also knows parts no session recorded yet.
+                if let Err(abort_error) = upload.abort().await {
+                    tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+                }
                 self.discard(&session).await;
                 Err(error)
             }
@@ -301,7 +304,15 @@ impl FileService {
         held: &HeldLease,
     ) -> Result<(FileRecord, Message)> {
         let Receiver { sniffer, .. } = receiver;
-        let dimensions = closing_checks(plan, sniffer, &sha256)?;
+        let dimensions = match closing_checks(plan, sniffer, &sha256) {
+            Ok(dimensions) => dimensions,
+            Err(error) => {
+                if let Err(abort_error) = upload.abort().await {
+                    tracing::warn!(error = %abort_error, "aborting a refused upload failed");
+                }
+                return Err(error);
+            }
+        };
         upload
             .commit(vec![(SHA256_METADATA.to_owned(), sha256.clone())])
             .await?;

@@ -150,6 +150,8 @@ pub trait ResumableUpload: Send {
     /// As [`BlobUpload::commit`]. A failure before the object is visible keeps the durable
     /// parts; after (its metadata could not be completed) the object is removed again.
     async fn commit(self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()>;
+    /// Discards everything staged, durable or not, recorded anywhere or not (a refused upload).
+    async fn abort(self: Box<Self>) -> BlobResult<()>;
 }
 
 #[async_trait]

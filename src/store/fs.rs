@@ -370,6 +370,16 @@ impl ResumableUpload for FsStagedUpload {
         self.finished = true;
         Ok(())
     }
+
+    async fn abort(mut self: Box<Self>) -> BlobResult<()> {
+        self.file.take();
+        self.finished = true;
+        match tokio::fs::remove_file(&self.path).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error(error)),
+        }
+    }
 }
 
 impl Drop for FsStagedUpload {

@@ -474,6 +474,30 @@ async fn an_invalid_file_found_only_at_the_end_of_a_resumed_upload_leaves_nothin
         redis_keys(&format!("{key_prefix}:*upload*")).is_empty(),
         "session keys remain"
     );
+
+    // In one stream, refused while its first part is still on its way (no session recorded
+    // it yet): that multipart upload goes too.
+    let mut bytes = pdf(9 * MIB);
+    let len = bytes.len();
+    bytes[len - 7..].copy_from_slice(b"garbage");
+    let body = Bytes::from(bytes);
+    let meta = resumable_metadata(
+        &conversation_id,
+        "bad2.pdf",
+        "application/pdf",
+        &body,
+        "invalid-2",
+    );
+    let refused = upload(&mut files, "alice", meta, &body).await.unwrap_err();
+    assert_eq!(reason(&refused), "MALFORMED_DOCUMENT");
+    assert_nothing_left(
+        "invalid in one stream",
+        &mut messaging,
+        &key_prefix,
+        &conversation_id,
+        &[],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -673,6 +673,10 @@ impl ResumableUpload for S3Upload {
     async fn commit(self: Box<Self>, metadata: Vec<(String, String)>) -> BlobResult<()> {
         BlobUpload::commit(self, metadata).await
     }
+
+    async fn abort(self: Box<Self>) -> BlobResult<()> {
+        BlobUpload::abort(self).await
+    }
 }
 
 fn task_failed(error: JoinError) -> BlobError {
