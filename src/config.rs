@@ -393,6 +393,10 @@ pub struct UploadSettings {
     pub idle_timeout: Duration,
     /// Uploads one caller may have open at once.
     pub max_concurrent_per_caller: u32,
+    /// The longest one upload stream may last, however steadily it trickles (a resumable upload
+    /// continues in a new stream).
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
     /// How long a resumable upload (one with a `request_id`) can be continued, and its result
     /// found again, from its start; an unfinished one is discarded after it. Never longer than
     /// `retention` (staged bytes are swept with expired files).
@@ -426,6 +430,7 @@ impl Default for UploadSettings {
             min_chunk_bytes: ByteSize::kib(1),
             idle_timeout: Duration::from_secs(30),
             max_concurrent_per_caller: 16,
+            max_duration: Duration::from_secs(3600),
             session_ttl: Duration::from_secs(24 * 3600),
             max_sessions_per_caller: 32,
         }
@@ -1056,6 +1061,12 @@ impl UploadSettings {
             return Err(ConfigError::new(
                 "uploads.max_concurrent_per_caller",
                 "must be greater than zero",
+            ));
+        }
+        if self.max_duration < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "uploads.max_duration",
+                "must be at least 1s",
             ));
         }
         if self.session_ttl < Duration::from_secs(1) {

@@ -29,6 +29,8 @@ pub struct UploadPolicy {
     pub idle_timeout: Duration,
     /// Uploads one caller may have open at once.
     pub max_concurrent_per_caller: usize,
+    /// The longest one upload stream may last.
+    pub max_duration: Duration,
     /// How long a resumable upload's session lives (at most `retention`).
     pub session_ttl: Duration,
     /// Unfinished resumable uploads one caller may have.
@@ -66,6 +68,7 @@ impl UploadPolicy {
             min_chunk_bytes: settings.min_chunk_bytes.as_u64().max(1),
             idle_timeout: settings.idle_timeout,
             max_concurrent_per_caller: settings.max_concurrent_per_caller as usize,
+            max_duration: settings.max_duration,
             session_ttl: settings.session_ttl.min(settings.retention),
             max_sessions_per_caller: settings.max_sessions_per_caller,
             resume_part_bytes: settings.part_size.as_u64(),

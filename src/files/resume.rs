@@ -34,7 +34,7 @@ use super::{
     service::{
         FileService, ReceivedBody, SHA256_METADATA, Start, UploadPart, UploadPlan, UploadRequest,
         UploadResume, Written, blob_key, check_chunk, closing_checks, hex, metadata_again,
-        next_part, now_millis, size_mismatch, truncated,
+        now_millis, size_mismatch, truncated,
     },
     sniff::{ContentSniffer, SnifferCheckpoint},
 };
@@ -573,7 +573,7 @@ impl Receiver {
         let mut fed = session.committed_size;
         loop {
             let part = tokio::select! {
-                part = next_part(parts, policy.idle_timeout) => part,
+                part = parts.next() => part,
                 finished = upload.wait_durable() => {
                     finished?;
                     self.record_durable(service, session, upload, held).await?;

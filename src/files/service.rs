@@ -12,6 +12,8 @@
 //! `uploads.memory_budget` as it arrives.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -176,14 +178,15 @@ impl FileService {
     pub async fn upload<S>(
         self: &Arc<Self>,
         caller: &Caller,
-        mut parts: S,
+        parts: S,
     ) -> Result<(FileRecord, Message)>
     where
         S: Stream<Item = Result<UploadPart>> + Unpin + Send + 'static,
     {
         // Held until the upload ends, whichever way.
         let slot = self.take_slot(caller)?;
-        let start = match first_part(&mut parts, self.policy.idle_timeout).await? {
+        let mut parts = TimedParts::new(parts, &self.policy);
+        let start = match first_part(&mut parts).await? {
             UploadPart::Metadata(request) if request.request_id.is_empty() => {
                 return self.upload_once(caller, request, parts).await;
             }
@@ -700,35 +703,98 @@ impl KeptBody {
     }
 }
 
-/// The next message of the stream, or `UPLOAD_IDLE_TIMEOUT` when none came within
-/// `idle_timeout`.
-pub(super) async fn next_part<S>(
-    parts: &mut S,
+/// An upload stream with its time limits: a message must come within `uploads.idle_timeout` of
+/// the previous one (else `UPLOAD_IDLE_TIMEOUT`), and the stream may last `uploads.max_duration`
+/// in all (else `UPLOAD_TOO_LONG`), however steadily it trickles. Either error ends it.
+pub(super) struct TimedParts<S> {
+    parts: S,
     idle_timeout: Duration,
-) -> Option<Result<UploadPart>>
-where
-    S: Stream<Item = Result<UploadPart>> + Unpin + Send,
-{
-    match tokio::time::timeout(idle_timeout, parts.next()).await {
-        Ok(part) => part,
-        Err(_) => Some(Err(Error::new(
+    max_duration: Duration,
+    ends_at: tokio::time::Instant,
+    /// Fires at the next message's deadline (the idle timeout, capped at the end).
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The server is waiting for the next message: the idle timeout counts from when it began
+    /// to (time the server spends on a chunk, waiting for memory or S3, is not the client's).
+    waiting: bool,
+    ended: bool,
+}
+
+impl<S> TimedParts<S> {
+    pub(super) fn new(parts: S, policy: &UploadPolicy) -> Self {
+        let now = tokio::time::Instant::now();
+        let ends_at = now + policy.max_duration;
+        Self {
+            parts,
+            idle_timeout: policy.idle_timeout,
+            max_duration: policy.max_duration,
+            ends_at,
+            deadline: Box::pin(tokio::time::sleep_until(ends_at)),
+            waiting: false,
+            ended: false,
+        }
+    }
+
+    fn expired(&self) -> Error {
+        if tokio::time::Instant::now() >= self.ends_at {
+            return Error::new(
+                ErrorKind::DeadlineExceeded,
+                Reason::UploadTooLong,
+                format!(
+                    "one upload stream may last at most {} s (uploads.max_duration); a resumable upload continues in a new stream",
+                    self.max_duration.as_secs()
+                ),
+            )
+            .with_metadata("max_duration_ms", self.max_duration.as_millis().to_string());
+        }
+        Error::new(
             ErrorKind::DeadlineExceeded,
             Reason::UploadIdleTimeout,
             format!(
                 "the upload sent nothing for {} ms (uploads.idle_timeout); it was discarded",
-                idle_timeout.as_millis()
+                self.idle_timeout.as_millis()
             ),
         )
-        .with_metadata("idle_timeout_ms", idle_timeout.as_millis().to_string()))),
+        .with_metadata("idle_timeout_ms", self.idle_timeout.as_millis().to_string())
+    }
+}
+
+impl<S> Stream for TimedParts<S>
+where
+    S: Stream<Item = Result<UploadPart>> + Unpin,
+{
+    type Item = Result<UploadPart>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let next = (tokio::time::Instant::now() + self.idle_timeout).min(self.ends_at);
+            self.deadline.as_mut().reset(next);
+        }
+        if let Poll::Ready(part) = self.parts.poll_next_unpin(cx) {
+            self.waiting = false;
+            return Poll::Ready(part);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.ended = true;
+            return Poll::Ready(Some(Err(self.expired())));
+        }
+        Poll::Pending
     }
 }
 
 /// The upload's first message, which must be its metadata or a resume.
-async fn first_part<S>(parts: &mut S, idle_timeout: Duration) -> Result<UploadPart>
+async fn first_part<S>(parts: &mut S) -> Result<UploadPart>
 where
     S: Stream<Item = Result<UploadPart>> + Unpin + Send,
 {
-    match next_part(parts, idle_timeout).await {
+    match parts.next().await {
         Some(Ok(part @ (UploadPart::Metadata(_) | UploadPart::Resume(_)))) => Ok(part),
         Some(Err(error)) => Err(error),
         Some(Ok(UploadPart::Chunk(_))) | None => Err(Error::invalid(
@@ -754,7 +820,7 @@ where
     let mut received: u64 = 0;
     let max_chunks = policy.max_chunks(plan.declared_size);
     let mut chunks: u64 = 0;
-    while let Some(part) = next_part(parts, policy.idle_timeout).await {
+    while let Some(part) = parts.next().await {
         let chunk = match part? {
             UploadPart::Chunk(chunk) => chunk,
             UploadPart::Metadata(_) | UploadPart::Resume(_) => return Err(metadata_again()),

@@ -1127,3 +1127,57 @@ async fn buffered_image_bodies_count_against_the_memory_budget() {
     )
     .await;
 }
+
+/// A stream that trickles (every message well inside the idle timeout) still ends at
+/// `uploads.max_duration` with DEADLINE_EXCEEDED / UPLOAD_TOO_LONG, its multipart upload aborted;
+/// time the server spends on its own (here nothing) is not counted as the client's idleness.
+#[tokio::test]
+async fn a_trickling_upload_ends_at_the_maximum_duration() {
+    let key_prefix = unique_prefix("cloud-trickle");
+    let server = TestServer::start_with(|settings| {
+        use_cloud(settings, &key_prefix);
+        settings.uploads.idle_timeout = Duration::from_secs(2);
+        settings.uploads.max_duration = Duration::from_secs(3);
+    })
+    .await;
+    let channel = server.channel().await;
+    let files = Files::new(channel.clone());
+    let mut messaging = Messaging::new(channel);
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
+    let big = Bytes::from(pdf(20 * MIB));
+    // 9 MiB at once (a multipart upload opens), then 1 KiB every 500 ms.
+    let (sender, call) = stalled_upload(
+        &files,
+        "alice",
+        metadata(&conversation_id, "slow.pdf", "application/pdf", &big, false),
+        &first_mebibytes(&big, 9),
+    )
+    .await;
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        let mut offset = 9 * MIB;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let chunk = pb::UploadFileRequest {
+                payload: Some(Payload::Chunk(big.slice(offset..offset + 1024))),
+            };
+            if sender.send(chunk).await.is_err() {
+                return;
+            }
+            offset += 1024;
+        }
+    });
+    let status = call.await.unwrap().unwrap_err();
+    let took = started.elapsed();
+    trickle.abort();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(reason(&status), "UPLOAD_TOO_LONG", "{status:?}");
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    eventually(Duration::from_secs(10), "nothing is left", async || {
+        bucket_leftovers(&conversation_id).await.is_empty()
+    })
+    .await;
+}
