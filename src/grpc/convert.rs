@@ -230,6 +230,9 @@ pub fn upload_policy(policy: &UploadPolicy) -> pb::GetUploadPolicyResponse {
         max_chunk_bytes: i64::try_from(policy.max_chunk_bytes).unwrap_or(i64::MAX),
         resume_part_bytes: i64::try_from(policy.resume_part_bytes).unwrap_or(i64::MAX),
         upload_session_ttl: prost_types::Duration::try_from(policy.session_ttl).ok(),
+        min_chunk_bytes: i64::try_from(policy.min_chunk_bytes).unwrap_or(i64::MAX),
+        idle_timeout: prost_types::Duration::try_from(policy.idle_timeout).ok(),
+        max_upload_duration: prost_types::Duration::try_from(policy.max_duration).ok(),
     }
 }
 

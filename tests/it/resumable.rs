@@ -775,7 +775,7 @@ async fn the_filesystem_store_resumes_after_a_restart() {
 }
 
 #[tokio::test]
-async fn the_upload_policy_reports_the_resume_part_size_and_session_lifetime() {
+async fn the_upload_policy_reports_the_resume_part_size_session_lifetime_and_stream_limits() {
     let server = TestServer::start().await;
     let mut files = Files::new(server.channel().await);
     let policy = files
@@ -785,4 +785,7 @@ async fn the_upload_policy_reports_the_resume_part_size_and_session_lifetime() {
         .into_inner();
     assert_eq!(policy.resume_part_bytes as usize, PART);
     assert_eq!(policy.upload_session_ttl.unwrap().seconds, 24 * 3600);
+    assert_eq!(policy.min_chunk_bytes, 1024);
+    assert_eq!(policy.idle_timeout.unwrap().seconds, 30);
+    assert_eq!(policy.max_upload_duration.unwrap().seconds, 3600);
 }
