@@ -344,6 +344,13 @@ impl Client {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
+            // tonic answers a call whose grpc-timeout ran out with CANCELLED "Timeout expired":
+            // to the caller that is its deadline.
+            if status.code() == Code::Cancelled
+                && deadline.is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                return Err(deadline_exceeded(timeout, attempt));
+            }
             let error = ServiceError::from_status(&status, attempt);
             let Some(policy) = retry
                 .as_ref()

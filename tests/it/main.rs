@@ -5,6 +5,7 @@
 mod auth;
 mod blob_store;
 mod cli;
+mod client;
 mod deadlines;
 mod files;
 mod files_cloud;
@@ -16,5 +17,6 @@ mod replicas;
 mod resumable;
 mod server;
 mod support;
+mod svcmsg;
 mod thumbnails;
 mod upload_sessions;

@@ -537,7 +537,11 @@ async fn an_expired_session_is_discarded_with_its_multipart_upload() {
 
 /// The environment of a service process on the test Redis (under `key_prefix`) and, unless
 /// `blobs` is "fs", the test bucket; writers lose their lease 2 s after they vanish.
-fn process_env(key_prefix: &str, blobs: &str, data_dir: &std::path::Path) -> Vec<(String, String)> {
+pub(crate) fn process_env(
+    key_prefix: &str,
+    blobs: &str,
+    data_dir: &std::path::Path,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("SVC_MESSAGING__STORAGE__MESSAGES", "redis".to_owned()),
         (
