@@ -15,7 +15,7 @@ pub enum Error {
     /// The call ended with a gRPC status: refused by the service, or the service could not be
     /// reached ([`Code::Unavailable`]) or did not answer in time ([`Code::DeadlineExceeded`]).
     #[error(transparent)]
-    Status(#[from] ServiceError),
+    Status(Box<ServiceError>),
     /// The address or TLS settings cannot be used.
     #[error("cannot use the endpoint: {0}")]
     Endpoint(String),
@@ -85,7 +85,13 @@ impl Error {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        Error::Status(ServiceError::from_status(&status, 1))
+        ServiceError::from_status(&status, 1).into()
+    }
+}
+
+impl From<ServiceError> for Error {
+    fn from(status: ServiceError) -> Self {
+        Error::Status(Box::new(status))
     }
 }
 

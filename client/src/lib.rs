@@ -28,17 +28,23 @@
 //! let conversation = client.create_conversation("design review", &["bob"]).await?;
 //! let id = &conversation.conversation_id;
 //!
+//! // Every event of the conversation, once and in order, even across service restarts.
 //! let mut events = client.subscribe(id, SubscribeOptions::default());
+//!
+//! // Hashed, chunked, resumed after interruptions.
 //! let uploaded = client.upload_path("mockup.png", UploadOptions::new(id, "")).await?;
+//! let announced = uploaded.message.map(|message| message.sequence);
 //! while let Some(event) = events.next().await {
 //!     let event = event?;
 //!     println!("event #{}", event.sequence);
-//!     if event.sequence >= uploaded.file.create_time.map_or(0, |_| 2) {
+//!     if Some(event.sequence) == announced {
 //!         break;
 //!     }
 //! }
-//! match client.send_text(id, "").await {
-//!     Err(error) if error.reason() == Some("INVALID_FIELD") => {} // an empty text is refused
+//!
+//! // Refusals carry the service's ErrorInfo reason.
+//! match client.send_text(id, "   ").await {
+//!     Err(error) if error.reason() == Some("INVALID_FIELD") => {}
 //!     other => panic!("{other:?}"),
 //! }
 //! # Ok(()) }

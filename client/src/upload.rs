@@ -566,7 +566,7 @@ fn content_type_for(
     policy
         .file_types
         .iter()
-        .find(|kind| kind.extensions.iter().any(|listed| *listed == extension))
+        .find(|kind| kind.extensions.contains(&extension))
         .map(|kind| kind.mime_type.clone())
         .ok_or_else(|| {
             Error::InvalidInput(format!(

@@ -5,6 +5,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use indicatif::HumanBytes;
 use serde_json::{Value, json};
 use svcmsg_client::{DownloadOutcome, Error, UploadOutcome, code_name, pb};
 
@@ -126,10 +127,10 @@ impl Output {
             let mut text = String::new();
             for kind in &policy.file_types {
                 text.push_str(&format!(
-                    "{:<32} {:<10} up to {:>12} bytes  .{}\n",
-                    kind.mime_type,
+                    "{:<10} up to {:>10}  {}  (.{})\n",
                     category_name(kind.category),
-                    kind.max_size_bytes,
+                    HumanBytes(kind.max_size_bytes.max(0) as u64).to_string(),
+                    kind.mime_type,
                     kind.extensions.join(" .")
                 ));
             }
@@ -139,12 +140,13 @@ impl Output {
                 ))
                 .to_string()
             };
+            let bytes = |n: i64| HumanBytes(n.max(0) as u64).to_string();
             text.push_str(&format!(
-                "retention {}, chunks up to {} bytes, resumable uploads in parts of {} bytes \
-                 kept {}",
+                "files kept {}; chunks up to {}; resumable uploads durable in parts of {}, \
+                 resumable for {}",
                 seconds(&policy.retention),
-                policy.max_chunk_bytes,
-                policy.resume_part_bytes,
+                bytes(policy.max_chunk_bytes),
+                bytes(policy.resume_part_bytes),
                 seconds(&policy.upload_session_ttl)
             ));
             text

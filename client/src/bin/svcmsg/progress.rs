@@ -58,11 +58,8 @@ impl TransferProgress {
                 let mut lines = lines
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                let tenths = if total == 0 {
-                    10
-                } else {
-                    position.saturating_mul(10) / total
-                };
+                // An empty file is done at once.
+                let tenths = position.saturating_mul(10).checked_div(total).unwrap_or(10);
                 while lines.printed_tenths < tenths.min(10) {
                     lines.printed_tenths += 1;
                     let elapsed = lines.started.elapsed().as_secs_f64().max(1e-3);
@@ -83,6 +80,8 @@ impl TransferProgress {
     pub fn finish(&self) {
         if let Display::Bar(bar) = &self.display {
             bar.finish();
+            // indicatif leaves the cursor after the bar: what comes next starts a line of its own.
+            eprintln!();
         }
     }
 
@@ -90,6 +89,7 @@ impl TransferProgress {
     pub fn abandon(&self) {
         if let Display::Bar(bar) = &self.display {
             bar.abandon();
+            eprintln!();
         }
     }
 }
