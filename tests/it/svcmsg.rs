@@ -435,6 +435,8 @@ async fn ctrl_c_during_an_upload_leaves_an_upload_that_request_id_completes() {
     let status = client.upload_status(&request_id).await.unwrap();
     assert!(!status.complete);
     assert_eq!(status.size_bytes as usize, body.len());
+    // Half the file was sent: at least its first part (8 MiB) was durable before the freeze.
+    assert!(status.committed_size >= 8 * MIB as i64, "{status:?}");
 
     // The printed command completes it.
     let output = run(with_args(
@@ -444,6 +446,12 @@ async fn ctrl_c_during_an_upload_leaves_an_upload_that_request_id_completes() {
             .chain(words[1..].iter().copied()),
     ));
     assert!(output.status.success(), "{}", stderr(&output));
+    // It continued from the durable bytes instead of starting over.
+    assert!(
+        stderr(&output).contains("upload: resuming at"),
+        "{}",
+        stderr(&output)
+    );
     let uploaded: Value = serde_json::from_str(stdout(&output).trim()).unwrap();
     assert_eq!(uploaded["request_id"], request_id);
     assert_eq!(uploaded["file"]["sha256"], sha256_hex(&body));

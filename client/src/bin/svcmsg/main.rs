@@ -305,18 +305,13 @@ async fn upload(client: &Client, request: UploadRequest<'_>, out: &Output) -> Re
 
 /// Says how far an interrupted upload got and how to continue it.
 async fn interrupted_upload(client: &Client, request: &UploadRequest<'_>, request_id: &str) {
-    // The stream was just dropped; the service keeps what it has durably.
-    let durable = client
-        .with_timeout(Duration::from_secs(2))
-        .upload_status(request_id)
-        .await
-        .map(|status| {
-            format!(
-                "{} of {} bytes are",
-                status.committed_size, status.size_bytes
-            )
-        })
-        .unwrap_or_else(|_| "what the service received is".to_owned());
+    let durable = match settled_status(client, request_id).await {
+        Some(status) => format!(
+            "{} of {} bytes are",
+            status.committed_size, status.size_bytes
+        ),
+        None => "what the service received is".to_owned(),
+    };
     let mut command = vec![
         "svcmsg".to_owned(),
         "upload".to_owned(),
@@ -337,6 +332,28 @@ async fn interrupted_upload(client: &Client, request: &UploadRequest<'_>, reques
          lifetime, 24 h by default).\nResume with: {}",
         command.join(" ")
     );
+}
+
+/// The upload's status once the service has recorded the parts that were in flight when the
+/// stream was dropped (it finishes them first): asked until two answers agree, for at most 2 s.
+async fn settled_status(
+    client: &Client,
+    request_id: &str,
+) -> Option<svcmsg_client::pb::GetUploadStatusResponse> {
+    let client = client.with_timeout(Duration::from_millis(500));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut last = client.upload_status(request_id).await.ok()?;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(current) = client.upload_status(request_id).await else {
+            break;
+        };
+        if current.committed_size == last.committed_size {
+            return Some(current);
+        }
+        last = current;
+    }
+    Some(last)
 }
 
 fn shell_quote(word: &str) -> String {

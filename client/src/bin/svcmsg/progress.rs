@@ -20,9 +20,14 @@ enum Display {
 }
 
 struct Lines {
+    /// When the transfer (re)started, and from which position: the rate counts only the bytes
+    /// moved since.
     started: Instant,
-    /// The last tenth printed (a resumed transfer goes back and does not print it again).
+    started_at: u64,
+    /// The last tenth printed (a resumed transfer does not print the skipped tenths).
     printed_tenths: u64,
+    /// The previous position; `None` before the first report.
+    last: Option<u64>,
 }
 
 impl TransferProgress {
@@ -42,17 +47,26 @@ impl TransferProgress {
         } else {
             Display::Lines(Mutex::new(Lines {
                 started: Instant::now(),
+                started_at: 0,
                 printed_tenths: 0,
+                last: None,
             }))
         };
         TransferProgress { label, display }
     }
 
+    /// `position` of `total` bytes moved; a position below the previous one (or a first one
+    /// above 0) is a transfer resumed there.
     pub fn update(&self, position: u64, total: u64) {
         match &self.display {
             Display::Bar(bar) => {
                 bar.set_length(total);
+                let previous = bar.position();
                 bar.set_position(position);
+                if position < previous || (previous == 0 && position > 0 && position < total) {
+                    // The bytes skipped are no rate: estimate from here on.
+                    bar.reset_eta();
+                }
             }
             Display::Lines(lines) => {
                 let mut lines = lines
@@ -60,16 +74,38 @@ impl TransferProgress {
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 // An empty file is done at once.
                 let tenths = position.saturating_mul(10).checked_div(total).unwrap_or(10);
+                let resumed = match lines.last {
+                    None => position > 0 && position < total,
+                    Some(last) => position < last,
+                };
+                lines.last = Some(position);
+                if resumed {
+                    lines.started = Instant::now();
+                    lines.started_at = position;
+                    lines.printed_tenths = lines.printed_tenths.max(tenths);
+                    eprintln!(
+                        "{}: resuming at {}% ({} of {})",
+                        self.label,
+                        position
+                            .saturating_mul(100)
+                            .checked_div(total)
+                            .unwrap_or(100),
+                        HumanBytes(position),
+                        HumanBytes(total),
+                    );
+                    return;
+                }
                 while lines.printed_tenths < tenths.min(10) {
                     lines.printed_tenths += 1;
                     let elapsed = lines.started.elapsed().as_secs_f64().max(1e-3);
+                    let moved = position.saturating_sub(lines.started_at);
                     eprintln!(
                         "{}: {:>3}% ({} of {}, {}/s)",
                         self.label,
                         lines.printed_tenths * 10,
                         HumanBytes(position),
                         HumanBytes(total),
-                        HumanBytes((position as f64 / elapsed) as u64),
+                        HumanBytes((moved as f64 / elapsed) as u64),
                     );
                 }
             }
