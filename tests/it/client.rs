@@ -523,3 +523,146 @@ async fn a_subscription_delivers_every_event_once_in_order_across_a_restart() {
             .is_err()
     );
 }
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(output.status.success(), "openssl {args:?}: {output:?}");
+}
+
+/// A private CA and a certificate it signed for `localhost` / 127.0.0.1: (CA PEM, leaf chain,
+/// leaf key).
+fn private_ca(
+    dir: &std::path::Path,
+) -> (
+    Vec<u8>,
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+            &["-subj", "/CN=svcmsg test CA", "-days", "1"],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[
+            &["req"][..],
+            &ec,
+            &["-keyout", "leaf.key", "-out", "leaf.csr"],
+            &["-subj", "/CN=localhost"],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    let chain = CertificateDer::pem_file_iter(dir.join("leaf.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("leaf.key")).unwrap();
+    (std::fs::read(dir.join("ca.pem")).unwrap(), chain, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_speaks_tls_to_a_front_with_a_private_ca() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_rustls::rustls;
+
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, chain, key) = private_ca(dir.path());
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    // A TLS-terminating front (as a gateway would be) before the service's plaintext port.
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let backend = server.grpc_addr;
+    let counted = handshakes.clone();
+    let front_task = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = front.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut plain = tokio::net::TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+
+    let address = format!("https://localhost:{front_port}");
+    let trusted = Client::builder(&address)
+        .identity(Identity::UserId("alice".into()))
+        .ca_certificate(ca_pem)
+        .build()
+        .unwrap();
+    let conversation = trusted.create_conversation("over tls", &[]).await.unwrap();
+    let listed = trusted.conversations().await.unwrap();
+    assert_eq!(listed[0].conversation_id, conversation.conversation_id);
+    assert!(handshakes.load(Ordering::SeqCst) >= 1);
+
+    // The system's roots alone do not know the private CA: nothing is sent.
+    let before = handshakes.load(Ordering::SeqCst);
+    let untrusting = Client::builder(&address)
+        .identity(Identity::UserId("alice".into()))
+        .build()
+        .unwrap();
+    let error = untrusting.conversations().await.unwrap_err();
+    assert_eq!(error.code(), Some(Code::Unavailable), "{error}");
+    assert_eq!(handshakes.load(Ordering::SeqCst), before);
+    front_task.abort();
+}

@@ -38,8 +38,9 @@ struct Cli {
     )]
     addr: String,
 
-    /// Act as this user (the `x-user-id` header of a service behind a trusted gateway).
-    #[arg(long, env = "SVCMSG_USER", global = true, conflicts_with = "token")]
+    /// Act as this user (the `x-user-id` header of a service behind a trusted gateway); a
+    /// token, when given too, wins.
+    #[arg(long, env = "SVCMSG_USER", global = true)]
     user: Option<String>,
 
     /// A JWT sent as `authorization: Bearer` (a service in `jwt` auth mode).
