@@ -666,3 +666,30 @@ async fn the_client_speaks_tls_to_a_front_with_a_private_ca() {
     assert_eq!(handshakes.load(Ordering::SeqCst), before);
     front_task.abort();
 }
+
+#[tokio::test]
+async fn a_bearer_token_identifies_the_caller() {
+    use crate::auth::{SECRET, claims, jwt_server, now, token};
+    let server = jwt_server().await;
+    let as_bearer = |token: String| {
+        Client::builder(format!("http://{}", server.grpc_addr))
+            .identity(Identity::Bearer(token))
+            .build()
+            .unwrap()
+    };
+    let alice = as_bearer(token(claims("alice", now() + 300), SECRET));
+    let conversation = alice.create_conversation("jwt", &[]).await.unwrap();
+    assert_eq!(conversation.created_by, "alice");
+    let expired = as_bearer(token(claims("alice", now() - 10), SECRET));
+    let error = expired.conversations().await.unwrap_err();
+    assert_eq!(error.code(), Some(Code::Unauthenticated));
+    assert_eq!(error.reason(), Some("TOKEN_EXPIRED"));
+    // Not retried: only UNAVAILABLE is.
+    assert_eq!(error.status().unwrap().attempts, 1);
+    // The trusted header means nothing in jwt mode.
+    let error = client(server.grpc_addr, "alice")
+        .conversations()
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason(), Some("CREDENTIALS_MISSING"));
+}

@@ -464,3 +464,28 @@ async fn ctrl_c_during_an_upload_leaves_an_upload_that_request_id_completes() {
         .collect();
     assert_eq!(files, vec![uploaded["file"]["file_id"].as_str().unwrap()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_can_be_a_jwt_from_the_environment() {
+    use crate::auth::{SECRET, claims, jwt_server, now, token};
+    let server = jwt_server().await;
+    let addr = server.grpc_addr.to_string();
+    let mut create = svcmsg(&addr, "ignored");
+    create
+        .env("SVCMSG_TOKEN", token(claims("carol", now() + 300), SECRET))
+        .env("SVCMSG_OUTPUT", "json")
+        .arg("create");
+    let created = json(create);
+    assert_eq!(created["created_by"], "carol");
+    let mut expired = svcmsg(&addr, "ignored");
+    expired
+        .args(["--token", &token(claims("carol", now() - 10), SECRET)])
+        .arg("conversations");
+    let output = run(expired);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        stderr(&output).contains("TOKEN_EXPIRED"),
+        "{}",
+        stderr(&output)
+    );
+}
