@@ -227,7 +227,7 @@ async fn refusals_carry_the_error_info_reason() {
 
 /// A service process on Redis and the test bucket, on a port of its own that survives restarts
 /// (so a client's address stays valid).
-struct RestartableService {
+pub(crate) struct RestartableService {
     env: Vec<(String, String)>,
     process: Option<ServiceProcess>,
     port: u16,
@@ -235,7 +235,7 @@ struct RestartableService {
 }
 
 impl RestartableService {
-    fn start(test: &str) -> Self {
+    pub(crate) fn start(test: &str) -> Self {
         let data_dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut env = process_env(&unique_prefix(test), "s3", data_dir.path());
@@ -253,17 +253,17 @@ impl RestartableService {
         service
     }
 
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let mut process = self.process.take().expect("running");
         process.signal("KILL");
         process.wait_exit(Duration::from_secs(10)).expect("killed");
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let env: Vec<(&str, &str)> = self
             .env
             .iter()

@@ -489,3 +489,63 @@ async fn the_identity_can_be_a_jwt_from_the_environment() {
         stderr(&output)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_carries_on_by_itself_across_a_restart_of_the_service() {
+    let mut service = crate::client::RestartableService::start("svcmsg-tail-restart");
+    let addr = service.addr();
+    let created = json(with_args(
+        svcmsg(&addr, "alice"),
+        ["--output", "json", "create", "--with", "bob"],
+    ));
+    let conversation_id = created["conversation_id"].as_str().unwrap().to_owned();
+    let mut tail = svcmsg(&addr, "bob")
+        .args(["tail", &conversation_id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (line_tx, line_rx) = mpsc::channel::<String>();
+    let tail_stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(tail_stdout).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let (note_tx, note_rx) = mpsc::channel::<String>();
+    let tail_stderr = tail.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(tail_stderr).lines().map_while(Result::ok) {
+            let _ = note_tx.send(line);
+        }
+    });
+    assert!(
+        note_rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap()
+            .contains("tailing")
+    );
+    let send = |text: &str| {
+        let output = run(with_args(
+            svcmsg(&addr, "alice"),
+            ["send", &conversation_id, text],
+        ));
+        assert!(output.status.success(), "{}", stderr(&output));
+    };
+    send("before the restart");
+    let line = line_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(line.ends_with("alice: before the restart"), "{line}");
+
+    service.kill();
+    let note = note_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(note.contains("resuming after #"), "{note}");
+    service.restart();
+    send("after the restart");
+    let line = line_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(line.ends_with("alice: after the restart"), "{line}");
+    // Nothing twice.
+    assert!(line_rx.recv_timeout(Duration::from_millis(300)).is_err());
+    assert!(tail.try_wait().unwrap().is_none(), "tail is still running");
+    let _ = tail.kill();
+    let _ = tail.wait();
+}
