@@ -21,6 +21,7 @@
 #   SVC_TEST_GARAGE_PID
 #   SVC_TEST_GRPCURL, SVC_TEST_BUF, SVC_TEST_KUBERNETES_VALIDATE   absolute paths
 #   SVC_TEST_TMPDIR               scratch dir, removed on exit
+#   SVC_TEST_SVCMSG               the `svcmsg` command line (built by scripts/test)
 
 SVC_CACHE_DIR="${SVC_TEST_CACHE_DIR:-$HOME/.cache/svc-messaging}"
 GARAGE_VERSION="2.5.0"

@@ -14,11 +14,11 @@ use svc_messaging::{
 use tonic::{Code, Request};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-const SECRET: &str = "integration-test-secret-0123456789abcdef";
+pub(crate) const SECRET: &str = "integration-test-secret-0123456789abcdef";
 const ISSUER: &str = "https://id.example.test";
 const AUDIENCE: &str = "svc-messaging";
 
-async fn jwt_server() -> TestServer {
+pub(crate) async fn jwt_server() -> TestServer {
     TestServer::start_with(|settings| {
         settings.auth.mode = AuthMode::Jwt;
         settings.auth.jwt_secret = Some(SecretString::from(SECRET));
@@ -29,14 +29,14 @@ async fn jwt_server() -> TestServer {
     .await
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
 }
 
-fn token(claims: serde_json::Value, secret: &str) -> String {
+pub(crate) fn token(claims: serde_json::Value, secret: &str) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -45,7 +45,7 @@ fn token(claims: serde_json::Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn claims(sub: &str, exp: u64) -> serde_json::Value {
+pub(crate) fn claims(sub: &str, exp: u64) -> serde_json::Value {
     json!({"sub": sub, "exp": exp, "iss": ISSUER, "aud": AUDIENCE})
 }
 

@@ -5,6 +5,7 @@
 mod auth;
 mod blob_store;
 mod cli;
+mod client;
 mod deadlines;
 mod files;
 mod files_cloud;
@@ -18,6 +19,7 @@ mod s3_access;
 mod sdk;
 mod server;
 mod support;
+mod svcmsg;
 mod thumbnails;
 mod tls;
 mod upload_sessions;

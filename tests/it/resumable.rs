@@ -625,7 +625,11 @@ async fn unfinished_uploads_per_caller_are_limited_in_the_zero_setup_default() {
 
 /// The environment of a service process on the test Redis (under `key_prefix`) and, unless
 /// `blobs` is "fs", the test bucket; writers lose their lease 2 s after they vanish.
-fn process_env(key_prefix: &str, blobs: &str, data_dir: &std::path::Path) -> Vec<(String, String)> {
+pub(crate) fn process_env(
+    key_prefix: &str,
+    blobs: &str,
+    data_dir: &std::path::Path,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("SVC_MESSAGING__STORAGE__MESSAGES", "redis".to_owned()),
         (
