@@ -147,6 +147,11 @@ impl Metrics {
             "gRPC connections closed for not sending the HTTP/2 preface within server.handshake_timeout",
             connections.handshake_timeouts.clone(),
         );
+        registry.register(
+            "grpc_server_connections_aged_out_forced",
+            "gRPC connections cut because they were still open after server.max_connection_age, its grace and a flush",
+            connections.aged_out_forced.clone(),
+        );
         Arc::new(Self {
             registry,
             connections,

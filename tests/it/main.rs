@@ -3,6 +3,7 @@
 //! service and reaches the real Redis and S3 server that `scripts/test` starts.
 
 mod auth;
+mod balancing;
 mod blob_store;
 mod cli;
 mod deadlines;
