@@ -15,6 +15,7 @@ mod messaging;
 mod redis_store_smoke;
 mod replicas;
 mod resumable;
+mod rotation;
 mod server;
 mod support;
 mod thumbnails;
