@@ -1478,4 +1478,44 @@ mod tests {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }
     }
+
+    #[test]
+    fn connection_age_and_keepalive_are_validated() {
+        let settings = load(&[
+            ("SVC_MESSAGING__SERVER__MAX_CONNECTION_AGE", "10m"),
+            ("SVC_MESSAGING__SERVER__MAX_CONNECTION_AGE_GRACE", "0s"),
+            ("SVC_MESSAGING__SERVER__HTTP2_KEEPALIVE_INTERVAL", "15s"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.server.max_connection_age, Duration::from_secs(600));
+        assert_eq!(settings.server.max_connection_age_grace, Duration::ZERO);
+        assert_eq!(
+            settings.server.http2_keepalive_interval,
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            settings.server.http2_keepalive_timeout,
+            Duration::from_secs(20)
+        );
+        for (var, value, key) in [
+            (
+                "SVC_MESSAGING__SERVER__MAX_CONNECTION_AGE",
+                "0s",
+                "server.max_connection_age",
+            ),
+            (
+                "SVC_MESSAGING__SERVER__HTTP2_KEEPALIVE_INTERVAL",
+                "0s",
+                "server.http2_keepalive_interval",
+            ),
+            (
+                "SVC_MESSAGING__SERVER__HTTP2_KEEPALIVE_TIMEOUT",
+                "0s",
+                "server.http2_keepalive_timeout",
+            ),
+        ] {
+            let error = load(&[(var, value)]).expect_err(var);
+            assert_eq!(error.key, key, "{error}");
+        }
+    }
 }

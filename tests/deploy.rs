@@ -504,7 +504,11 @@ fn each_overlay_renders_one_namespaced_service_and_no_secret() {
     for (expected, rendered) in every_environment() {
         let env = expected.env;
         // Two Services: the ClusterIP one and its headless twin (tested below).
-        assert_eq!(rendered.all("Service").len(), 2, "{env}: expected two Services");
+        assert_eq!(
+            rendered.all("Service").len(),
+            2,
+            "{env}: expected two Services"
+        );
         for kind in [
             "Deployment",
             "ConfigMap",

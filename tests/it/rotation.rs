@@ -40,7 +40,9 @@ async fn replica(redis: &PrivateRedis, prefix: &str, password_file: &Path) -> Te
         settings.redis.url = Some(url.into());
         settings.redis.key_prefix = prefix;
         settings.redis.password_file = Some(password_file);
-        settings.read_secret_files().expect("the password file reads");
+        settings
+            .read_secret_files()
+            .expect("the password file reads");
     })
     .await
 }
@@ -79,7 +81,13 @@ async fn the_redis_password_rotates_with_a_rolling_restart_and_no_failed_call() 
     acl(
         &redis,
         &redis.password,
-        &["ACL", "SETUSER", "default", "on", &format!(">{NEW_PASSWORD}")],
+        &[
+            "ACL",
+            "SETUSER",
+            "default",
+            "on",
+            &format!(">{NEW_PASSWORD}"),
+        ],
     );
     // 2-3. One replica at a time: out of the endpoints (what readiness does), drained, and
     //      replaced by one reading the new Secret; the other serves meanwhile.
