@@ -2,7 +2,7 @@
 //! old and the new password (ACL), the replicas restart one at a time with the new
 //! `redis.password_file`, the old password is dropped, and no call fails along the way.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command};
 
 use crate::support::{
     PrivateRedis, TestServer, as_user, create_conversation, required_tool, text_request,
