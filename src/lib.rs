@@ -22,7 +22,7 @@
 //! - [`store`]: storage traits and backends.
 //! - [`telemetry`]: the `tracing` subscriber.
 //! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
-//! - [`transport`]: connection limits of the gRPC port (count, time to send the preface).
+//! - [`transport`]: connection limits of the gRPC port (count, time to send the preface, age).
 
 pub mod app;
 pub mod auth;
