@@ -124,12 +124,13 @@ async fn a_pinned_client_moves_to_the_other_replica_after_the_age_without_losing
     let b = replica(&prefix).await;
     let balancer = ConnectionBalancer::start(vec![a.grpc_addr, b.grpc_addr]).await;
     // One channel, one connection: every call of this client goes where that connection went.
+    // Timed from before the connect, so the server's accept (where the age starts) is later.
+    let connected = Instant::now();
     let channel = Channel::from_shared(format!("http://{}", balancer.addr))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let connected = Instant::now();
     let mut client = Client::new(channel.clone());
     let id = create_conversation(&mut client, "alice", &["bob"]).await;
 
