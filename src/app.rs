@@ -46,7 +46,7 @@ use crate::{
     },
     thumbnails::ThumbnailPool,
     tls::ServerTls,
-    transport::LimitedIncoming,
+    transport::{ConnectionDeadlines, LimitedIncoming},
 };
 
 /// Room for a protobuf envelope around the largest accepted upload chunk.
@@ -285,11 +285,17 @@ impl Running {
         let stop_monitor = CancellationToken::new();
         let cancel_calls = CancellationToken::new();
 
+        let connection_deadlines = ConnectionDeadlines::default();
         let grpc_incoming = LimitedIncoming::new(
             grpc_listener,
             settings.server.max_connections,
             settings.server.handshake_timeout,
             metrics.connections.clone(),
+        )
+        .with_max_age(
+            settings.server.max_connection_age,
+            settings.server.max_connection_age_grace,
+            connection_deadlines.clone(),
         )
         .with_tls(tls.map(|tls| {
             tracing::info!(
@@ -309,7 +315,12 @@ impl Running {
             .http2_max_header_list_size(Some(
                 u32::try_from(settings.server.max_header_list_size.as_u64()).unwrap_or(u32::MAX),
             ))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(settings.server.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
+            // GOAWAY at this age; the grace after it is enforced by LimitedIncoming and the drain
+            // layer (tonic's own `max_connection_age_grace` would skip the GOAWAY and cut the
+            // connection at age + grace instead).
+            .max_connection_age(settings.server.max_connection_age)
             // A stream whose upload waits for memory stops reading; its unread bytes hold the
             // connection's window. A connection window many times the stream window keeps one
             // such stream from stalling the other uploads multiplexed on the connection (which
@@ -319,7 +330,10 @@ impl Running {
             .layer(GrpcMetricsLayer::new(metrics.clone(), served_methods))
             // Inside the metrics layer, so calls past their deadline are counted as such.
             .layer(DeadlineLayer::new())
-            .layer(DrainLayer::new(cancel_calls.clone()))
+            .layer(DrainLayer::with_connection_deadlines(
+                cancel_calls.clone(),
+                connection_deadlines,
+            ))
             .add_routes(routes)
             .serve_with_incoming_shutdown(grpc_incoming, stop_accepting.clone().cancelled_owned());
         let grpc_task = tokio::spawn(grpc_server);

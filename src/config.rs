@@ -87,6 +87,21 @@ pub struct ServerSettings {
     /// Largest request message of every RPC but UploadFile (whose chunks follow
     /// `uploads.max_chunk_bytes`).
     pub max_request_bytes: ByteSize,
+    /// Age at which a gRPC connection is sent GOAWAY, so its client reconnects (through the
+    /// balancer, perhaps to another replica) and no connection holds a slot forever.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// How long the calls still open on a connection past its age may run on before they are
+    /// ended with `UNAVAILABLE` and the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+    /// How often the server pings an HTTP/2 connection, so idle ones (a quiet live stream) stay
+    /// open through load balancers and NATs, and dead peers are found.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
     /// TLS of the gRPC port (the HTTP probe port stays plaintext).
     pub tls: TlsSettings,
 }
@@ -181,6 +196,10 @@ impl Default for ServerSettings {
             max_concurrent_streams: 256,
             max_header_list_size: ByteSize::kib(16),
             max_request_bytes: ByteSize::kib(256),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(5 * 60),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
             tls: TlsSettings::default(),
         }
     }
@@ -715,6 +734,24 @@ impl ServerSettings {
             return Err(ConfigError::new(
                 "server.max_request_bytes",
                 "must be between 16KiB and 16MiB",
+            ));
+        }
+        if self.max_connection_age < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "server.max_connection_age",
+                "must be at least 100ms",
+            ));
+        }
+        if self.http2_keepalive_interval.is_zero() {
+            return Err(ConfigError::new(
+                "server.http2_keepalive_interval",
+                "must be greater than zero",
+            ));
+        }
+        if self.http2_keepalive_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "server.http2_keepalive_timeout",
+                "must be greater than zero",
             ));
         }
         self.tls.validate()
@@ -1671,5 +1708,45 @@ mod tests {
         let error = load_s3(&[("SVC_MESSAGING__S3__CREDENTIALS", "instance-profile")])
             .expect_err("unknown mode");
         assert_eq!(error.key, "s3.credentials", "{error}");
+    }
+
+    #[test]
+    fn connection_age_and_keepalive_are_validated() {
+        let settings = load(&[
+            ("SVC_MESSAGING__SERVER__MAX_CONNECTION_AGE", "10m"),
+            ("SVC_MESSAGING__SERVER__MAX_CONNECTION_AGE_GRACE", "0s"),
+            ("SVC_MESSAGING__SERVER__HTTP2_KEEPALIVE_INTERVAL", "15s"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.server.max_connection_age, Duration::from_secs(600));
+        assert_eq!(settings.server.max_connection_age_grace, Duration::ZERO);
+        assert_eq!(
+            settings.server.http2_keepalive_interval,
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            settings.server.http2_keepalive_timeout,
+            Duration::from_secs(20)
+        );
+        for (var, value, key) in [
+            (
+                "SVC_MESSAGING__SERVER__MAX_CONNECTION_AGE",
+                "0s",
+                "server.max_connection_age",
+            ),
+            (
+                "SVC_MESSAGING__SERVER__HTTP2_KEEPALIVE_INTERVAL",
+                "0s",
+                "server.http2_keepalive_interval",
+            ),
+            (
+                "SVC_MESSAGING__SERVER__HTTP2_KEEPALIVE_TIMEOUT",
+                "0s",
+                "server.http2_keepalive_timeout",
+            ),
+        ] {
+            let error = load(&[(var, value)]).expect_err(var);
+            assert_eq!(error.key, key, "{error}");
+        }
     }
 }

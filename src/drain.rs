@@ -2,6 +2,10 @@
 //! call still open — a unary call still working or a server stream that would run forever, such
 //! as a health `Watch` — is finished with `UNAVAILABLE` ("server is shutting down") instead of
 //! having its connection cut, so clients get a status they know to retry elsewhere.
+//!
+//! The same ending comes to the calls of one connection past `server.max_connection_age` and
+//! its grace ([`crate::transport::ConnectionDeadlines`]): `UNAVAILABLE` with reason
+//! `CONNECTION_MAX_AGE`, after which the connection, already told GOAWAY, closes by itself.
 
 use std::{
     future::Future,
@@ -12,9 +16,15 @@ use std::{
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::TcpConnectInfo;
 
-use crate::call_layer::{CallLayer, CallWrapper};
+use crate::{
+    call_layer::{CallLayer, CallWrapper},
+    error::{Error, ErrorKind, Reason},
+    transport::ConnectionDeadlines,
+};
 
 const UNAVAILABLE: &str = "14";
 const MESSAGE: &str = "server is shutting down";
@@ -25,7 +35,21 @@ pub type DrainLayer = CallLayer<Drain>;
 impl DrainLayer {
     /// Calls still open when `cancel` fires are ended with `UNAVAILABLE`.
     pub fn new(cancel: CancellationToken) -> Self {
-        CallLayer::with(Drain { cancel })
+        CallLayer::with(Drain {
+            cancel,
+            connection_deadlines: None,
+        })
+    }
+
+    /// Also ends each call when its connection's deadline in `deadlines` passes.
+    pub fn with_connection_deadlines(
+        cancel: CancellationToken,
+        deadlines: ConnectionDeadlines,
+    ) -> Self {
+        CallLayer::with(Drain {
+            cancel,
+            connection_deadlines: Some(deadlines),
+        })
     }
 }
 
@@ -33,37 +57,118 @@ impl DrainLayer {
 #[derive(Clone)]
 pub struct Drain {
     cancel: CancellationToken,
+    connection_deadlines: Option<ConnectionDeadlines>,
+}
+
+/// What ends one call early: the shutdown, or its connection's age.
+pub struct CallEnd {
+    cancel: CancellationToken,
+    connection_deadline: Option<Instant>,
+}
+
+/// Why a call was ended.
+enum Ending {
+    Shutdown,
+    ConnectionAge,
+}
+
+impl Ending {
+    fn status(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        match self {
+            Ending::Shutdown => {
+                headers.insert("grpc-status", HeaderValue::from_static(UNAVAILABLE));
+                headers.insert("grpc-message", HeaderValue::from_static(MESSAGE));
+            }
+            Ending::ConnectionAge => {
+                let status = tonic::Status::from(Error::new(
+                    ErrorKind::Unavailable,
+                    Reason::ConnectionMaxAge,
+                    "the connection reached server.max_connection_age; call again on a new connection",
+                ));
+                status
+                    .add_header(&mut headers)
+                    .expect("an ASCII message and base64 details are valid header values");
+            }
+        }
+        headers
+    }
+}
+
+/// Resolves when a call must end, with the reason.
+struct EndSignal {
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    connection_aged: Option<Pin<Box<Sleep>>>,
+}
+
+impl EndSignal {
+    fn new(end: CallEnd) -> Self {
+        Self {
+            cancelled: Box::pin(end.cancel.cancelled_owned()),
+            connection_aged: end
+                .connection_deadline
+                .map(|deadline| Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+}
+
+impl Future for EndSignal {
+    type Output = Ending;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ending> {
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ending::Shutdown);
+        }
+        if let Some(aged) = &mut self.connection_aged
+            && aged.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ending::ConnectionAge);
+        }
+        Poll::Pending
+    }
 }
 
 impl CallWrapper for Drain {
-    type Call = CancellationToken;
+    type Call = CallEnd;
     type Body<B> = DrainBody<B>;
 
-    fn start<ReqBody>(&self, _request: &http::Request<ReqBody>) -> CancellationToken {
-        self.cancel.clone()
+    fn start<ReqBody>(&self, request: &http::Request<ReqBody>) -> CallEnd {
+        // tonic puts the connection's ConnectInfo into every request; the client's address
+        // names the connection.
+        let connection_deadline = self.connection_deadlines.as_ref().and_then(|deadlines| {
+            let peer = request
+                .extensions()
+                .get::<TcpConnectInfo>()?
+                .remote_addr()?;
+            deadlines.of_peer(peer)
+        });
+        CallEnd {
+            cancel: self.cancel.clone(),
+            connection_deadline,
+        }
     }
 
     fn finish<ResBody, E, F>(
-        cancel: CancellationToken,
+        end: CallEnd,
         response: F,
     ) -> BoxFuture<'static, Result<http::Response<DrainBody<ResBody>>, E>>
     where
         F: Future<Output = Result<http::Response<ResBody>, E>> + Send + 'static,
     {
         Box::pin(async move {
+            let mut ended = EndSignal::new(end);
             tokio::select! {
                 biased;
                 response = response => {
                     let (parts, body) = response?.into_parts();
-                    Ok(http::Response::from_parts(parts, DrainBody::new(Some(body), cancel)))
+                    Ok(http::Response::from_parts(parts, DrainBody::new(Some(body), ended)))
                 }
-                () = cancel.clone().cancelled_owned() => {
+                ending = &mut ended => {
                     // A trailers-only response: the status travels in the headers.
-                    let mut response = http::Response::new(DrainBody::new(None, cancel));
+                    let mut response = http::Response::new(DrainBody::new(None, ended));
                     let headers = response.headers_mut();
                     headers.insert("content-type", HeaderValue::from_static("application/grpc"));
-                    headers.insert("grpc-status", HeaderValue::from_static(UNAVAILABLE));
-                    headers.insert("grpc-message", HeaderValue::from_static("server%20is%20shutting%20down"));
+                    headers.extend(ending.status());
                     Ok(response)
                 }
             }
@@ -76,19 +181,15 @@ pin_project_lite::pin_project! {
     pub struct DrainBody<B> {
         #[pin]
         inner: Option<B>,
-        cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+        ended: EndSignal,
         done: bool,
     }
 }
 
 impl<B> DrainBody<B> {
-    fn new(inner: Option<B>, cancel: CancellationToken) -> Self {
+    fn new(inner: Option<B>, ended: EndSignal) -> Self {
         let done = inner.is_none();
-        Self {
-            inner,
-            cancelled: Box::pin(cancel.cancelled_owned()),
-            done,
-        }
+        Self { inner, ended, done }
     }
 }
 
@@ -113,12 +214,9 @@ impl<B: Body> Body for DrainBody<B> {
                 return polled;
             }
         }
-        if this.cancelled.as_mut().poll(cx).is_ready() {
+        if let Poll::Ready(ending) = Pin::new(this.ended).poll(cx) {
             *this.done = true;
-            let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from_static(UNAVAILABLE));
-            trailers.insert("grpc-message", HeaderValue::from_static(MESSAGE));
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(ending.status()))));
         }
         Poll::Pending
     }

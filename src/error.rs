@@ -84,6 +84,8 @@ pub enum Reason {
     BackendTimeout,
     /// The caller's own deadline (`grpc-timeout`) ran out before the call was over.
     DeadlineExceeded,
+    /// The call's connection outlived `server.max_connection_age` and its grace.
+    ConnectionMaxAge,
     Internal,
 }
 
@@ -134,6 +136,7 @@ impl Reason {
             Reason::BackendUnavailable => "BACKEND_UNAVAILABLE",
             Reason::BackendTimeout => "BACKEND_TIMEOUT",
             Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Reason::ConnectionMaxAge => "CONNECTION_MAX_AGE",
             Reason::Internal => "INTERNAL",
         }
     }

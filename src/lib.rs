@@ -23,7 +23,7 @@
 //! - [`telemetry`]: the `tracing` subscriber.
 //! - [`thumbnails`]: image thumbnails on a bounded worker pool within the memory budget.
 //! - [`tls`]: TLS of the gRPC port (optional client certificates), reloaded from its files.
-//! - [`transport`]: connection limits of the gRPC port (count, time to send the preface).
+//! - [`transport`]: connection limits of the gRPC port (count, time to send the preface, age).
 
 pub mod app;
 pub mod auth;

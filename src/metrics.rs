@@ -166,6 +166,11 @@ impl Metrics {
             "Changed TLS files of the gRPC port that could not be used (the previous certificate stays)",
             tls.reload_failures.clone(),
         );
+        registry.register(
+            "grpc_server_connections_aged_out_forced",
+            "gRPC connections cut because they were still open after server.max_connection_age, its grace and a flush",
+            connections.aged_out_forced.clone(),
+        );
         Arc::new(Self {
             registry,
             connections,

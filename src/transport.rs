@@ -12,11 +12,20 @@
 //! connection (a slow client cannot hold up the accept loop): a connection holds its slot from
 //! the moment it is accepted, and `server.handshake_timeout` covers the TLS handshake and the
 //! HTTP/2 preface together. A connection over the limit gets its GOAWAY over TLS.
+//!
+//! Connections also have a maximum age (`server.max_connection_age`): tonic sends GOAWAY at that
+//! age, so the client opens a new connection (through its balancer, perhaps to another replica)
+//! for new calls, and an idle connection gives its slot back. Calls still open then get
+//! `server.max_connection_age_grace`: [`ConnectionDeadlines`] tells the drain layer
+//! ([`crate::drain`]) when to end them with `UNAVAILABLE`, and a connection still open a moment
+//! after that is closed here.
 
 use std::{
+    collections::HashMap,
     io,
+    net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -43,6 +52,9 @@ const PREFACE_LEN: usize = 24;
 const REFUSALS_IN_FLIGHT: usize = 64;
 /// How long a refused connection is given to read the GOAWAY.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// How long after its calls were ended for its age a connection may take to send their final
+/// statuses and close by itself before it is cut.
+const AGED_CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// Connection counts for `/metrics`.
 #[derive(Clone, Debug, Default)]
@@ -56,6 +68,39 @@ pub struct ConnectionMetrics {
     pub handshake_timeouts: Counter,
     /// Connections closed because their TLS handshake failed.
     pub tls_handshake_failures: Counter,
+    /// Connections cut because they were still open after their maximum age, its grace and a
+    /// flush (a client that ignores GOAWAY and the end of its calls).
+    pub aged_out_forced: Counter,
+}
+
+/// When the calls of each open connection must end because the connection outlived
+/// `server.max_connection_age` and its grace, by the client's address (which names one
+/// connection of the listener while it is open).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionDeadlines {
+    by_peer: Arc<Mutex<HashMap<SocketAddr, Instant>>>,
+}
+
+impl ConnectionDeadlines {
+    /// The deadline of the open connection from `peer`, if it has one.
+    pub fn of_peer(&self, peer: SocketAddr) -> Option<Instant> {
+        self.lock().get(&peer).copied()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
+        // The map holds plain values: one left by a panicking holder is still consistent.
+        self.by_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The maximum connection age and where the connections' deadlines are published.
+#[derive(Clone, Debug)]
+struct MaxAge {
+    age: Duration,
+    grace: Duration,
+    deadlines: ConnectionDeadlines,
 }
 
 /// Accepted connections of the gRPC port, within the connection limits (see the module docs).
@@ -68,6 +113,7 @@ pub struct LimitedIncoming {
     tls: Option<TlsAcceptors>,
     /// TLS handshakes under way; each yields its connection or nothing.
     handshakes: JoinSet<Option<LimitedConnection>>,
+    max_age: Option<MaxAge>,
 }
 
 impl LimitedIncoming {
@@ -85,7 +131,26 @@ impl LimitedIncoming {
             metrics,
             tls: None,
             handshakes: JoinSet::new(),
+            max_age: None,
         }
+    }
+
+    /// Gives every connection `age + grace` before its calls are ended (published in
+    /// `deadlines`) and closes it soon after. The GOAWAY at `age` itself is tonic's
+    /// (`Server::max_connection_age`), which must be set to the same `age`.
+    #[must_use]
+    pub fn with_max_age(
+        mut self,
+        age: Duration,
+        grace: Duration,
+        deadlines: ConnectionDeadlines,
+    ) -> Self {
+        self.max_age = Some(MaxAge {
+            age,
+            grace,
+            deadlines,
+        });
+        self
     }
 
     /// Serves TLS on every connection, with the configuration current when it is accepted.
@@ -115,7 +180,7 @@ impl Stream for LimitedIncoming {
                     }
                 }
             }
-            let (stream, _) = match this.listener.poll_accept(cx) {
+            let (stream, peer) = match this.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
                 // tonic logs accept errors and goes on accepting, as with its own TcpIncoming.
                 Poll::Ready(Err(error)) => return Poll::Ready(Some(Err(error))),
@@ -132,11 +197,23 @@ impl Stream for LimitedIncoming {
             };
             // Small messages (health checks, sends) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
+            // The age counts from the accept, TLS handshake included.
+            let aged = this.max_age.as_ref().map(|max_age| {
+                let calls_end = Instant::now() + max_age.age + max_age.grace;
+                max_age.deadlines.lock().insert(peer, calls_end);
+                AgedOut {
+                    close: Box::pin(tokio::time::sleep_until(calls_end + AGED_CLOSE_FLUSH)),
+                    deadlines: max_age.deadlines.clone(),
+                    peer,
+                    cut: false,
+                }
+            });
             let accepted = Accepted {
                 connect_info: stream.connect_info(),
                 slot,
                 handshake_deadline: Instant::now() + this.handshake_timeout,
                 metrics: this.metrics.clone(),
+                aged,
             };
             match &this.tls {
                 None => {
@@ -158,6 +235,7 @@ struct Accepted {
     /// When the TLS handshake and the HTTP/2 preface must be done by.
     handshake_deadline: Instant,
     metrics: ConnectionMetrics,
+    aged: Option<AgedOut>,
 }
 
 impl Accepted {
@@ -190,6 +268,7 @@ impl Accepted {
             preface_left: PREFACE_LEN,
             handshake_deadline: Some(Box::pin(tokio::time::sleep_until(self.handshake_deadline))),
             metrics: self.metrics,
+            aged: self.aged,
         }
     }
 }
@@ -239,6 +318,24 @@ pub struct LimitedConnection {
     preface_left: usize,
     handshake_deadline: Option<Pin<Box<Sleep>>>,
     metrics: ConnectionMetrics,
+    /// Set with a maximum connection age: when the connection is cut at the latest.
+    aged: Option<AgedOut>,
+}
+
+/// The end of a connection past its maximum age and grace; its published deadline goes with it
+/// (also when its TLS handshake fails).
+struct AgedOut {
+    close: Pin<Box<Sleep>>,
+    deadlines: ConnectionDeadlines,
+    peer: SocketAddr,
+    /// Whether the connection has been cut (and counted).
+    cut: bool,
+}
+
+impl Drop for AgedOut {
+    fn drop(&mut self) {
+        self.deadlines.lock().remove(&self.peer);
+    }
 }
 
 impl Drop for LimitedConnection {
@@ -262,6 +359,20 @@ impl AsyncRead for LimitedConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // hyper always has a read pending, so this is where an aged connection is cut (its
+        // calls were ended at the grace deadline; one that still has not closed is stuck).
+        if let Some(aged) = &mut this.aged
+            && aged.close.as_mut().poll(cx).is_ready()
+        {
+            if !aged.cut {
+                aged.cut = true;
+                this.metrics.aged_out_forced.inc();
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection outlived server.max_connection_age and its grace",
+            )));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         if let Some(deadline) = &mut this.handshake_deadline {

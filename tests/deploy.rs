@@ -555,9 +555,14 @@ fn every_overlay_is_one_of_the_tested_environments() {
 fn each_overlay_renders_one_namespaced_service_and_no_secret() {
     for (expected, rendered) in every_environment() {
         let env = expected.env;
+        // Two Services: the ClusterIP one and its headless twin (tested below).
+        assert_eq!(
+            rendered.all("Service").len(),
+            2,
+            "{env}: expected two Services"
+        );
         for kind in [
             "Deployment",
-            "Service",
             "ConfigMap",
             "ServiceAccount",
             "PodDisruptionBudget",
@@ -701,7 +706,7 @@ fn listeners_ports_probes_and_service_agree() {
             );
         }
 
-        let service = rendered.one("Service");
+        let service = rendered.named("Service", "svc-messaging");
         assert!(
             matches_labels(&service["spec"]["selector"], rendered.pod_labels()),
             "{env}: the Service selects no pod of the Deployment"
@@ -724,6 +729,43 @@ fn listeners_ports_probes_and_service_agree() {
                 rendered.pod_labels()
             ),
             "{env}: the Deployment's selector does not match its pods"
+        );
+    }
+}
+
+#[test]
+fn a_headless_service_lists_every_ready_pod_for_client_side_balancing() {
+    for (expected, rendered) in every_environment() {
+        let env = expected.env;
+        let headless = rendered.named("Service", "svc-messaging-headless");
+        assert_eq!(
+            headless["spec"]["clusterIP"], "None",
+            "{env}: the headless Service needs clusterIP: None"
+        );
+        assert!(
+            matches_labels(&headless["spec"]["selector"], rendered.pod_labels()),
+            "{env}: the headless Service selects no pod of the Deployment"
+        );
+        // Draining pods must drop out of DNS, or per-call balancers keep sending to them.
+        assert_ne!(
+            headless["spec"]["publishNotReadyAddresses"], true,
+            "{env}: the headless Service must list only Ready pods"
+        );
+        let server = pod_config(&rendered).settings(env).server;
+        let port = headless["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "grpc")
+            .unwrap_or_else(|| panic!("{env}: the headless Service has no grpc port"));
+        assert_eq!(
+            rendered.container_port(&port["targetPort"]),
+            u64::from(server.grpc_addr.port()),
+            "{env}: the headless Service's grpc port targets the wrong container port"
+        );
+        assert!(
+            server.max_connection_age <= Duration::from_secs(60 * 60),
+            "{env}: connections must be rebalanced (server.max_connection_age) within an hour"
         );
     }
 }

@@ -3,6 +3,7 @@
 //! service and reaches the real Redis and S3 server that `scripts/test` starts.
 
 mod auth;
+mod balancing;
 mod blob_store;
 mod cli;
 mod client;
@@ -15,6 +16,7 @@ mod messaging;
 mod redis_store_smoke;
 mod replicas;
 mod resumable;
+mod rotation;
 mod s3_access;
 mod sdk;
 mod server;
