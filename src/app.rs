@@ -314,6 +314,15 @@ impl Running {
                 .await
         });
 
+        tokio::spawn(crate::files::janitor::run(
+            files.clone(),
+            settings.uploads.orphan_age,
+            settings.uploads.orphan_sweep_interval,
+            // Memory records cannot vouch for objects other processes wrote to a shared bucket.
+            matches!(settings.storage.messages, MessageBackend::Redis)
+                || matches!(settings.storage.blobs, BlobBackend::Fs),
+            stop_monitor.clone(),
+        ));
         tokio::spawn(expire_upload_sessions(
             files,
             settings.uploads.session_ttl.min(settings.uploads.retention),

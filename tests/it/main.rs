@@ -11,6 +11,7 @@ mod files_cloud;
 mod hostile;
 mod message_store;
 mod messaging;
+mod orphans;
 mod redis_store_smoke;
 mod replicas;
 mod resumable;
