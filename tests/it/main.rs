@@ -4,6 +4,7 @@
 
 mod auth;
 mod blob_store;
+mod chaos;
 mod cli;
 mod deadlines;
 mod files;
