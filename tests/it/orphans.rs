@@ -303,3 +303,106 @@ async fn objects_without_records_and_records_without_objects_are_removed() {
     assert!(file_records(&key_prefix).contains(&healthy));
     assert_eq!(download(&mut files, "bob", &healthy).await.len(), 64 * 1024);
 }
+
+/// Makes a file look written an hour ago.
+fn age_file(path: &std::path::Path) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+}
+
+/// The filesystem store (the zero-setup default): a stray object, a stray incoming file (a
+/// one-shot upload whose process died) are removed; a live resumable session's staging file,
+/// as old as they are, is kept, and a healthy file too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filesystem_store_is_swept_too_but_a_live_sessions_staging_file_is_kept() {
+    let server = TestServer::start_with(|settings| {
+        settings.uploads.idle_timeout = Duration::from_secs(2);
+        settings.uploads.orphan_age = Duration::from_secs(1);
+        settings.uploads.orphan_sweep_interval = Duration::from_millis(200);
+    })
+    .await;
+    let root = server.data_dir.path().join("blobs");
+    let channel = server.channel().await;
+    let mut messaging = Messaging::new(channel.clone());
+    let mut files = Files::new(channel.clone());
+    let conversation_id = create_conversation(&mut messaging, "alice", &["bob"]).await;
+
+    let small = Bytes::from(pdf(64 * 1024));
+    let meta = metadata(
+        &conversation_id,
+        "kept.pdf",
+        "application/pdf",
+        &small,
+        false,
+    );
+    let healthy = upload(&mut files, "alice", meta, &small)
+        .await
+        .unwrap()
+        .file
+        .unwrap()
+        .file_id;
+
+    // A resumable upload with a durable part, then cut.
+    let body = Bytes::from(pdf(12 * MIB));
+    let request_id = "orphan-fs-resumable";
+    let declared = pb::UploadMetadata {
+        request_id: request_id.to_owned(),
+        ..metadata(&conversation_id, "r.pdf", "application/pdf", &body, false)
+    };
+    let resumable = open_upload(channel.clone(), "alice");
+    resumable
+        .send(pb::UploadFileRequest {
+            payload: Some(Payload::Metadata(declared)),
+        })
+        .await
+        .unwrap();
+    for message in chunks(&body.slice(..10 * MIB)) {
+        resumable.send(message).await.unwrap();
+    }
+    eventually(Duration::from_secs(20), "a part is durable", async || {
+        let status = files
+            .get_upload_status(as_user(
+                "alice",
+                pb::GetUploadStatusRequest {
+                    request_id: request_id.to_owned(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        status.committed_size as usize >= PART
+    })
+    .await;
+    drop(resumable);
+    let staged: Vec<_> = std::fs::read_dir(root.join("staged"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+
+    // Strays, all as old as the staging file is made to look.
+    let stray_object = root
+        .join("objects/files")
+        .join(&conversation_id)
+        .join(uuid::Uuid::now_v7().to_string());
+    std::fs::write(&stray_object, b"%PDF-1.4 stray").unwrap();
+    let stray_incoming = root
+        .join("incoming")
+        .join(uuid::Uuid::now_v7().simple().to_string());
+    std::fs::write(&stray_incoming, b"half an upload").unwrap();
+    for path in [&stray_object, &stray_incoming, &staged[0]] {
+        age_file(path);
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the strays are removed",
+        async || !stray_object.exists() && !stray_incoming.exists(),
+    )
+    .await;
+    assert!(
+        staged[0].exists(),
+        "the live session's staging file was removed"
+    );
+    assert_eq!(download(&mut files, "bob", &healthy).await, small);
+}
