@@ -39,8 +39,10 @@ const SESSIONS_PER_ROUND: usize = 10_000;
 /// Keys per listing request, and listing requests per area per round.
 const OBJECT_PAGE: usize = 1000;
 const OBJECT_PAGES_PER_ROUND: usize = 10;
-/// Records checked per round at most.
-const RECORDS_PER_ROUND: usize = 1000;
+/// Records checked per page, and pages per round: with the default interval (10 min) a
+/// replica checks up to 20,000 new records per round, more than any upload rate we expect.
+const RECORD_PAGE: usize = 1000;
+const RECORD_PAGES_PER_ROUND: usize = 20;
 
 /// What one round removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -189,23 +191,25 @@ impl FileService {
     async fn remove_records_without_objects(&self, age: Duration) -> Result<usize, SweepError> {
         let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
         let before = now_millis().saturating_sub(age_ms);
-        let unchecked = self
-            .file_records
-            .unchecked(before, RECORDS_PER_ROUND)
-            .await?;
         let mut removed = 0;
-        for file_id in &unchecked {
-            // Gone already (expired, deleted, or its write never happened): nothing to check.
-            let Some(record) = self.file_records.get(file_id).await? else {
-                continue;
-            };
-            if !self.blobs.exists(&record.blob_key).await? {
-                self.file_records.delete(file_id).await?;
-                tracing::info!(%file_id, "removed a file record without an object");
-                removed += 1;
+        for _ in 0..RECORD_PAGES_PER_ROUND {
+            let unchecked = self.file_records.unchecked(before, RECORD_PAGE).await?;
+            for file_id in &unchecked {
+                // Gone already (expired, deleted, or its write never happened): nothing to check.
+                let Some(record) = self.file_records.get(file_id).await? else {
+                    continue;
+                };
+                if !self.blobs.exists(&record.blob_key).await? {
+                    self.file_records.delete(file_id).await?;
+                    tracing::info!(%file_id, "removed a file record without an object");
+                    removed += 1;
+                }
+            }
+            self.file_records.mark_checked(&unchecked).await?;
+            if unchecked.len() < RECORD_PAGE {
+                break;
             }
         }
-        self.file_records.mark_checked(&unchecked).await?;
         Ok(removed)
     }
 }
