@@ -318,9 +318,12 @@ impl Running {
             files.clone(),
             settings.uploads.orphan_age,
             settings.uploads.orphan_sweep_interval,
-            // Memory records cannot vouch for objects other processes wrote to a shared bucket.
-            matches!(settings.storage.messages, MessageBackend::Redis)
-                || matches!(settings.storage.blobs, BlobBackend::Fs),
+            crate::files::janitor::SweepScope {
+                objects_without_records: matches!(settings.storage.messages, MessageBackend::Redis)
+                    || matches!(settings.storage.blobs, BlobBackend::Fs),
+                records_without_objects: matches!(settings.storage.blobs, BlobBackend::S3)
+                    || matches!(settings.storage.messages, MessageBackend::Memory),
+            },
             stop_monitor.clone(),
         ));
         tokio::spawn(expire_upload_sessions(

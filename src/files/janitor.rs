@@ -11,7 +11,9 @@
 //! - **records without an object**: every record is checked once, `orphan_age` after it was
 //!   written (the store lists records not checked yet).
 //!
-//! Every replica runs it; each step is idempotent. The threshold must exceed the longest
+//! A check runs only where the deployment lets it see both sides whole ([`SweepScope`]): with
+//! Redis records and per-replica filesystem blobs, a record whose file is on another replica's
+//! disk is not an orphan. Every replica runs it; each step is idempotent. The threshold must exceed the longest
 //! one-shot upload (its multipart upload is not in any session) and the time between an object's
 //! commit and its record's write (milliseconds).
 
@@ -44,6 +46,16 @@ const OBJECT_PAGES_PER_ROUND: usize = 10;
 const RECORD_PAGE: usize = 1000;
 const RECORD_PAGES_PER_ROUND: usize = 20;
 
+/// Which of the checks can be trusted in this deployment: the blobs and the records must be
+/// seen whole. Objects can be judged by their record when the records are shared (Redis) or the
+/// objects are this process's own (files); records by their object when the objects are shared
+/// (S3) or the records are this process's own (memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepScope {
+    pub objects_without_records: bool,
+    pub records_without_objects: bool,
+}
+
 /// What one round removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -67,13 +79,11 @@ pub enum SweepError {
 }
 
 impl FileService {
-    /// One round of the orphan janitor (see the module docs). `objects_without_records` is
-    /// false when the record store is this process's memory while the blobs are shared: other
-    /// processes' objects would look orphaned.
+    /// One round of the orphan janitor (see the module docs), with the checks `scope` allows.
     pub async fn sweep_orphans(
         &self,
         age: Duration,
-        objects_without_records: bool,
+        scope: SweepScope,
         cursor: &mut SweepCursor,
     ) -> Result<SweepReport, SweepError> {
         let cutoff = SystemTime::now()
@@ -96,12 +106,14 @@ impl FileService {
                 "too many unfinished upload sessions to tell orphaned uploads from theirs; skipped"
             );
         }
-        if objects_without_records {
+        if scope.objects_without_records {
             report.removed_objects = self
                 .remove_objects_without_records(cutoff, &live_keys, cursor)
                 .await?;
         }
-        report.removed_records = self.remove_records_without_objects(age).await?;
+        if scope.records_without_objects {
+            report.removed_records = self.remove_records_without_objects(age).await?;
+        }
         Ok(report)
     }
 
@@ -219,15 +231,12 @@ pub async fn run(
     files: Arc<FileService>,
     age: Duration,
     interval: Duration,
-    objects_without_records: bool,
+    scope: SweepScope,
     stop: CancellationToken,
 ) {
     let mut cursor = SweepCursor::default();
     loop {
-        match files
-            .sweep_orphans(age, objects_without_records, &mut cursor)
-            .await
-        {
+        match files.sweep_orphans(age, scope, &mut cursor).await {
             Ok(report) if report == SweepReport::default() => {}
             Ok(report) => tracing::info!(
                 aborted_writes = report.aborted_writes,
