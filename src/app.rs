@@ -350,6 +350,18 @@ impl Running {
             backends.budget.clone(),
             stop_monitor.clone(),
         ));
+        tokio::spawn(crate::files::janitor::run(
+            files.clone(),
+            settings.uploads.orphan_age,
+            settings.uploads.orphan_sweep_interval,
+            crate::files::janitor::SweepScope {
+                objects_without_records: matches!(settings.storage.messages, MessageBackend::Redis)
+                    || matches!(settings.storage.blobs, BlobBackend::Fs),
+                records_without_objects: matches!(settings.storage.blobs, BlobBackend::S3)
+                    || matches!(settings.storage.messages, MessageBackend::Memory),
+            },
+            stop_monitor.clone(),
+        ));
         tokio::spawn(expire_upload_sessions(
             files,
             settings.uploads.session_ttl.min(settings.uploads.retention),

@@ -423,6 +423,14 @@ pub struct UploadSettings {
     pub session_ttl: Duration,
     /// Unfinished resumable uploads one caller may have at once.
     pub max_sessions_per_caller: u32,
+    /// Age after which the orphan janitor removes what an interrupted upload left: multipart
+    /// uploads no unfinished session owns, objects without a file record, records without an
+    /// object. Must exceed the longest one-shot upload.
+    #[serde(with = "humantime_serde")]
+    pub orphan_age: Duration,
+    /// How often the orphan janitor runs (and once at start-up).
+    #[serde(with = "humantime_serde")]
+    pub orphan_sweep_interval: Duration,
 }
 
 impl Default for UploadSettings {
@@ -452,6 +460,8 @@ impl Default for UploadSettings {
             max_duration: Duration::from_secs(3600),
             session_ttl: Duration::from_secs(24 * 3600),
             max_sessions_per_caller: 32,
+            orphan_age: Duration::from_secs(3600),
+            orphan_sweep_interval: Duration::from_secs(600),
         }
     }
 }
@@ -1116,6 +1126,18 @@ impl UploadSettings {
             return Err(ConfigError::new(
                 "uploads.max_sessions_per_caller",
                 "must be greater than zero",
+            ));
+        }
+        if self.orphan_age < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "uploads.orphan_age",
+                "must be at least 1s",
+            ));
+        }
+        if self.orphan_sweep_interval < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "uploads.orphan_sweep_interval",
+                "must be at least 100ms",
             ));
         }
         Ok(())

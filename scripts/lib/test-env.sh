@@ -296,7 +296,11 @@ start_redis() {
   mkdir -p "$dir"
   local pw
   pw="ci/pa55=word$(openssl rand -hex 8)"  # '/' and '=' on purpose: URL encoding
-  "$SVC_TEST_REDIS_SERVER_BIN" --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+  # REDIS_PERSISTENCE=aof (scripts/chaos): every write fsynced to the AOF before the reply, so
+  # a SIGKILLed server restarted on the same --dir keeps every acknowledged write.
+  local persistence=(--save '' --appendonly no)
+  [[ "${REDIS_PERSISTENCE:-}" == aof ]] && persistence=(--save '' --appendonly yes --appendfsync always)
+  "$SVC_TEST_REDIS_SERVER_BIN" --bind 127.0.0.1 --port "$port" "${persistence[@]}" \
     --requirepass "$pw" --dir "$dir" --daemonize no >"$dir/redis.log" 2>&1 &
   local pid=$!
   STARTED_PIDS+=("$pid")
@@ -355,6 +359,46 @@ start_redis_cluster() {
   retry_for 20 cluster_ok || die "the redis cluster did not reach cluster_state:ok"
   export SVC_TEST_REDIS_CLUSTER_URL="redis://default:$(urlencode "$pw")@127.0.0.1:${ports[0]}"
   log "redis cluster: 3 masters on ${nodes[*]}"
+}
+
+# A Redis Cluster of 3 masters with a replica each, for failover (scripts/chaos):
+# start_redis_cluster_with_replicas PORT1..PORT6 BUS1..BUS6. A master is marked failed after
+# 2 s (cluster-node-timeout) and its replica promoted. Exports SVC_TEST_REDIS_CLUSTER_URL
+# (first node) and SVC_CHAOS_CLUSTER_PORTS (all six).
+start_redis_cluster_with_replicas() {
+  local ports=("${@:1:6}") buses=("${@:7:6}") dir="$SCRATCH/redis-cluster-ha" pw nodes=()
+  local port pid i
+  pw="cluster/pa55=word$(openssl rand -hex 8)"
+  mkdir -p "$dir"
+  for i in 0 1 2 3 4 5; do
+    port="${ports[$i]}"
+    mkdir -p "$dir/$port"
+    "$SVC_TEST_REDIS_SERVER_BIN" --bind 127.0.0.1 --port "$port" --save '' \
+      --appendonly yes --appendfsync always \
+      --cluster-enabled yes --cluster-port "${buses[$i]}" --cluster-node-timeout 2000 \
+      --cluster-config-file "$dir/$port/nodes.conf" \
+      --requirepass "$pw" --masterauth "$pw" --dir "$dir/$port" --daemonize no \
+      >"$dir/$port/redis.log" 2>&1 &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    nodes+=("127.0.0.1:$port")
+    retry_for 10 redis_ping "$port" "$pw" || die "cluster node on 127.0.0.1:$port did not answer within 10 s"
+  done
+  REDISCLI_AUTH="$pw" timeout 30 "$SVC_TEST_REDIS_CLI" --cluster create "${nodes[@]}" \
+    --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
+    { cat "$dir/create.log" >&2; die "redis-cli --cluster create failed"; }
+  ha_cluster_ok() {
+    local info
+    info="$(REDISCLI_AUTH="$pw" timeout 2 "$SVC_TEST_REDIS_CLI" -h 127.0.0.1 -p "${ports[0]}" \
+      cluster info 2>/dev/null | tr -d '\r')"
+    grep -q '^cluster_state:ok' <<<"$info" && grep -q '^cluster_known_nodes:6' <<<"$info" &&
+      [[ "$(REDISCLI_AUTH="$pw" timeout 2 "$SVC_TEST_REDIS_CLI" -h 127.0.0.1 -p "${ports[0]}" \
+        cluster nodes 2>/dev/null | grep -c slave)" == 3 ]]
+  }
+  retry_for 30 ha_cluster_ok || die "the redis cluster with replicas did not form"
+  export SVC_TEST_REDIS_CLUSTER_URL="redis://default:$(urlencode "$pw")@127.0.0.1:${ports[0]}"
+  export SVC_CHAOS_CLUSTER_PORTS="${ports[*]}"
+  log "redis cluster: 3 masters + 3 replicas on ${nodes[*]}"
 }
 
 start_garage() {

@@ -1,7 +1,7 @@
 //! The blob store: file bodies and thumbnails, written as a stream while an upload arrives and
 //! read back as a stream or through a time-limited download URL.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -102,6 +102,26 @@ pub struct BlobInfo {
     pub content_type: String,
 }
 
+/// An unfinished write a store holds (an S3 multipart upload, a staging file), as the orphan
+/// janitor lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedWrite {
+    /// The object it would become, when the store knows (S3 does; a staging file does not).
+    pub key: Option<String>,
+    /// The store's name for it; for a resumable write, the `StagedParts::upload_id` its session
+    /// holds.
+    pub upload_id: String,
+}
+
+/// One page of keys, in key order.
+#[derive(Debug, Default)]
+pub struct ObjectPage {
+    /// The page's keys of objects last written before the listing's cut-off.
+    pub keys: Vec<String>,
+    /// Where the next page starts (its `start_after`); `None` once the listing is done.
+    pub next: Option<String>,
+}
+
 /// One object being written. Bytes leave as they are written; nothing is visible under the
 /// key until [`BlobUpload::commit`], and [`BlobUpload::abort`] (or dropping the upload) removes
 /// whatever was written.
@@ -200,4 +220,25 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Keys under `prefix` (for tests and cleanup checks).
     async fn list(&self, prefix: &str) -> BlobResult<Vec<String>>;
+    /// Whether an object is stored under `key`.
+    async fn exists(&self, key: &str) -> BlobResult<bool>;
+    /// Up to about `limit` keys under `prefix` after `start_after` (one listing request on S3),
+    /// keeping those of objects last written before `before`.
+    async fn objects_before(
+        &self,
+        prefix: &str,
+        before: SystemTime,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> BlobResult<ObjectPage>;
+    /// Up to `limit` unfinished writes under `prefixes` begun (S3) or last written (staging
+    /// files) before `before`.
+    async fn unfinished_writes(
+        &self,
+        prefixes: &[&str],
+        before: SystemTime,
+        limit: usize,
+    ) -> BlobResult<Vec<UnfinishedWrite>>;
+    /// Discards an unfinished write and its bytes; one already gone is fine.
+    async fn abort_unfinished(&self, write: &UnfinishedWrite) -> BlobResult<()>;
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::messages::StoreResult;
 use crate::{
     ids::{ConversationId, FileId, MessageId},
-    messaging::model::FileAttachment,
+    messaging::model::{FileAttachment, UnixMillis},
 };
 
 /// An uploaded file, as recorded once its bytes are stored.
@@ -43,6 +43,12 @@ pub trait FileRecordStore: Send + Sync + 'static {
     async fn get(&self, file_id: &FileId) -> StoreResult<Option<FileRecord>>;
 
     async fn delete(&self, file_id: &FileId) -> StoreResult<()>;
+    /// Up to `limit` files recorded at or before `before` (Unix ms, by their `create_time`) that
+    /// the orphan janitor has not checked yet, oldest first. [`FileRecordStore::put`] lists a
+    /// new record here.
+    async fn unchecked(&self, before: UnixMillis, limit: usize) -> StoreResult<Vec<FileId>>;
+    /// Takes files off the [`FileRecordStore::unchecked`] list.
+    async fn mark_checked(&self, file_ids: &[FileId]) -> StoreResult<()>;
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ use sha2::Sha256;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use super::blobs::{
-    BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ResumableUpload, StagedParts,
+    BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ObjectPage, ResumableUpload,
+    StagedParts, UnfinishedWrite,
 };
 use crate::{error::BoxError, health::DependencyCheck};
 
@@ -551,6 +552,105 @@ impl BlobStore for FsBlobStore {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn exists(&self, key: &str) -> BlobResult<bool> {
+        let path = match self.object_path(key) {
+            Ok(path) => path,
+            Err(BlobError::NotFound) => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        match tokio::fs::metadata(&path).await {
+            Ok(metadata) => Ok(metadata.is_file()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(io_error(error)),
+        }
+    }
+
+    async fn objects_before(
+        &self,
+        prefix: &str,
+        before: SystemTime,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> BlobResult<ObjectPage> {
+        let all = self.list(prefix).await?;
+        let mut page: Vec<String> = all
+            .into_iter()
+            .filter(|key| start_after.is_none_or(|after| key.as_str() > after))
+            .take(limit.max(1) + 1)
+            .collect();
+        let next = if page.len() > limit.max(1) {
+            page.pop();
+            page.last().cloned()
+        } else {
+            None
+        };
+        let mut keys = Vec::with_capacity(page.len());
+        for key in page {
+            let written = tokio::fs::metadata(self.object_path(&key)?)
+                .await
+                .and_then(|metadata| metadata.modified());
+            if matches!(written, Ok(time) if time < before) {
+                keys.push(key);
+            }
+        }
+        Ok(ObjectPage { keys, next })
+    }
+
+    async fn unfinished_writes(
+        &self,
+        _prefixes: &[&str],
+        before: SystemTime,
+        limit: usize,
+    ) -> BlobResult<Vec<UnfinishedWrite>> {
+        // Staging files are named by their upload id, not their key: every one is listed, by
+        // the time it was last written (a resumable write's file grows as parts arrive).
+        let mut stale = Vec::new();
+        for area in [INCOMING, STAGED] {
+            let mut entries = tokio::fs::read_dir(self.root.join(area))
+                .await
+                .map_err(io_error)?;
+            while let Some(entry) = entries.next_entry().await.map_err(io_error)? {
+                let modified = entry
+                    .metadata()
+                    .await
+                    .and_then(|metadata| metadata.modified());
+                if !matches!(modified, Ok(time) if time < before) {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                stale.push(UnfinishedWrite {
+                    key: None,
+                    // A one-shot write's file is named in its area, so that it never matches a
+                    // resumable write's upload id.
+                    upload_id: if area == STAGED {
+                        name
+                    } else {
+                        format!("{INCOMING}/{name}")
+                    },
+                });
+                if stale.len() >= limit {
+                    return Ok(stale);
+                }
+            }
+        }
+        Ok(stale)
+    }
+
+    async fn abort_unfinished(&self, write: &UnfinishedWrite) -> BlobResult<()> {
+        let path = match write.upload_id.strip_prefix(&format!("{INCOMING}/")) {
+            Some(name) if !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_hexdigit()) => {
+                self.root.join(INCOMING).join(name)
+            }
+            Some(_) => return Ok(()),
+            None => self.staged_path(&write.upload_id)?,
+        };
+        match tokio::fs::remove_file(path).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error(error)),
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::{io::AsyncWriteExt, sync::Mutex};
 use super::{
     messages::StoreError,
     upload_sessions::{
-        Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
+        Lease, Opened, SessionError, SessionResult, StagedWrite, UploadSession, UploadSessionStore,
     },
 };
 use crate::{
@@ -450,6 +450,31 @@ impl UploadSessionStore for FsUploadSessionStore {
             sessions.push(session);
         }
         Ok(sessions)
+    }
+
+    async fn unfinished_writes(&self, limit: usize) -> Result<Vec<StagedWrite>, StoreError> {
+        let digests: Vec<String> = {
+            let index = self.index.lock().await;
+            index
+                .sessions
+                .iter()
+                .filter(|(_, entry)| !entry.complete)
+                .map(|(digest, _)| digest.clone())
+                .take(limit)
+                .collect()
+        };
+        let mut writes = Vec::with_capacity(digests.len());
+        for digest in digests {
+            // Removed since the index was read: nothing staged to protect.
+            let Ok(session) = self.read(&digest).await else {
+                continue;
+            };
+            writes.push(StagedWrite {
+                blob_key: session.blob_key,
+                upload_id: session.staged.upload_id,
+            });
+        }
+        Ok(writes)
     }
 }
 

@@ -648,6 +648,8 @@ impl MessageStore for MemoryMessageStore {
 #[derive(Default)]
 pub struct MemoryFileRecordStore {
     records: Mutex<HashMap<FileId, crate::store::file_records::FileRecord>>,
+    /// `(create_time, file id)` of records the orphan janitor has not checked.
+    unchecked: Mutex<std::collections::BTreeSet<(UnixMillis, FileId)>>,
 }
 
 impl MemoryFileRecordStore {
@@ -669,7 +671,13 @@ impl crate::store::file_records::FileRecordStore for MemoryFileRecordStore {
         let mut records = self.lock();
         // Expired records go the way Redis TTLs would.
         records.retain(|_, record| record.file.expire_time > now);
-        records.insert(record.file.file_id.clone(), record.clone());
+        let replaced = records.insert(record.file.file_id.clone(), record.clone());
+        if replaced.is_none() {
+            self.unchecked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert((record.file.create_time, record.file.file_id.clone()));
+        }
         Ok(())
     }
 
@@ -687,6 +695,26 @@ impl crate::store::file_records::FileRecordStore for MemoryFileRecordStore {
 
     async fn delete(&self, file_id: &FileId) -> StoreResult<()> {
         self.lock().remove(file_id);
+        Ok(())
+    }
+
+    async fn unchecked(&self, before: UnixMillis, limit: usize) -> StoreResult<Vec<FileId>> {
+        Ok(self
+            .unchecked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .take_while(|(created, _)| *created <= before)
+            .take(limit)
+            .map(|(_, file_id)| file_id.clone())
+            .collect())
+    }
+
+    async fn mark_checked(&self, file_ids: &[FileId]) -> StoreResult<()> {
+        self.unchecked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(_, file_id)| !file_ids.contains(file_id));
         Ok(())
     }
 }

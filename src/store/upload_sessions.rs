@@ -70,6 +70,15 @@ pub struct Lease<'a> {
     pub until: UnixMillis,
 }
 
+/// Where an unfinished session's bytes are staged: the orphan janitor must leave these alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedWrite {
+    pub blob_key: String,
+    /// The blob store's name for the staged bytes (`StagedParts::upload_id`); `None` until the
+    /// first part is durable (the store may already hold an upload under `blob_key` then).
+    pub upload_id: Option<String>,
+}
+
 /// What [`UploadSessionStore::open`] found.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // Returned once per upload, never stored.
@@ -156,4 +165,9 @@ pub trait UploadSessionStore: Send + Sync + 'static {
         now: UnixMillis,
         limit: usize,
     ) -> Result<Vec<UploadSession>, StoreError>;
+
+    /// Where up to `limit` unfinished sessions (live or expired, not yet discarded) stage their
+    /// bytes. The orphan janitor skips these: their staged bytes belong to the session janitor.
+    /// A caller that gets `limit` entries cannot know it saw them all.
+    async fn unfinished_writes(&self, limit: usize) -> Result<Vec<StagedWrite>, StoreError>;
 }

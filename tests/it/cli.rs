@@ -91,6 +91,16 @@ fn bad_configs_exit_2_with_one_line_naming_the_key() {
             "uploads.max_chunk_bytes",
         ),
         (
+            "SVC_MESSAGING__UPLOADS__ORPHAN_AGE",
+            "500ms",
+            "uploads.orphan_age",
+        ),
+        (
+            "SVC_MESSAGING__UPLOADS__ORPHAN_SWEEP_INTERVAL",
+            "10ms",
+            "uploads.orphan_sweep_interval",
+        ),
+        (
             "SVC_MESSAGING__UPLOADS__DOCUMENT_TYPES",
             "application/x-msdownload",
             "uploads.document_types",

@@ -5,6 +5,7 @@
 mod auth;
 mod balancing;
 mod blob_store;
+mod chaos;
 mod cli;
 mod client;
 mod deadlines;
@@ -13,6 +14,7 @@ mod files_cloud;
 mod hostile;
 mod message_store;
 mod messaging;
+mod orphans;
 mod redis_store_smoke;
 mod replicas;
 mod resumable;

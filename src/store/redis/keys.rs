@@ -58,6 +58,12 @@ impl Keys {
         format!("{}:upload-expiry", self.prefix)
     }
 
+    /// `P:files-unchecked`: ZSET of file ids scored by their record's `create_time`, until the
+    /// orphan janitor checked that the file's object exists.
+    pub(super) fn unchecked_files(&self) -> String {
+        format!("{}:files-unchecked", self.prefix)
+    }
+
     /// `P:{f:FILE}:file`: a file's metadata record (JSON), expiring with the file.
     pub(super) fn file(&self, file_id: &FileId) -> String {
         format!("{}:{{f:{file_id}}}:file", self.prefix)

@@ -41,7 +41,8 @@ use crate::{
         fs_sessions::{is_retired, retired_request_id, session_digest},
         messages::StoreError,
         upload_sessions::{
-            Lease, Opened, SessionError, SessionResult, UploadSession, UploadSessionStore,
+            Lease, Opened, SessionError, SessionResult, StagedWrite, UploadSession,
+            UploadSessionStore,
         },
     },
 };
@@ -473,6 +474,36 @@ impl UploadSessionStore for RedisMessageStore {
             }
         }
         Ok(found)
+    }
+
+    async fn unfinished_writes(&self, limit: usize) -> Result<Vec<StagedWrite>, StoreError> {
+        // The expiry index names every unfinished session, live or expired, until the session
+        // janitor removes it.
+        let keys: Vec<String> = self
+            .client
+            .zrangebyscore(
+                self.keys.upload_expiry(),
+                "-inf".to_owned(),
+                "+inf".to_owned(),
+                false,
+                Some((0, i64::try_from(limit).unwrap_or(i64::MAX))),
+            )
+            .await?;
+        // An unreadable session may still stage bytes: the error makes the janitor leave staged
+        // bytes alone this round.
+        let sessions = try_join_all(keys.iter().map(|key| async move {
+            Ok::<_, StoreError>(self.session_at(key).await?.map(|(_, session)| session))
+        }))
+        .await?;
+        Ok(sessions
+            .into_iter()
+            .flatten()
+            .filter(|session| !session.complete)
+            .map(|session| StagedWrite {
+                blob_key: session.blob_key,
+                upload_id: session.staged.upload_id,
+            })
+            .collect())
     }
 }
 

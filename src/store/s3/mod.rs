@@ -19,7 +19,11 @@ mod credentials;
 mod errors;
 mod upload;
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use async_trait::async_trait;
 use aws_sdk_s3::{
@@ -40,7 +44,8 @@ use self::{
     upload::{Bucket, PartBuffering, S3Upload},
 };
 use super::blobs::{
-    BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ResumableUpload, StagedParts,
+    BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ObjectPage, ResumableUpload,
+    StagedParts, UnfinishedWrite,
 };
 use crate::{budget::MemoryBudget, config::S3Settings, error::BoxError, health::DependencyCheck};
 
@@ -475,6 +480,122 @@ impl BlobStore for S3BlobStore {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn exists(&self, key: &str) -> BlobResult<bool> {
+        match self
+            .bucket
+            .client
+            .head_object()
+            .bucket(&self.bucket.name)
+            .key(key)
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("HeadObject", Scope::Object, error))
+        {
+            Ok(_) => Ok(true),
+            Err(BlobError::NotFound) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn objects_before(
+        &self,
+        prefix: &str,
+        before: SystemTime,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> BlobResult<ObjectPage> {
+        let page = self
+            .bucket
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket.name)
+            .prefix(prefix)
+            .set_start_after(start_after.map(str::to_owned))
+            .max_keys(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("ListObjectsV2", Scope::Bucket, error))?;
+        let next = match page.is_truncated() {
+            Some(true) => page
+                .contents()
+                .last()
+                .and_then(|object| object.key().map(str::to_owned)),
+            _ => None,
+        };
+        let keys = page
+            .contents()
+            .iter()
+            .filter(|object| {
+                object
+                    .last_modified()
+                    .and_then(|time| SystemTime::try_from(*time).ok())
+                    .is_some_and(|written| written < before)
+            })
+            .filter_map(|object| object.key().map(str::to_owned))
+            .collect();
+        Ok(ObjectPage { keys, next })
+    }
+
+    async fn unfinished_writes(
+        &self,
+        prefixes: &[&str],
+        before: SystemTime,
+        limit: usize,
+    ) -> BlobResult<Vec<UnfinishedWrite>> {
+        // Bounded listing: a bucket full of fresh uploads must not keep one round going.
+        const MAX_PAGES: usize = 10;
+        let mut stale = Vec::new();
+        for prefix in prefixes {
+            let mut key_marker: Option<String> = None;
+            let mut upload_id_marker: Option<String> = None;
+            for _ in 0..MAX_PAGES {
+                let page = self
+                    .bucket
+                    .client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket.name)
+                    .prefix(*prefix)
+                    .set_key_marker(key_marker.take())
+                    .set_upload_id_marker(upload_id_marker.take())
+                    .send()
+                    .await
+                    .map_err(|error| map_sdk_error("ListMultipartUploads", Scope::Bucket, error))?;
+                for upload in page.uploads() {
+                    let begun = upload
+                        .initiated()
+                        .and_then(|time| SystemTime::try_from(*time).ok());
+                    if let (Some(key), Some(upload_id), Some(begun)) =
+                        (upload.key(), upload.upload_id(), begun)
+                        && begun < before
+                    {
+                        stale.push(UnfinishedWrite {
+                            key: Some(key.to_owned()),
+                            upload_id: upload_id.to_owned(),
+                        });
+                        if stale.len() >= limit {
+                            return Ok(stale);
+                        }
+                    }
+                }
+                key_marker = page.next_key_marker().map(str::to_owned);
+                upload_id_marker = page.next_upload_id_marker().map(str::to_owned);
+                if page.is_truncated() != Some(true)
+                    || (key_marker.is_none() && upload_id_marker.is_none())
+                {
+                    break;
+                }
+            }
+        }
+        Ok(stale)
+    }
+
+    async fn abort_unfinished(&self, write: &UnfinishedWrite) -> BlobResult<()> {
+        let Some(key) = &write.key else {
+            return Ok(());
+        };
+        self.bucket.abort_multipart(key, &write.upload_id).await
     }
 }
 
