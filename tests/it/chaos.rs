@@ -1114,18 +1114,29 @@ async fn run_scenario(scenario: Scenario, knobs: &Knobs) -> Report {
         let mut page_token = String::new();
         let mut messages = Vec::new();
         loop {
-            let page = messaging
-                .list_messages(as_user(
-                    &format!("s{i}"),
-                    pb::ListMessagesRequest {
-                        conversation_id: conversation_id.clone(),
-                        page_size: 100,
-                        page_token: page_token.clone(),
-                    },
-                ))
-                .await
-                .expect("list messages")
-                .into_inner();
+            // The audit reads like any caller: UNAVAILABLE (a store still settling after the
+            // fault, e.g. a cluster client picking up a new master) is retried.
+            let mut attempts = 0;
+            let page = loop {
+                match messaging
+                    .list_messages(as_user(
+                        &format!("s{i}"),
+                        pb::ListMessagesRequest {
+                            conversation_id: conversation_id.clone(),
+                            page_size: 100,
+                            page_token: page_token.clone(),
+                        },
+                    ))
+                    .await
+                {
+                    Ok(page) => break page.into_inner(),
+                    Err(status) if status.code() == tonic::Code::Unavailable && attempts < 40 => {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(status) => panic!("list messages: {status:?}"),
+                }
+            };
             messages.extend(page.messages);
             if page.next_page_token.is_empty() {
                 break;
