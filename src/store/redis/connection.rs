@@ -41,7 +41,7 @@ pub(super) async fn command_client(
         tracing::info!("redis.url names a cluster node; connecting to the cluster");
         config.server = ServerConfig::Clustered {
             hosts: vec![server.clone()],
-            policy: ClusterDiscoveryPolicy::default(),
+            policy: ClusterDiscoveryPolicy::UseCache,
         };
         config.database = None;
         let _ = client.quit().await;
@@ -123,6 +123,12 @@ fn client_config(settings: &RedisSettings) -> Result<Config, StoreError> {
     })?;
     if let Some(password) = &settings.password {
         config.password = Some(password.expose_secret().to_owned());
+    }
+    // Rediscover the cluster through every node it last knew, not only the configured ones:
+    // with only the seed, a failover of the seed's master left the client unable to learn the
+    // new layout (every command timed out until the node came back).
+    if let ServerConfig::Clustered { policy, .. } = &mut config.server {
+        *policy = ClusterDiscoveryPolicy::UseCache;
     }
     Ok(config)
 }
