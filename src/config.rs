@@ -423,6 +423,9 @@ pub struct UploadSettings {
     pub session_ttl: Duration,
     /// Unfinished resumable uploads one caller may have at once.
     pub max_sessions_per_caller: u32,
+    /// The part size resumable uploads become durable in: what a broken stream may have to
+    /// send again, and what a resume costs in pipeline start-up. S3's minimum by default.
+    pub resume_part_size: ByteSize,
     /// Age after which the orphan janitor removes what an interrupted upload left: multipart
     /// uploads no unfinished session owns, objects without a file record, records without an
     /// object. Must exceed the longest one-shot upload.
@@ -460,6 +463,7 @@ impl Default for UploadSettings {
             max_duration: Duration::from_secs(3600),
             session_ttl: Duration::from_secs(24 * 3600),
             max_sessions_per_caller: 32,
+            resume_part_size: ByteSize::mib(5),
             orphan_age: Duration::from_secs(3600),
             orphan_sweep_interval: Duration::from_secs(600),
         }
@@ -1120,6 +1124,15 @@ impl UploadSettings {
             return Err(ConfigError::new(
                 "uploads.session_ttl",
                 "must be at least 1s",
+            ));
+        }
+        let resume_part = self.resume_part_size.as_u64();
+        if !(5 * 1024 * 1024..=self.part_size.as_u64()).contains(&resume_part)
+            || !resume_part.is_multiple_of(1024)
+        {
+            return Err(ConfigError::new(
+                "uploads.resume_part_size",
+                "must be a whole number of KiB between 5MiB (the S3 minimum) and uploads.part_size",
             ));
         }
         if self.max_sessions_per_caller == 0 {

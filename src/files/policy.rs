@@ -71,7 +71,7 @@ impl UploadPolicy {
             max_duration: settings.max_duration,
             session_ttl: settings.session_ttl.min(settings.retention),
             max_sessions_per_caller: settings.max_sessions_per_caller,
-            resume_part_bytes: settings.part_size.as_u64(),
+            resume_part_bytes: settings.resume_part_size.as_u64(),
         }
     }
 

@@ -435,7 +435,7 @@ async fn ctrl_c_during_an_upload_leaves_an_upload_that_request_id_completes() {
     let status = client.upload_status(&request_id).await.unwrap();
     assert!(!status.complete);
     assert_eq!(status.size_bytes as usize, body.len());
-    // Half the file was sent: at least its first part (8 MiB) was durable before the freeze.
+    // Half the file was sent: whole parts of it (at least 8 MiB) were durable before the freeze.
     assert!(status.committed_size >= 8 * MIB as i64, "{status:?}");
 
     // The printed command completes it.
