@@ -8,7 +8,7 @@
 //! (c) refusal: how many chunks a client stream has been asked for when the error for a first
 //!     chunk with the wrong magic bytes arrives;
 //! (d) resume: the same 50 MiB as a resumable upload (a `request_id`) whose first stream ends at
-//!     a part boundary about half-way, then GetUploadStatus and a resume from committed_size,
+//!     a resume part boundary (`uploads.resume_part_size`) about half-way, then GetUploadStatus and a resume from committed_size,
 //!     against a one-shot UploadFile of the same bytes, interleaved.
 //!
 //! Knobs: SVC_BENCH_ROUNDS (5: one upload takes well under a second), SVC_BENCH_UPLOAD_MIB (50),
@@ -120,7 +120,8 @@ async fn main() {
     let load_a = format!("loadavg before {load_start}, after {}", common::loadavg());
 
     // (d) resume vs one-shot, interleaved; the cut is the last part boundary before half-way.
-    let cut = (data.len() / 2) / part_size * part_size;
+    let resume_part = uploads.resume_part_size.as_u64() as usize;
+    let cut = (data.len() / 2) / resume_part * resume_part;
     resumed_upload(&channel, &conversation, &data, cut, "warm-up").await;
     let (mut once_secs, mut resumed_secs, mut resume_rows) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
