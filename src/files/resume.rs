@@ -40,6 +40,7 @@ use super::{
 };
 use crate::{
     auth::Caller,
+    budget::MemoryReservation,
     error::{Error, ErrorKind, Reason, Result},
     ids::{MessageId, UserId},
     messaging::model::{ClientId, Message, UnixMillis},
@@ -279,11 +280,14 @@ impl FileService {
                 Err(error)
             }
             Err(error) => {
-                match upload.pause().await {
-                    Ok(staged) => receiver.record(self, &mut session, staged, held).await?,
-                    Err(pause_error) => {
-                        tracing::warn!(error = %pause_error, "pausing a resumable upload failed");
-                    }
+                // The caller learns why the stream ended; failing to keep its progress is the
+                // operator's to see (the upload then resumes from the last recorded part).
+                let recorded = match upload.pause().await {
+                    Ok(staged) => receiver.record(self, &mut session, staged, held).await,
+                    Err(pause_error) => Err(pause_error.into()),
+                };
+                if let Err(record_error) = recorded {
+                    tracing::warn!(error = %record_error, "could not record a paused upload's parts");
                 }
                 Err(error)
             }
@@ -357,7 +361,8 @@ impl FileService {
         };
         let mut thumbnail_key = None;
         if plan.rule.kind.category() == FileCategory::Image {
-            let bytes = self
+            // Reserved until the thumbnail is made (the bytes live that long).
+            let (bytes, _reservation) = self
                 .read_back(&session.blob_key, plan.declared_size)
                 .await?;
             if let Some(thumbnail) = self.thumbnails.make(plan.rule.kind, bytes).await? {
@@ -378,21 +383,23 @@ impl FileService {
     }
 
     /// An image's bytes, read back from the committed object for its thumbnail (a resumed
-    /// upload never had them all in memory); reserved from the upload memory budget.
-    async fn read_back(&self, key: &str, size: u64) -> Result<Bytes> {
-        let mut reservation = self.budget.empty();
-        let mut bytes = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
+    /// upload never had them all in memory), with their memory reserved from the upload budget
+    /// before they are allocated; the reservation is held as long as the bytes are.
+    async fn read_back(&self, key: &str, size: u64) -> Result<(Bytes, MemoryReservation)> {
+        let reservation = self.budget.reserve(size).await.map_err(BlobError::Busy)?;
+        let capacity = usize::try_from(size).unwrap_or(usize::MAX);
+        let mut bytes = BytesMut::with_capacity(capacity);
         let mut stream = self.blobs.read(key, 0).await?;
         while let Some(piece) = stream.next().await {
             let piece = piece?;
-            let filled = bytes.len() as u64 + piece.len() as u64;
-            self.budget
-                .grow(&mut reservation, filled, size.max(filled))
-                .await
-                .map_err(BlobError::Busy)?;
+            if bytes.len() + piece.len() > capacity {
+                return Err(Error::internal(
+                    "a stored upload is larger than the size it was checked against",
+                ));
+            }
             bytes.extend_from_slice(&piece);
         }
-        Ok(bytes.freeze())
+        Ok((bytes.freeze(), reservation))
     }
 
     /// Removes a refused upload's staged bytes and its session.
