@@ -336,6 +336,18 @@ pub enum S3Credentials {
     Chain,
 }
 
+/// When the S3 client sends a checksum of what it uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum S3RequestChecksums {
+    /// On every upload request that supports one (a CRC32: a header for whole bodies, an
+    /// `aws-chunked` trailer for parts streamed as they arrive), as AWS recommends.
+    #[default]
+    WhenSupported,
+    /// Only where S3 requires one: for S3-compatible servers that reject checksum trailers.
+    WhenRequired,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Settings {
@@ -357,6 +369,7 @@ pub struct S3Settings {
     pub force_path_style: bool,
     /// Install the bucket lifecycle rule (expiry, aborting stale multipart uploads) at start-up.
     pub manage_lifecycle: bool,
+    pub request_checksums: S3RequestChecksums,
 }
 
 impl Default for S3Settings {
@@ -373,6 +386,7 @@ impl Default for S3Settings {
             secret_access_key_file: None,
             force_path_style: false,
             manage_lifecycle: false,
+            request_checksums: S3RequestChecksums::WhenSupported,
         }
     }
 }

@@ -121,6 +121,7 @@ impl UploadPlan {
                 .iter()
                 .map(|sha| (SHA256_METADATA.to_owned(), sha.clone()))
                 .collect(),
+            size: Some(self.declared_size),
         }
     }
 }
@@ -330,6 +331,7 @@ impl FileService {
             content_type: thumbnail.content_type.to_owned(),
             content_disposition: attachment_disposition(&format!("thumbnail.{extension}")),
             metadata: Vec::new(),
+            size: Some(thumbnail.bytes.len() as u64),
         };
         self.blobs.put(&key, attributes, thumbnail.bytes).await?;
         written.blobs.push(key.clone());

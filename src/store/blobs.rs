@@ -66,6 +66,9 @@ pub struct BlobAttributes {
     pub content_disposition: String,
     /// Extra metadata stored with the object (e.g. its sha256).
     pub metadata: Vec<(String, String)>,
+    /// The object's length, when known before the write: a store may then send parts as their
+    /// bytes arrive instead of buffering each one. Writing more or less is an error.
+    pub size: Option<u64>,
 }
 
 impl BlobAttributes {

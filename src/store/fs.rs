@@ -232,6 +232,8 @@ impl From<StoredAttributes> for BlobAttributes {
             content_type: stored.content_type,
             content_disposition: stored.content_disposition,
             metadata: stored.metadata,
+            // A property of a write, not of the stored object.
+            size: None,
         }
     }
 }

@@ -15,6 +15,7 @@ fn attributes() -> BlobAttributes {
         content_type: "text/plain".to_owned(),
         content_disposition: "attachment; filename*=UTF-8''notes.txt".to_owned(),
         metadata: vec![("sha256".to_owned(), "abc".to_owned())],
+        size: None,
     }
 }
 
@@ -408,6 +409,236 @@ mod s3_only {
             store.info(&dropped).await,
             Err(BlobError::NotFound)
         ));
+    }
+
+    fn sized(len: usize) -> BlobAttributes {
+        BlobAttributes {
+            size: Some(len as u64),
+            ..attributes()
+        }
+    }
+
+    /// An object whose size is given up front streams its parts: the multipart upload and the
+    /// first part's request start once the part outgrew its first bytes (1 MiB), long before
+    /// the 5 MiB part is complete (a buffered write opens it only past a whole part).
+    #[tokio::test]
+    async fn objects_of_known_size_stream_their_parts_as_bytes_arrive() {
+        let store = store();
+        let prefix = crate::support::unique_prefix("s3-streamed");
+        let key = format!("{prefix}/files/conv/big");
+        let body = pattern(12 * MIB + 123);
+        let mut upload = store.start_upload(&key, sized(body.len())).await.unwrap();
+        write_all(&mut upload, &body[..2 * MIB]).await;
+        assert_eq!(
+            store.open_multipart_uploads(&prefix).await.unwrap(),
+            std::slice::from_ref(&key),
+            "2 MiB into a 5 MiB part, its request is on its way"
+        );
+        write_all(&mut upload, &body[2 * MIB..]).await;
+        upload
+            .commit(vec![("sha256".to_owned(), "def".to_owned())])
+            .await
+            .unwrap();
+        assert!(
+            store
+                .open_multipart_uploads(&prefix)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(sha256(&read_all(&store, &key, 0).await), sha256(&body));
+        let head = store
+            .client()
+            .head_object()
+            .bucket(store.bucket())
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            head.e_tag().unwrap().ends_with("-3\""),
+            "{:?}",
+            head.e_tag()
+        );
+        assert_eq!(
+            head.metadata().and_then(|metadata| metadata.get("sha256")),
+            Some(&"def".to_owned())
+        );
+
+        // Fewer bytes than declared: the commit fails and leaves nothing; more are refused.
+        let short = format!("{prefix}/files/conv/short");
+        let mut upload = store.start_upload(&short, sized(7 * MIB)).await.unwrap();
+        write_all(&mut upload, &body[..6 * MIB]).await;
+        assert!(upload.commit(Vec::new()).await.is_err());
+        let long = format!("{prefix}/files/conv/long");
+        let mut upload = store.start_upload(&long, sized(6 * MIB)).await.unwrap();
+        write_all(&mut upload, &body[..6 * MIB]).await;
+        assert!(upload.write(Bytes::from_static(b"x")).await.is_err());
+        upload.abort().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !store
+            .open_multipart_uploads(&prefix)
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            assert!(Instant::now() < deadline, "a refused write stayed open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            store.list(&format!("{prefix}/")).await.unwrap(),
+            std::slice::from_ref(&key)
+        );
+        store.delete(&key).await.unwrap();
+    }
+
+    /// What the proxy saw: UploadPart requests, those announcing a checksum trailer, cuts.
+    #[derive(Default)]
+    struct ProxyLog {
+        parts: std::sync::atomic::AtomicUsize,
+        trailers: std::sync::atomic::AtomicUsize,
+        cuts: std::sync::atomic::AtomicUsize,
+    }
+
+    /// A loopback proxy in front of Garage that logs UploadPart requests and, with `cut_after`,
+    /// cuts the first connection carrying part 2 once that many bytes of it went through.
+    async fn part_proxy(cut_after: Option<usize>) -> (String, Arc<ProxyLog>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let upstream = settings()
+            .endpoint
+            .unwrap()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(ProxyLog::default());
+        let shared = log.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let upstream = upstream.clone();
+                let log = shared.clone();
+                tokio::spawn(async move {
+                    let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let answers = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    });
+                    let mut buffer = vec![0; 64 * 1024];
+                    // Bytes of a part-2 request seen on this connection, once one started.
+                    let mut part_two: Option<usize> = None;
+                    let contains = |haystack: &[u8], needle: &[u8]| {
+                        haystack
+                            .windows(needle.len())
+                            .any(|window| window == needle)
+                    };
+                    loop {
+                        let Ok(read) = client_read.read(&mut buffer).await else {
+                            break;
+                        };
+                        if read == 0 {
+                            break;
+                        }
+                        let seen = &buffer[..read];
+                        if seen.starts_with(b"PUT ") && contains(seen, b"partNumber=") {
+                            log.parts.fetch_add(1, Ordering::SeqCst);
+                            if contains(&seen.to_ascii_lowercase(), b"x-amz-trailer") {
+                                log.trailers.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if cut_after.is_some()
+                                && part_two.is_none()
+                                && log.cuts.load(Ordering::SeqCst) == 0
+                                && contains(seen, b"partNumber=2&")
+                            {
+                                part_two = Some(0);
+                            }
+                        }
+                        if let (Some(count), Some(after)) = (&mut part_two, cut_after) {
+                            *count += read;
+                            if *count >= after && log.cuts.fetch_add(1, Ordering::SeqCst) == 0 {
+                                // Cut: both directions go away mid-request.
+                                answers.abort();
+                                return;
+                            }
+                        }
+                        if server_write.write_all(seen).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = answers.await;
+                });
+            }
+        });
+        (address, log)
+    }
+
+    /// A streamed part whose connection breaks half-way is sent again from the chunks kept for
+    /// it: the upload succeeds with the same bytes, without the writer sending anything twice.
+    #[tokio::test]
+    async fn a_streamed_part_that_fails_is_sent_again_from_its_kept_bytes() {
+        let (endpoint, log) = part_proxy(Some(2 * MIB)).await;
+        let mut settings = settings();
+        settings.endpoint = Some(endpoint);
+        let store = store_with(
+            &settings,
+            MemoryBudget::new(64 * MIB as u64, Duration::from_secs(30)),
+        );
+        let prefix = crate::support::unique_prefix("s3-part-retry");
+        let key = format!("{prefix}/files/conv/big");
+        let body = pattern(12 * MIB + 5);
+        let mut upload = store.start_upload(&key, sized(body.len())).await.unwrap();
+        write_all(&mut upload, &body).await;
+        upload.commit(Vec::new()).await.unwrap();
+        let cuts = log.cuts.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(cuts, 1, "the proxy cut part 2 once");
+        assert_eq!(sha256(&read_all(&store, &key, 0).await), sha256(&body));
+        store.delete(&key).await.unwrap();
+    }
+
+    /// Streamed parts carry a CRC32 trailer by default (`aws-chunked`); with
+    /// `s3.request_checksums = "when-required"` they carry none (for S3-compatible servers
+    /// that reject trailers), and both store the same bytes.
+    #[tokio::test]
+    async fn streamed_parts_carry_a_checksum_trailer_unless_configured_off() {
+        use std::sync::atomic::Ordering;
+        use svc_messaging::config::S3RequestChecksums;
+
+        for (checksums, trailers) in [
+            (S3RequestChecksums::WhenSupported, true),
+            (S3RequestChecksums::WhenRequired, false),
+        ] {
+            let (endpoint, log) = part_proxy(None).await;
+            let mut settings = settings();
+            settings.endpoint = Some(endpoint);
+            settings.request_checksums = checksums;
+            let store = store_with(
+                &settings,
+                MemoryBudget::new(64 * MIB as u64, Duration::from_secs(30)),
+            );
+            let key = format!(
+                "{}/files/conv/big",
+                crate::support::unique_prefix("s3-trailer")
+            );
+            let body = pattern(11 * MIB);
+            let mut upload = store.start_upload(&key, sized(body.len())).await.unwrap();
+            write_all(&mut upload, &body).await;
+            upload.commit(Vec::new()).await.unwrap();
+            assert_eq!(sha256(&read_all(&store, &key, 0).await), sha256(&body));
+            assert_eq!(log.parts.load(Ordering::SeqCst), 3, "{checksums:?}");
+            let expected = if trailers { 3 } else { 0 };
+            assert_eq!(
+                log.trailers.load(Ordering::SeqCst),
+                expected,
+                "{checksums:?}"
+            );
+            store.delete(&key).await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -268,6 +268,7 @@ async fn objects_without_records_and_records_without_objects_are_removed() {
                 content_type: "application/pdf".to_owned(),
                 content_disposition: "attachment".to_owned(),
                 metadata: Vec::new(),
+                size: None,
             },
             Bytes::from(pdf(1024)),
         )

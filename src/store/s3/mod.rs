@@ -17,6 +17,7 @@
 
 mod credentials;
 mod errors;
+mod part_body;
 mod upload;
 
 use std::{
@@ -28,7 +29,10 @@ use std::{
 use async_trait::async_trait;
 use aws_sdk_s3::{
     Client,
-    config::{BehaviorVersion, IdentityCache, Region, SharedCredentialsProvider, SharedHttpClient},
+    config::{
+        BehaviorVersion, IdentityCache, Region, RequestChecksumCalculation,
+        SharedCredentialsProvider, SharedHttpClient,
+    },
     presigning::PresigningConfig,
     types::{
         AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
@@ -47,7 +51,12 @@ use super::blobs::{
     BlobAttributes, BlobError, BlobResult, BlobStore, BlobUpload, ObjectPage, ResumableUpload,
     StagedParts, UnfinishedWrite,
 };
-use crate::{budget::MemoryBudget, config::S3Settings, error::BoxError, health::DependencyCheck};
+use crate::{
+    budget::MemoryBudget,
+    config::{S3RequestChecksums, S3Settings},
+    error::BoxError,
+    health::DependencyCheck,
+};
 
 /// S3's smallest part (all but the last) and largest part.
 const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -156,6 +165,10 @@ impl S3BlobStore {
             // temporary credentials are fetched once for both clients (the test counts fetches).
             .identity_cache(IdentityCache::lazy().build())
             .force_path_style(settings.force_path_style)
+            .request_checksum_calculation(match settings.request_checksums {
+                S3RequestChecksums::WhenSupported => RequestChecksumCalculation::WhenSupported,
+                S3RequestChecksums::WhenRequired => RequestChecksumCalculation::WhenRequired,
+            })
             .http_client(http_client);
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);

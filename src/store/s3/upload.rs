@@ -2,6 +2,11 @@
 //! one part is sent with a single PutObject on commit, a larger one becomes a multipart upload
 //! whose parts leave while the next one fills, at most `parts_in_flight` at a time.
 //!
+//! When the object's size is known from the start and it needs more than one part, each part's
+//! UploadPart request starts with the part's first byte and its body is fed as bytes arrive (see
+//! [`super::part_body`]): S3 never waits for a part to fill, and no byte is copied. The chunks stay
+//! referenced until S3 has the part, so a failed streamed attempt is sent again from them.
+//!
 //! Metadata known only at the commit (the sha256 of the bytes) goes into the PutObject; a multipart
 //! upload was created before it was known, so once completed the object gets it through a
 //! server-side copy onto itself (`x-amz-metadata-directive: REPLACE`; no bytes travel), and is
@@ -18,15 +23,22 @@ use std::{collections::HashMap, future::Future, sync::Arc};
 use async_trait::async_trait;
 use aws_sdk_s3::{
     Client,
-    primitives::ByteStream,
+    operation::upload_part::builders::UploadPartFluentBuilder,
+    primitives::{ByteStream, SdkBody},
     types::{CompletedMultipartUpload, CompletedPart, MetadataDirective},
 };
 use bytes::{Bytes, BytesMut};
-use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::{JoinError, JoinHandle, JoinSet},
+};
 
-use super::errors::{Scope, has_code, map_sdk_error};
+use super::{
+    errors::{Scope, has_code, map_sdk_error},
+    part_body::{KeptChunks, PartFeed},
+};
 use crate::{
-    budget::{MemoryBudget, MemoryReservation},
+    budget::{FIRST_BYTES_LIMIT, MemoryBudget, MemoryReservation},
     store::blobs::{
         BlobAttributes, BlobError, BlobResult, BlobUpload, ResumableUpload, StagedParts,
     },
@@ -146,6 +158,37 @@ struct PartBuffer {
     reservation: MemoryReservation,
 }
 
+/// A part of an object of known size: its bytes go to its request as they arrive.
+struct StreamingPart {
+    length: usize,
+    filled: usize,
+    /// The part's chunks so far (references, not copies), with the memory reserved for them:
+    /// kept until S3 has the part, to send it again if the streamed attempt fails.
+    kept: Vec<Bytes>,
+    reservation: MemoryReservation,
+    /// Its UploadPart request, once started.
+    request: Option<PartRequest>,
+}
+
+/// The writer's end of a part's request.
+struct PartRequest {
+    /// The streamed attempt's body; `None` once that attempt failed.
+    feed: Option<mpsc::Sender<Bytes>>,
+    /// Gives the kept chunks and their reservation to the request once the part is complete.
+    handover: oneshot::Sender<(Vec<Bytes>, MemoryReservation)>,
+}
+
+impl PartRequest {
+    async fn feed(&mut self, chunk: Bytes) {
+        if let Some(feed) = &self.feed
+            && feed.send(chunk).await.is_err()
+        {
+            // The streamed attempt failed already; the part goes again from what is kept.
+            self.feed = None;
+        }
+    }
+}
+
 enum Multipart {
     /// Everything written so far fits in one part: no request sent yet.
     NotStarted,
@@ -197,6 +240,10 @@ pub(super) struct S3Upload {
     attributes: BlobAttributes,
     parts: PartBuffering,
     part: Option<PartBuffer>,
+    /// The part being streamed (objects of a known size above one part), and where the next
+    /// one starts in the object.
+    streaming: Option<StreamingPart>,
+    next_part_start: u64,
     multipart: Multipart,
     /// Set while a call is running and left set when it fails (or is cancelled half-way), so a
     /// later write or commit cannot produce an object with a hole in it.
@@ -225,6 +272,8 @@ impl S3Upload {
             attributes,
             parts,
             part: None,
+            streaming: None,
+            next_part_start: 0,
             multipart: Multipart::NotStarted,
             poisoned: false,
             completed: false,
@@ -245,6 +294,7 @@ impl S3Upload {
         let mut upload = Self::new(bucket, key, attributes, parts);
         upload.resumable = true;
         upload.reported_parts = staged.parts.len();
+        upload.next_part_start = staged.parts.len() as u64 * upload.parts.part_size as u64;
         if let Some(upload_id) = staged.upload_id {
             let completed: Vec<CompletedPart> = staged
                 .parts
@@ -286,6 +336,13 @@ impl S3Upload {
         }
     }
 
+    /// Every part of a streamed object has its bytes (they may still be on their way).
+    fn streamed_whole_object(&self) -> bool {
+        matches!(self.multipart, Multipart::Open(_))
+            && self.streaming.is_none()
+            && Some(self.next_part_start) == self.attributes.size
+    }
+
     fn check_usable(&self) -> BlobResult<()> {
         if self.poisoned {
             return Err(BlobError::Unavailable(
@@ -295,7 +352,21 @@ impl S3Upload {
         Ok(())
     }
 
+    /// Whether parts stream: the object's size is known and it takes more than one part (a
+    /// smaller one is sent whole with its final metadata at the commit).
+    fn streams(&self) -> bool {
+        self.attributes
+            .size
+            .is_some_and(|size| size > self.parts.part_size as u64)
+    }
+
     async fn write_bytes(&mut self, mut bytes: Bytes) -> BlobResult<()> {
+        if self.streams() {
+            while !bytes.is_empty() {
+                self.stream_bytes(&mut bytes).await?;
+            }
+            return Ok(());
+        }
         while !bytes.is_empty() {
             // A full part is sent only once more bytes arrive: an object of exactly one part
             // stays a single PutObject.
@@ -336,6 +407,101 @@ impl S3Upload {
         Ok(())
     }
 
+    /// Adds the front of `bytes` to the streaming part (beginning one if none is), up to the
+    /// part's end. The part's request starts once the part outgrew its first bytes (so a stream
+    /// that stalls early holds no S3 request open, only what it sent) or is complete; from then
+    /// on every chunk goes straight to it. A complete part hands its kept chunks to its request.
+    async fn stream_bytes(&mut self, bytes: &mut Bytes) -> BlobResult<()> {
+        let size = self.attributes.size.unwrap_or_default();
+        let part_size = self.parts.part_size as u64;
+        let part = match &mut self.streaming {
+            Some(part) => part,
+            None => {
+                let length = size.saturating_sub(self.next_part_start).min(part_size);
+                if length == 0 {
+                    return Err(BlobError::Misconfigured(
+                        format!("more bytes were written than the object's declared {size}").into(),
+                    ));
+                }
+                self.next_part_start += length;
+                self.streaming.insert(StreamingPart {
+                    length: usize::try_from(length).unwrap_or(usize::MAX),
+                    filled: 0,
+                    kept: Vec::new(),
+                    reservation: self.parts.budget.empty(),
+                    request: None,
+                })
+            }
+        };
+        let take = (part.length - part.filled).min(bytes.len());
+        // Memory follows the bytes that arrived, as for a buffered part.
+        self.parts
+            .budget
+            .grow(
+                &mut part.reservation,
+                (part.filled + take) as u64,
+                part.length as u64,
+            )
+            .await
+            .map_err(BlobError::Busy)?;
+        let chunk = bytes.split_to(take);
+        part.filled += take;
+        part.kept.push(chunk.clone());
+        let complete = part.filled == part.length;
+        if part.request.is_none() && (complete || part.filled as u64 > FIRST_BYTES_LIMIT) {
+            let request = self.start_part_request().await?;
+            let Some(part) = self.streaming.as_mut() else {
+                unreachable!("the streaming part stays while its request starts");
+            };
+            let request = part.request.insert(request);
+            for chunk in &part.kept {
+                request.feed(chunk.clone()).await;
+            }
+        } else if let Some(request) = &mut part.request {
+            request.feed(chunk).await;
+        }
+        if complete && let Some(part) = self.streaming.take() {
+            if let Some(request) = part.request {
+                // Refused only when the request finished already: the bytes can go now.
+                let _ = request.handover.send((part.kept, part.reservation));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the next part's request, with a body the writer feeds, once a slot among the parts
+    /// in flight is free (the back-pressure on the writer).
+    async fn start_part_request(&mut self) -> BlobResult<PartRequest> {
+        let length = self.streaming.as_ref().map_or(0, |part| part.length as u64);
+        self.open_multipart().await?;
+        let Multipart::Open(multipart) = &mut self.multipart else {
+            unreachable!("open_multipart leaves the upload open");
+        };
+        multipart.collect_finished()?;
+        while multipart.in_flight.len() >= self.parts.parts_in_flight {
+            multipart.join_one().await?;
+        }
+        let number = multipart.next_part_number;
+        check_part_number(number, self.parts.part_size)?;
+        multipart.next_part_number += 1;
+        let target = PartTarget {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            upload_id: multipart.upload_id.clone(),
+            number,
+            length,
+        };
+        let (feed, body) = PartFeed::new(length);
+        let (handover, kept) = oneshot::channel();
+        multipart
+            .in_flight
+            .spawn(upload_streamed_part(target, body, kept));
+        Ok(PartRequest {
+            feed: Some(feed),
+            handover,
+        })
+    }
+
     /// Sends the buffered part (a full one, or the last), first waiting for a free slot among the
     /// parts in flight: that wait is the back-pressure on the writer.
     async fn send_part(&mut self) -> BlobResult<()> {
@@ -351,15 +517,7 @@ impl S3Upload {
             return Ok(());
         };
         let number = multipart.next_part_number;
-        if number > MAX_PARTS {
-            return Err(BlobError::Misconfigured(
-                format!(
-                    "the object needs more than {MAX_PARTS} parts of {} bytes; raise uploads.part_size",
-                    self.parts.part_size
-                )
-                .into(),
-            ));
-        }
+        check_part_number(number, self.parts.part_size)?;
         multipart.next_part_number += 1;
         let bytes = part.bytes.freeze();
         let request = self
@@ -424,6 +582,11 @@ impl S3Upload {
     }
 
     async fn commit_parts(&mut self, final_metadata: Vec<(String, String)>) -> BlobResult<()> {
+        if self.streams() && !self.streamed_whole_object() {
+            return Err(BlobError::Misconfigured(
+                "the write ended before the object's declared size".into(),
+            ));
+        }
         let mut attributes = self.attributes.clone();
         let metadata_changed = attributes.merge_metadata(final_metadata);
         if matches!(self.multipart, Multipart::NotStarted) {
@@ -490,6 +653,7 @@ impl S3Upload {
     /// can run on a task of its own and finish even if whoever started it goes away.
     fn take_cleanup(&mut self) -> Option<impl Future<Output = BlobResult<()>> + Send + 'static> {
         self.part = None;
+        self.streaming = None;
         let multipart = std::mem::replace(&mut self.multipart, Multipart::NotStarted);
         let bucket = self.bucket.clone();
         let key = self.key.clone();
@@ -652,6 +816,8 @@ impl ResumableUpload for S3Upload {
         {
             self.part = None;
         }
+        // A part streamed only in part can never complete: its request fails.
+        self.streaming = None;
         if let Multipart::Open(multipart) = &mut self.multipart {
             while !multipart.in_flight.is_empty() {
                 // A failed part is simply not durable: it is sent again on resume.
@@ -677,6 +843,84 @@ impl ResumableUpload for S3Upload {
     async fn abort(self: Box<Self>) -> BlobResult<()> {
         BlobUpload::abort(self).await
     }
+}
+
+fn check_part_number(number: i32, part_size: usize) -> BlobResult<()> {
+    if number > MAX_PARTS {
+        return Err(BlobError::Misconfigured(
+            format!(
+                "the object needs more than {MAX_PARTS} parts of {part_size} bytes; raise uploads.part_size"
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Where one part goes.
+struct PartTarget {
+    bucket: Arc<Bucket>,
+    key: String,
+    upload_id: String,
+    number: i32,
+    length: u64,
+}
+
+impl PartTarget {
+    fn request(&self) -> UploadPartFluentBuilder {
+        self.bucket
+            .client
+            .upload_part()
+            .bucket(&self.bucket.name)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(self.number)
+            .content_length(i64::try_from(self.length).unwrap_or(i64::MAX))
+    }
+}
+
+/// One streamed part: the request whose body the writer feeds; if that attempt fails, the part
+/// is sent again (with the SDK's retries) from the chunks the writer hands over once the part is
+/// complete. A part the writer abandons fails with the streamed attempt's error.
+async fn upload_streamed_part(
+    target: PartTarget,
+    body: PartFeed,
+    kept: oneshot::Receiver<(Vec<Bytes>, MemoryReservation)>,
+) -> BlobResult<CompletedPart> {
+    let number = target.number;
+    let output = match target
+        .request()
+        .body(ByteStream::from_body_1_x(body))
+        .send()
+        .await
+    {
+        Ok(output) => output,
+        Err(error) => {
+            let Ok((chunks, reservation)) = kept.await else {
+                return Err(map_sdk_error("UploadPart", Scope::Upload, error));
+            };
+            tracing::debug!(
+                part = number,
+                error = %aws_sdk_s3::error::DisplayErrorContext(&error),
+                "a streamed part failed; sending it again from its kept bytes"
+            );
+            let chunks = KeptChunks::new(chunks);
+            let output = target
+                .request()
+                .body(ByteStream::new(SdkBody::retryable(move || {
+                    SdkBody::from_body_1_x(chunks.clone())
+                })))
+                .send()
+                .await
+                .map_err(|error| map_sdk_error("UploadPart", Scope::Upload, error));
+            drop(reservation);
+            output?
+        }
+    };
+    Ok(CompletedPart::builder()
+        .set_e_tag(output.e_tag)
+        .part_number(number)
+        .build())
 }
 
 fn task_failed(error: JoinError) -> BlobError {
