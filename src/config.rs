@@ -1798,4 +1798,21 @@ mod tests {
             assert_eq!(error.key, key, "{error}");
         }
     }
+
+    #[test]
+    fn redis_reconnect_max_delay_defaults_to_a_second_and_is_bounded() {
+        let settings = load(&[]).expect("defaults are valid");
+        assert_eq!(settings.redis.reconnect_max_delay, Duration::from_secs(1));
+        let settings =
+            load(&[("SVC_MESSAGING__REDIS__RECONNECT_MAX_DELAY", "250ms")]).expect("valid");
+        assert_eq!(
+            settings.redis.reconnect_max_delay,
+            Duration::from_millis(250)
+        );
+        for value in ["0s", "5ms", "61s"] {
+            let error =
+                load(&[("SVC_MESSAGING__REDIS__RECONNECT_MAX_DELAY", value)]).expect_err(value);
+            assert_eq!(error.key, "redis.reconnect_max_delay", "{error}");
+        }
+    }
 }

@@ -101,7 +101,7 @@ impl Scenario {
         match self {
             Scenario::RedisPause => format!("Redis `CLIENT PAUSE {}` (all commands)", fault.as_millis()),
             Scenario::RedisRestart => "Redis SIGKILLed, started again 1 s later (AOF, appendfsync always)".to_owned(),
-            Scenario::ClusterFailover => "Redis Cluster (3 masters with a replica each): one master SIGKILLed; its replica takes over".to_owned(),
+            Scenario::ClusterFailover => "Redis Cluster (3 masters with a replica each): the master the replicas' `redis.url` names SIGKILLed once its replica is in sync; the replica takes over".to_owned(),
             Scenario::KillSubscribersReplica => "replica B (subscriptions) SIGKILLed, started again 1 s later".to_owned(),
             Scenario::KillSendersReplica => "replica A (sends) SIGKILLed, started again 1 s later".to_owned(),
             Scenario::S3Stall => format!("Garage SIGSTOPped for {secs:.0} s during uploads, then SIGCONT"),

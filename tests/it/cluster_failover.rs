@@ -54,7 +54,12 @@ impl PrivateCluster {
             let child = Command::new(required_tool("SVC_TEST_REDIS_SERVER_BIN"))
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-port", &bus.to_string()])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
                 .args(["--cluster-node-timeout", "2000"])
                 // Redis 7 holds a diskless initial sync back 5 s to batch replicas; a replica
                 // that never synced is never promoted.
