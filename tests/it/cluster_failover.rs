@@ -190,7 +190,9 @@ fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
 /// The seed's master dies and no command reaches the store until its replica has been
 /// elected: the store serves again within a moment of the election, not after its
 /// reconnection back-off has grown to seconds. (With attempts spaced up to 5 s, as before
-/// `redis.reconnect_max_delay`, it served again 2.3 and 2.5 s after the election in two runs.)
+/// `redis.reconnect_max_delay`, it served again 2.3 and 2.5 s after the election in two runs;
+/// with fred's default cluster discovery, through the configured node only, it never did: the
+/// node `redis.url` names is the one that died.)
 // Multi-threaded: the test blocks while it watches the election, and the store's Redis client
 // must go on reconnecting meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,8 +275,10 @@ async fn the_store_serves_again_soon_after_its_seed_master_fails_over_without_tr
             .append_message(text_message(id, "alice", "after", "after"))
             .await
         {
-            Ok(AppendOutcome::Appended(_)) => break Instant::now(),
-            Ok(other) => panic!("expected an append, got {other:?}"),
+            // A retry of an attempt that reached Redis before failing is a duplicate.
+            Ok(AppendOutcome::Appended(_) | AppendOutcome::Duplicate { .. }) => {
+                break Instant::now();
+            }
             Err(_) if elected_at.elapsed() < Duration::from_secs(20) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
