@@ -309,6 +309,11 @@ pub struct RedisSettings {
     pub password_file: Option<PathBuf>,
     /// Prefix of every key this service writes.
     pub key_prefix: String,
+    /// Longest pause between two attempts to reconnect (the pauses grow from 100 ms up to
+    /// this). While a client reconnects it sends nothing, so after a cluster failover this
+    /// bounds how long the service stays unavailable once the new master is elected.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max_delay: Duration,
 }
 
 impl Default for RedisSettings {
@@ -319,6 +324,7 @@ impl Default for RedisSettings {
             password: None,
             password_file: None,
             key_prefix: "svcmsg".to_owned(),
+            reconnect_max_delay: Duration::from_secs(1),
         }
     }
 }
@@ -867,6 +873,14 @@ impl RedisSettings {
             return Err(ConfigError::new(
                 "redis.key_prefix",
                 "must be non-empty and use only letters, digits, '-', '_', '.', ':'",
+            ));
+        }
+        if self.reconnect_max_delay < Duration::from_millis(10)
+            || self.reconnect_max_delay > Duration::from_secs(60)
+        {
+            return Err(ConfigError::new(
+                "redis.reconnect_max_delay",
+                "must be between 10ms and 60s",
             ));
         }
         Ok(())
@@ -1796,6 +1810,23 @@ mod tests {
         ] {
             let error = load(&[(var, value)]).expect_err(var);
             assert_eq!(error.key, key, "{error}");
+        }
+    }
+
+    #[test]
+    fn redis_reconnect_max_delay_defaults_to_a_second_and_is_bounded() {
+        let settings = load(&[]).expect("defaults are valid");
+        assert_eq!(settings.redis.reconnect_max_delay, Duration::from_secs(1));
+        let settings =
+            load(&[("SVC_MESSAGING__REDIS__RECONNECT_MAX_DELAY", "250ms")]).expect("valid");
+        assert_eq!(
+            settings.redis.reconnect_max_delay,
+            Duration::from_millis(250)
+        );
+        for value in ["0s", "5ms", "61s"] {
+            let error =
+                load(&[("SVC_MESSAGING__REDIS__RECONNECT_MAX_DELAY", value)]).expect_err(value);
+            assert_eq!(error.key, "redis.reconnect_max_delay", "{error}");
         }
     }
 }

@@ -364,7 +364,11 @@ start_redis_cluster() {
 # A Redis Cluster of 3 masters with a replica each, for failover (scripts/chaos):
 # start_redis_cluster_with_replicas PORT1..PORT6 BUS1..BUS6. A master is marked failed after
 # 2 s (cluster-node-timeout) and its replica promoted. Exports SVC_TEST_REDIS_CLUSTER_URL
-# (first node) and SVC_CHAOS_CLUSTER_PORTS (all six).
+# (first node) and SVC_CHAOS_CLUSTER_PORTS (all six). Returns once every replica has completed
+# its initial sync: a replica that never synced refuses to be promoted ("Disconnected from
+# master for longer than allowed"), so a master killed before then leaves its slots without
+# a master until it comes back. Redis 7 delays a diskless initial sync by 5 s
+# (repl-diskless-sync-delay) to batch replicas; here it starts at once.
 start_redis_cluster_with_replicas() {
   local ports=("${@:1:6}") buses=("${@:7:6}") dir="$SCRATCH/redis-cluster-ha" pw nodes=()
   local port pid i
@@ -376,6 +380,7 @@ start_redis_cluster_with_replicas() {
     "$SVC_TEST_REDIS_SERVER_BIN" --bind 127.0.0.1 --port "$port" --save '' \
       --appendonly yes --appendfsync always \
       --cluster-enabled yes --cluster-port "${buses[$i]}" --cluster-node-timeout 2000 \
+      --repl-diskless-sync-delay 0 \
       --cluster-config-file "$dir/$port/nodes.conf" \
       --requirepass "$pw" --masterauth "$pw" --dir "$dir/$port" --daemonize no \
       >"$dir/$port/redis.log" 2>&1 &
@@ -393,7 +398,11 @@ start_redis_cluster_with_replicas() {
       cluster info 2>/dev/null | tr -d '\r')"
     grep -q '^cluster_state:ok' <<<"$info" && grep -q '^cluster_known_nodes:6' <<<"$info" &&
       [[ "$(REDISCLI_AUTH="$pw" timeout 2 "$SVC_TEST_REDIS_CLI" -h 127.0.0.1 -p "${ports[0]}" \
-        cluster nodes 2>/dev/null | grep -c slave)" == 3 ]]
+        cluster nodes 2>/dev/null | grep -c slave)" == 3 ]] &&
+      [[ "$(for port in "${ports[@]}"; do
+        REDISCLI_AUTH="$pw" timeout 2 "$SVC_TEST_REDIS_CLI" -h 127.0.0.1 -p "$port" \
+          info replication 2>/dev/null | tr -d '\r'
+      done | grep -c '^master_link_status:up')" == 3 ]]
   }
   retry_for 30 ha_cluster_ok || die "the redis cluster with replicas did not form"
   export SVC_TEST_REDIS_CLUSTER_URL="redis://default:$(urlencode "$pw")@127.0.0.1:${ports[0]}"

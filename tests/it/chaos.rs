@@ -101,7 +101,7 @@ impl Scenario {
         match self {
             Scenario::RedisPause => format!("Redis `CLIENT PAUSE {}` (all commands)", fault.as_millis()),
             Scenario::RedisRestart => "Redis SIGKILLed, started again 1 s later (AOF, appendfsync always)".to_owned(),
-            Scenario::ClusterFailover => "Redis Cluster (3 masters with a replica each): one master SIGKILLed; its replica takes over".to_owned(),
+            Scenario::ClusterFailover => "Redis Cluster (3 masters with a replica each): the master the replicas' `redis.url` names SIGKILLed once its replica is in sync; the replica takes over".to_owned(),
             Scenario::KillSubscribersReplica => "replica B (subscriptions) SIGKILLed, started again 1 s later".to_owned(),
             Scenario::KillSendersReplica => "replica A (sends) SIGKILLed, started again 1 s later".to_owned(),
             Scenario::S3Stall => format!("Garage SIGSTOPped for {secs:.0} s during uploads, then SIGCONT"),
@@ -208,10 +208,40 @@ impl Replica {
     }
 
     fn kill(&mut self) {
+        self.save_log();
         if let Some(mut process) = self.process.take() {
             process.signal("KILL");
             process.wait_exit(Duration::from_secs(10)).expect("killed");
         }
+    }
+}
+
+impl Replica {
+    /// Writes the replica's output to `$SVC_CHAOS_LOG_DIR/<key prefix>-<name>-<pid>.log`, when
+    /// set (to read what a replica did during a fault).
+    fn save_log(&self) {
+        let (Ok(dir), Some(process)) = (std::env::var("SVC_CHAOS_LOG_DIR"), &self.process) else {
+            return;
+        };
+        let prefix = self
+            .env
+            .iter()
+            .find(|(key, _)| key == "SVC_MESSAGING__REDIS__KEY_PREFIX")
+            .map_or("chaos", |(_, value)| value.as_str());
+        let path = std::path::Path::new(&dir).join(format!(
+            "{}-{}-{}.log",
+            prefix.trim_end_matches(':'),
+            self.name,
+            process.child.id()
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(path, process.output());
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.save_log();
     }
 }
 
@@ -259,10 +289,14 @@ fn replica_env(redis_url: &str, key_prefix: &str, knobs: &Knobs) -> Vec<(String,
             "SVC_MESSAGING__UPLOADS__ORPHAN_SWEEP_INTERVAL",
             "1s".to_owned(),
         ),
-        // The harness reads the "serving" line (info); the rest is quiet.
+        // The harness reads the "serving" line (info); the rest is quiet unless
+        // SVC_CHAOS_REPLICA_LOG asks for more (e.g. `fred=debug` to follow the Redis client).
         (
             "SVC_MESSAGING__LOG__LEVEL",
-            "warn,svc_messaging::app=info".to_owned(),
+            match std::env::var("SVC_CHAOS_REPLICA_LOG") {
+                Ok(extra) if !extra.is_empty() => format!("warn,svc_messaging::app=info,{extra}"),
+                _ => "warn,svc_messaging::app=info".to_owned(),
+            },
         ),
     ]
     .into_iter()
@@ -445,26 +479,31 @@ fn cluster() -> (String, String, Vec<String>) {
     (url, password, ports)
 }
 
-/// SIGKILLs one master of the cluster; returns its port.
-fn kill_a_cluster_master() -> String {
+/// SIGKILLs a master of the cluster whose replica is in sync, the one the replicas were seeded
+/// with (`redis.url` names the first node, a master) when it qualifies; returns its port. A
+/// replica that has not completed its initial sync is never promoted, so killing its master
+/// would take a third of the slots down for good instead of testing a failover.
+async fn kill_a_cluster_master() -> String {
     let (_, password, ports) = cluster();
-    let nodes = ports
-        .iter()
-        .find_map(|port| {
-            let nodes = redis_cli(port, &password, &["cluster", "nodes"]);
-            (!nodes.trim().is_empty()).then_some(nodes)
-        })
-        .expect("a live cluster node");
-    let master = nodes
-        .lines()
-        .find(|line| line.contains("master") && !line.contains("fail"))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|addr| addr.split('@').next())
-        .and_then(|addr| addr.rsplit(':').next())
-        .expect("a master")
-        .to_owned();
-    signal(redis_pid(&master, &password), "KILL");
-    master
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for port in &ports {
+            let replication = redis_cli(port, &password, &["info", "replication"]);
+            let is_master = replication.lines().any(|line| line.trim() == "role:master");
+            let replica_in_sync = replication
+                .lines()
+                .any(|line| line.starts_with("slave") && line.contains("state=online"));
+            if is_master && replica_in_sync {
+                signal(redis_pid(port, &password), "KILL");
+                return port.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cluster master with a replica in sync within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -976,7 +1015,7 @@ async fn run_scenario(scenario: Scenario, knobs: &Knobs) -> Report {
             kill_and_restart_redis(Duration::from_secs(1), &mut fault_at).await;
         }
         Scenario::ClusterFailover => {
-            let port = kill_a_cluster_master();
+            let port = kill_a_cluster_master().await;
             fault_at = Instant::now();
             notes.push(format!("killed the master on port {port}"));
         }

@@ -8,6 +8,7 @@ mod blob_store;
 mod chaos;
 mod cli;
 mod client;
+mod cluster_failover;
 mod deadlines;
 mod files;
 mod files_cloud;

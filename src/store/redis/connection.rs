@@ -34,7 +34,7 @@ pub(super) async fn command_client(
     settings: &RedisSettings,
 ) -> Result<(Config, Client, ConnectHandle), StoreError> {
     let mut config = client_config(settings)?;
-    let (mut client, mut connection) = start_client(&config).await?;
+    let (mut client, mut connection) = start_client(&config, settings).await?;
     if let ServerConfig::Centralized { server } = &config.server
         && is_cluster_node(&client).await
     {
@@ -45,20 +45,27 @@ pub(super) async fn command_client(
         };
         config.database = None;
         let _ = client.quit().await;
-        (client, connection) = start_client(&config).await?;
+        (client, connection) = start_client(&config, settings).await?;
     }
     Ok((config, client, connection))
 }
 
 /// Builds the subscriber client (for the live feed); it connects when initialised.
-pub(super) fn subscriber_client(config: &Config) -> Result<SubscriberClient, StoreError> {
-    Ok(builder(config).build_subscriber_client()?)
+pub(super) fn subscriber_client(
+    config: &Config,
+    settings: &RedisSettings,
+) -> Result<SubscriberClient, StoreError> {
+    Ok(builder(config, settings).build_subscriber_client()?)
 }
 
-fn builder(config: &Config) -> Builder {
+fn builder(config: &Config, settings: &RedisSettings) -> Builder {
     let mut builder = Builder::from_config(config.clone());
+    // While it reconnects a client sends nothing (commands wait, then time out), and during a
+    // cluster failover every attempt fails until the new master is elected: the cap is how
+    // late after the failover the service notices it (5 s made a 3 s failover cost 6.5 s).
+    let max_delay = u32::try_from(settings.reconnect_max_delay.as_millis()).unwrap_or(u32::MAX);
     builder
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, max_delay, 2))
         .set_performance_config(PerformanceConfig {
             default_command_timeout: COMMAND_TIMEOUT,
             // fred hands pub/sub messages to the live feed task through a broadcast channel;
@@ -95,8 +102,11 @@ fn builder(config: &Config) -> Builder {
     builder
 }
 
-async fn start_client(config: &Config) -> Result<(Client, ConnectHandle), StoreError> {
-    let client = builder(config).build()?;
+async fn start_client(
+    config: &Config,
+    settings: &RedisSettings,
+) -> Result<(Client, ConnectHandle), StoreError> {
+    let client = builder(config, settings).build()?;
     let connection = client.init().await?;
     Ok((client, connection))
 }
@@ -124,9 +134,9 @@ fn client_config(settings: &RedisSettings) -> Result<Config, StoreError> {
     if let Some(password) = &settings.password {
         config.password = Some(password.expose_secret().to_owned());
     }
-    // Rediscover the cluster through every node it last knew, not only the configured ones:
-    // with only the seed, a failover of the seed's master left the client unable to learn the
-    // new layout (every command timed out until the node came back).
+    // Rediscover the cluster through every master it last knew, not only the configured
+    // ones: fred rediscovers from the configured nodes alone by default, and when the node
+    // `redis.url` names is the master that died, that leaves it nobody to ask.
     if let ServerConfig::Clustered { policy, .. } = &mut config.server {
         *policy = ClusterDiscoveryPolicy::UseCache;
     }

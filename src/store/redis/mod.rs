@@ -141,7 +141,7 @@ impl RedisMessageStore {
             let _ = client.quit().await;
             return Err(error);
         }
-        let subscriber = match connection::subscriber_client(&config) {
+        let subscriber = match connection::subscriber_client(&config, settings) {
             Ok(subscriber) => subscriber,
             Err(error) => {
                 let _ = client.quit().await;
