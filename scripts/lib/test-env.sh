@@ -358,6 +358,9 @@ start_redis_cluster() {
   }
   retry_for 20 cluster_ok || die "the redis cluster did not reach cluster_state:ok"
   export SVC_TEST_REDIS_CLUSTER_URL="redis://default:$(urlencode "$pw")@127.0.0.1:${ports[0]}"
+  # For benchmarks that read every node (benches/scaling.rs).
+  export SVC_TEST_REDIS_CLUSTER_PORTS="${ports[0]},${ports[1]},${ports[2]}"
+  export SVC_TEST_REDIS_CLUSTER_PASSWORD="$pw"
   log "redis cluster: 3 masters on ${nodes[*]}"
 }
 
