@@ -2,10 +2,12 @@
 //! one part is sent with a single PutObject on commit, a larger one becomes a multipart upload
 //! whose parts leave while the next one fills, at most `parts_in_flight` at a time.
 //!
-//! When the object's size is known from the start and it needs more than one part, each part's
-//! UploadPart request starts with the part's first byte and its body is fed as bytes arrive (see
-//! [`super::part_body`]): S3 never waits for a part to fill, and no byte is copied. The chunks stay
-//! referenced until S3 has the part, so a failed streamed attempt is sent again from them.
+//! When the object's size is known from the start and it needs more than one part, every part's
+//! length is known too: its UploadPart request starts once the part holds more than its first
+//! bytes (1 MiB; a stream that stalls earlier holds no request open) and its body is fed as bytes
+//! arrive (see [`super::part_body`]): S3 hardly waits for a part to fill, and no byte is copied.
+//! The chunks stay referenced until S3 has the part, so a failed streamed attempt is sent again
+//! from them.
 //!
 //! Metadata known only at the commit (the sha256 of the bytes) goes into the PutObject; a multipart
 //! upload was created before it was known, so once completed the object gets it through a
