@@ -17,9 +17,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -35,7 +33,9 @@ use aws_sdk_s3::{
 };
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use bytes::Bytes;
-use common::{Server, as_user, create_conversation, median, print_table, spread_percent};
+use common::{
+    Server, ServiceProcess, as_user, create_conversation, median, print_table, spread_percent,
+};
 use futures::{Stream, StreamExt, stream};
 use secrecy::ExposeSecret;
 use svc_messaging::{
@@ -528,104 +528,29 @@ async fn ours_upload(channel: &Channel, conversation: &str, data: &Bytes) -> f64
 
 // ------------------------------------------------------------------------------ (b) memory ---
 
-/// The service binary as a child process, configured through SVC_MESSAGING__* variables.
-struct ServiceProcess {
-    child: Child,
-    grpc_addr: SocketAddr,
-    http_addr: SocketAddr,
-}
-
-impl ServiceProcess {
-    fn spawn(key_prefix: &str) -> Self {
-        let s3 = common::s3_settings();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_svc-messaging"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs([
-                ("SVC_MESSAGING__SERVER__GRPC_ADDR", "127.0.0.1:0".to_owned()),
-                ("SVC_MESSAGING__SERVER__HTTP_ADDR", "127.0.0.1:0".to_owned()),
-                ("SVC_MESSAGING__LOG__FORMAT", "json".to_owned()),
-                (
-                    "SVC_MESSAGING__LOG__LEVEL",
-                    "warn,svc_messaging::app=info".to_owned(),
-                ),
-                ("SVC_MESSAGING__STORAGE__MESSAGES", "redis".to_owned()),
-                (
-                    "SVC_MESSAGING__REDIS__URL",
-                    common::required_env("SVC_TEST_REDIS_URL"),
-                ),
-                ("SVC_MESSAGING__REDIS__KEY_PREFIX", key_prefix.to_owned()),
-                ("SVC_MESSAGING__STORAGE__BLOBS", "s3".to_owned()),
-                ("SVC_MESSAGING__S3__ENDPOINT", s3.endpoint.unwrap()),
-                ("SVC_MESSAGING__S3__REGION", s3.region),
-                ("SVC_MESSAGING__S3__BUCKET", s3.bucket.unwrap()),
-                (
-                    "SVC_MESSAGING__S3__ACCESS_KEY_ID",
-                    s3.access_key_id.unwrap(),
-                ),
-                (
-                    "SVC_MESSAGING__S3__SECRET_ACCESS_KEY",
-                    s3.secret_access_key.unwrap().expose_secret().to_owned(),
-                ),
-                ("SVC_MESSAGING__S3__FORCE_PATH_STYLE", "true".to_owned()),
-            ])
-            // To see how the peak follows the budget, e.g. SVC_BENCH_MEMORY_BUDGET=128MiB.
-            .envs(
-                std::env::var("SVC_BENCH_MEMORY_BUDGET")
-                    .ok()
-                    .map(|budget| ("SVC_MESSAGING__UPLOADS__MEMORY_BUDGET", budget)),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn svc-messaging");
-        let stdout = child.stdout.take().unwrap();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                    && json["message"] == "serving"
-                {
-                    let addr = |field: &str| -> SocketAddr {
-                        json[field].as_str().unwrap().parse().unwrap()
-                    };
-                    let _ = addr_tx.send((addr("grpc_addr"), addr("http_addr")));
-                }
-            }
-        });
-        let Ok((grpc_addr, http_addr)) = addr_rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            panic!("svc-messaging did not log \"serving\" within 30 s");
-        };
-        Self {
-            child,
-            grpc_addr,
-            http_addr,
-        }
+/// The service binary on the bench's Redis and Garage (S3 blobs), as a child process.
+fn spawn_service(key_prefix: &str) -> ServiceProcess {
+    let s3 = common::s3_settings();
+    let mut env = vec![
+        ("SVC_MESSAGING__STORAGE__BLOBS", "s3".to_owned()),
+        ("SVC_MESSAGING__S3__ENDPOINT", s3.endpoint.unwrap()),
+        ("SVC_MESSAGING__S3__REGION", s3.region),
+        ("SVC_MESSAGING__S3__BUCKET", s3.bucket.unwrap()),
+        (
+            "SVC_MESSAGING__S3__ACCESS_KEY_ID",
+            s3.access_key_id.unwrap(),
+        ),
+        (
+            "SVC_MESSAGING__S3__SECRET_ACCESS_KEY",
+            s3.secret_access_key.unwrap().expose_secret().to_owned(),
+        ),
+        ("SVC_MESSAGING__S3__FORCE_PATH_STYLE", "true".to_owned()),
+    ];
+    // To see how the peak follows the budget, e.g. SVC_BENCH_MEMORY_BUDGET=128MiB.
+    if let Ok(budget) = std::env::var("SVC_BENCH_MEMORY_BUDGET") {
+        env.push(("SVC_MESSAGING__UPLOADS__MEMORY_BUDGET", budget));
     }
-
-    /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|value| value.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
-    }
-
-    /// Resets VmHWM to the current RSS (`echo 5 > /proc/<pid>/clear_refs`, Linux >= 4.0).
-    fn reset_peak(&self) -> bool {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").is_ok()
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    ServiceProcess::spawn(key_prefix, &env)
 }
 
 struct Memory {
@@ -726,7 +651,7 @@ fn print_memory(runs: &[Memory], concurrent: usize) {
 }
 
 async fn concurrent_uploads_rss(prefix: &str, data: &Bytes, concurrent: usize) -> Memory {
-    let service = ServiceProcess::spawn(prefix);
+    let service = spawn_service(prefix);
     common::wait_ready(service.http_addr).await;
     let mut channels = Vec::new();
     for _ in 0..4 {
@@ -743,7 +668,7 @@ async fn concurrent_uploads_rss(prefix: &str, data: &Bytes, concurrent: usize) -
     let sampled_max = Arc::new(AtomicU64::new(rss_before));
     let sampling = {
         let sampled_max = sampled_max.clone();
-        let pid = service.child.id();
+        let pid = service.pid();
         tokio::spawn(async move {
             loop {
                 if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -339,3 +339,112 @@ impl RedisCli {
         stdout.trim_end_matches('\n').to_owned()
     }
 }
+
+// ------------------------------------------------------------------------ service process ---
+
+/// The service binary as a child process on the bench's Redis (messages), configured only
+/// through SVC_MESSAGING__* variables (`env` adds or overrides some), for measuring its memory.
+pub struct ServiceProcess {
+    child: std::process::Child,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+impl ServiceProcess {
+    pub fn spawn(key_prefix: &str, env: &[(&str, String)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_svc-messaging"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs([
+                ("SVC_MESSAGING__SERVER__GRPC_ADDR", "127.0.0.1:0".to_owned()),
+                ("SVC_MESSAGING__SERVER__HTTP_ADDR", "127.0.0.1:0".to_owned()),
+                ("SVC_MESSAGING__LOG__FORMAT", "json".to_owned()),
+                (
+                    "SVC_MESSAGING__LOG__LEVEL",
+                    "warn,svc_messaging::app=info".to_owned(),
+                ),
+                ("SVC_MESSAGING__STORAGE__MESSAGES", "redis".to_owned()),
+                (
+                    "SVC_MESSAGING__REDIS__URL",
+                    required_env("SVC_TEST_REDIS_URL"),
+                ),
+                ("SVC_MESSAGING__REDIS__KEY_PREFIX", key_prefix.to_owned()),
+            ])
+            .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn svc-messaging");
+        let stdout = child.stdout.take().unwrap();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
+                    && json["message"] == "serving"
+                {
+                    let addr = |field: &str| -> SocketAddr {
+                        json[field].as_str().unwrap().parse().unwrap()
+                    };
+                    let _ = addr_tx.send((addr("grpc_addr"), addr("http_addr")));
+                }
+            }
+        });
+        let Ok((grpc_addr, http_addr)) = addr_rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            panic!("svc-messaging did not log \"serving\" within 30 s");
+        };
+        Self {
+            child,
+            grpc_addr,
+            http_addr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
+    }
+
+    /// Resets VmHWM to the current RSS (`echo 5 > /proc/<pid>/clear_refs`, Linux >= 4.0).
+    pub fn reset_peak(&self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").is_ok()
+    }
+
+    /// CPU seconds (user + system) the process used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |index: usize| -> f64 {
+            fields
+                .get(index)
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the state field.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
