@@ -462,11 +462,12 @@ impl S3Upload {
         } else if let Some(request) = &mut part.request {
             request.feed(chunk).await;
         }
-        if complete && let Some(part) = self.streaming.take() {
-            if let Some(request) = part.request {
-                // Refused only when the request finished already: the bytes can go now.
-                let _ = request.handover.send((part.kept, part.reservation));
-            }
+        if complete
+            && let Some(part) = self.streaming.take()
+            && let Some(request) = part.request
+        {
+            // Refused only when the request finished already: the bytes can go now.
+            let _ = request.handover.send((part.kept, part.reservation));
         }
         Ok(())
     }
