@@ -13,21 +13,22 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
-/// How many chunks may wait between the writer and the part's request: enough that the request
-/// never waits for the writer's next hop, few enough that a stalled S3 stops the writer at once.
-pub(super) const FEED_CHUNKS: usize = 2;
-
 /// The body of a part's streamed attempt: the chunks the writer sends, `length` bytes in all.
 /// If the writer goes away before sending them all, the body fails (a short part must not
 /// look complete to S3).
+///
+/// The channel is unbounded on purpose: what waits in it are references to the chunks the part
+/// keeps anyway (reserved in the memory budget, at most one part), so a bound would add no
+/// safety, only couple the receiving stream to the S3 socket chunk by chunk. Back-pressure stays
+/// at part granularity (`uploads.parts_in_flight`).
 pub(super) struct PartFeed {
-    chunks: mpsc::Receiver<Bytes>,
+    chunks: mpsc::UnboundedReceiver<Bytes>,
     remaining: u64,
 }
 
 impl PartFeed {
-    pub(super) fn new(length: u64) -> (mpsc::Sender<Bytes>, Self) {
-        let (sender, chunks) = mpsc::channel(FEED_CHUNKS);
+    pub(super) fn new(length: u64) -> (mpsc::UnboundedSender<Bytes>, Self) {
+        let (sender, chunks) = mpsc::unbounded_channel();
         (
             sender,
             Self {
@@ -136,15 +137,15 @@ mod tests {
     async fn a_fed_part_ends_after_its_length_and_fails_when_cut_short() {
         let (sender, mut body) = PartFeed::new(5);
         assert_eq!(body.size_hint().exact(), Some(5));
-        sender.send(Bytes::from_static(b"abc")).await.unwrap();
-        sender.send(Bytes::from_static(b"de")).await.unwrap();
+        sender.send(Bytes::from_static(b"abc")).unwrap();
+        sender.send(Bytes::from_static(b"de")).unwrap();
         assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"abc"))));
         assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"de"))));
         assert!(body.is_end_stream());
         assert_eq!(next(&mut body).await, None);
 
         let (sender, mut body) = PartFeed::new(5);
-        sender.send(Bytes::from_static(b"abc")).await.unwrap();
+        sender.send(Bytes::from_static(b"abc")).unwrap();
         drop(sender);
         assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"abc"))));
         assert_eq!(next(&mut body).await, Some(Err("failed".to_owned())));

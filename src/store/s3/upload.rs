@@ -175,15 +175,15 @@ struct StreamingPart {
 /// The writer's end of a part's request.
 struct PartRequest {
     /// The streamed attempt's body; `None` once that attempt failed.
-    feed: Option<mpsc::Sender<Bytes>>,
+    feed: Option<mpsc::UnboundedSender<Bytes>>,
     /// Gives the kept chunks and their reservation to the request once the part is complete.
     handover: oneshot::Sender<(Vec<Bytes>, MemoryReservation)>,
 }
 
 impl PartRequest {
-    async fn feed(&mut self, chunk: Bytes) {
+    fn feed(&mut self, chunk: Bytes) {
         if let Some(feed) = &self.feed
-            && feed.send(chunk).await.is_err()
+            && feed.send(chunk).is_err()
         {
             // The streamed attempt failed already; the part goes again from what is kept.
             self.feed = None;
@@ -457,10 +457,10 @@ impl S3Upload {
             };
             let request = part.request.insert(request);
             for chunk in &part.kept {
-                request.feed(chunk.clone()).await;
+                request.feed(chunk.clone());
             }
         } else if let Some(request) = &mut part.request {
-            request.feed(chunk).await;
+            request.feed(chunk);
         }
         if complete
             && let Some(part) = self.streaming.take()
