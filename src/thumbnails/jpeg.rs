@@ -315,18 +315,55 @@ pub(super) fn decode(
         components,
         limits,
     )?;
+    Ok(to_raster(decoded, components, header.adobe))
+}
+
+fn to_raster(decoded: libjpeg::Decoded, components: usize, adobe: bool) -> Raster {
     let (layout, pixels) = match components {
         1 => (Layout::Gray, decoded.pixels),
-        4 => (Layout::Rgb, cmyk_to_rgb(&decoded.pixels, header.adobe)),
+        4 => (Layout::Rgb, cmyk_to_rgb(&decoded.pixels, adobe)),
         _ => (Layout::Rgb, decoded.pixels),
     };
-    Ok(Raster {
+    Raster {
         width: decoded.width as u32,
         height: decoded.height as u32,
         layout,
         pixels,
         transparent: false,
-    })
+    }
+}
+
+/// A JPEG decoded while it arrives (see [`libjpeg::StreamingDecode`]). A progressive file's
+/// unused AC scans are not left out here: they are decoded as they arrive, off the time that
+/// counts, which is what comes after the last byte.
+pub(super) struct StreamingJpeg {
+    decode: libjpeg::StreamingDecode,
+    components: usize,
+    adobe: bool,
+}
+
+impl StreamingJpeg {
+    pub(super) fn new(header: &JpegHeader<'_>, numerator: u8, limits: &Limits<'_>) -> Self {
+        let components = header.sampling.len();
+        Self {
+            decode: libjpeg::StreamingDecode::new(numerator, components, limits),
+            components,
+            adobe: header.adobe,
+        }
+    }
+
+    pub(super) fn push(&mut self, bytes: &[u8]) -> Result<(), ThumbnailError> {
+        self.decode.push(bytes)
+    }
+
+    pub(super) fn set_deadline(&mut self, deadline: super::Deadline) {
+        self.decode.set_deadline(deadline);
+    }
+
+    pub(super) fn finish(self) -> Result<Raster, ThumbnailError> {
+        let decoded = self.decode.finish()?;
+        Ok(to_raster(decoded, self.components, self.adobe))
+    }
 }
 
 /// Naive CMYK to RGB (no ICC profile). Adobe applications store CMYK (and YCCK, which libjpeg

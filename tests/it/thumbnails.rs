@@ -539,6 +539,208 @@ async fn the_pool_reports_undecodable_images() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decoding while the bytes arrive (`ThumbnailPool::feed`).
+
+/// A progressive photo-like JPEG (the stream decodes every scan; the buffered decode leaves
+/// the unused ones out at 1/8: both must give the same thumbnail).
+fn progressive_jpeg(width: u16, height: u16) -> Vec<u8> {
+    let mut pixels = Vec::with_capacity(usize::from(width) * usize::from(height) * 3);
+    for y in 0..u32::from(height) {
+        for x in 0..u32::from(width) {
+            let detail = ((x * 7 + y * 13) % 23) as u8;
+            pixels.extend_from_slice(&[
+                (x / 11) as u8 ^ detail,
+                (y / 7) as u8,
+                ((x + y) / 13) as u8,
+            ]);
+        }
+    }
+    let mut bytes = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, 90);
+    encoder.set_progressive(true);
+    encoder
+        .encode(&pixels, width, height, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    bytes
+}
+
+/// Feeds `body` to a new feed in `chunk`-byte chunks, as an upload does, and finishes it.
+async fn feed_in_chunks(
+    pool: &Arc<ThumbnailPool>,
+    kind: FileKind,
+    body: &[u8],
+    chunk: usize,
+) -> Result<Option<Thumbnail>, ThumbnailError> {
+    let mut feed = pool.feed(kind);
+    let mut received = Vec::new();
+    for piece in body.chunks(chunk) {
+        received.extend_from_slice(piece);
+        feed.push(&Bytes::copy_from_slice(piece), &received).await;
+    }
+    feed.finish(Bytes::from(received)).await
+}
+
+fn streaming_pool(budget: u64) -> (Arc<ThumbnailPool>, Arc<MemoryBudget>) {
+    let budget = MemoryBudget::new(budget, Duration::from_secs(5));
+    let pool = ThumbnailPool::new(&ThumbnailSettings::default(), MAX_PIXELS, budget.clone());
+    (Arc::new(pool), budget)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    let mut images: Vec<(FileKind, String, Vec<u8>)> = [
+        (FileKind::Jpeg, "orientation-6.jpg"),
+        (FileKind::Jpeg, "exif-gps.jpg"),
+        (FileKind::Jpeg, "cmyk.jpg"),
+        (FileKind::Jpeg, "gray.jpg"),
+        (FileKind::Png, "palette-trns.png"),
+        (FileKind::Png, "rgb16.png"),
+        (FileKind::Png, "rgba-disc.png"),
+        (FileKind::Png, "gray.png"),
+        (FileKind::Png, "metadata.png"),
+    ]
+    .into_iter()
+    .map(|(kind, name)| (kind, name.to_owned(), image(name)))
+    .collect();
+    images.push((
+        FileKind::Jpeg,
+        "progressive".into(),
+        progressive_jpeg(1600, 1200),
+    ));
+    images.push((FileKind::Png, "large".into(), large_png(1500).to_vec()));
+    for (kind, name, body) in &images {
+        let buffered = thumbnailer().make(*kind, body).unwrap().unwrap();
+        for chunk in [61, 4096, 65536] {
+            let before = pool.streamed_bytes();
+            let streamed = feed_in_chunks(&pool, *kind, body, chunk)
+                .await
+                .unwrap_or_else(|error| panic!("{name} in {chunk}-byte chunks: {error}"))
+                .unwrap();
+            assert!(
+                streamed.bytes == buffered.bytes,
+                "{name} in {chunk}-byte chunks: another thumbnail"
+            );
+            assert_eq!(
+                (streamed.source_width, streamed.source_height),
+                (buffered.source_width, buffered.source_height)
+            );
+            assert_eq!(
+                pool.streamed_bytes() - before,
+                body.len() as u64,
+                "{name} in {chunk}-byte chunks was decoded while it arrived"
+            );
+        }
+    }
+    assert_eq!(pool.streaming(), 0);
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert!(budget.is_idle());
+}
+
+/// Polls `condition` every millisecond for at most five seconds.
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < Duration::from_secs(5), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decoder_has_consumed_the_head_before_the_last_chunk_arrives() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    for (kind, body) in [
+        (FileKind::Jpeg, progressive_jpeg(1600, 1200)),
+        (FileKind::Jpeg, image("exif-gps.jpg")),
+        (FileKind::Png, large_png(1500).to_vec()),
+    ] {
+        let (head, last) = body.split_at(body.len() - 1000);
+        let base = pool.streamed_bytes();
+        let mut feed = pool.feed(kind);
+        let mut received = Vec::new();
+        for piece in head.chunks(8192) {
+            received.extend_from_slice(piece);
+            feed.push(&Bytes::copy_from_slice(piece), &received).await;
+        }
+        // Every byte but the last thousand is decoded before they are sent.
+        until("the head is decoded", || {
+            pool.streamed_bytes() - base == head.len() as u64
+        })
+        .await;
+        assert_eq!(pool.streaming(), 1, "one decoder follows the upload");
+        assert!(pool.reserved_bytes() > 0, "its memory is reserved");
+        received.extend_from_slice(last);
+        feed.push(&Bytes::copy_from_slice(last), &received).await;
+        let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
+        assert_eq!(
+            thumbnail.bytes,
+            thumbnailer().make(kind, &body).unwrap().unwrap().bytes
+        );
+        assert_eq!(pool.streamed_bytes() - base, body.len() as u64);
+        assert_eq!(pool.streaming(), 0);
+        assert!(budget.is_idle());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_feed_stops_its_decoder_and_frees_its_memory() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    let body = large_png(1500);
+    let half = &body[..body.len() / 2];
+    let mut feed = pool.feed(FileKind::Png);
+    let mut received = Vec::new();
+    for piece in half.chunks(8192) {
+        received.extend_from_slice(piece);
+        feed.push(&Bytes::copy_from_slice(piece), &received).await;
+    }
+    until("the half is decoded", || {
+        pool.streamed_bytes() == half.len() as u64
+    })
+    .await;
+    assert_eq!(pool.streaming(), 1);
+    assert!(!budget.is_idle());
+    // The upload failed, was cancelled or went idle: its body and feed are dropped.
+    drop(feed);
+    until("the decoder is gone", || pool.streaming() == 0).await;
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert!(budget.is_idle());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_images_fed_while_arriving_get_the_buffered_verdict() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    for (kind, name) in [
+        (FileKind::Jpeg, "truncated.jpg"),
+        (FileKind::Png, "corrupt.png"),
+    ] {
+        let body = image(name);
+        let buffered = pool.make(kind, Bytes::from(body.clone())).await;
+        let streamed = feed_in_chunks(&pool, kind, &body, 997).await;
+        match (streamed, buffered) {
+            (Err(ThumbnailError::Undecodable(_)), Err(ThumbnailError::Undecodable(_))) => {}
+            (streamed, buffered) => panic!(
+                "{name}: streamed {:?}, buffered {:?}",
+                streamed.map(|made| made.is_some()),
+                buffered.map(|made| made.is_some())
+            ),
+        }
+    }
+    // A file of too many scans is refused as before, whether it streamed or not.
+    let many = many_scan_jpeg(64, 48, 5, 2, 300);
+    let settings = ThumbnailSettings {
+        max_jpeg_scans: 100,
+        ..ThumbnailSettings::default()
+    };
+    let pool = Arc::new(ThumbnailPool::new(&settings, MAX_PIXELS, budget.clone()));
+    assert!(matches!(
+        feed_in_chunks(&pool, FileKind::Jpeg, &many, 997).await,
+        Err(ThumbnailError::TooManyScans { max_scans: 100 })
+    ));
+    assert_eq!(pool.streaming(), 0);
+    assert!(budget.is_idle());
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hostile JPEGs: decodes that would run for minutes, bounded by the scan limit and the deadline.
 
 /// Writes the entropy-coded data of one scan: bits MSB first, 0xFF stuffed, padded with ones.
