@@ -1074,7 +1074,7 @@ mod service {
     use tonic::{Code, Status, transport::Channel};
     use tonic_types::StatusExt;
 
-    use super::{SLOW_JPEG_SCANS, large_png, many_scan_jpeg, slow_jpeg};
+    use super::{SLOW_JPEG_SCANS, large_png, many_scan_jpeg, progressive_jpeg, slow_jpeg};
     use crate::support::{
         ServiceProcess, TestServer,
         cloud::{self, bucket_leftovers, file_record_pattern, redis_keys, use_cloud},
@@ -1347,5 +1347,164 @@ mod service {
         // The decode was still running when the grace ended: the upload was cut off.
         let status = slow.await.unwrap().expect_err("cut off by the shutdown");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Decoding while the bytes arrive, observed through /metrics.
+
+    /// A metric without labels from the server's /metrics.
+    async fn metric(server: &TestServer, name: &str) -> f64 {
+        let text = reqwest::get(server.http_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in {text}"))
+    }
+
+    /// Polls the metric until it reads `value` (five seconds at most).
+    async fn until_metric(server: &TestServer, name: &str, value: f64) {
+        let started = Instant::now();
+        loop {
+            let now = metric(server, name).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{name} stayed {now}, not {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// An UploadFile call whose messages the test sends one at a time.
+    struct OpenUpload {
+        sender: tokio::sync::mpsc::UnboundedSender<pb::UploadFileRequest>,
+        call: tokio::task::JoinHandle<Result<pb::FileInfo, Status>>,
+    }
+
+    impl OpenUpload {
+        fn start(channel: &Channel, conversation_id: &str, name: &str, size: usize) -> Self {
+            let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+            let content_type = if name.ends_with(".png") {
+                "image/png"
+            } else {
+                "image/jpeg"
+            };
+            let metadata = cloud::metadata_of_size(conversation_id, name, content_type, size);
+            sender
+                .send(pb::UploadFileRequest {
+                    payload: Some(pb::upload_file_request::Payload::Metadata(metadata)),
+                })
+                .unwrap();
+            let messages = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+            let mut files = Files::new(channel.clone());
+            let call = tokio::spawn(async move {
+                files
+                    .upload_file(crate::support::as_user("alice", messages))
+                    .await
+                    .map(|response| response.into_inner().file.expect("file info"))
+            });
+            Self { sender, call }
+        }
+
+        fn send(&self, bytes: &[u8], chunk: usize) {
+            for piece in bytes.chunks(chunk) {
+                let payload =
+                    pb::upload_file_request::Payload::Chunk(Bytes::copy_from_slice(piece));
+                self.sender
+                    .send(pb::UploadFileRequest {
+                        payload: Some(payload),
+                    })
+                    .unwrap();
+            }
+        }
+    }
+
+    const STREAMED: &str = "thumbnail_streamed_bytes_total";
+    const DECODERS: &str = "thumbnail_streaming_decoders";
+    const RESERVED: &str = "thumbnail_reserved_bytes";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_image_upload_is_decoded_while_its_bytes_arrive() {
+        let key_prefix = unique_prefix("thumbs-streamed");
+        let server = server(&key_prefix, |_| {}).await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let mut streamed = 0.0;
+        for (name, body) in [
+            ("photo.jpg", progressive_jpeg(1600, 1200)),
+            ("drawing.png", large_png(1500).to_vec()),
+        ] {
+            let (head, last) = body.split_at(body.len() - 4096);
+            let upload = OpenUpload::start(&channel, &conversation_id, name, body.len());
+            upload.send(head, 16 * 1024);
+            // The decoder has consumed every byte sent, before the last chunk leaves.
+            streamed += head.len() as f64;
+            until_metric(&server, STREAMED, streamed).await;
+            assert_eq!(metric(&server, DECODERS).await, 1.0, "{name}");
+            assert!(metric(&server, RESERVED).await > 0.0, "{name}");
+            upload.send(last, 16 * 1024);
+            drop(upload.sender);
+            let file = upload.call.await.unwrap().unwrap();
+            assert!(file.has_thumbnail, "{name}");
+            streamed += last.len() as f64;
+            assert_eq!(metric(&server, STREAMED).await, streamed, "{name}");
+            until_metric(&server, DECODERS, 0.0).await;
+            until_metric(&server, RESERVED, 0.0).await;
+            let mut left = leftovers(&key_prefix, &conversation_id).await;
+            left.retain(|key| key.contains(&file.file_id));
+            assert_eq!(left, kept(&key_prefix, &conversation_id, &file.file_id));
+        }
+        assert_eq!(
+            metric(&server, "thumbnail_stream_fallbacks_total").await,
+            0.0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_refused_and_cancelled_image_uploads_free_their_decoder() {
+        let key_prefix = unique_prefix("thumbs-streamed-ends");
+        let server = server(&key_prefix, |settings| {
+            settings.uploads.idle_timeout = Duration::from_millis(400);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let body = large_png(1500);
+        let half = &body[..body.len() / 2];
+        let mut streamed = 0.0;
+        for ending in ["stalled", "refused", "cancelled"] {
+            let upload = OpenUpload::start(&channel, &conversation_id, "drawing.png", body.len());
+            upload.send(half, 16 * 1024);
+            streamed += half.len() as f64;
+            until_metric(&server, STREAMED, streamed).await;
+            assert_eq!(metric(&server, DECODERS).await, 1.0, "{ending}");
+            match ending {
+                // Nothing more comes: the idle timeout ends the upload, and its decoder.
+                "stalled" => {
+                    let status = upload.call.await.unwrap().unwrap_err();
+                    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+                    assert_eq!(reason(&status), "UPLOAD_IDLE_TIMEOUT");
+                }
+                // More bytes than declared.
+                "refused" => {
+                    upload.send(&body, 64 * 1024);
+                    let status = upload.call.await.unwrap().unwrap_err();
+                    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                    assert_eq!(reason(&status), "SIZE_MISMATCH");
+                }
+                // The client goes away mid-upload.
+                _ => {
+                    upload.call.abort();
+                    let _ = upload.call.await;
+                }
+            }
+            until_metric(&server, DECODERS, 0.0).await;
+            until_metric(&server, RESERVED, 0.0).await;
+        }
+        assert!(leftovers(&key_prefix, &conversation_id).await.is_empty());
     }
 }
