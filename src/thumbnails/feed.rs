@@ -219,7 +219,13 @@ impl ImageFeed {
         };
         match outcome {
             Ok(thumbnail) => Ok(Some(thumbnail)),
-            Err(error @ (ThumbnailError::ShuttingDown | ThumbnailError::TimedOut)) => Err(error),
+            // Waiting again would not help: the server is busy or closing, or the decode took
+            // its whole time.
+            Err(
+                error @ (ThumbnailError::ShuttingDown
+                | ThumbnailError::TimedOut
+                | ThumbnailError::WorkersBusy),
+            ) => Err(error),
             // The buffered decode gives the verdict (and the error) on what did not stream.
             Err(_) => {
                 pool.activity.metrics.stream_fallbacks.inc();
@@ -336,12 +342,15 @@ async fn drive(
                 None => return Err(ThumbnailError::TimedOut),
             }
         }
-        let worker = pool
-            .workers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ThumbnailError::ShuttingDown)?;
+        // As long as any decode waits for a worker, then refused as busy.
+        let worker =
+            match tokio::time::timeout(pool.queue_timeout, pool.workers.clone().acquire_owned())
+                .await
+            {
+                Ok(Ok(worker)) => worker,
+                Ok(Err(_closed)) => return Err(ThumbnailError::ShuttingDown),
+                Err(_) => return Err(ThumbnailError::WorkersBusy),
+            };
         let deadline = Deadline {
             at: std::time::Instant::now().checked_add(pool.timeout),
             ..cancel.clone()
