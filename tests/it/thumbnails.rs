@@ -608,6 +608,12 @@ async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
         "progressive".into(),
         progressive_jpeg(1600, 1200),
     ));
+    // Decoded at 1/8: its unused scans are dropped as they stream by.
+    images.push((
+        FileKind::Jpeg,
+        "progressive at 1/8".into(),
+        progressive_jpeg(2800, 2100),
+    ));
     images.push((FileKind::Png, "large".into(), large_png(1500).to_vec()));
     for (kind, name, body) in &images {
         let buffered = thumbnailer().make(*kind, body).unwrap().unwrap();
@@ -651,6 +657,7 @@ async fn the_decoder_has_consumed_the_head_before_the_last_chunk_arrives() {
     let (pool, budget) = streaming_pool(1 << 28);
     for (kind, body) in [
         (FileKind::Jpeg, progressive_jpeg(1600, 1200)),
+        (FileKind::Jpeg, progressive_jpeg(2800, 2100)),
         (FileKind::Jpeg, image("exif-gps.jpg")),
         (FileKind::Png, large_png(1500).to_vec()),
     ] {
