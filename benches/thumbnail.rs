@@ -118,6 +118,11 @@ fn main() {
         .expect("corpus folder")
         .map(|entry| entry.expect("corpus entry").path())
         .filter(|path| matches!(extension(path), "jpg" | "png"))
+        // THUMBNAIL_BENCH_ONLY: only the files whose name contains it (e.g. for `perf record`).
+        .filter(|path| {
+            path.to_string_lossy()
+                .contains(&std::env::var("THUMBNAIL_BENCH_ONLY").unwrap_or_default())
+        })
         .collect();
     files.sort();
 

@@ -250,7 +250,7 @@ impl FileService {
     /// Receives the chunks into the blob store. Documents stream to it as they arrive. Images
     /// (at most the image size limit) are kept in memory instead, for their thumbnail, which is
     /// decoded as they arrive and made before anything is stored: an undecodable image stores
-    /// nothing, and its bytes are held only once. An image's thumbnail is stored beside it
+    /// nothing, and its bytes are held only once. An image's thumbnail is stored before it
     /// (its key returned with the body).
     async fn receive_body<S>(
         &self,
@@ -319,9 +319,9 @@ impl FileService {
         Ok((body, thumbnail_key))
     }
 
-    /// Stores an image and its thumbnail side by side: the thumbnail is ready at the last byte
-    /// and need not wait for the (larger) image to be written. Notes in `written` each that
-    /// was stored, also when the other failed.
+    /// Stores an image's thumbnail, then the image. The thumbnail is ready at the last byte
+    /// (decoded while the image arrived) and small: written first, it is stored within a few
+    /// ms, not after the image (or, written beside it, behind the image's sync on the same disk).
     async fn store_body_and_thumbnail(
         &self,
         plan: &UploadPlan,
@@ -331,20 +331,16 @@ impl FileService {
         thumbnail: &Option<Thumbnail>,
         written: &mut Written,
     ) -> Result<Option<String>> {
-        let Some(thumbnail) = thumbnail else {
-            self.blobs.put(key, attributes, bytes).await?;
-            written.blobs.push(key.to_owned());
-            return Ok(None);
+        let thumbnail_key = match thumbnail {
+            Some(thumbnail) => Some(
+                self.store_thumbnail(plan, thumbnail.clone(), written)
+                    .await?,
+            ),
+            None => None,
         };
-        let (stored, thumbnail_key) = tokio::join!(
-            self.blobs.put(key, attributes, bytes),
-            self.store_thumbnail(plan, thumbnail.clone(), written)
-        );
-        if stored.is_ok() {
-            written.blobs.push(key.to_owned());
-        }
-        stored?;
-        thumbnail_key.map(Some)
+        self.blobs.put(key, attributes, bytes).await?;
+        written.blobs.push(key.to_owned());
+        Ok(thumbnail_key)
     }
 
     /// Stores an image's thumbnail next to it; returns its key.
