@@ -83,8 +83,8 @@ enum Input {
 
 /// A decoder between two steps.
 enum StreamDecoder {
-    Jpeg(jpeg::StreamingJpeg),
-    Png(png::StreamingPng),
+    Jpeg(Box<jpeg::StreamingJpeg>),
+    Png(Box<png::StreamingPng>),
 }
 
 impl StreamDecoder {
@@ -102,9 +102,9 @@ impl StreamDecoder {
         match self {
             Self::Jpeg(mut decoder) => {
                 decoder.set_deadline(deadline.clone());
-                decoder.finish()
+                (*decoder).finish()
             }
-            Self::Png(decoder) => decoder.finish(deadline),
+            Self::Png(decoder) => (*decoder).finish(deadline),
         }
     }
 }
@@ -288,13 +288,14 @@ impl ImageFeed {
                     max_memory: plan.peak_bytes,
                     deadline: &deadline,
                 };
-                Some(StreamDecoder::Jpeg(jpeg::StreamingJpeg::new(
+                Some(StreamDecoder::Jpeg(Box::new(jpeg::StreamingJpeg::new(
                     &header, numerator, &limits,
-                )))
+                ))))
             }
             Decoding::Png { factor } => {
                 let header = png::read_header(received).ok()?;
-                png::StreamingPng::new(&header, factor, plan.peak_bytes).map(StreamDecoder::Png)
+                png::StreamingPng::new(&header, factor, plan.peak_bytes)
+                    .map(|decoder| StreamDecoder::Png(Box::new(decoder)))
             }
             Decoding::Gif | Decoding::Webp => None,
         }
@@ -366,9 +367,7 @@ async fn drive(
         let step = tokio::task::spawn_blocking(move || {
             let _worker = worker;
             for chunk in chunks {
-                if let Err(error) = stepping.push(chunk, &deadline) {
-                    return Err(error);
-                }
+                stepping.push(chunk, &deadline)?;
             }
             if !ended {
                 return Ok(Stepped::More(stepping));
