@@ -210,7 +210,8 @@ fn output_rows(
 
 /// Bytes libjpeg may leave unconsumed between two feeds of a streamed decode. It commits its
 /// input per marker segment (at most 64 KiB) and per MCU (a few KiB), so only a hostile file
-/// comes near this; it is refused rather than buffered without end.
+/// comes near this; the streamed decode stops there rather than buffer without end (and the
+/// file is decoded whole after its last byte, which gives the verdict).
 pub(in crate::thumbnails) const MAX_UNCONSUMED: usize = 1 << 20;
 
 /// A decode fed while the file arrives. libjpeg reads through a suspending data source: when
