@@ -28,7 +28,7 @@ use tokio::{
 
 use super::{
     CancelOnDrop, Deadline, DecodePlan, Decoding, STOP_WAIT, Thumbnail, ThumbnailError,
-    ThumbnailPool, jpeg, png, raster::Raster,
+    ThumbnailPool, Thumbnailer, jpeg, png, raster::Raster,
 };
 use crate::{budget::MemoryReservation, files::policy::FileKind};
 
@@ -246,7 +246,7 @@ impl ImageFeed {
             }
             Ok(None) | Err(_) => return Err(Unstreamable),
         };
-        let decoder = self.decoder(&plan, received).ok_or(Unstreamable)?;
+        let decoder = stream_decoder(&pool.thumbnailer, &plan, received).ok_or(Unstreamable)?;
         let needed = plan.peak_bytes + INPUT_BYTES + received.len() as u64;
         if needed > pool.budget.main_bytes() || pool.closed.load(Ordering::Relaxed) {
             return Err(Unstreamable);
@@ -275,30 +275,68 @@ impl ImageFeed {
             _cancel: cancel,
         }))
     }
+}
 
-    /// The decoder for `plan`, if its format and variant can be decoded as they arrive.
-    fn decoder(&self, plan: &DecodePlan, received: &[u8]) -> Option<StreamDecoder> {
-        let thumbnailer = &self.pool.thumbnailer;
-        match plan.decoding {
-            Decoding::Jpeg { numerator } => {
-                let header = jpeg::read_header(received).ok()?;
-                let deadline = Deadline::none();
-                let limits = jpeg::Limits {
-                    max_scans: thumbnailer.max_jpeg_scans,
-                    max_memory: plan.peak_bytes,
-                    deadline: &deadline,
-                };
-                Some(StreamDecoder::Jpeg(Box::new(jpeg::StreamingJpeg::new(
-                    &header, numerator, &limits,
-                ))))
-            }
-            Decoding::Png { factor } => {
-                let header = png::read_header(received).ok()?;
-                png::StreamingPng::new(&header, factor, plan.peak_bytes)
-                    .map(|decoder| StreamDecoder::Png(Box::new(decoder)))
-            }
-            Decoding::Gif | Decoding::Webp => None,
+/// The decoder for `plan`, if its format and variant can be decoded as they arrive.
+fn stream_decoder(
+    thumbnailer: &Thumbnailer,
+    plan: &DecodePlan,
+    received: &[u8],
+) -> Option<StreamDecoder> {
+    match plan.decoding {
+        Decoding::Jpeg { numerator } => {
+            let header = jpeg::read_header(received).ok()?;
+            let deadline = Deadline::none();
+            let limits = jpeg::Limits {
+                max_scans: thumbnailer.max_jpeg_scans,
+                max_memory: plan.peak_bytes,
+                deadline: &deadline,
+            };
+            Some(StreamDecoder::Jpeg(Box::new(jpeg::StreamingJpeg::new(
+                &header, numerator, &limits,
+            ))))
         }
+        Decoding::Png { factor } => {
+            let header = png::read_header(received).ok()?;
+            png::StreamingPng::new(&header, factor, plan.peak_bytes)
+                .map(|decoder| StreamDecoder::Png(Box::new(decoder)))
+        }
+        Decoding::Gif | Decoding::Webp => None,
+    }
+}
+
+impl Thumbnailer {
+    /// The streamed decode on the calling thread, `bytes` arriving in pieces of `piece` bytes:
+    /// planned from the first pieces that hold the header, then decoded piece by piece, without
+    /// the pool and without falling back to a whole decode (for fuzzing and tests). Kinds and
+    /// variants that do not stream are decoded whole.
+    pub fn make_in_pieces(
+        &self,
+        kind: FileKind,
+        bytes: &[u8],
+        piece: usize,
+    ) -> Result<Option<Thumbnail>, ThumbnailError> {
+        let piece = piece.max(1);
+        let mut received = 0;
+        let plan = loop {
+            received = (received + piece).min(bytes.len());
+            match self.plan(kind, &bytes[..received]) {
+                Ok(Some(plan)) => break plan,
+                Ok(None) => return Ok(None),
+                Err(ThumbnailError::Undecodable(_)) if received < bytes.len() => {}
+                Err(error) => return Err(error),
+            }
+        };
+        let Some(mut decoder) = stream_decoder(self, &plan, &bytes[..received]) else {
+            return self.render(&plan, bytes).map(Some);
+        };
+        let deadline = Deadline::none();
+        decoder.push(Bytes::copy_from_slice(&bytes[..received]), &deadline)?;
+        for chunk in bytes[received..].chunks(piece) {
+            decoder.push(Bytes::copy_from_slice(chunk), &deadline)?;
+        }
+        let decoded = decoder.finish(&deadline)?;
+        self.thumbnail(&plan, decoded).map(Some)
     }
 }
 

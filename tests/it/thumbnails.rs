@@ -643,6 +643,54 @@ async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
     assert!(budget.is_idle());
 }
 
+#[test]
+fn images_decoded_byte_by_byte_give_the_whole_file_thumbnail() {
+    let thumbnailer = thumbnailer();
+    for (kind, name) in [
+        (FileKind::Jpeg, "orientation-6.jpg"),
+        (FileKind::Jpeg, "cmyk.jpg"),
+        (FileKind::Jpeg, "gray.jpg"),
+        (FileKind::Png, "palette-trns.png"),
+        (FileKind::Png, "rgb16.png"),
+        (FileKind::Png, "rgba-disc.png"),
+    ] {
+        let body = image(name);
+        let whole = thumbnailer.make(kind, &body).unwrap().unwrap();
+        for piece in [1, 13] {
+            let streamed = thumbnailer
+                .make_in_pieces(kind, &body, piece)
+                .unwrap_or_else(|error| panic!("{name} in {piece}-byte pieces: {error}"))
+                .unwrap();
+            assert!(
+                streamed.bytes == whole.bytes,
+                "{name} in {piece}-byte pieces"
+            );
+        }
+    }
+    let progressive = progressive_jpeg(2800, 2100);
+    let whole = thumbnailer
+        .make(FileKind::Jpeg, &progressive)
+        .unwrap()
+        .unwrap();
+    let streamed = thumbnailer
+        .make_in_pieces(FileKind::Jpeg, &progressive, 7)
+        .unwrap()
+        .unwrap();
+    assert!(
+        streamed.bytes == whole.bytes,
+        "progressive at 1/8 in 7-byte pieces"
+    );
+    for (kind, name) in [
+        (FileKind::Jpeg, "truncated.jpg"),
+        (FileKind::Png, "corrupt.png"),
+    ] {
+        assert!(matches!(
+            thumbnailer.make_in_pieces(kind, &image(name), 5),
+            Err(ThumbnailError::Undecodable(_))
+        ));
+    }
+}
+
 /// Polls `condition` every millisecond for at most five seconds.
 async fn until(what: &str, mut condition: impl FnMut() -> bool) {
     let started = Instant::now();
