@@ -285,6 +285,11 @@ struct Pace {
 }
 
 fn main() {
+    // `cargo test --benches` runs this binary without `--bench`: not as a test.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("thumbnail_stream: benchmark skipped (run scripts/bench-thumbnails)");
+        return;
+    }
     pin_to_one_core();
     let home = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
     let cache = home.join(".cache/svc-messaging");

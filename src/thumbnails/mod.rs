@@ -20,6 +20,10 @@
 //! decoder is the C library libheif (plus libde265), which would add system libraries to every
 //! build and image, and a large C attack surface; HEIF uploads are stored as they are.
 //!
+//! An upload's JPEG or PNG is decoded while its bytes arrive ([`ImageFeed`], `feed.rs`): the
+//! same decoders, fed chunk by chunk on the same pool, so that after the last byte only the last
+//! rows, the resize and the encode remain; whatever cannot stream is decoded as below.
+//!
 //! [`ThumbnailPool`] runs the work off the async runtime on at most `thumbnails.workers`
 //! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, each waiting
 //! at most `thumbnails.queue_timeout`, refuses a decode whose peak memory (computed from the
