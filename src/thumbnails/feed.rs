@@ -206,7 +206,9 @@ impl ImageFeed {
             ..
         } = streaming;
         let _ = input.send(Input::End);
-        let outcome = match tokio::time::timeout(pool.timeout + STOP_WAIT, &mut driver).await {
+        // The last step may wait for a worker, then decode for its time.
+        let limit = pool.queue_timeout + pool.timeout + STOP_WAIT;
+        let outcome = match tokio::time::timeout(limit, &mut driver).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(error)) => Err(ThumbnailError::Internal(format!(
                 "the thumbnail driver failed: {error}"
