@@ -238,6 +238,10 @@ impl StreamingPng {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
+        // Past IEND: nothing more is read, so nothing is kept.
+        if self.finished {
+            return Ok(());
+        }
         if let Ok(mut arrived) = self.arrived.lock() {
             arrived.push_back(bytes);
         }

@@ -680,6 +680,22 @@ fn images_decoded_byte_by_byte_give_the_whole_file_thumbnail() {
         streamed.bytes == whole.bytes,
         "progressive at 1/8 in 7-byte pieces"
     );
+    // Bytes after the end (a motion photo's video after a JPEG's end marker) are not kept:
+    // more than the decoder may hold unconsumed, and still the thumbnail streams.
+    let mut motion_photo = image("orientation-6.jpg");
+    let whole = thumbnailer
+        .make(FileKind::Jpeg, &motion_photo)
+        .unwrap()
+        .unwrap();
+    motion_photo.extend(std::iter::repeat_n(0x5A, 3 << 20));
+    let streamed = thumbnailer
+        .make_in_pieces(FileKind::Jpeg, &motion_photo, 64 * 1024)
+        .unwrap()
+        .unwrap();
+    assert!(
+        streamed.bytes == whole.bytes,
+        "a JPEG with 3 MiB after its end"
+    );
     for (kind, name) in [
         (FileKind::Jpeg, "truncated.jpg"),
         (FileKind::Png, "corrupt.png"),

@@ -302,6 +302,10 @@ impl StreamingDecode {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
+        // Past the end marker (a motion photo appends its video there): nothing to keep.
+        if self.phase == Phase::Done {
+            return Ok(());
+        }
         self.append(bytes);
         self.run()?;
         if self.source.public.bytes_in_buffer > MAX_UNCONSUMED {
