@@ -778,6 +778,48 @@ async fn a_dropped_feed_stops_its_decoder_and_frees_its_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_holds_no_worker_while_its_decoder_waits() {
+    // One worker, waited for at most 200 ms: a decoder that kept it (or a thread) while its
+    // upload stalls would make the next image WORKERS_BUSY.
+    let settings = ThumbnailSettings {
+        workers: 1,
+        queue_timeout: Duration::from_millis(200),
+        ..ThumbnailSettings::default()
+    };
+    let budget = MemoryBudget::new(1 << 28, Duration::from_secs(5));
+    let pool = Arc::new(ThumbnailPool::new(&settings, MAX_PIXELS, budget.clone()));
+    let stalled_body = large_png(1500);
+    let half = &stalled_body[..stalled_body.len() / 2];
+    let mut stalled = pool.feed(FileKind::Png);
+    stalled.push(&Bytes::copy_from_slice(half), half).await;
+    until("the stalled upload's half is decoded", || {
+        pool.streamed_bytes() == half.len() as u64
+    })
+    .await;
+    assert_eq!(pool.decoding(), 0, "no decode runs while the upload stalls");
+    for (kind, name) in [
+        (FileKind::Jpeg, "exif-gps.jpg"),
+        (FileKind::Png, "rgb16.png"),
+    ] {
+        let body = image(name);
+        let streamed = feed_in_chunks(&pool, kind, &body, 4096)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            streamed.bytes,
+            thumbnailer().make(kind, &body).unwrap().unwrap().bytes
+        );
+        let whole = pool.make(kind, Bytes::from(body)).await.unwrap().unwrap();
+        assert_eq!(whole.bytes, streamed.bytes, "{name}");
+    }
+    assert_eq!(pool.streaming(), 1, "the stalled decoder is still there");
+    drop(stalled);
+    until("the stalled decoder is gone", || pool.streaming() == 0).await;
+    assert!(budget.is_idle());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_images_fed_while_arriving_get_the_buffered_verdict() {
     let (pool, budget) = streaming_pool(1 << 28);
     for (kind, name) in [
