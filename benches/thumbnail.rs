@@ -16,12 +16,14 @@
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     fmt::Write as _,
-    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     time::Instant,
 };
+
+#[path = "sharp/mod.rs"]
+mod sharp;
 
 use fast_image_resize::{
     FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer,
@@ -109,13 +111,18 @@ fn main() {
 
     let settings = ThumbnailSettings::default();
     let thumbnailer = Thumbnailer::new(&settings, 40_000_000);
-    let mut sharp = Sharp::start(&root.join("benches/sharp-baseline.mjs"), &sharp_dir);
+    let mut sharp = sharp::Sharp::start(&root.join("benches/sharp-baseline.mjs"), &sharp_dir);
     let scratch = tempfile::tempdir().expect("temp dir");
 
     let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
         .expect("corpus folder")
         .map(|entry| entry.expect("corpus entry").path())
         .filter(|path| matches!(extension(path), "jpg" | "png"))
+        // THUMBNAIL_BENCH_ONLY: only the files whose name contains it (e.g. for `perf record`).
+        .filter(|path| {
+            path.to_string_lossy()
+                .contains(&std::env::var("THUMBNAIL_BENCH_ONLY").unwrap_or_default())
+        })
         .collect();
     files.sort();
 
@@ -295,78 +302,6 @@ fn median(values: &mut [f64]) -> f64 {
         (values[middle - 1] + values[middle]) / 2.0
     } else {
         values[middle]
-    }
-}
-
-/// sharp in a Node child process, one request at a time.
-struct Sharp {
-    input: std::process::ChildStdin,
-    output: BufReader<std::process::ChildStdout>,
-    versions: String,
-    _child: std::process::Child,
-}
-
-struct SharpRun {
-    ms: f64,
-    width: u32,
-    height: u32,
-}
-
-impl Sharp {
-    fn start(script: &Path, sharp_dir: &Path) -> Self {
-        let mut child = Command::new("node")
-            .arg(script)
-            .env("SHARP_BENCH_DIR", sharp_dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start node");
-        let input = child.stdin.take().expect("stdin");
-        let mut output = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut first = String::new();
-        output.read_line(&mut first).expect("sharp versions");
-        let json: serde_json::Value = serde_json::from_str(&first).expect("versions JSON");
-        let versions = format!(
-            "sharp {}, libvips {}, mozjpeg {}, libpng {}, zlib-ng {}, SIMD {}",
-            json["versions"]["sharp"],
-            json["versions"]["vips"],
-            json["versions"]["mozjpeg"],
-            json["versions"]["png"],
-            json["versions"]["zlib-ng"],
-            json["simd"]
-        )
-        .replace('"', "");
-        Self {
-            input,
-            output,
-            versions,
-            _child: child,
-        }
-    }
-
-    fn run(
-        &mut self,
-        file: &Path,
-        settings: &ThumbnailSettings,
-        format: &str,
-        out: Option<&Path>,
-    ) -> SharpRun {
-        let request = serde_json::json!({
-            "file": file,
-            "maxEdge": settings.max_edge,
-            "quality": settings.jpeg_quality,
-            "format": format,
-            "out": out,
-        });
-        writeln!(self.input, "{request}").expect("write to sharp");
-        let mut line = String::new();
-        self.output.read_line(&mut line).expect("read from sharp");
-        let answer: serde_json::Value = serde_json::from_str(&line).expect("sharp JSON");
-        SharpRun {
-            ms: answer["ms"].as_f64().expect("ms"),
-            width: answer["width"].as_u64().expect("width") as u32,
-            height: answer["height"].as_u64().expect("height") as u32,
-        }
     }
 }
 

@@ -214,11 +214,14 @@ impl Services {
                 .max_decoding_message_size(max_request),
             authenticator.clone(),
         );
-        let thumbnails = Arc::new(ThumbnailPool::new(
-            &settings.thumbnails,
-            settings.uploads.max_image_pixels,
-            backends.budget.clone(),
-        ));
+        let thumbnails = Arc::new(
+            ThumbnailPool::new(
+                &settings.thumbnails,
+                settings.uploads.max_image_pixels,
+                backends.budget.clone(),
+            )
+            .with_metrics(metrics.thumbnails.clone()),
+        );
         let file_service = Arc::new(FileService::new(
             conversations,
             backends.blobs.clone(),

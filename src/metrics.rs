@@ -17,6 +17,7 @@ use std::{
 
 use crate::{
     call_layer::{CallLayer, CallWrapper},
+    thumbnails::ThumbnailMetrics,
     tls::TlsMetrics,
     transport::ConnectionMetrics,
 };
@@ -103,6 +104,8 @@ pub struct Metrics {
     pub connections: ConnectionMetrics,
     /// Certificate reloads of the gRPC port's TLS, counted by [`crate::tls::ServerTls`].
     pub tls: TlsMetrics,
+    /// Streamed decodes and the memory decodes hold, counted by the thumbnail pool.
+    pub thumbnails: ThumbnailMetrics,
     handled: Family<HandledLabels, Counter>,
     handling_seconds: HistogramFamily,
     in_flight: Family<MethodLabels, Gauge>,
@@ -171,10 +174,32 @@ impl Metrics {
             "gRPC connections cut because they were still open after server.max_connection_age, its grace and a flush",
             connections.aged_out_forced.clone(),
         );
+        let thumbnails = ThumbnailMetrics::default();
+        registry.register(
+            "thumbnail_streaming_decoders",
+            "Thumbnail decoders following an image upload in progress (each holds its memory)",
+            thumbnails.streaming_decoders.clone(),
+        );
+        registry.register(
+            "thumbnail_streamed_bytes",
+            "Image bytes the thumbnail decoders consumed while the upload arrived",
+            thumbnails.streamed_bytes.clone(),
+        );
+        registry.register(
+            "thumbnail_stream_fallbacks",
+            "Images decoded from the whole body after the last byte instead of while arriving",
+            thumbnails.stream_fallbacks.clone(),
+        );
+        registry.register(
+            "thumbnail_reserved_bytes",
+            "Upload memory budget held by thumbnail decodes",
+            thumbnails.reserved_bytes.clone(),
+        );
         Arc::new(Self {
             registry,
             connections,
             tls,
+            thumbnails,
             handled,
             handling_seconds,
             in_flight,

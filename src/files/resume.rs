@@ -357,7 +357,6 @@ impl FileService {
             key: session.blob_key.clone(),
             sha256,
             dimensions,
-            thumbnail: None,
         };
         let mut thumbnail_key = None;
         if plan.rule.kind.category() == FileCategory::Image {

@@ -41,7 +41,7 @@ use crate::{
         file_records::{FileRecord, FileRecordStore},
         upload_sessions::UploadSessionStore,
     },
-    thumbnails::{Thumbnail, ThumbnailPool},
+    thumbnails::{ImageFeed, Thumbnail, ThumbnailPool},
 };
 
 /// Longest file name, in characters.
@@ -236,11 +236,7 @@ impl FileService {
     where
         S: Stream<Item = Result<UploadPart>> + Unpin + Send,
     {
-        let mut body = self.receive_body(plan, parts, written).await?;
-        let thumbnail_key = match body.thumbnail.take() {
-            Some(thumbnail) => Some(self.store_thumbnail(plan, thumbnail, written).await?),
-            None => None,
-        };
+        let (body, thumbnail_key) = self.receive_body(plan, parts, written).await?;
         self.record_and_announce(
             caller,
             plan,
@@ -254,14 +250,15 @@ impl FileService {
 
     /// Receives the chunks into the blob store. Documents stream to it as they arrive. Images
     /// (at most the image size limit) are kept in memory instead, for their thumbnail, which is
-    /// made before anything is stored: an undecodable image stores nothing, and its bytes are
-    /// held only once.
+    /// decoded as they arrive and made before anything is stored: an undecodable image stores
+    /// nothing, and its bytes are held only once. An image's thumbnail is stored before it
+    /// (its key returned with the body).
     async fn receive_body<S>(
         &self,
         plan: &UploadPlan,
         parts: &mut S,
         written: &mut Written,
-    ) -> Result<ReceivedBody>
+    ) -> Result<(ReceivedBody, Option<String>)>
     where
         S: Stream<Item = Result<UploadPart>> + Unpin + Send,
     {
@@ -270,7 +267,11 @@ impl FileService {
         // its metadata at the end); the computed one is given at the commit either way.
         let mut attributes = plan.attributes();
         let mut sink = if plan.rule.kind.category() == FileCategory::Image {
-            Sink::Kept(KeptBody::new(&self.budget, plan.declared_size))
+            Sink::Kept(KeptBody::new(
+                &self.budget,
+                plan.declared_size,
+                self.thumbnails.feed(plan.rule.kind),
+            ))
         } else {
             Sink::Streamed(self.blobs.start_upload(&key, attributes.clone()).await?)
         };
@@ -284,34 +285,63 @@ impl FileService {
             }
         };
         let sha256_metadata = vec![(SHA256_METADATA.to_owned(), sha256.clone())];
-        let thumbnail = match sink {
+        let (thumbnail, thumbnail_key) = match sink {
             Sink::Streamed(upload) => {
                 upload.commit(sha256_metadata).await?;
-                None
+                written.blobs.push(key.clone());
+                (None, None)
             }
             Sink::Kept(body) => {
                 // The body stays reserved until it is stored.
                 let KeptBody {
-                    bytes, reservation, ..
+                    bytes,
+                    reservation,
+                    feed,
+                    ..
                 } = body;
                 let bytes = bytes.freeze();
-                let thumbnail = self.thumbnails.make(plan.rule.kind, bytes.clone()).await?;
+                let thumbnail = feed.finish(bytes.clone()).await?;
                 attributes.merge_metadata(sha256_metadata);
-                self.blobs.put(&key, attributes, bytes).await?;
+                let thumbnail_key = self
+                    .store_body_and_thumbnail(plan, &key, attributes, bytes, &thumbnail, written)
+                    .await?;
                 drop(reservation);
-                thumbnail
+                (thumbnail, thumbnail_key)
             }
         };
-        written.blobs.push(key.clone());
-        Ok(ReceivedBody {
+        let body = ReceivedBody {
             key,
             sha256,
             // FileInfo reports an image as displayed, after its EXIF orientation.
             dimensions: thumbnail.as_ref().map_or(dimensions, |thumbnail| {
                 (thumbnail.source_width, thumbnail.source_height)
             }),
-            thumbnail,
-        })
+        };
+        Ok((body, thumbnail_key))
+    }
+
+    /// Stores an image's thumbnail, then the image. The thumbnail is ready at the last byte
+    /// (decoded while the image arrived) and small: written first, it is stored within a few
+    /// ms, not after the image (or, written beside it, behind the image's sync on the same disk).
+    async fn store_body_and_thumbnail(
+        &self,
+        plan: &UploadPlan,
+        key: &str,
+        attributes: BlobAttributes,
+        bytes: Bytes,
+        thumbnail: &Option<Thumbnail>,
+        written: &mut Written,
+    ) -> Result<Option<String>> {
+        let thumbnail_key = match thumbnail {
+            Some(thumbnail) => Some(
+                self.store_thumbnail(plan, thumbnail.clone(), written)
+                    .await?,
+            ),
+            None => None,
+        };
+        self.blobs.put(key, attributes, bytes).await?;
+        written.blobs.push(key.to_owned());
+        Ok(thumbnail_key)
     }
 
     /// Stores an image's thumbnail next to it; returns its key.
@@ -652,8 +682,6 @@ pub(super) struct ReceivedBody {
     pub(super) key: String,
     pub(super) sha256: String,
     pub(super) dimensions: (u32, u32),
-    /// Taken when it is stored.
-    pub(super) thumbnail: Option<Thumbnail>,
 }
 
 /// Where an upload's bytes go while they arrive.
@@ -665,25 +693,28 @@ enum Sink {
 }
 
 /// An image's body, kept for its thumbnail: its memory is reserved from the budget as its
-/// bytes arrive, and its buffer grows by doubling up to the declared size.
+/// bytes arrive, and its buffer grows by doubling up to the declared size. Each chunk also
+/// goes to the thumbnail's decoder, which follows the upload.
 struct KeptBody {
     bytes: BytesMut,
     reservation: MemoryReservation,
     budget: Arc<MemoryBudget>,
     declared_size: usize,
+    feed: ImageFeed,
 }
 
 impl KeptBody {
-    fn new(budget: &Arc<MemoryBudget>, declared_size: u64) -> Self {
+    fn new(budget: &Arc<MemoryBudget>, declared_size: u64, feed: ImageFeed) -> Self {
         Self {
             bytes: BytesMut::new(),
             reservation: budget.empty(),
             budget: budget.clone(),
             declared_size: usize::try_from(declared_size).unwrap_or(usize::MAX),
+            feed,
         }
     }
 
-    async fn extend(&mut self, chunk: &[u8]) -> Result<()> {
+    async fn extend(&mut self, chunk: &Bytes) -> Result<()> {
         let filled = self.bytes.len() + chunk.len();
         self.budget
             .grow(
@@ -701,6 +732,7 @@ impl KeptBody {
             self.bytes = grown;
         }
         self.bytes.extend_from_slice(chunk);
+        self.feed.push(chunk, &self.bytes).await;
         Ok(())
     }
 }

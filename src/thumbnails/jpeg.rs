@@ -315,18 +315,222 @@ pub(super) fn decode(
         components,
         limits,
     )?;
+    Ok(to_raster(decoded, components, header.adobe))
+}
+
+fn to_raster(decoded: libjpeg::Decoded, components: usize, adobe: bool) -> Raster {
     let (layout, pixels) = match components {
         1 => (Layout::Gray, decoded.pixels),
-        4 => (Layout::Rgb, cmyk_to_rgb(&decoded.pixels, header.adobe)),
+        4 => (Layout::Rgb, cmyk_to_rgb(&decoded.pixels, adobe)),
         _ => (Layout::Rgb, decoded.pixels),
     };
-    Ok(Raster {
+    Raster {
         width: decoded.width as u32,
         height: decoded.height as u32,
         layout,
         pixels,
         transparent: false,
-    })
+    }
+}
+
+/// A JPEG decoded while it arrives (see [`libjpeg::StreamingDecode`]). A progressive file
+/// decoded at 1/8 loses its unused scans on the way in, as in [`without_unused_scans`].
+pub(super) struct StreamingJpeg {
+    decode: libjpeg::StreamingDecode,
+    filter: Option<ScanFilter>,
+    /// What the filter let through, reused between pushes.
+    kept: Vec<u8>,
+    components: usize,
+    adobe: bool,
+}
+
+impl StreamingJpeg {
+    pub(super) fn new(header: &JpegHeader<'_>, numerator: u8, limits: &Limits<'_>) -> Self {
+        let components = header.sampling.len();
+        let filter = (header.progressive && numerator == 1)
+            .then(|| ScanFilter::new(header, limits.max_scans));
+        Self {
+            decode: libjpeg::StreamingDecode::new(numerator, components, limits),
+            filter,
+            kept: Vec::new(),
+            components,
+            adobe: header.adobe,
+        }
+    }
+
+    pub(super) fn push(&mut self, bytes: &[u8]) -> Result<(), ThumbnailError> {
+        let Some(filter) = &mut self.filter else {
+            return self.decode.push(bytes);
+        };
+        self.kept.clear();
+        filter.pass(bytes, &mut self.kept)?;
+        self.decode.push(&self.kept)
+    }
+
+    pub(super) fn set_deadline(&mut self, deadline: super::Deadline) {
+        self.decode.set_deadline(deadline);
+    }
+
+    pub(super) fn finish(mut self) -> Result<Raster, ThumbnailError> {
+        if let Some(filter) = self.filter.take() {
+            // Bytes held back for a marker that never completed: libjpeg judges them.
+            self.decode.push(&filter.held)?;
+        }
+        let decoded = self.decode.finish()?;
+        Ok(to_raster(decoded, self.components, self.adobe))
+    }
+}
+
+/// [`without_unused_scans`] on a file that arrives in pieces: segments are passed on, the
+/// entropy-coded data of an unused scan is dropped as it streams by (found by looking for the
+/// next marker, without decoding it), and every scan is counted against the limit, dropped or
+/// not, as [`has_more_scans_than`] counts them in a whole file.
+struct ScanFilter {
+    /// Components whose AC scans are unused at 1/8 (the full-resolution ones).
+    dc_only: Vec<u8>,
+    max_scans: u32,
+    scans: u32,
+    state: FilterState,
+    /// Bytes that cannot be judged yet: a marker cut by the end of a piece, an SOS segment not
+    /// complete, a 0xFF at the end of entropy-coded data.
+    held: Vec<u8>,
+}
+
+#[derive(Clone, Copy)]
+enum FilterState {
+    /// Between segments.
+    Markers,
+    /// Passing on the rest of a segment.
+    Segment { left: usize },
+    /// Inside a scan's entropy-coded data, passed on or dropped.
+    Entropy { kept: bool },
+}
+
+impl ScanFilter {
+    fn new(header: &JpegHeader<'_>, max_scans: u32) -> Self {
+        let max_h = header.sampling.iter().map(|s| s.0).max().unwrap_or(1);
+        let max_v = header.sampling.iter().map(|s| s.1).max().unwrap_or(1);
+        let dc_only = header
+            .component_ids
+            .iter()
+            .zip(&header.sampling)
+            .filter(|(_, sampling)| **sampling == (max_h, max_v))
+            .map(|(id, _)| *id)
+            .collect();
+        Self {
+            dc_only,
+            max_scans,
+            scans: 0,
+            state: FilterState::Markers,
+            held: Vec::new(),
+        }
+    }
+
+    /// Appends to `out` what of `piece` (after what was held) the decoder needs.
+    fn pass(&mut self, piece: &[u8], out: &mut Vec<u8>) -> Result<(), ThumbnailError> {
+        let joined;
+        let bytes: &[u8] = if self.held.is_empty() {
+            piece
+        } else {
+            let mut held = std::mem::take(&mut self.held);
+            held.extend_from_slice(piece);
+            joined = held;
+            &joined
+        };
+        let mut at = 0;
+        while at < bytes.len() {
+            match self.state {
+                FilterState::Segment { left } => {
+                    let count = left.min(bytes.len() - at);
+                    out.extend_from_slice(&bytes[at..at + count]);
+                    at += count;
+                    self.state = match left - count {
+                        0 => FilterState::Markers,
+                        left => FilterState::Segment { left },
+                    };
+                }
+                FilterState::Entropy { kept } => {
+                    let Some(found) = memchr::memchr(0xFF, &bytes[at..]) else {
+                        if kept {
+                            out.extend_from_slice(&bytes[at..]);
+                        }
+                        at = bytes.len();
+                        break;
+                    };
+                    let marker = at + found;
+                    let Some(&code) = bytes.get(marker + 1) else {
+                        if kept {
+                            out.extend_from_slice(&bytes[at..marker]);
+                        }
+                        at = marker;
+                        break;
+                    };
+                    // Stuffed zeros, restart markers and fill bytes stay inside the scan.
+                    let end = if matches!(code, 0x00 | 0xD0..=0xD7 | 0xFF) {
+                        marker + 1
+                    } else {
+                        self.state = FilterState::Markers;
+                        marker
+                    };
+                    if kept {
+                        out.extend_from_slice(&bytes[at..end]);
+                    }
+                    at = end;
+                }
+                FilterState::Markers => {
+                    if bytes[at] != 0xFF {
+                        // Stray bytes: libjpeg skips them with a warning, as it would have.
+                        out.push(bytes[at]);
+                        at += 1;
+                        continue;
+                    }
+                    let Some(&code) = bytes.get(at + 1) else {
+                        break;
+                    };
+                    if matches!(code, 0xFF | 0x00) {
+                        out.push(0xFF);
+                        at += 1;
+                        continue;
+                    }
+                    if matches!(code, 0x01 | 0xD0..=0xD9) {
+                        out.extend_from_slice(&bytes[at..at + 2]);
+                        at += 2;
+                        continue;
+                    }
+                    let Some(length) = bytes.get(at + 2..at + 4) else {
+                        break;
+                    };
+                    let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+                    if code != 0xDA {
+                        self.state = FilterState::Segment { left: 2 + length };
+                        continue;
+                    }
+                    let Some(segment) = bytes.get(at..at + 2 + length) else {
+                        break;
+                    };
+                    self.scans += 1;
+                    if self.scans > self.max_scans {
+                        return Err(ThumbnailError::TooManyScans {
+                            max_scans: self.max_scans,
+                        });
+                    }
+                    // SOS: count, (component id, tables) x count, Ss, Se, Ah/Al.
+                    let count = usize::from(*segment.get(4).unwrap_or(&0));
+                    let spectral_start = segment.get(5 + 2 * count).copied().unwrap_or(0);
+                    let unused = spectral_start > 0
+                        && count == 1
+                        && segment.get(5).is_some_and(|id| self.dc_only.contains(id));
+                    if !unused {
+                        out.extend_from_slice(segment);
+                    }
+                    at += segment.len();
+                    self.state = FilterState::Entropy { kept: !unused };
+                }
+            }
+        }
+        self.held = bytes[at..].to_vec();
+        Ok(())
+    }
 }
 
 /// Naive CMYK to RGB (no ICC profile). Adobe applications store CMYK (and YCCK, which libjpeg
@@ -397,6 +601,33 @@ mod tests {
                 whole.pixels == reduced.pixels,
                 "{sampling:?}: pixels differ"
             );
+        }
+    }
+
+    #[test]
+    fn the_streamed_scan_filter_keeps_what_the_whole_file_filter_keeps() {
+        for sampling in [
+            jpeg_encoder::SamplingFactor::F_2_2,
+            jpeg_encoder::SamplingFactor::F_1_1,
+        ] {
+            let bytes = progressive(512, 384, sampling);
+            let header = read_header(&bytes).unwrap();
+            let whole = without_unused_scans(&bytes, &header).unwrap().unwrap();
+            for piece in [1, 2, 3, 7, 100, 4096] {
+                let mut filter = ScanFilter::new(&header, 1000);
+                let mut kept = Vec::new();
+                for chunk in bytes.chunks(piece) {
+                    filter.pass(chunk, &mut kept).unwrap();
+                }
+                kept.extend_from_slice(&filter.held);
+                assert!(kept == whole, "{sampling:?} in pieces of {piece}");
+            }
+            let scans = scan_offsets(&bytes).len() as u32;
+            let mut filter = ScanFilter::new(&header, scans - 1);
+            assert!(matches!(
+                filter.pass(&bytes, &mut Vec::new()),
+                Err(ThumbnailError::TooManyScans { .. })
+            ));
         }
     }
 

@@ -20,6 +20,10 @@
 //! decoder is the C library libheif (plus libde265), which would add system libraries to every
 //! build and image, and a large C attack surface; HEIF uploads are stored as they are.
 //!
+//! An upload's JPEG or PNG is decoded while its bytes arrive ([`ImageFeed`], `feed.rs`): the
+//! same decoders, fed chunk by chunk on the same pool, so that after the last byte only the last
+//! rows, the resize and the encode remain; whatever cannot stream is decoded as below.
+//!
 //! [`ThumbnailPool`] runs the work off the async runtime on at most `thumbnails.workers`
 //! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, each waiting
 //! at most `thumbnails.queue_timeout`, refuses a decode whose peak memory (computed from the
@@ -38,6 +42,7 @@
 //! frames ("C-unwind"), caught in `jpeg/libjpeg.rs`: the crate must not be built with
 //! `panic = "abort"`.
 
+mod feed;
 mod gif;
 mod jpeg;
 mod output;
@@ -54,8 +59,10 @@ use std::{
 };
 
 use bytes::Bytes;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use feed::{INPUT_BYTES, ImageFeed, MAX_HEADER_BYTES};
 pub use raster::Orientation;
 
 use crate::{
@@ -455,6 +462,15 @@ impl Thumbnailer {
             }
         };
         deadline.check()?;
+        self.thumbnail(plan, decoded)
+    }
+
+    /// Resizes, turns upright and encodes what the decoder produced.
+    fn thumbnail(
+        &self,
+        plan: &DecodePlan,
+        decoded: raster::Raster,
+    ) -> Result<Thumbnail, ThumbnailError> {
         let encoded = output::finish(decoded, plan.target, plan.orientation, self.jpeg_quality)?;
         let (source_width, source_height) = plan.source_size();
         Ok(Thumbnail {
@@ -504,6 +520,46 @@ pub struct ThumbnailPool {
 struct Activity {
     decoding: AtomicUsize,
     reserved_bytes: AtomicU64,
+    /// Decoders following an upload (see [`ImageFeed`]), each holding its memory.
+    streaming: AtomicUsize,
+    /// Bytes the streamed decoders have consumed, ever.
+    streamed_bytes: AtomicU64,
+    metrics: ThumbnailMetrics,
+}
+
+impl Activity {
+    fn reserve(&self, bytes: u64) {
+        self.reserved_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics
+            .reserved_bytes
+            .inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    fn release(&self, bytes: u64) {
+        self.reserved_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.metrics
+            .reserved_bytes
+            .dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    fn streamed(&self, bytes: u64) {
+        self.streamed_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.streamed_bytes.inc_by(bytes);
+    }
+}
+
+/// The pool's Prometheus series (registered in [`crate::metrics::Metrics`]).
+#[derive(Debug, Clone, Default)]
+pub struct ThumbnailMetrics {
+    /// `thumbnail_streaming_decoders`: decoders following an upload in progress.
+    pub streaming_decoders: Gauge,
+    /// `thumbnail_streamed_bytes`: bytes those decoders consumed as they arrived.
+    pub streamed_bytes: Counter,
+    /// `thumbnail_stream_fallbacks`: images decoded after their last byte instead (format,
+    /// long header, no memory at the header, or the streamed decode failed).
+    pub stream_fallbacks: Counter,
+    /// `thumbnail_reserved_bytes`: memory budget held by decodes, streamed or not.
+    pub reserved_bytes: Gauge,
 }
 
 /// A running decode's worker slot and memory, given back when the decode has really ended.
@@ -520,9 +576,7 @@ impl Held {
         activity: Arc<Activity>,
     ) -> Self {
         activity.decoding.fetch_add(1, Ordering::Relaxed);
-        activity
-            .reserved_bytes
-            .fetch_add(reservation.bytes(), Ordering::Relaxed);
+        activity.reserve(reservation.bytes());
         Self {
             _worker: worker,
             reservation,
@@ -534,9 +588,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.activity.decoding.fetch_sub(1, Ordering::Relaxed);
-        self.activity
-            .reserved_bytes
-            .fetch_sub(self.reservation.bytes(), Ordering::Relaxed);
+        self.activity.release(self.reservation.bytes());
     }
 }
 
@@ -558,6 +610,25 @@ impl ThumbnailPool {
         }
     }
 
+    /// Reports to these series (the app's registry) instead of unregistered ones.
+    pub fn with_metrics(mut self, metrics: ThumbnailMetrics) -> Self {
+        self.activity = Arc::new(Activity {
+            metrics,
+            ..Activity::default()
+        });
+        self
+    }
+
+    /// Decoders following uploads in progress (see [`ImageFeed`]), each holding its memory.
+    pub fn streaming(&self) -> usize {
+        self.activity.streaming.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the streamed decoders have consumed so far, in all.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.activity.streamed_bytes.load(Ordering::Relaxed)
+    }
+
     /// Stops every running decode at its next check and refuses new ones: at shutdown, so no
     /// blocking thread outlives the grace period.
     pub fn close(&self) {
@@ -574,7 +645,7 @@ impl ThumbnailPool {
         self.activity.decoding.load(Ordering::Relaxed)
     }
 
-    /// Bytes of the memory budget the running decodes hold.
+    /// Bytes of the memory budget the running decodes (streamed ones included) hold.
     pub fn reserved_bytes(&self) -> u64 {
         self.activity.reserved_bytes.load(Ordering::Relaxed)
     }

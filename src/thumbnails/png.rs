@@ -3,7 +3,13 @@
 //! depths and tRNS expanded, 16-bit reduced to 8) and box-shrunk as they arrive, so only the
 //! reduced image is ever held. Interlaced files have to be decoded whole first.
 
-use std::io::Cursor;
+use std::{
+    collections::VecDeque,
+    io::{BufRead, Cursor, ErrorKind, Read, Seek, SeekFrom},
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
 
 use super::{
     Deadline, ThumbnailError,
@@ -39,6 +45,13 @@ pub(super) fn read_header(bytes: &[u8]) -> Result<PngHeader<'_>, ThumbnailError>
         };
         let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let kind = &head[4..8];
+        // The image data itself is not header: a decode that follows the upload starts here.
+        if matches!(kind, b"IDAT" | b"IEND") {
+            if ihdr.is_none() {
+                return Err(undecodable("IHDR is not the first chunk"));
+            }
+            break;
+        }
         let Some(data) = bytes.get(position + 8..position + 8 + length) else {
             return Err(undecodable("truncated chunk"));
         };
@@ -46,7 +59,6 @@ pub(super) fn read_header(bytes: &[u8]) -> Result<PngHeader<'_>, ThumbnailError>
             b"IHDR" if data.len() == 13 => ihdr = Some(data),
             b"tRNS" => transparency = true,
             b"eXIf" => exif = Some(data),
-            b"IDAT" | b"IEND" => break,
             _ => {}
         }
         if ihdr.is_none() {
@@ -99,18 +111,10 @@ pub(super) fn decode_bytes(header: &PngHeader<'_>, factor: u32) -> u64 {
     2 * raw_row + width * channels + reduced + sums + whole + 128 * 1024
 }
 
-/// Decodes, shrinking by `factor` on the way.
-pub(super) fn decode(
-    bytes: &[u8],
-    header: &PngHeader<'_>,
-    factor: u32,
-    limit: u64,
-    deadline: &Deadline,
-) -> Result<Raster, ThumbnailError> {
-    let undecodable =
-        |error: png::DecodingError| ThumbnailError::Undecodable(format!("PNG: {error}"));
+/// The `png` reader's settings, the same for a whole and a streamed decode.
+fn decoder<R: BufRead + Seek>(input: R, limit: u64) -> png::Decoder<R> {
     let mut decoder = png::Decoder::new_with_limits(
-        Cursor::new(bytes),
+        input,
         png::Limits {
             bytes: usize::try_from(limit).unwrap_or(usize::MAX),
         },
@@ -119,18 +123,216 @@ pub(super) fn decode(
     // Text and colour profiles are dropped from thumbnails; skip decompressing them.
     decoder.set_ignore_text_chunk(true);
     decoder.set_ignore_iccp_chunk(true);
-    let mut reader = decoder.read_info().map_err(undecodable)?;
-    let layout = match reader.output_color_type().0 {
-        png::ColorType::Grayscale => Layout::Gray,
-        png::ColorType::GrayscaleAlpha => Layout::GrayAlpha,
-        png::ColorType::Rgb => Layout::Rgb,
-        png::ColorType::Rgba => Layout::Rgba,
-        png::ColorType::Indexed => {
-            return Err(ThumbnailError::Undecodable(
-                "PNG: palette not expanded".into(),
-            ));
+    decoder
+}
+
+fn output_layout<R: BufRead + Seek>(reader: &png::Reader<R>) -> Result<Layout, ThumbnailError> {
+    match reader.output_color_type().0 {
+        png::ColorType::Grayscale => Ok(Layout::Gray),
+        png::ColorType::GrayscaleAlpha => Ok(Layout::GrayAlpha),
+        png::ColorType::Rgb => Ok(Layout::Rgb),
+        png::ColorType::Rgba => Ok(Layout::Rgba),
+        png::ColorType::Indexed => Err(ThumbnailError::Undecodable(
+            "PNG: palette not expanded".into(),
+        )),
+    }
+}
+
+fn undecodable(error: png::DecodingError) -> ThumbnailError {
+    ThumbnailError::Undecodable(format!("PNG: {error}"))
+}
+
+/// Chunks of the file that arrived and the reader has not taken yet.
+type Arrived = Arc<Mutex<VecDeque<Bytes>>>;
+
+/// The reader's input: what has arrived so far. Running out is `UnexpectedEof` (an empty
+/// `fill_buf`), after which the `png` reader resumes where it stopped once more has arrived.
+struct ArrivedInput {
+    arrived: Arrived,
+    current: Bytes,
+    position: usize,
+}
+
+impl Read for ArrivedInput {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let count = available.len().min(buffer.len());
+        buffer[..count].copy_from_slice(&available[..count]);
+        self.consume(count);
+        Ok(count)
+    }
+}
+
+impl BufRead for ArrivedInput {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.position == self.current.len() {
+            let next = self
+                .arrived
+                .lock()
+                .map_or(None, |mut arrived| arrived.pop_front());
+            if let Some(next) = next {
+                self.current = next;
+                self.position = 0;
+            }
         }
-    };
+        Ok(&self.current[self.position..])
+    }
+
+    fn consume(&mut self, count: usize) {
+        self.position += count;
+    }
+}
+
+/// Required by the reader's bounds, never called by it.
+impl Seek for ArrivedInput {
+    fn seek(&mut self, _: SeekFrom) -> std::io::Result<u64> {
+        Err(std::io::Error::new(
+            ErrorKind::Unsupported,
+            "a streamed PNG cannot seek",
+        ))
+    }
+}
+
+/// A non-interlaced PNG decoded while it arrives: rows are unfiltered and box-shrunk as soon as
+/// their compressed bytes are in, so at the last byte only the last rows remain.
+pub(super) struct StreamingPng {
+    arrived: Arrived,
+    width: u32,
+    height: u32,
+    factor: u32,
+    limit: u64,
+    /// Created at the first push, which holds every byte up to the image data (the plan was
+    /// read from them).
+    reader: Option<png::Reader<ArrivedInput>>,
+    reducer: Option<BoxReducer>,
+    rows: u32,
+    rows_done: bool,
+    finished: bool,
+    failed: Option<ThumbnailError>,
+}
+
+impl StreamingPng {
+    /// `None` for an interlaced file, which cannot be reduced row by row (it is decoded whole
+    /// once it has arrived).
+    pub(super) fn new(header: &PngHeader<'_>, factor: u32, limit: u64) -> Option<Self> {
+        if header.interlaced {
+            return None;
+        }
+        Some(Self {
+            arrived: Arrived::default(),
+            width: header.width,
+            height: header.height,
+            factor,
+            limit,
+            reader: None,
+            reducer: None,
+            rows: 0,
+            rows_done: false,
+            finished: false,
+            failed: None,
+        })
+    }
+
+    /// Gives the next bytes of the file and decodes as far as they reach.
+    pub(super) fn push(&mut self, bytes: Bytes, deadline: &Deadline) -> Result<(), ThumbnailError> {
+        if let Some(failed) = &self.failed {
+            return Err(failed.clone());
+        }
+        // Past IEND: nothing more is read, so nothing is kept.
+        if self.finished {
+            return Ok(());
+        }
+        if let Ok(mut arrived) = self.arrived.lock() {
+            arrived.push_back(bytes);
+        }
+        let result = self.run(false, deadline);
+        if let Err(error) = &result {
+            self.failed = Some(error.clone());
+        }
+        result
+    }
+
+    /// Every byte has been pushed: decodes the rest and returns the reduced image.
+    pub(super) fn finish(mut self, deadline: &Deadline) -> Result<Raster, ThumbnailError> {
+        if let Some(failed) = self.failed.take() {
+            return Err(failed);
+        }
+        self.run(true, deadline)?;
+        match self.reducer {
+            Some(reducer) if self.finished => Ok(reducer.finish()),
+            _ => Err(ThumbnailError::Undecodable("PNG: missing rows".into())),
+        }
+    }
+
+    /// Decodes what arrived; running out of bytes ends the step, or the decode once `ended`.
+    fn run(&mut self, ended: bool, deadline: &Deadline) -> Result<(), ThumbnailError> {
+        let waiting = |error: &png::DecodingError| {
+            !ended
+                && matches!(error, png::DecodingError::IoError(io) if io.kind() == ErrorKind::UnexpectedEof)
+        };
+        if self.reader.is_none() {
+            let input = ArrivedInput {
+                arrived: self.arrived.clone(),
+                current: Bytes::new(),
+                position: 0,
+            };
+            let reader = decoder(input, self.limit)
+                .read_info()
+                .map_err(undecodable)?;
+            let layout = output_layout(&reader)?;
+            self.reducer = Some(BoxReducer::new(
+                self.width,
+                self.height,
+                layout,
+                self.factor,
+            )?);
+            self.reader = Some(reader);
+        }
+        let (Some(reader), Some(reducer)) = (&mut self.reader, &mut self.reducer) else {
+            return Ok(());
+        };
+        while !self.rows_done {
+            match reader.next_row() {
+                Ok(Some(row)) => {
+                    reducer.push_row(row.data());
+                    self.rows += 1;
+                    if self.rows.is_multiple_of(64) {
+                        deadline.check()?;
+                    }
+                }
+                Ok(None) => {
+                    if self.rows != self.height {
+                        return Err(ThumbnailError::Undecodable("PNG: missing rows".into()));
+                    }
+                    self.rows_done = true;
+                }
+                Err(error) if waiting(&error) => return Ok(()),
+                Err(error) => return Err(undecodable(error)),
+            }
+        }
+        if !self.finished {
+            match reader.finish() {
+                Ok(()) => self.finished = true,
+                Err(error) if waiting(&error) => return Ok(()),
+                Err(error) => return Err(undecodable(error)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes, shrinking by `factor` on the way.
+pub(super) fn decode(
+    bytes: &[u8],
+    header: &PngHeader<'_>,
+    factor: u32,
+    limit: u64,
+    deadline: &Deadline,
+) -> Result<Raster, ThumbnailError> {
+    let mut reader = decoder(Cursor::new(bytes), limit)
+        .read_info()
+        .map_err(undecodable)?;
+    let layout = output_layout(&reader)?;
     let mut reducer = BoxReducer::new(header.width, header.height, layout, factor)?;
     if header.interlaced {
         let size = reader

@@ -539,6 +539,321 @@ async fn the_pool_reports_undecodable_images() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decoding while the bytes arrive (`ThumbnailPool::feed`).
+
+/// A progressive photo-like JPEG (the stream decodes every scan; the buffered decode leaves
+/// the unused ones out at 1/8: both must give the same thumbnail).
+fn progressive_jpeg(width: u16, height: u16) -> Vec<u8> {
+    let mut pixels = Vec::with_capacity(usize::from(width) * usize::from(height) * 3);
+    for y in 0..u32::from(height) {
+        for x in 0..u32::from(width) {
+            let detail = ((x * 7 + y * 13) % 23) as u8;
+            pixels.extend_from_slice(&[
+                (x / 11) as u8 ^ detail,
+                (y / 7) as u8,
+                ((x + y) / 13) as u8,
+            ]);
+        }
+    }
+    let mut bytes = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, 90);
+    encoder.set_progressive(true);
+    encoder
+        .encode(&pixels, width, height, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    bytes
+}
+
+/// Feeds `body` to a new feed in `chunk`-byte chunks, as an upload does, and finishes it.
+async fn feed_in_chunks(
+    pool: &Arc<ThumbnailPool>,
+    kind: FileKind,
+    body: &[u8],
+    chunk: usize,
+) -> Result<Option<Thumbnail>, ThumbnailError> {
+    let mut feed = pool.feed(kind);
+    let mut received = Vec::new();
+    for piece in body.chunks(chunk) {
+        received.extend_from_slice(piece);
+        feed.push(&Bytes::copy_from_slice(piece), &received).await;
+    }
+    feed.finish(Bytes::from(received)).await
+}
+
+fn streaming_pool(budget: u64) -> (Arc<ThumbnailPool>, Arc<MemoryBudget>) {
+    let budget = MemoryBudget::new(budget, Duration::from_secs(5));
+    let pool = ThumbnailPool::new(&ThumbnailSettings::default(), MAX_PIXELS, budget.clone());
+    (Arc::new(pool), budget)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    let mut images: Vec<(FileKind, String, Vec<u8>)> = [
+        (FileKind::Jpeg, "orientation-6.jpg"),
+        (FileKind::Jpeg, "exif-gps.jpg"),
+        (FileKind::Jpeg, "cmyk.jpg"),
+        (FileKind::Jpeg, "gray.jpg"),
+        (FileKind::Png, "palette-trns.png"),
+        (FileKind::Png, "rgb16.png"),
+        (FileKind::Png, "rgba-disc.png"),
+        (FileKind::Png, "gray.png"),
+        (FileKind::Png, "metadata.png"),
+    ]
+    .into_iter()
+    .map(|(kind, name)| (kind, name.to_owned(), image(name)))
+    .collect();
+    images.push((
+        FileKind::Jpeg,
+        "progressive".into(),
+        progressive_jpeg(1600, 1200),
+    ));
+    // Decoded at 1/8: its unused scans are dropped as they stream by.
+    images.push((
+        FileKind::Jpeg,
+        "progressive at 1/8".into(),
+        progressive_jpeg(2800, 2100),
+    ));
+    images.push((FileKind::Png, "large".into(), large_png(1500).to_vec()));
+    for (kind, name, body) in &images {
+        let buffered = thumbnailer().make(*kind, body).unwrap().unwrap();
+        for chunk in [61, 4096, 65536] {
+            let before = pool.streamed_bytes();
+            let streamed = feed_in_chunks(&pool, *kind, body, chunk)
+                .await
+                .unwrap_or_else(|error| panic!("{name} in {chunk}-byte chunks: {error}"))
+                .unwrap();
+            assert!(
+                streamed.bytes == buffered.bytes,
+                "{name} in {chunk}-byte chunks: another thumbnail"
+            );
+            assert_eq!(
+                (streamed.source_width, streamed.source_height),
+                (buffered.source_width, buffered.source_height)
+            );
+            assert_eq!(
+                pool.streamed_bytes() - before,
+                body.len() as u64,
+                "{name} in {chunk}-byte chunks was decoded while it arrived"
+            );
+        }
+    }
+    assert_eq!(pool.streaming(), 0);
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert!(budget.is_idle());
+}
+
+#[test]
+fn images_decoded_byte_by_byte_give_the_whole_file_thumbnail() {
+    let thumbnailer = thumbnailer();
+    for (kind, name) in [
+        (FileKind::Jpeg, "orientation-6.jpg"),
+        (FileKind::Jpeg, "cmyk.jpg"),
+        (FileKind::Jpeg, "gray.jpg"),
+        (FileKind::Png, "palette-trns.png"),
+        (FileKind::Png, "rgb16.png"),
+        (FileKind::Png, "rgba-disc.png"),
+    ] {
+        let body = image(name);
+        let whole = thumbnailer.make(kind, &body).unwrap().unwrap();
+        for piece in [1, 13] {
+            let streamed = thumbnailer
+                .make_in_pieces(kind, &body, piece)
+                .unwrap_or_else(|error| panic!("{name} in {piece}-byte pieces: {error}"))
+                .unwrap();
+            assert!(
+                streamed.bytes == whole.bytes,
+                "{name} in {piece}-byte pieces"
+            );
+        }
+    }
+    let progressive = progressive_jpeg(2800, 2100);
+    let whole = thumbnailer
+        .make(FileKind::Jpeg, &progressive)
+        .unwrap()
+        .unwrap();
+    let streamed = thumbnailer
+        .make_in_pieces(FileKind::Jpeg, &progressive, 7)
+        .unwrap()
+        .unwrap();
+    assert!(
+        streamed.bytes == whole.bytes,
+        "progressive at 1/8 in 7-byte pieces"
+    );
+    // Bytes after the end (a motion photo's video after a JPEG's end marker) are not kept:
+    // more than the decoder may hold unconsumed, and still the thumbnail streams.
+    let mut motion_photo = image("orientation-6.jpg");
+    let whole = thumbnailer
+        .make(FileKind::Jpeg, &motion_photo)
+        .unwrap()
+        .unwrap();
+    motion_photo.extend(std::iter::repeat_n(0x5A, 3 << 20));
+    let streamed = thumbnailer
+        .make_in_pieces(FileKind::Jpeg, &motion_photo, 64 * 1024)
+        .unwrap()
+        .unwrap();
+    assert!(
+        streamed.bytes == whole.bytes,
+        "a JPEG with 3 MiB after its end"
+    );
+    for (kind, name) in [
+        (FileKind::Jpeg, "truncated.jpg"),
+        (FileKind::Png, "corrupt.png"),
+    ] {
+        assert!(matches!(
+            thumbnailer.make_in_pieces(kind, &image(name), 5),
+            Err(ThumbnailError::Undecodable(_))
+        ));
+    }
+}
+
+/// Polls `condition` every millisecond for at most five seconds.
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < Duration::from_secs(5), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decoder_has_consumed_the_head_before_the_last_chunk_arrives() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    for (kind, body) in [
+        (FileKind::Jpeg, progressive_jpeg(1600, 1200)),
+        (FileKind::Jpeg, progressive_jpeg(2800, 2100)),
+        (FileKind::Jpeg, image("exif-gps.jpg")),
+        (FileKind::Png, large_png(1500).to_vec()),
+    ] {
+        let (head, last) = body.split_at(body.len() - 1000);
+        let base = pool.streamed_bytes();
+        let mut feed = pool.feed(kind);
+        let mut received = Vec::new();
+        for piece in head.chunks(8192) {
+            received.extend_from_slice(piece);
+            feed.push(&Bytes::copy_from_slice(piece), &received).await;
+        }
+        // Every byte but the last thousand is decoded before they are sent.
+        until("the head is decoded", || {
+            pool.streamed_bytes() - base == head.len() as u64
+        })
+        .await;
+        assert_eq!(pool.streaming(), 1, "one decoder follows the upload");
+        assert!(pool.reserved_bytes() > 0, "its memory is reserved");
+        received.extend_from_slice(last);
+        feed.push(&Bytes::copy_from_slice(last), &received).await;
+        let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
+        assert_eq!(
+            thumbnail.bytes,
+            thumbnailer().make(kind, &body).unwrap().unwrap().bytes
+        );
+        assert_eq!(pool.streamed_bytes() - base, body.len() as u64);
+        assert_eq!(pool.streaming(), 0);
+        assert!(budget.is_idle());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_feed_stops_its_decoder_and_frees_its_memory() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    let body = large_png(1500);
+    let half = &body[..body.len() / 2];
+    let mut feed = pool.feed(FileKind::Png);
+    let mut received = Vec::new();
+    for piece in half.chunks(8192) {
+        received.extend_from_slice(piece);
+        feed.push(&Bytes::copy_from_slice(piece), &received).await;
+    }
+    until("the half is decoded", || {
+        pool.streamed_bytes() == half.len() as u64
+    })
+    .await;
+    assert_eq!(pool.streaming(), 1);
+    assert!(!budget.is_idle());
+    // The upload failed, was cancelled or went idle: its body and feed are dropped.
+    drop(feed);
+    until("the decoder is gone", || pool.streaming() == 0).await;
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert!(budget.is_idle());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_holds_no_worker_while_its_decoder_waits() {
+    // One worker, waited for at most 200 ms: a decoder that kept it (or a thread) while its
+    // upload stalls would make the next image WORKERS_BUSY.
+    let settings = ThumbnailSettings {
+        workers: 1,
+        queue_timeout: Duration::from_millis(200),
+        ..ThumbnailSettings::default()
+    };
+    let budget = MemoryBudget::new(1 << 28, Duration::from_secs(5));
+    let pool = Arc::new(ThumbnailPool::new(&settings, MAX_PIXELS, budget.clone()));
+    let stalled_body = large_png(1500);
+    let half = &stalled_body[..stalled_body.len() / 2];
+    let mut stalled = pool.feed(FileKind::Png);
+    stalled.push(&Bytes::copy_from_slice(half), half).await;
+    until("the stalled upload's half is decoded", || {
+        pool.streamed_bytes() == half.len() as u64
+    })
+    .await;
+    assert_eq!(pool.decoding(), 0, "no decode runs while the upload stalls");
+    for (kind, name) in [
+        (FileKind::Jpeg, "exif-gps.jpg"),
+        (FileKind::Png, "rgb16.png"),
+    ] {
+        let body = image(name);
+        let streamed = feed_in_chunks(&pool, kind, &body, 4096)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            streamed.bytes,
+            thumbnailer().make(kind, &body).unwrap().unwrap().bytes
+        );
+        let whole = pool.make(kind, Bytes::from(body)).await.unwrap().unwrap();
+        assert_eq!(whole.bytes, streamed.bytes, "{name}");
+    }
+    assert_eq!(pool.streaming(), 1, "the stalled decoder is still there");
+    drop(stalled);
+    until("the stalled decoder is gone", || pool.streaming() == 0).await;
+    assert!(budget.is_idle());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_images_fed_while_arriving_get_the_buffered_verdict() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    for (kind, name) in [
+        (FileKind::Jpeg, "truncated.jpg"),
+        (FileKind::Png, "corrupt.png"),
+    ] {
+        let body = image(name);
+        let buffered = pool.make(kind, Bytes::from(body.clone())).await;
+        let streamed = feed_in_chunks(&pool, kind, &body, 997).await;
+        match (streamed, buffered) {
+            (Err(ThumbnailError::Undecodable(_)), Err(ThumbnailError::Undecodable(_))) => {}
+            (streamed, buffered) => panic!(
+                "{name}: streamed {:?}, buffered {:?}",
+                streamed.map(|made| made.is_some()),
+                buffered.map(|made| made.is_some())
+            ),
+        }
+    }
+    // A file of too many scans is refused as before, whether it streamed or not.
+    let many = many_scan_jpeg(64, 48, 5, 2, 300);
+    let settings = ThumbnailSettings {
+        max_jpeg_scans: 100,
+        ..ThumbnailSettings::default()
+    };
+    let pool = Arc::new(ThumbnailPool::new(&settings, MAX_PIXELS, budget.clone()));
+    assert!(matches!(
+        feed_in_chunks(&pool, FileKind::Jpeg, &many, 997).await,
+        Err(ThumbnailError::TooManyScans { max_scans: 100 })
+    ));
+    assert_eq!(pool.streaming(), 0);
+    assert!(budget.is_idle());
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hostile JPEGs: decodes that would run for minutes, bounded by the scan limit and the deadline.
 
 /// Writes the entropy-coded data of one scan: bits MSB first, 0xFF stuffed, padded with ones.
@@ -872,7 +1187,7 @@ mod service {
     use tonic::{Code, Status, transport::Channel};
     use tonic_types::StatusExt;
 
-    use super::{SLOW_JPEG_SCANS, large_png, many_scan_jpeg, slow_jpeg};
+    use super::{SLOW_JPEG_SCANS, large_png, many_scan_jpeg, progressive_jpeg, slow_jpeg};
     use crate::support::{
         ServiceProcess, TestServer,
         cloud::{self, bucket_leftovers, file_record_pattern, redis_keys, use_cloud},
@@ -1145,5 +1460,164 @@ mod service {
         // The decode was still running when the grace ended: the upload was cut off.
         let status = slow.await.unwrap().expect_err("cut off by the shutdown");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Decoding while the bytes arrive, observed through /metrics.
+
+    /// A metric without labels from the server's /metrics.
+    async fn metric(server: &TestServer, name: &str) -> f64 {
+        let text = reqwest::get(server.http_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in {text}"))
+    }
+
+    /// Polls the metric until it reads `value` (five seconds at most).
+    async fn until_metric(server: &TestServer, name: &str, value: f64) {
+        let started = Instant::now();
+        loop {
+            let now = metric(server, name).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{name} stayed {now}, not {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// An UploadFile call whose messages the test sends one at a time.
+    struct OpenUpload {
+        sender: tokio::sync::mpsc::UnboundedSender<pb::UploadFileRequest>,
+        call: tokio::task::JoinHandle<Result<pb::FileInfo, Status>>,
+    }
+
+    impl OpenUpload {
+        fn start(channel: &Channel, conversation_id: &str, name: &str, size: usize) -> Self {
+            let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+            let content_type = if name.ends_with(".png") {
+                "image/png"
+            } else {
+                "image/jpeg"
+            };
+            let metadata = cloud::metadata_of_size(conversation_id, name, content_type, size);
+            sender
+                .send(pb::UploadFileRequest {
+                    payload: Some(pb::upload_file_request::Payload::Metadata(metadata)),
+                })
+                .unwrap();
+            let messages = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+            let mut files = Files::new(channel.clone());
+            let call = tokio::spawn(async move {
+                files
+                    .upload_file(crate::support::as_user("alice", messages))
+                    .await
+                    .map(|response| response.into_inner().file.expect("file info"))
+            });
+            Self { sender, call }
+        }
+
+        fn send(&self, bytes: &[u8], chunk: usize) {
+            for piece in bytes.chunks(chunk) {
+                let payload =
+                    pb::upload_file_request::Payload::Chunk(Bytes::copy_from_slice(piece));
+                self.sender
+                    .send(pb::UploadFileRequest {
+                        payload: Some(payload),
+                    })
+                    .unwrap();
+            }
+        }
+    }
+
+    const STREAMED: &str = "thumbnail_streamed_bytes_total";
+    const DECODERS: &str = "thumbnail_streaming_decoders";
+    const RESERVED: &str = "thumbnail_reserved_bytes";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_image_upload_is_decoded_while_its_bytes_arrive() {
+        let key_prefix = unique_prefix("thumbs-streamed");
+        let server = server(&key_prefix, |_| {}).await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let mut streamed = 0.0;
+        for (name, body) in [
+            ("photo.jpg", progressive_jpeg(1600, 1200)),
+            ("drawing.png", large_png(1500).to_vec()),
+        ] {
+            let (head, last) = body.split_at(body.len() - 4096);
+            let upload = OpenUpload::start(&channel, &conversation_id, name, body.len());
+            upload.send(head, 16 * 1024);
+            // The decoder has consumed every byte sent, before the last chunk leaves.
+            streamed += head.len() as f64;
+            until_metric(&server, STREAMED, streamed).await;
+            assert_eq!(metric(&server, DECODERS).await, 1.0, "{name}");
+            assert!(metric(&server, RESERVED).await > 0.0, "{name}");
+            upload.send(last, 16 * 1024);
+            drop(upload.sender);
+            let file = upload.call.await.unwrap().unwrap();
+            assert!(file.has_thumbnail, "{name}");
+            streamed += last.len() as f64;
+            assert_eq!(metric(&server, STREAMED).await, streamed, "{name}");
+            until_metric(&server, DECODERS, 0.0).await;
+            until_metric(&server, RESERVED, 0.0).await;
+            let mut left = leftovers(&key_prefix, &conversation_id).await;
+            left.retain(|key| key.contains(&file.file_id));
+            assert_eq!(left, kept(&key_prefix, &conversation_id, &file.file_id));
+        }
+        assert_eq!(
+            metric(&server, "thumbnail_stream_fallbacks_total").await,
+            0.0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_refused_and_cancelled_image_uploads_free_their_decoder() {
+        let key_prefix = unique_prefix("thumbs-streamed-ends");
+        let server = server(&key_prefix, |settings| {
+            settings.uploads.idle_timeout = Duration::from_millis(400);
+        })
+        .await;
+        let (channel, conversation_id) = conversation(&server).await;
+        let body = large_png(1500);
+        let half = &body[..body.len() / 2];
+        let mut streamed = 0.0;
+        for ending in ["stalled", "refused", "cancelled"] {
+            let upload = OpenUpload::start(&channel, &conversation_id, "drawing.png", body.len());
+            upload.send(half, 16 * 1024);
+            streamed += half.len() as f64;
+            until_metric(&server, STREAMED, streamed).await;
+            assert_eq!(metric(&server, DECODERS).await, 1.0, "{ending}");
+            match ending {
+                // Nothing more comes: the idle timeout ends the upload, and its decoder.
+                "stalled" => {
+                    let status = upload.call.await.unwrap().unwrap_err();
+                    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+                    assert_eq!(reason(&status), "UPLOAD_IDLE_TIMEOUT");
+                }
+                // More bytes than declared.
+                "refused" => {
+                    upload.send(&body, 64 * 1024);
+                    let status = upload.call.await.unwrap().unwrap_err();
+                    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                    assert_eq!(reason(&status), "SIZE_MISMATCH");
+                }
+                // The client goes away mid-upload.
+                _ => {
+                    upload.call.abort();
+                    let _ = upload.call.await;
+                }
+            }
+            until_metric(&server, DECODERS, 0.0).await;
+            until_metric(&server, RESERVED, 0.0).await;
+        }
+        assert!(leftovers(&key_prefix, &conversation_id).await.is_empty());
     }
 }

@@ -71,22 +71,22 @@ const FATAL_WARNINGS: [ffi::J_MESSAGE_CODE; 3] = [
 /// The progress hook's state. `public` comes first: libjpeg's `cinfo.progress` points at it,
 /// which is also a pointer to the whole struct.
 #[repr(C)]
-struct Monitor<'a> {
+struct Monitor {
     public: ffi::jpeg_progress_mgr,
     max_scans: c_int,
-    deadline: &'a Deadline,
+    deadline: Deadline,
 }
 
 /// One libjpeg decompressor with its error and progress handlers, boxed so the pointers libjpeg
 /// keeps to them stay valid.
-struct Session<'a> {
+struct Session {
     cinfo: ffi::jpeg_decompress_struct,
     error: ffi::jpeg_error_mgr,
-    monitor: Monitor<'a>,
+    monitor: Monitor,
 }
 
-impl<'a> Session<'a> {
-    fn new(limits: &Limits<'a>) -> Box<Self> {
+impl Session {
+    fn new(limits: &Limits<'_>) -> Box<Self> {
         let mut session = Box::new(Session {
             // SAFETY: both are plain C structs for which all-zero is the state libjpeg's own
             // initialisers start from (null pointers, no callbacks, enum values 0).
@@ -101,7 +101,7 @@ impl<'a> Session<'a> {
                     total_passes: 0,
                 },
                 max_scans: c_int::try_from(limits.max_scans).unwrap_or(c_int::MAX),
-                deadline: limits.deadline,
+                deadline: limits.deadline.clone(),
             },
         });
         // SAFETY: the error manager is set before creation (libjpeg reports failures through
@@ -119,7 +119,7 @@ impl<'a> Session<'a> {
     }
 }
 
-impl Drop for Session<'_> {
+impl Drop for Session {
     fn drop(&mut self) {
         // SAFETY: frees everything libjpeg allocated; valid in any state, even a zeroed struct
         // whose creation failed (no memory manager yet).
@@ -142,32 +142,12 @@ fn decode_unguarded(
         // require_image: a file of tables only is an error (unwinds), not a return value.
         ffi::jpeg_read_header(cinfo, 1);
     }
-    cinfo.scale_num = u32::from(numerator);
-    cinfo.scale_denom = 8;
-    // Smoothing guesses missing low AC coefficients from neighbouring blocks; here they are
-    // either all present or (after pruning) unused by the 1x1 IDCT.
-    cinfo.do_block_smoothing = 0;
-    cinfo.out_color_space = match components {
-        1 => ffi::J_COLOR_SPACE::JCS_GRAYSCALE,
-        4 => ffi::J_COLOR_SPACE::JCS_CMYK,
-        _ => ffi::J_COLOR_SPACE::JCS_RGB,
-    };
-    // SAFETY: `mem` was set up by jpeg_create_decompress. With no backing store, whole-image
-    // buffers beyond this limit fail the decode instead of growing past what was reserved.
-    unsafe {
-        (*cinfo.common.mem).max_memory_to_use =
-            c_long::try_from(limits.max_memory).unwrap_or(c_long::MAX);
-        // A progressive file's scans are all absorbed here, under the progress monitor.
-        ffi::jpeg_start_decompress(cinfo);
-    }
-    let width = cinfo.output_width as usize;
+    configure(cinfo, numerator, components, limits.max_memory);
+    // SAFETY: configured after the header, as libjpeg requires. A progressive file's scans are
+    // all absorbed here, under the progress monitor.
+    unsafe { ffi::jpeg_start_decompress(cinfo) };
+    let (pixels, mut rows) = output_rows(cinfo)?;
     let height = cinfo.output_height as usize;
-    let stride = width * cinfo.output_components as usize;
-    let mut pixels = super::super::raster::zeroed(stride * height)?;
-    let mut rows: Vec<*mut u8> = pixels
-        .chunks_exact_mut(stride.max(1))
-        .map(<[u8]>::as_mut_ptr)
-        .collect();
     while (cinfo.output_scanline as usize) < height {
         let next = cinfo.output_scanline as usize;
         let band = &mut rows[next..(next + 16).min(height)];
@@ -183,10 +163,297 @@ fn decode_unguarded(
     // SAFETY: all rows were read; this checks the rest of the file up to its end marker.
     unsafe { ffi::jpeg_finish_decompress(cinfo) };
     Ok(Decoded {
-        width,
+        width: cinfo.output_width as usize,
         height,
         pixels,
     })
+}
+
+/// The decode's parameters, set between the header and the start of the decompression.
+fn configure(
+    cinfo: &mut ffi::jpeg_decompress_struct,
+    numerator: u8,
+    components: usize,
+    max_memory: u64,
+) {
+    cinfo.scale_num = u32::from(numerator);
+    cinfo.scale_denom = 8;
+    // Smoothing guesses missing low AC coefficients from neighbouring blocks; here they are
+    // either all present or (after pruning) unused by the 1x1 IDCT.
+    cinfo.do_block_smoothing = 0;
+    cinfo.out_color_space = match components {
+        1 => ffi::J_COLOR_SPACE::JCS_GRAYSCALE,
+        4 => ffi::J_COLOR_SPACE::JCS_CMYK,
+        _ => ffi::J_COLOR_SPACE::JCS_RGB,
+    };
+    // SAFETY: `mem` was set up by jpeg_create_decompress. With no backing store, whole-image
+    // buffers beyond this limit fail the decode instead of growing past what was reserved.
+    unsafe {
+        (*cinfo.common.mem).max_memory_to_use = c_long::try_from(max_memory).unwrap_or(c_long::MAX);
+    }
+}
+
+/// The output image (known once the decompression started) and a pointer to each of its rows.
+fn output_rows(
+    cinfo: &ffi::jpeg_decompress_struct,
+) -> Result<(Vec<u8>, Vec<*mut u8>), ThumbnailError> {
+    let width = cinfo.output_width as usize;
+    let height = cinfo.output_height as usize;
+    let stride = width * cinfo.output_components as usize;
+    let mut pixels = super::super::raster::zeroed(stride * height)?;
+    let rows: Vec<*mut u8> = pixels
+        .chunks_exact_mut(stride.max(1))
+        .map(<[u8]>::as_mut_ptr)
+        .collect();
+    Ok((pixels, rows))
+}
+
+/// Bytes libjpeg may leave unconsumed between two feeds of a streamed decode. It commits its
+/// input per marker segment (at most 64 KiB) and per MCU (a few KiB), so only a hostile file
+/// comes near this; the streamed decode stops there rather than buffer without end (and the
+/// file is decoded whole after its last byte, which gives the verdict).
+pub(in crate::thumbnails) const MAX_UNCONSUMED: usize = 1 << 20;
+
+/// A decode fed while the file arrives. libjpeg reads through a suspending data source: when
+/// the bytes run out it answers "not yet", libjpeg backs up to the last unit it completed (a
+/// marker segment, an MCU) and returns, so no thread waits for the network. Each
+/// [`StreamingDecode::push`] appends what arrived and decodes as far as it reaches.
+pub(in crate::thumbnails) struct StreamingDecode {
+    // Declared (and so dropped) before the source libjpeg reads from.
+    session: Box<Session>,
+    source: Box<Source>,
+    phase: Phase,
+    numerator: u8,
+    components: usize,
+    max_memory: u64,
+    pixels: Vec<u8>,
+    /// Pointers into `pixels`, one per row, for `jpeg_read_scanlines`.
+    rows: Vec<*mut u8>,
+    /// Once libjpeg failed its state is undefined: every later call answers this.
+    failed: Option<ThumbnailError>,
+}
+
+// SAFETY: the raw pointers point into heap memory this value owns (the session, the source's
+// buffer, `pixels`); libjpeg keeps no thread-local state, and `&mut self` methods run one at a
+// time, on whichever thread.
+unsafe impl Send for StreamingDecode {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Header,
+    Start,
+    Rows,
+    Finish,
+    Done,
+}
+
+/// The suspending data source. `public` comes first: `cinfo.src` points at it.
+#[repr(C)]
+struct Source {
+    public: ffi::jpeg_source_mgr,
+    /// What arrived and libjpeg has not consumed (from `public.next_input_byte` on; the bytes
+    /// before it are dropped at the next feed).
+    buffer: Vec<u8>,
+    /// Bytes libjpeg asked to skip beyond what had arrived: dropped as they come.
+    skip: usize,
+    /// Every byte has arrived: running out now means the file is truncated.
+    ended: bool,
+}
+
+impl StreamingDecode {
+    /// A decode at `numerator / 8` into `components` bytes per pixel, as [`decode`].
+    pub(in crate::thumbnails) fn new(
+        numerator: u8,
+        components: usize,
+        limits: &Limits<'_>,
+    ) -> Self {
+        let session = Session::new(limits);
+        let mut decode = Self {
+            session,
+            source: Box::new(Source {
+                public: ffi::jpeg_source_mgr {
+                    next_input_byte: std::ptr::null(),
+                    bytes_in_buffer: 0,
+                    init_source: Some(source_noop),
+                    fill_input_buffer: Some(source_fill),
+                    skip_input_data: Some(source_skip),
+                    resync_to_restart: Some(ffi::jpeg_resync_to_restart),
+                    term_source: Some(source_noop),
+                },
+                buffer: Vec::new(),
+                skip: 0,
+                ended: false,
+            }),
+            phase: Phase::Header,
+            numerator,
+            components,
+            max_memory: limits.max_memory,
+            pixels: Vec::new(),
+            rows: Vec::new(),
+            failed: None,
+        };
+        // The source lives in its own box, dropped after the session that points at it.
+        decode.session.cinfo.src = &mut decode.source.public;
+        decode
+    }
+
+    /// Gives the next bytes of the file and decodes as far as they reach.
+    pub(in crate::thumbnails) fn push(&mut self, bytes: &[u8]) -> Result<(), ThumbnailError> {
+        if let Some(failed) = &self.failed {
+            return Err(failed.clone());
+        }
+        // Past the end marker (a motion photo appends its video there): nothing to keep.
+        if self.phase == Phase::Done {
+            return Ok(());
+        }
+        self.append(bytes);
+        self.run()?;
+        if self.source.public.bytes_in_buffer > MAX_UNCONSUMED {
+            let error = ThumbnailError::Undecodable(format!(
+                "JPEG: more than {MAX_UNCONSUMED} bytes without a complete unit"
+            ));
+            self.failed = Some(error.clone());
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Sets the deadline (and cancellation) the progress monitor checks from now on.
+    pub(in crate::thumbnails) fn set_deadline(&mut self, deadline: Deadline) {
+        self.session.monitor.deadline = deadline;
+    }
+
+    /// Every byte has been pushed: decodes the rest and returns the image.
+    pub(in crate::thumbnails) fn finish(mut self) -> Result<Decoded, ThumbnailError> {
+        if let Some(failed) = self.failed.take() {
+            return Err(failed);
+        }
+        self.source.ended = true;
+        self.run()?;
+        if self.phase != Phase::Done {
+            return Err(ThumbnailError::Undecodable(
+                "JPEG: libjpeg produced no rows".into(),
+            ));
+        }
+        Ok(Decoded {
+            width: self.session.cinfo.output_width as usize,
+            height: self.session.cinfo.output_height as usize,
+            pixels: mem::take(&mut self.pixels),
+        })
+    }
+
+    /// Keeps what libjpeg has not consumed, then adds `bytes` (less any pending skip).
+    fn append(&mut self, bytes: &[u8]) {
+        let source = &mut *self.source;
+        let skipped = source.skip.min(bytes.len());
+        source.skip -= skipped;
+        let bytes = &bytes[skipped..];
+        let consumed = if source.buffer.is_empty() {
+            0
+        } else {
+            source.public.next_input_byte as usize - source.buffer.as_ptr() as usize
+        };
+        debug_assert_eq!(
+            consumed + source.public.bytes_in_buffer,
+            source.buffer.len()
+        );
+        source.buffer.drain(..consumed);
+        source.buffer.extend_from_slice(bytes);
+        source.public.next_input_byte = source.buffer.as_ptr();
+        source.public.bytes_in_buffer = source.buffer.len();
+    }
+
+    fn run(&mut self) -> Result<(), ThumbnailError> {
+        let result = match catch_unwind(AssertUnwindSafe(|| self.run_unguarded())) {
+            Ok(result) => result,
+            Err(payload) => match payload.downcast::<ThumbnailError>() {
+                Ok(stop) => Err(*stop),
+                Err(other) => resume_unwind(other),
+            },
+        };
+        if let Err(error) = &result {
+            self.failed = Some(error.clone());
+        }
+        result
+    }
+
+    /// Advances through the phases until libjpeg suspends for more bytes or the image is done.
+    fn run_unguarded(&mut self) -> Result<(), ThumbnailError> {
+        let cinfo = &mut self.session.cinfo;
+        loop {
+            match self.phase {
+                Phase::Header => {
+                    // SAFETY: the source points into `self.source.buffer`, valid until the
+                    // next `append`. 0 is JPEG_SUSPENDED; a file of tables only unwinds.
+                    if unsafe { ffi::jpeg_read_header(cinfo, 1) } == 0 {
+                        return Ok(());
+                    }
+                    configure(cinfo, self.numerator, self.components, self.max_memory);
+                    self.phase = Phase::Start;
+                }
+                Phase::Start => {
+                    // SAFETY: as above; a progressive file's scans are absorbed here, over as
+                    // many calls as it takes them to arrive.
+                    if unsafe { ffi::jpeg_start_decompress(cinfo) } == 0 {
+                        return Ok(());
+                    }
+                    (self.pixels, self.rows) = output_rows(cinfo)?;
+                    self.phase = Phase::Rows;
+                }
+                Phase::Rows => {
+                    let height = cinfo.output_height as usize;
+                    while (cinfo.output_scanline as usize) < height {
+                        let next = cinfo.output_scanline as usize;
+                        let band = &mut self.rows[next..(next + 16).min(height)];
+                        // SAFETY: as in `decode_unguarded`; 0 rows means suspended.
+                        let read = unsafe {
+                            ffi::jpeg_read_scanlines(cinfo, band.as_mut_ptr(), band.len() as u32)
+                        };
+                        if read == 0 {
+                            return Ok(());
+                        }
+                    }
+                    self.phase = Phase::Finish;
+                }
+                Phase::Finish => {
+                    // SAFETY: every row was read; reads up to the end marker.
+                    if unsafe { ffi::jpeg_finish_decompress(cinfo) } == 0 {
+                        return Ok(());
+                    }
+                    self.phase = Phase::Done;
+                }
+                Phase::Done => return Ok(()),
+            }
+        }
+    }
+}
+
+unsafe extern "C-unwind" fn source_noop(_cinfo: &mut ffi::jpeg_decompress_struct) {}
+
+/// libjpeg ran out of bytes: suspend until more arrive, or, once all have, the file is
+/// truncated (`jpeg_mem_src` would warn and invent an end marker; that warning is fatal here).
+unsafe extern "C-unwind" fn source_fill(cinfo: &mut ffi::jpeg_decompress_struct) -> ffi::boolean {
+    // SAFETY: `src` points at the `public` field first in a `Source` (StreamingDecode::new).
+    let source = unsafe { &*(cinfo.src as *const Source) };
+    if source.ended {
+        resume_unwind(Box::new(ThumbnailError::Undecodable(
+            "JPEG: Premature end of JPEG file".into(),
+        )));
+    }
+    0
+}
+
+/// Skips a marker segment libjpeg does not need (APPn, COM), also past what has arrived.
+unsafe extern "C-unwind" fn source_skip(cinfo: &mut ffi::jpeg_decompress_struct, bytes: c_long) {
+    // SAFETY: as in `source_fill`; the pointer arithmetic stays within the buffer.
+    unsafe {
+        let source = &mut *(cinfo.src as *mut Source);
+        let wanted = usize::try_from(bytes).unwrap_or(0);
+        let now = wanted.min(source.public.bytes_in_buffer);
+        source.public.next_input_byte = source.public.next_input_byte.add(now);
+        source.public.bytes_in_buffer -= now;
+        source.skip += wanted - now;
+    }
 }
 
 /// libjpeg's `error_exit`: never returns to the C code; the decode unwinds to [`decode`].
@@ -216,7 +483,7 @@ unsafe extern "C-unwind" fn on_progress(cinfo: &mut ffi::jpeg_common_struct) {
             (cinfo as *const ffi::jpeg_common_struct).cast();
         (
             (*decompress).input_scan_number,
-            &*(cinfo.progress as *const Monitor<'_>),
+            &*(cinfo.progress as *const Monitor),
         )
     };
     if scan > monitor.max_scans {
