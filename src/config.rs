@@ -472,7 +472,7 @@ impl Default for UploadSettings {
             document_types: of_category(FileCategory::Document),
             image_types: of_category(FileCategory::Image),
             max_image_pixels: 40_000_000,
-            part_size: ByteSize::mib(8),
+            part_size: ByteSize::mib(5),
             parts_in_flight: 2,
             memory_budget: ByteSize::mib(256),
             memory_wait_timeout: Duration::from_secs(30),

@@ -538,10 +538,7 @@ mod s3_only {
                             .windows(needle.len())
                             .any(|window| window == needle)
                     };
-                    loop {
-                        let Ok(read) = client_read.read(&mut buffer).await else {
-                            break;
-                        };
+                    while let Ok(read) = client_read.read(&mut buffer).await {
                         if read == 0 {
                             break;
                         }
