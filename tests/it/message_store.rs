@@ -713,6 +713,71 @@ pub async fn conversations_are_listed_by_activity(backend: Backend) {
     );
 }
 
+/// Issue 14: the list stays ordered by activity in a 500-participant conversation, where a send
+/// no longer writes anything per participant; a late joiner's entry starts when they joined.
+pub async fn large_conversations_are_listed_by_activity(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
+    let others: Vec<String> = (1..500).map(|i| format!("big-{i}")).collect();
+    let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+    let big = create(&*store, "big-0", &refs).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let small = create(&*store, "big-250", &["big-499"]).await;
+    let order = |user: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .conversations_of(&crate::support::messages::user(user), None, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|entry| (entry.conversation.id, entry.activity))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(order("big-250").await.first().unwrap().0, small);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (_, _) = send(&*store, big, "big-7", "to everyone").await;
+    let sent_at = store
+        .messages_before(big, None, 1)
+        .await
+        .unwrap()
+        .first()
+        .unwrap()
+        .create_time;
+    for user in ["big-0", "big-250", "big-499"] {
+        let listed = order(user).await;
+        assert_eq!(listed[0], (big, sent_at), "{user}");
+    }
+    assert_eq!(order("big-1").await, [(big, sent_at)]);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    send(&*store, small, "big-499", "just us").await;
+    assert_eq!(
+        order("big-250")
+            .await
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        [small, big]
+    );
+    assert_eq!(order("big-1").await, [(big, sent_at)]);
+    // Someone added later lists it from when they joined, until the next message.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store
+        .remove_participant(big, &user("big-0"), &user("big-3"))
+        .await
+        .unwrap();
+    let ChangeOutcome::Changed(_, added) = store
+        .add_participants(big, &user("big-0"), &[user("late")])
+        .await
+        .unwrap()
+    else {
+        panic!("expected Changed");
+    };
+    assert_eq!(order("late").await, [(big, added.create_time)]);
+    assert!(order("big-3").await.is_empty());
+    assert_eq!(order("big-1").await, [(big, sent_at)], "an addition is not activity for the others");
+}
+
 pub async fn retention_trims_by_count(backend: Backend) {
     let store = backend
         .store(Retention {
@@ -855,6 +920,7 @@ crate::support::suite! {
         read_positions_and_unread_counts,
         history_pages_newest_first,
         conversations_are_listed_by_activity,
+        large_conversations_are_listed_by_activity,
         retention_trims_by_count,
         retention_trims_by_age,
         the_live_feed_carries_commits_in_order,

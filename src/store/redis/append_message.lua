@@ -7,7 +7,8 @@
 -- ARGV: 6 sender, 7 message id, 8 MessageRecord JSON, 9 fingerprint, 10 window (s),
 --   11 the file's expire time (ms; only with KEYS[12])
 -- Returns {rejection} | {'duplicate', fingerprint, stored message} |
---   {'appended', event member, participants...}
+--   {'appended', event member}
+-- Nothing here depends on the number of participants (ListConversations reads meta's 'active').
 local K_BY, K_IDEM, K_FILE = KEYS[10], KEYS[11], KEYS[12]
 local sender, message_id, record = ARGV[6], ARGV[7], ARGV[8]
 local refused = refusal_for(sender)
@@ -28,9 +29,10 @@ if seen then
   end
 end
 local now = now_ms()
-local member = append_event(now, '{"MessageCreated":' .. record .. '}')
+local member = append_event(now, '{"MessageCreated":' .. record .. '}', '@' .. message_id)
 local seq = string.match(member, '^(%d+):')
 redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
+redis.call('HSET', K_META, 'active', int(now))
 redis.call('ZADD', K_MSGS, seq, message_id)
 redis.call('ZADD', K_LIVE, seq, message_id)
 redis.call('ZADD', K_BY, seq, message_id)
@@ -45,8 +47,4 @@ else
   redis.call('DEL', K_IDEM)
 end
 trim(now)
-local out = {'appended', member}
-for _, user in ipairs(redis.call('ZRANGE', K_MEMBERS, 0, -1)) do
-  out[#out + 1] = user
-end
-return out
+return {'appended', member}

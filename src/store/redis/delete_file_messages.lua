@@ -37,10 +37,8 @@ for i = 8, #ARGV, 4 do
     end
     local sender = cjson.decode(json).sender
     local prefix = seq .. ':' .. time .. ':'
+    -- The MessageCreated event refers to this entry, so it replays the tombstone too.
     redis.call('HSET', K_MSG, message_id, prefix .. tombstone)
-    if redis.call('ZREMRANGEBYSCORE', K_EVENTS, seq, seq) > 0 then
-      redis.call('ZADD', K_EVENTS, seq, prefix .. '{"MessageCreated":' .. tombstone .. '}')
-    end
     redis.call('ZREM', K_LIVE, message_id)
     redis.call('ZREM', BASE .. 'by:' .. sender, message_id)
     out[#out + 1] = append_event(now, deleted)

@@ -33,10 +33,8 @@ if stored ~= ARGV[8] then
 end
 local prefix = seq .. ':' .. time .. ':'
 local tombstone = prefix .. ARGV[9]
+-- The MessageCreated event refers to this entry, so it replays the tombstone too.
 redis.call('HSET', K_MSG, message_id, tombstone)
-if redis.call('ZREMRANGEBYSCORE', K_EVENTS, seq, seq) > 0 then
-  redis.call('ZADD', K_EVENTS, seq, prefix .. '{"MessageCreated":' .. ARGV[9] .. '}')
-end
 redis.call('ZREM', K_LIVE, message_id)
 redis.call('ZREM', K_BY, message_id)
 local now = now_ms()

@@ -95,7 +95,7 @@ use crate::{
     messaging::model::{Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, UnixMillis},
 };
 
-/// Most index entries one `conversations_of` round trip reads.
+/// Most conversations one `conversations_of` round trip loads.
 const INDEX_PAGE: usize = 500;
 /// Longest idempotency window Redis can hold as an expiry (100 years).
 const MAX_IDEMPOTENCY_WINDOW_SECS: u64 = 100 * 365 * 24 * 3600;
@@ -240,9 +240,11 @@ impl RedisMessageStore {
         }
     }
 
-    /// Moves `id` to `activity` in each user's conversation index (never backwards). The write
-    /// already committed, so a failure here is logged, not returned: the index is derived.
-    async fn touch_activity(&self, id: ConversationId, users: &[UserId], activity: UnixMillis) {
+    /// Records in each user's conversation index that they joined `id` at `joined` (never
+    /// backwards). Sends do not come here: a conversation's message activity is its meta's
+    /// `active`, read when listing. The write already committed, so a failure here is logged,
+    /// not returned.
+    async fn record_joins(&self, id: ConversationId, users: &[UserId], joined: UnixMillis) {
         if users.is_empty() {
             return;
         }
@@ -256,7 +258,7 @@ impl RedisMessageStore {
                     Some(Ordering::GreaterThan),
                     false,
                     false,
-                    (activity as f64, member.as_str()),
+                    (joined as f64, member.as_str()),
                 )
                 .await;
             if let Err(error) = queued {
@@ -355,7 +357,7 @@ impl MessageStore for RedisMessageStore {
         };
         let (conversation, fingerprint) = codec::conversation(new.id, reply.rest())?;
         // Also on `existing`: a retry repairs an index update its first attempt did not finish.
-        self.touch_activity(new.id, &conversation.participants, conversation.create_time)
+        self.record_joins(new.id, &conversation.participants, conversation.create_time)
             .await;
         Ok(if created {
             CreateOutcome::Created(conversation)
@@ -393,7 +395,7 @@ impl MessageStore for RedisMessageStore {
         if let ChangeOutcome::Changed(_, event) = &outcome
             && let EventKind::ParticipantsChanged { added, .. } = &event.kind
         {
-            self.touch_activity(id, added, event.create_time).await;
+            self.record_joins(id, added, event.create_time).await;
         }
         Ok(outcome)
     }
@@ -461,12 +463,6 @@ impl MessageStore for RedisMessageStore {
                     .ok_or_else(|| {
                         StoreError::Corrupt("append_message recorded no MessageCreated".to_owned())
                     })?;
-                let participants = reply.rest()[1..]
-                    .iter()
-                    .filter_map(|raw| UserId::parse(raw).ok())
-                    .collect::<Vec<_>>();
-                self.touch_activity(id, &participants, message.create_time)
-                    .await;
                 Ok(AppendOutcome::Appended(message))
             }
             "duplicate" => Ok(AppendOutcome::Duplicate {
@@ -644,7 +640,7 @@ impl MessageStore for RedisMessageStore {
             .events_after
             .run(
                 &self.client,
-                vec![keys.meta(), keys.events()],
+                vec![keys.meta(), keys.events(), keys.messages()],
                 vec![after.to_string(), limit_arg(limit)],
             )
             .await?
@@ -707,34 +703,52 @@ impl MessageStore for RedisMessageStore {
         cursor: Option<&ActivityCursor>,
         limit: usize,
     ) -> StoreResult<Vec<ConversationEntry>> {
-        let index = self.keys.user_conversations(user);
-        let mut after = cursor.map(|cursor| (cursor.activity, cursor.conversation_id.to_string()));
-        let mut entries = Vec::new();
-        while entries.len() < limit {
-            let wanted = (limit - entries.len()).min(INDEX_PAGE);
-            let (max, after_id) = match &after {
-                Some((activity, id)) => (activity.to_string(), id.clone()),
-                None => ("+inf".to_owned(), String::new()),
-            };
-            let page = self
-                .scripts
-                .conversations_page
-                .run(
-                    &self.client,
-                    vec![index.clone()],
-                    vec![max, after_id, wanted.to_string()],
-                )
-                .await?
-                .into_fields();
-            let mut listed = Vec::with_capacity(page.len() / 2);
-            for pair in page.chunks_exact(2) {
-                let id = ConversationId::parse(&pair[0])
-                    .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
-                listed.push((id, parse_score(&pair[1])?));
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Fan-out on read: the index holds when the user joined each conversation, and each
+        // conversation's meta holds when its newest message was sent; a conversation's activity
+        // for this user is the later of the two (what updating every member's index on every
+        // send used to store). Sends thus cost the same at 2 or 1000 participants, and a page
+        // costs one HGET per conversation of the user (pipelined; in the conversations' slots).
+        let joined: Vec<(String, f64)> = self
+            .client
+            .zrange(
+                self.keys.user_conversations(user),
+                0,
+                -1,
+                None,
+                false,
+                None,
+                true,
+            )
+            .await?;
+        let mut ranked = Vec::with_capacity(joined.len());
+        for (raw, score) in &joined {
+            let id = ConversationId::parse(raw)
+                .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
+            ranked.push((score.round() as UnixMillis, id));
+        }
+        let active: Vec<Option<String>> = try_join_all(ranked.iter().map(|(_, id)| {
+            self.client
+                .hget::<Option<String>, _, _>(self.keys.conversation(*id).meta(), "active")
+        }))
+        .await?;
+        for ((activity, _), active) in ranked.iter_mut().zip(active) {
+            if let Some(active) = active {
+                *activity = (*activity).max(parse_score(&active)?);
             }
+        }
+        // Newest first, ties by id descending; strictly after the cursor.
+        ranked.retain(|entry| {
+            cursor.is_none_or(|cursor| *entry < (cursor.activity, cursor.conversation_id))
+        });
+        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        let mut entries = Vec::new();
+        for chunk in ranked.chunks(limit.min(INDEX_PAGE)) {
             let loaded =
-                try_join_all(listed.iter().map(|(id, _)| self.load_conversation(*id))).await?;
-            for ((_, activity), conversation) in listed.iter().zip(loaded) {
+                try_join_all(chunk.iter().map(|(_, id)| self.load_conversation(*id))).await?;
+            for ((activity, _), conversation) in chunk.iter().zip(loaded) {
                 // Entries the index still lists although the user left (the index lags) or the
                 // conversation is gone are skipped.
                 if let Some((conversation, _)) = conversation
@@ -744,13 +758,10 @@ impl MessageStore for RedisMessageStore {
                         conversation,
                         activity: *activity,
                     });
+                    if entries.len() == limit {
+                        return Ok(entries);
+                    }
                 }
-            }
-            match listed.last() {
-                Some((id, activity)) if listed.len() == wanted => {
-                    after = Some((*activity, id.to_string()));
-                }
-                _ => break,
             }
         }
         Ok(entries)

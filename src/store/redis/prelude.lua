@@ -2,6 +2,8 @@
 --
 -- KEYS (all in the conversation's hash slot):
 --   1 meta  2 members  3 events  4 etime  5 msgs  6 msg  7 live  8 senders  9 read
+-- meta's 'active' is the time of the newest message (ListConversations reads it; nothing per
+-- participant is written on a send).
 -- ARGV:
 --   1 key base "P:{c:C}:" (per-sender keys are built from it; same slot)
 --   2 conversation id   3 pub/sub channel   4 max events   5 max age (ms)
@@ -69,11 +71,14 @@ local function snapshot(prefix)
 end
 
 -- Records the next event and publishes it (inside the script, so publish order is commit order).
--- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>".
-local function append_event(now, kind_json)
+-- `stored`, when given, replaces the JSON in the events ZSET (a MessageCreated event stores only
+-- '@<message id>': its record lives once, in the msg HASH, and events_after.lua reads it there).
+-- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>" (as published).
+local function append_event(now, kind_json, stored)
   local seq = redis.call('HINCRBY', K_META, 'last_seq', 1)
-  local member = int(seq) .. ':' .. int(now) .. ':' .. kind_json
-  redis.call('ZADD', K_EVENTS, int(seq), member)
+  local head = int(seq) .. ':' .. int(now) .. ':'
+  local member = head .. kind_json
+  redis.call('ZADD', K_EVENTS, int(seq), stored and (head .. stored) or member)
   redis.call('ZADD', K_ETIME, int(now), int(seq))
   redis.call('PUBLISH', CHANNEL, CONVERSATION_ID .. ':' .. member)
   return member
