@@ -1,14 +1,12 @@
-//! SendMessage throughput of one replica on the Redis store, against `redis-benchmark` running
-//! the Redis commands one send costs, interleaved in one run (raw, ours, raw, ours, ...).
+//! SendMessage throughput of one replica on the Redis store, against two `redis-benchmark`
+//! baselines on the same Redis, interleaved in one run (raw, ours, raw, ours, ...):
+//!   - raw `XADD <key> * f <200 bytes>` (issue 14's yardstick: the cheapest durable append),
+//!   - raw `EVALSHA <append_message> 10 <keys> <10 args>`: the one command a text SendMessage
+//!     costs Redis (src/store/redis/mod.rs `append_message`), with the keys and arguments of a
+//!     real send (captured from a message the service stored).
 //!
-//! One text SendMessage on the Redis store is:
-//!   1. `EVALSHA <append_message> 11 <keys> <10 args>` (src/store/redis/mod.rs `append_message`),
-//!   2. one pipeline of `ZADD P:{u:USER}:convs GT <now> <conversation>` per participant
-//!      (`touch_activity`), here 2 participants.
-//!
-//! The raw side runs (1) and (2) as two `redis-benchmark` runs against the same server, with the
-//! keys and arguments of a real send (captured from a message the service stored), and combines
-//! them into a per-send rate `1 / (1/r_eval + 2/r_zadd)`. See BENCHMARKS.md.
+//! Then the Redis CPU time of a send at 2 and at 500 participants, and Redis bytes per stored
+//! text message (100 000 messages). See BENCHMARKS.md.
 //!
 //! Knobs: SVC_BENCH_ROUNDS (3), SVC_BENCH_SECONDS (5).
 
@@ -34,7 +32,7 @@ use tonic::transport::Channel;
 
 const SENDER: &str = "alice";
 const OTHER: &str = "bob";
-/// Participants per conversation, so ZADDs per send in `touch_activity`.
+/// Participants per conversation of the throughput runs.
 const PARTICIPANTS: usize = 2;
 const CONVERSATIONS: usize = 4;
 const CLIENT_TASKS: usize = 32;
@@ -82,28 +80,24 @@ async fn main() {
     // many requests make a raw run last about `seconds`.
     let _ = ours_round(&channels, 0, Duration::from_secs(1)).await;
     let mut eval_n = 20_000;
-    let mut zadd_n = 100_000;
     let mut xadd_n = 100_000;
-    let warm = raw.round(&redis, &channels[0], 0, eval_n, zadd_n).await;
+    let warm = raw.round(&redis, &channels[0], 0, eval_n).await;
     eval_n = requests_for(warm.eval_rps, seconds);
-    zadd_n = requests_for(warm.zadd_rps, seconds / 2.0);
     let warm_xadd = raw.xadd(&redis, xadd_n).await;
     xadd_n = xadd_requests_for(warm_xadd, seconds);
 
     let cpu_start = common::CpuSample::now();
     let load_start = common::loadavg();
     let mut rows = Vec::new();
-    let (mut raws, mut ourses, mut evals) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ourses, mut evals) = (Vec::new(), Vec::new());
     let mut xadds = Vec::new();
     for round in 1..=rounds {
         let xadd_rps = raw.xadd(&redis, xadd_n).await;
-        let raw_result = raw.round(&redis, &channels[0], round, eval_n, zadd_n).await;
+        let raw_result = raw.round(&redis, &channels[0], round, eval_n).await;
         let ours = ours_round(&channels, round, duration).await;
         println!(
-            "round {round}: raw XADD {xadd_rps:.0}/s; raw EVALSHA {:.0}/s, ZADD {:.0}/s -> {:.0} sends/s; ours {:.0} msgs/s ({} sent, {} errors)",
+            "round {round}: raw XADD {xadd_rps:.0}/s; raw EVALSHA {:.0}/s; ours {:.0} msgs/s ({} sent, {} errors)",
             raw_result.eval_rps,
-            raw_result.zadd_rps,
-            raw_result.per_send(),
             ours.rate,
             ours.sent,
             ours.errors
@@ -114,22 +108,17 @@ async fn main() {
             format!("{xadd_rps:.0}"),
             format!("{:.2}", ours.rate / xadd_rps),
             format!("{:.0}", raw_result.eval_rps),
-            format!("{:.0}", raw_result.zadd_rps),
-            format!("{:.0}", raw_result.per_send()),
             format!("{:.0}", ours.rate),
-            format!("{:.2}", ours.rate / raw_result.per_send()),
+            format!("{:.2}", ours.rate / raw_result.eval_rps),
         ]);
-        raws.push(raw_result.per_send());
         evals.push(raw_result.eval_rps);
         xadds.push(xadd_rps);
         ourses.push(ours.rate);
         xadd_n = xadd_requests_for(xadd_rps, seconds);
         eval_n = requests_for(raw_result.eval_rps, seconds);
-        zadd_n = requests_for(raw_result.zadd_rps, seconds / 2.0);
     }
     let cpu = common::CpuSample::now().since(&cpu_start);
 
-    let ratio = median(&ourses) / median(&raws);
     println!();
     println!("---- summary: send_throughput ----");
     print_table(
@@ -138,10 +127,8 @@ async fn main() {
             "raw XADD/s",
             "ours/XADD",
             "raw EVALSHA/s",
-            "raw ZADD/s",
-            "raw sends/s",
             "ours msgs/s",
-            "ours/raw",
+            "ours/EVALSHA",
         ],
         &rows,
     );
@@ -155,12 +142,7 @@ async fn main() {
                 format!("{:.0}%", spread_percent(&xadds)),
             ],
             vec![
-                "raw sends/s (EVALSHA + 2 ZADD)".to_owned(),
-                format!("{:.0}", median(&raws)),
-                format!("{:.0}%", spread_percent(&raws)),
-            ],
-            vec![
-                "raw EVALSHA/s alone".to_owned(),
+                "raw EVALSHA/s (the send's one command)".to_owned(),
                 format!("{:.0}", median(&evals)),
                 format!("{:.0}%", spread_percent(&evals)),
             ],
@@ -177,9 +159,8 @@ async fn main() {
         "ratio ours/raw XADD (medians) = {xadd_ratio:.2}; goal >= 0.30 (issue 14): {}",
         if xadd_ratio >= 0.3 { "MET" } else { "NOT MET" }
     );
-    println!("ratio ours/raw send script (medians) = {ratio:.2}");
     println!(
-        "ratio ours/raw EVALSHA alone = {:.2}",
+        "ratio ours/raw EVALSHA (medians) = {:.2}",
         median(&ourses) / median(&evals)
     );
     println!(
@@ -260,7 +241,7 @@ async fn ours_round(channels: &[Channel], round: usize, duration: Duration) -> O
     }
 }
 
-/// The raw side: the EVALSHA and ZADD a send issues, run by redis-benchmark.
+/// The raw side: the EVALSHA a send issues, and the XADD baseline, run by redis-benchmark.
 struct RawSend {
     sha: String,
     prefix: String,
@@ -269,14 +250,6 @@ struct RawSend {
 
 struct RawResult {
     eval_rps: f64,
-    zadd_rps: f64,
-}
-
-impl RawResult {
-    /// Sends per second if each send costs one EVALSHA and `PARTICIPANTS` ZADDs.
-    fn per_send(&self) -> f64 {
-        1.0 / (1.0 / self.eval_rps + PARTICIPANTS as f64 / self.zadd_rps)
-    }
 }
 
 impl RawSend {
@@ -307,17 +280,15 @@ impl RawSend {
         }
     }
 
-    /// One raw measurement on a fresh conversation: EVALSHA run of `eval_n` calls, then a ZADD
-    /// run of `zadd_n`.
+    /// One raw measurement on a fresh conversation: an EVALSHA run of `eval_n` calls.
     async fn round(
         &self,
         redis: &RedisCli,
         channel: &Channel,
         round: usize,
         eval_n: usize,
-        zadd_n: usize,
     ) -> RawResult {
-        let (keys, args, zadd) = self.command_template(redis, channel, round).await;
+        let (keys, args) = self.command_template(redis, channel, round).await;
 
         // One call by hand first: the template must append, not be rejected or deduplicated.
         let concrete = |value: &String| value.replace("__rand_int__", &format!("{round:012}"));
@@ -336,13 +307,10 @@ impl RawSend {
         let mut eval: Vec<String> = vec!["EVALSHA".into(), self.sha.clone(), numkeys];
         eval.extend(keys.iter().chain(&args).cloned());
         let eval_rps = self.redis_benchmark(redis, eval_n, 1, &eval).await;
-        let zadd_rps = self
-            .redis_benchmark(redis, zadd_n, PARTICIPANTS, &zadd)
-            .await;
-        RawResult { eval_rps, zadd_rps }
+        RawResult { eval_rps }
     }
 
-    /// Keys, arguments and the ZADD of a send, with `__rand_int__` where every call must differ
+    /// Keys and arguments of a send, with `__rand_int__` where every call must differ
     /// (client_message_id, message id). Taken from a message the service itself stored in a new
     /// conversation, so the record JSON and fingerprint have the real shape and size.
     async fn command_template(
@@ -350,7 +318,7 @@ impl RawSend {
         redis: &RedisCli,
         channel: &Channel,
         round: usize,
-    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+    ) -> (Vec<String>, Vec<String>) {
         const SEED_ID: &str = "seed-000000000000";
         let conversation = create_conversation(channel, SENDER, &[OTHER]).await;
         let mut client = MessagingServiceClient::new(channel.clone());
@@ -396,7 +364,7 @@ impl RawSend {
 
         let defaults = Settings::default().messaging;
         let mut keys: Vec<String> = [
-            "meta", "members", "events", "etime", "msgs", "msg", "live", "senders", "read",
+            "meta", "members", "events", "msgs", "msg", "live", "senders", "read",
         ]
         .iter()
         .map(|name| format!("{base}{name}"))
@@ -415,15 +383,7 @@ impl RawSend {
             fingerprint,
             defaults.idempotency_window.as_secs().to_string(),
         ];
-        // Without GT: random scores would make most GT calls no-ops, while the service's
-        // growing timestamps make each of its calls an update.
-        let zadd = vec![
-            "ZADD".to_owned(),
-            format!("{}:{{u:{SENDER}}}:convs", self.prefix),
-            "__rand_int__".to_owned(),
-            conversation,
-        ];
-        (keys, args, zadd)
+        (keys, args)
     }
 
     /// The issue-14 baseline: `redis-benchmark -c 32 XADD <key> * f <200 bytes>` against the same

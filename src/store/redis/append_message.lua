@@ -2,14 +2,14 @@
 -- (and the message it created is still kept).
 -- A message carrying a file is listed in the file's index (so deleting the file finds every
 -- copy), unless the file was deleted: then it is refused.
--- KEYS: 10 by:<sender>, 11 idempotency key, 12 file index P:{c:C}:file:<file_id> (only when the
+-- KEYS: 9 by:<sender>, 10 idempotency key, 11 file index P:{c:C}:file:<file_id> (only when the
 --   message carries a file)
 -- ARGV: 6 sender, 7 message id, 8 MessageRecord JSON, 9 fingerprint, 10 window (s),
---   11 the file's expire time (ms; only with KEYS[12])
+--   11 the file's expire time (ms; only with KEYS[11])
 -- Returns {rejection} | {'duplicate', fingerprint, stored message} |
 --   {'appended', event member}
 -- Nothing here depends on the number of participants (ListConversations reads meta's 'active').
-local K_BY, K_IDEM, K_FILE = KEYS[10], KEYS[11], KEYS[12]
+local K_BY, K_IDEM, K_FILE = KEYS[9], KEYS[10], KEYS[11]
 local sender, message_id, record = ARGV[6], ARGV[7], ARGV[8]
 local refused = refusal_for(sender)
 if refused then

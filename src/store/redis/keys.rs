@@ -106,11 +106,6 @@ impl ConversationKeys {
         self.key("events")
     }
 
-    /// ZSET of event sequences scored by create time, for trimming by age.
-    pub(super) fn event_times(&self) -> String {
-        self.key("etime")
-    }
-
     /// ZSET of message ids (tombstones included) scored by sequence.
     pub(super) fn history(&self) -> String {
         self.key("msgs")
@@ -158,13 +153,12 @@ impl ConversationKeys {
         format!("{}file:{file_id}", self.base)
     }
 
-    /// The nine keys every write script takes first (see `prelude.lua`).
+    /// The eight keys every write script takes first (see `prelude.lua`).
     pub(super) fn for_write(&self) -> Vec<String> {
         vec![
             self.meta(),
             self.members(),
             self.events(),
-            self.event_times(),
             self.history(),
             self.messages(),
             self.live(),

@@ -1,19 +1,19 @@
 -- Prelude of every script that writes one conversation (spliced in front of it at compile time).
 --
 -- KEYS (all in the conversation's hash slot):
---   1 meta  2 members  3 events  4 etime  5 msgs  6 msg  7 live  8 senders  9 read
+--   1 meta  2 members  3 events  4 msgs  5 msg  6 live  7 senders  8 read
 -- meta's 'active' is the time of the newest message (ListConversations reads it; nothing per
 -- participant is written on a send).
 -- ARGV:
 --   1 key base "P:{c:C}:" (per-sender keys are built from it; same slot)
 --   2 conversation id   3 pub/sub channel   4 max events   5 max age (ms)
--- Script-specific KEYS start at 10, ARGV at 6.
+-- Script-specific KEYS start at 9, ARGV at 6.
 --
 -- JSON is only ever built by concatenating JSON that Rust prepared, or cjson.encode of strings and
 -- string arrays (see json_array for the empty-array case). Numbers go through int() because Lua
 -- numbers are doubles and tostring() would switch to exponent notation.
-local K_META, K_MEMBERS, K_EVENTS, K_ETIME = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_MSGS, K_MSG, K_LIVE, K_SENDERS, K_READ = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_META, K_MEMBERS, K_EVENTS = KEYS[1], KEYS[2], KEYS[3]
+local K_MSGS, K_MSG, K_LIVE, K_SENDERS, K_READ = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local BASE, CONVERSATION_ID, CHANNEL = ARGV[1], ARGV[2], ARGV[3]
 local MAX_EVENTS, MAX_AGE_MS = tonumber(ARGV[4]), tonumber(ARGV[5])
 
@@ -79,38 +79,45 @@ local function append_event(now, kind_json, stored)
   local head = int(seq) .. ':' .. int(now) .. ':'
   local member = head .. kind_json
   redis.call('ZADD', K_EVENTS, int(seq), stored and (head .. stored) or member)
-  redis.call('ZADD', K_ETIME, int(now), int(seq))
   redis.call('PUBLISH', CHANNEL, CONVERSATION_ID .. ':' .. member)
   return member
 end
 
 -- Drops events older than the max age and beyond the max count, with the messages they created,
--- so history and unread counts never refer to trimmed events.
+-- so history and unread counts never refer to trimmed events. Events are kept gap-free from
+-- trimmed_through + 1 to last_seq, so the count is a subtraction; by age, the oldest events are
+-- read (their members carry their time) until one is young enough: usually one member per call,
+-- and each event is passed over once when it expires. Times come from one clock (Redis'), so
+-- they grow with the sequence; should the clock step back, this stops early and trims later.
 local function trim(now)
-  local through = 0
-  local old = redis.call('ZREVRANGEBYSCORE', K_ETIME, '(' .. int(now - MAX_AGE_MS), '-inf', 'LIMIT', 0, 1)
-  if #old > 0 then
-    through = tonumber(old[1])
+  local meta = redis.call('HMGET', K_META, 'last_seq', 'trimmed_through')
+  local last, trimmed = tonumber(meta[1] or '0'), tonumber(meta[2] or '0')
+  local through = trimmed
+  if last - trimmed > MAX_EVENTS then
+    through = last - MAX_EVENTS
   end
-  local count = redis.call('ZCARD', K_EVENTS)
-  if count > MAX_EVENTS then
-    local nth = count - MAX_EVENTS - 1
-    local last = redis.call('ZRANGE', K_EVENTS, nth, nth, 'WITHSCORES')
-    local seq = tonumber(last[2])
-    if seq > through then
-      through = seq
+  local cutoff = now - MAX_AGE_MS
+  local batch = 1
+  while through < last do
+    local oldest = redis.call('ZRANGEBYSCORE', K_EVENTS, '(' .. int(through), '+inf', 'LIMIT', 0, batch)
+    local young = #oldest == 0
+    for _, member in ipairs(oldest) do
+      local seq, time = string.match(member, '^(%d+):(%-?%d+):')
+      if tonumber(time) >= cutoff then
+        young = true
+        break
+      end
+      through = tonumber(seq)
     end
+    if young then
+      break
+    end
+    batch = 64
   end
-  local trimmed = tonumber(redis.call('HGET', K_META, 'trimmed_through') or '0')
   if through <= trimmed then
     return
   end
   local upto = int(through)
-  local seqs = {}
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K_EVENTS, '-inf', upto)) do
-    seqs[#seqs + 1] = string.match(member, '^(%d+):')
-  end
-  in_chunks(seqs, function(chunk) redis.call('ZREM', K_ETIME, unpack(chunk)) end)
   redis.call('ZREMRANGEBYSCORE', K_EVENTS, '-inf', upto)
   local ids = redis.call('ZRANGEBYSCORE', K_MSGS, '-inf', upto)
   in_chunks(ids, function(chunk) redis.call('HDEL', K_MSG, unpack(chunk)) end)
