@@ -96,11 +96,13 @@ async fn main() {
         let raw_result = raw.round(&redis, &channels[0], round, eval_n).await;
         let ours = ours_round(&channels, round, duration).await;
         println!(
-            "round {round}: raw XADD {xadd_rps:.0}/s; raw EVALSHA {:.0}/s; ours {:.0} msgs/s ({} sent, {} errors)",
+            "round {round}: raw XADD {xadd_rps:.0}/s; raw EVALSHA {:.0}/s; ours {:.0} msgs/s ({} sent, {} errors); CPU per message: redis {:.1} µs, service + clients {:.1} µs",
             raw_result.eval_rps,
             ours.rate,
             ours.sent,
-            ours.errors
+            ours.errors,
+            ours.redis_cpu_us,
+            ours.service_cpu_us
         );
         assert_eq!(ours.errors, 0, "SendMessage failed during the run");
         rows.push(vec![
@@ -110,6 +112,8 @@ async fn main() {
             format!("{:.0}", raw_result.eval_rps),
             format!("{:.0}", ours.rate),
             format!("{:.2}", ours.rate / raw_result.eval_rps),
+            format!("{:.1}", ours.redis_cpu_us),
+            format!("{:.1}", ours.service_cpu_us),
         ]);
         evals.push(raw_result.eval_rps);
         xadds.push(xadd_rps);
@@ -129,6 +133,8 @@ async fn main() {
             "raw EVALSHA/s",
             "ours msgs/s",
             "ours/EVALSHA",
+            "ours: Redis CPU µs/msg",
+            "ours: service+clients CPU µs/msg",
         ],
         &rows,
     );
@@ -190,6 +196,24 @@ struct OursResult {
     sent: u64,
     errors: u64,
     rate: f64,
+    /// CPU per message (µs, user + sys from /proc): Redis' process, and this process (the
+    /// service and its 32 clients, which cannot be told apart in-process).
+    redis_cpu_us: f64,
+    service_cpu_us: f64,
+}
+
+/// A process' CPU time so far (user + sys), in clock ticks (100 per second on Linux).
+fn process_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields.get(11..13).map_or(0, |times| {
+        times.iter().filter_map(|t| t.parse::<u64>().ok()).sum()
+    })
 }
 
 /// `CLIENT_TASKS` tasks send text messages with unique client_message_ids into fresh
@@ -201,6 +225,8 @@ async fn ours_round(channels: &[Channel], round: usize, duration: Duration) -> O
     }
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let redis_pid = std::env::var("SVC_TEST_REDIS_PID").unwrap_or_default();
+    let ticks_before = (process_ticks(&redis_pid), process_ticks("self"));
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
@@ -234,10 +260,13 @@ async fn ours_round(channels: &[Channel], round: usize, duration: Duration) -> O
     }
     let elapsed = start.elapsed().as_secs_f64();
     let sent = sent.load(Ordering::Relaxed);
+    let per_message = |ticks: u64| ticks as f64 * 10_000.0 / sent.max(1) as f64;
     OursResult {
         sent,
         errors: errors.load(Ordering::Relaxed),
         rate: sent as f64 / elapsed,
+        redis_cpu_us: per_message(process_ticks(&redis_pid) - ticks_before.0),
+        service_cpu_us: per_message(process_ticks("self") - ticks_before.1),
     }
 }
 
@@ -364,7 +393,7 @@ impl RawSend {
 
         let defaults = Settings::default().messaging;
         let mut keys: Vec<String> = [
-            "meta", "members", "events", "msgs", "msg", "live", "senders", "read",
+            "meta", "members", "events", "msgs", "msg", "dead", "senders", "read",
         ]
         .iter()
         .map(|name| format!("{base}{name}"))

@@ -34,7 +34,6 @@ local seq = string.match(member, '^(%d+):')
 redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
 redis.call('HSET', K_META, 'active', int(now))
 redis.call('ZADD', K_MSGS, seq, message_id)
-redis.call('ZADD', K_LIVE, seq, message_id)
 redis.call('ZADD', K_BY, seq, message_id)
 redis.call('SADD', K_SENDERS, sender)
 if K_FILE then

@@ -39,7 +39,7 @@ for i = 8, #ARGV, 4 do
     local prefix = seq .. ':' .. time .. ':'
     -- The MessageCreated event refers to this entry, so it replays the tombstone too.
     redis.call('HSET', K_MSG, message_id, prefix .. tombstone)
-    redis.call('ZREM', K_LIVE, message_id)
+    redis.call('ZADD', K_DEAD, seq, message_id)
     redis.call('ZREM', BASE .. 'by:' .. sender, message_id)
     out[#out + 1] = append_event(now, deleted)
   end

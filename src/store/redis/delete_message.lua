@@ -35,7 +35,7 @@ local prefix = seq .. ':' .. time .. ':'
 local tombstone = prefix .. ARGV[9]
 -- The MessageCreated event refers to this entry, so it replays the tombstone too.
 redis.call('HSET', K_MSG, message_id, tombstone)
-redis.call('ZREM', K_LIVE, message_id)
+redis.call('ZADD', K_DEAD, seq, message_id)
 redis.call('ZREM', K_BY, message_id)
 local now = now_ms()
 local member = append_event(now, ARGV[10])

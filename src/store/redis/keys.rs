@@ -116,9 +116,9 @@ impl ConversationKeys {
         self.key("msg")
     }
 
-    /// ZSET of non-deleted message ids scored by sequence.
-    pub(super) fn live(&self) -> String {
-        self.key("live")
+    /// ZSET of deleted message ids (tombstones) scored by sequence.
+    pub(super) fn deleted(&self) -> String {
+        self.key("dead")
     }
 
     /// SET of users with a `by:<user>` ZSET.
@@ -161,7 +161,7 @@ impl ConversationKeys {
             self.events(),
             self.history(),
             self.messages(),
-            self.live(),
+            self.deleted(),
             self.senders(),
             self.reads(),
         ]

@@ -8,32 +8,45 @@
 //!
 //! | key                               | type   | contents                                                    |
 //! |-----------------------------------|--------|-------------------------------------------------------------|
-//! | `P:{c:C}:meta`                    | HASH   | title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins |
+//! | `P:{c:C}:meta`                    | HASH   | title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins, active (time of the newest message, ms) |
 //! | `P:{c:C}:members`                 | ZSET   | participants, score = join order                            |
-//! | `P:{c:C}:events`                  | ZSET   | score = seq, member = `<seq>:<create_time_ms>:<json EventKind>` |
-//! | `P:{c:C}:etime`                   | ZSET   | score = create_time_ms, member = seq (trimming by age)      |
+//! | `P:{c:C}:events`                  | ZSET   | score = seq, member = `<seq>:<create_time_ms>:<json EventKind>`, or `<seq>:<create_time_ms>:@<message_id>` for a MessageCreated (its record is in `msg`) |
 //! | `P:{c:C}:msgs`                    | ZSET   | message ids incl. tombstones, score = seq                   |
 //! | `P:{c:C}:msg`                     | HASH   | message id -> `<seq>:<create_time_ms>:<json MessageRecord>` |
-//! | `P:{c:C}:live`                    | ZSET   | non-deleted message ids, score = seq                        |
+//! | `P:{c:C}:dead`                    | ZSET   | deleted message ids (tombstones), score = seq               |
 //! | `P:{c:C}:by:<user>`               | ZSET   | that sender's non-deleted message ids, score = seq          |
 //! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
 //! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
 //! | `P:{c:C}:file:<file_id>`          | HASH   | `m:<message_id>` -> seq per message carrying the file; `gone` once deleted; expires with the file |
-//! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
+//! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = when the user joined (ms)         |
 //! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
 //! | `P:{u:USER}:upload:<digest>`      | HASH   | an upload session; see [`upload_sessions`]                  |
 //! | `P:{u:USER}:uploads`              | ZSET   | the user's unfinished upload sessions, score = expire_time  |
 //! | `P:upload-expiry`                 | ZSET   | unfinished upload session keys, score = expire_time         |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
-//! the layout works on Redis Cluster. Unread = `ZCOUNT live (read +inf` minus
-//! `ZCOUNT by:<user> (read +inf`.
+//! the layout works on Redis Cluster. Unread = `ZCOUNT msgs (read +inf` minus
+//! `ZCOUNT dead (read +inf` minus `ZCOUNT by:<user> (read +inf` (deletions are rare, so counting
+//! them costs less memory than listing every live message once more).
 //!
-//! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* a script commits
-//! (`ZADD GT`, so racing updates never move activity backwards). It is derived data: it may lag
-//! briefly, and if that update fails the write still stands (logged). Readers check
-//! participation against the conversation itself, so a stale entry is never shown.
+//! A message record is stored once, in `msg` (the tombstone replaces it on deletion); the
+//! MessageCreated event only names it, and `events_after.lua` reads the record from there, so a
+//! replayed event shows a deletion too. Trimming drops a prefix of sequences: by count from
+//! `last_seq - trimmed_through`, by age from the oldest events' own times.
+//!
+//! A send writes nothing per participant. A user's activity in a conversation is the later of
+//! their `P:{u:USER}:convs` score (when they joined) and the conversation's `active` (its newest
+//! message): exactly what updating every participant's index on every send used to store.
+//! `conversations_of` reads the index, one `active` per listed conversation (pipelined), sorts
+//! and then loads the page; a page thus costs one `HGET` per conversation of the user instead
+//! of a send costing one `ZADD` per participant. Cursor semantics are unchanged: a conversation
+//! that gets a message moves above a cursor already handed out, as it did before.
+//!
+//! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* the create or
+//! add script commits (`ZADD GT`). It is derived data: it may lag briefly, and if that update
+//! fails the write still stands (logged). Readers check participation against the conversation
+//! itself, so a stale entry is never shown.
 //!
 //! `P:{u:USER}:req:<digest>` maps a creator's `request_id` to the conversation it created. It
 //! lives in the creator's slot, so `create_conversation` claims it (`claim_request.lua`: the
@@ -776,7 +789,7 @@ impl MessageStore for RedisMessageStore {
                 &self.client,
                 vec![
                     keys.reads(),
-                    keys.live(),
+                    keys.deleted(),
                     keys.sent_by(user),
                     keys.history(),
                     keys.messages(),

@@ -1,7 +1,7 @@
 -- Prelude of every script that writes one conversation (spliced in front of it at compile time).
 --
 -- KEYS (all in the conversation's hash slot):
---   1 meta  2 members  3 events  4 msgs  5 msg  6 live  7 senders  8 read
+--   1 meta  2 members  3 events  4 msgs  5 msg  6 dead  7 senders  8 read
 -- meta's 'active' is the time of the newest message (ListConversations reads it; nothing per
 -- participant is written on a send).
 -- ARGV:
@@ -13,7 +13,7 @@
 -- string arrays (see json_array for the empty-array case). Numbers go through int() because Lua
 -- numbers are doubles and tostring() would switch to exponent notation.
 local K_META, K_MEMBERS, K_EVENTS = KEYS[1], KEYS[2], KEYS[3]
-local K_MSGS, K_MSG, K_LIVE, K_SENDERS, K_READ = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_MSGS, K_MSG, K_DEAD, K_SENDERS, K_READ = KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local BASE, CONVERSATION_ID, CHANNEL = ARGV[1], ARGV[2], ARGV[3]
 local MAX_EVENTS, MAX_AGE_MS = tonumber(ARGV[4]), tonumber(ARGV[5])
 
@@ -122,7 +122,7 @@ local function trim(now)
   local ids = redis.call('ZRANGEBYSCORE', K_MSGS, '-inf', upto)
   in_chunks(ids, function(chunk) redis.call('HDEL', K_MSG, unpack(chunk)) end)
   redis.call('ZREMRANGEBYSCORE', K_MSGS, '-inf', upto)
-  redis.call('ZREMRANGEBYSCORE', K_LIVE, '-inf', upto)
+  redis.call('ZREMRANGEBYSCORE', K_DEAD, '-inf', upto)
   for _, sender in ipairs(redis.call('SMEMBERS', K_SENDERS)) do
     local key = BASE .. 'by:' .. sender
     redis.call('ZREMRANGEBYSCORE', key, '-inf', upto)
