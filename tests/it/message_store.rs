@@ -833,6 +833,47 @@ pub async fn retention_trims_by_age(backend: Backend) {
     );
 }
 
+/// Trimming by age keeps working after a first trim, whichever write comes next (the Redis store
+/// remembers the oldest kept event's time between writes).
+pub async fn retention_trims_by_age_again_and_again(backend: Backend) {
+    let store = backend
+        .store(Retention {
+            max_age: Duration::from_secs(1),
+            ..GENEROUS
+        })
+        .await;
+    let id = create(&*store, "alice", &["bob"]).await;
+    send(&*store, id, "alice", "one").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    send(&*store, id, "bob", "two").await;
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // A read receipt is a write too: it trims "two".
+    store.mark_read(id, &user("alice"), 2).await.unwrap();
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 2);
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [3]
+    );
+    assert!(store.messages_before(id, None, 10).await.unwrap().is_empty());
+    send(&*store, id, "bob", "three").await;
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    assert_eq!(
+        store
+            .read_state(id, &user("alice"))
+            .await
+            .unwrap()
+            .unread_count,
+        1
+    );
+}
+
 pub async fn the_live_feed_carries_commits_in_order(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let mut feed = store.live_events();
@@ -923,6 +964,7 @@ crate::support::suite! {
         large_conversations_are_listed_by_activity,
         retention_trims_by_count,
         retention_trims_by_age,
+        retention_trims_by_age_again_and_again,
         the_live_feed_carries_commits_in_order,
     ]
 }

@@ -11,9 +11,13 @@
 -- Nothing here depends on the number of participants (ListConversations reads meta's 'active').
 local K_BY, K_IDEM, K_FILE = KEYS[9], KEYS[10], KEYS[11]
 local sender, message_id, record = ARGV[6], ARGV[7], ARGV[8]
-local refused = refusal_for(sender)
-if refused then
-  return refused
+-- refusal_for, with the meta fields this script needs read in the same call.
+local meta = redis.call('HMGET', K_META, 'last_seq', 'trimmed_through', 'oldest')
+if not meta[1] then
+  return {'conversation_not_found'}
+end
+if not is_member(sender) then
+  return {'not_participant'}
 end
 if K_FILE and redis.call('HEXISTS', K_FILE, 'gone') == 1 then
   return {'file_deleted'}
@@ -29,10 +33,10 @@ if seen then
   end
 end
 local now = now_ms()
-local member = append_event(now, '{"MessageCreated":' .. record .. '}', '@' .. message_id)
-local seq = string.match(member, '^(%d+):')
+local seq = int(tonumber(meta[1]) + 1)
+local member = record_event(seq, now, '{"MessageCreated":' .. record .. '}', '@' .. message_id)
+redis.call('HSET', K_META, 'last_seq', seq, 'active', int(now))
 redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
-redis.call('HSET', K_META, 'active', int(now))
 redis.call('ZADD', K_MSGS, seq, message_id)
 redis.call('ZADD', K_BY, seq, message_id)
 redis.call('SADD', K_SENDERS, sender)
@@ -45,5 +49,6 @@ if tonumber(ARGV[10]) > 0 then
 else
   redis.call('DEL', K_IDEM)
 end
-trim(now)
+meta[1] = seq
+trim(now, meta)
 return {'appended', member}

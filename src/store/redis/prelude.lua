@@ -3,7 +3,7 @@
 -- KEYS (all in the conversation's hash slot):
 --   1 meta  2 members  3 events  4 msgs  5 msg  6 dead  7 senders  8 read
 -- meta's 'active' is the time of the newest message (ListConversations reads it; nothing per
--- participant is written on a send).
+-- participant is written on a send); 'oldest' the time of the oldest kept event (see trim).
 -- ARGV:
 --   1 key base "P:{c:C}:" (per-sender keys are built from it; same slot)
 --   2 conversation id   3 pub/sub channel   4 max events   5 max age (ms)
@@ -70,12 +70,11 @@ local function snapshot(prefix)
   return out
 end
 
--- Records the next event and publishes it (inside the script, so publish order is commit order).
+-- Records event `seq` and publishes it (inside the script, so publish order is commit order).
 -- `stored`, when given, replaces the JSON in the events ZSET (a MessageCreated event stores only
 -- '@<message id>': its record lives once, in the msg HASH, and events_after.lua reads it there).
 -- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>" (as published).
-local function append_event(now, kind_json, stored)
-  local seq = redis.call('HINCRBY', K_META, 'last_seq', 1)
+local function record_event(seq, now, kind_json, stored)
   local head = int(seq) .. ':' .. int(now) .. ':'
   local member = head .. kind_json
   redis.call('ZADD', K_EVENTS, int(seq), stored and (head .. stored) or member)
@@ -83,53 +82,68 @@ local function append_event(now, kind_json, stored)
   return member
 end
 
+-- Takes the next sequence and records the event (see record_event).
+local function append_event(now, kind_json, stored)
+  return record_event(redis.call('HINCRBY', K_META, 'last_seq', 1), now, kind_json, stored)
+end
+
 -- Drops events older than the max age and beyond the max count, with the messages they created,
 -- so history and unread counts never refer to trimmed events. Events are kept gap-free from
--- trimmed_through + 1 to last_seq, so the count is a subtraction; by age, the oldest events are
--- read (their members carry their time) until one is young enough: usually one member per call,
--- and each event is passed over once when it expires. Times come from one clock (Redis'), so
--- they grow with the sequence; should the clock step back, this stops early and trims later.
-local function trim(now)
-  local meta = redis.call('HMGET', K_META, 'last_seq', 'trimmed_through')
+-- trimmed_through + 1 to last_seq, so the count is a subtraction. By age: meta's 'oldest' is the
+-- time of the oldest kept event (absent until known), so a young conversation costs no read;
+-- otherwise the oldest events are read (their members carry their time) until one is young
+-- enough, each event being passed over once when it expires. Times come from one clock
+-- (Redis'), so they grow with the sequence; should the clock step back, this stops early and
+-- trims later.
+-- `meta` is {last_seq, trimmed_through, oldest} as stored after the write, or nil to read it.
+local function trim(now, meta)
+  meta = meta or redis.call('HMGET', K_META, 'last_seq', 'trimmed_through', 'oldest')
   local last, trimmed = tonumber(meta[1] or '0'), tonumber(meta[2] or '0')
+  local cutoff = now - MAX_AGE_MS
+  local oldest = tonumber(meta[3] or '')
+  if last - trimmed <= MAX_EVENTS and oldest and oldest >= cutoff then
+    return
+  end
   local through = trimmed
   if last - trimmed > MAX_EVENTS then
     through = last - MAX_EVENTS
   end
-  local cutoff = now - MAX_AGE_MS
   local batch = 1
+  local head_time = nil
   while through < last do
-    local oldest = redis.call('ZRANGEBYSCORE', K_EVENTS, '(' .. int(through), '+inf', 'LIMIT', 0, batch)
-    local young = #oldest == 0
-    for _, member in ipairs(oldest) do
+    local kept = redis.call('ZRANGEBYSCORE', K_EVENTS, '(' .. int(through), '+inf', 'LIMIT', 0, batch)
+    for _, member in ipairs(kept) do
       local seq, time = string.match(member, '^(%d+):(%-?%d+):')
       if tonumber(time) >= cutoff then
-        young = true
+        head_time = time
         break
       end
       through = tonumber(seq)
     end
-    if young then
+    if head_time or #kept == 0 then
       break
     end
     batch = 64
   end
-  if through <= trimmed then
-    return
-  end
-  local upto = int(through)
-  redis.call('ZREMRANGEBYSCORE', K_EVENTS, '-inf', upto)
-  local ids = redis.call('ZRANGEBYSCORE', K_MSGS, '-inf', upto)
-  in_chunks(ids, function(chunk) redis.call('HDEL', K_MSG, unpack(chunk)) end)
-  redis.call('ZREMRANGEBYSCORE', K_MSGS, '-inf', upto)
-  redis.call('ZREMRANGEBYSCORE', K_DEAD, '-inf', upto)
-  for _, sender in ipairs(redis.call('SMEMBERS', K_SENDERS)) do
-    local key = BASE .. 'by:' .. sender
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', upto)
-    if redis.call('ZCARD', key) == 0 then
-      redis.call('SREM', K_SENDERS, sender)
+  if through > trimmed then
+    local upto = int(through)
+    redis.call('ZREMRANGEBYSCORE', K_EVENTS, '-inf', upto)
+    local ids = redis.call('ZRANGEBYSCORE', K_MSGS, '-inf', upto)
+    in_chunks(ids, function(chunk) redis.call('HDEL', K_MSG, unpack(chunk)) end)
+    redis.call('ZREMRANGEBYSCORE', K_MSGS, '-inf', upto)
+    redis.call('ZREMRANGEBYSCORE', K_DEAD, '-inf', upto)
+    for _, sender in ipairs(redis.call('SMEMBERS', K_SENDERS)) do
+      local key = BASE .. 'by:' .. sender
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', upto)
+      if redis.call('ZCARD', key) == 0 then
+        redis.call('SREM', K_SENDERS, sender)
+      end
     end
+    redis.call('HSET', K_META, 'trimmed_through', upto)
   end
-  redis.call('HSET', K_META, 'trimmed_through', upto)
+  if head_time then
+    redis.call('HSET', K_META, 'oldest', head_time)
+  else
+    redis.call('HDEL', K_META, 'oldest')
+  end
 end
-
