@@ -419,7 +419,13 @@ impl RawSend {
     /// Redis; requests per second. The stream is deleted afterwards.
     async fn xadd(&self, redis: &RedisCli, requests: usize) -> f64 {
         let key = format!("{}:raw-xadd", self.prefix);
-        let command = ["XADD".to_owned(), key.clone(), "*".to_owned(), "f".to_owned(), "x".repeat(200)];
+        let command = [
+            "XADD".to_owned(),
+            key.clone(),
+            "*".to_owned(),
+            "f".to_owned(),
+            "x".repeat(200),
+        ];
         let rps = self.redis_benchmark(redis, requests, 1, &command).await;
         redis.call(&["DEL", &key], None).await;
         rps
@@ -489,14 +495,26 @@ async fn redis_counters(redis: &RedisCli) -> (f64, u64) {
     let stats = redis.call(&["INFO", "commandstats"], None).await;
     let calls = stats
         .lines()
-        .filter_map(|line| line.split_once("calls=")?.1.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|line| {
+            line.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     (seconds, calls)
 }
 
 /// Redis time of a send into a fresh conversation of `participants`, measured as the server's
 /// CPU time over `COST_SENDS` sends by 8 concurrent clients (nothing else uses this Redis).
-async fn send_cost(redis: &RedisCli, channel: &Channel, participants: usize, round: usize) -> SendCost {
+async fn send_cost(
+    redis: &RedisCli,
+    channel: &Channel,
+    participants: usize,
+    round: usize,
+) -> SendCost {
     let others: Vec<String> = (1..participants).map(|i| format!("member-{i}")).collect();
     let refs: Vec<&str> = others.iter().map(String::as_str).collect();
     // At most 100 users per request: create with the first 100, add the rest 100 at a time.
@@ -520,7 +538,12 @@ async fn send_cost(redis: &RedisCli, channel: &Channel, participants: usize, rou
             content: Some(Content::Text(format!("hello from the benchmark, #{n}"))),
         };
         let mut client = client.clone();
-        async move { client.send_message(as_user(SENDER, request)).await.expect("send") }
+        async move {
+            client
+                .send_message(as_user(SENDER, request))
+                .await
+                .expect("send")
+        }
     };
     let mut client = MessagingServiceClient::new(channel.clone());
     send(&mut client, 0).await;
@@ -528,7 +551,9 @@ async fn send_cost(redis: &RedisCli, channel: &Channel, participants: usize, rou
     let per_task = COST_SENDS / 8;
     let mut tasks = Vec::new();
     for task in 0..8 {
-        let futures: Vec<_> = (0..per_task).map(|n| send(&mut client, 1 + task * per_task + n)).collect();
+        let futures: Vec<_> = (0..per_task)
+            .map(|n| send(&mut client, 1 + task * per_task + n))
+            .collect();
         tasks.push(tokio::spawn(async move {
             for future in futures {
                 future.await;
@@ -602,7 +627,12 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
     let used = || async {
         let info = redis.call(&["INFO", "memory"], None).await;
         info.lines()
-            .find_map(|line| line.trim().strip_prefix("used_memory:")?.parse::<u64>().ok())
+            .find_map(|line| {
+                line.trim()
+                    .strip_prefix("used_memory:")?
+                    .parse::<u64>()
+                    .ok()
+            })
             .expect("used_memory")
     };
     let before = used().await;
@@ -637,8 +667,11 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
                     id: MessageId::parse(&sent.message_id).expect("message id"),
                     sender: UserId::parse(SENDER).unwrap(),
                     kind: MessageKind::Text,
-                    client_message_id: ClientId::from_field("client_message_id", &client_message_id)
-                        .unwrap(),
+                    client_message_id: ClientId::from_field(
+                        "client_message_id",
+                        &client_message_id,
+                    )
+                    .unwrap(),
                     content: Some(MessageContent { text, file: None }),
                 };
                 let encoded = serde_json::to_string(&record).unwrap().len();
@@ -655,16 +688,28 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
 
     // Where it goes: MEMORY USAGE of the first conversation's keys (idempotency keys: their
     // count times one sample's size).
-    let base = format!("{}:{{c:{}}}:", prefix_of(redis, &conversations[0]).await, conversations[0]);
-    let listed = redis.call(&["--scan", "--pattern", &format!("{base}*")], None).await;
+    let base = format!(
+        "{}:{{c:{}}}:",
+        prefix_of(redis, &conversations[0]).await,
+        conversations[0]
+    );
+    let listed = redis
+        .call(&["--scan", "--pattern", &format!("{base}*")], None)
+        .await;
     let mut breakdown: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
     for key in listed.lines().filter(|key| !key.is_empty()) {
         let name = key.strip_prefix(&base).unwrap_or(key);
-        let group = if name.starts_with("idem:") { "idem:* (STRING, each)" } else { name };
+        let group = if name.starts_with("idem:") {
+            "idem:* (STRING, each)"
+        } else {
+            name
+        };
         let entry = breakdown.entry(group.to_owned()).or_default();
         entry.0 += 1;
         if entry.0 == 1 || !name.starts_with("idem:") {
-            let bytes = redis.call(&["MEMORY", "USAGE", key, "SAMPLES", "0"], None).await;
+            let bytes = redis
+                .call(&["MEMORY", "USAGE", key, "SAMPLES", "0"], None)
+                .await;
             entry.1 += bytes.trim().parse::<u64>().unwrap_or(0);
         }
     }
@@ -672,7 +717,11 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
     let rows: Vec<Vec<String>> = breakdown
         .iter()
         .map(|(name, (count, bytes))| {
-            let total = if name.starts_with("idem:") { *bytes * count } else { *bytes };
+            let total = if name.starts_with("idem:") {
+                *bytes * count
+            } else {
+                *bytes
+            };
             vec![
                 name.clone(),
                 count.to_string(),
@@ -690,7 +739,11 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
         "Redis bytes per message = {per_message:.0}; record encoded (JSON) = {record:.0} bytes; \
          ratio = {:.2}; goal <= 1.5: {}",
         per_message / record,
-        if per_message / record <= 1.5 { "MET" } else { "NOT MET" }
+        if per_message / record <= 1.5 {
+            "MET"
+        } else {
+            "NOT MET"
+        }
     );
     println!("one conversation's keys ({messages_here} messages), MEMORY USAGE:");
     print_table(&["key", "keys", "bytes", "bytes/message"], &rows);
@@ -701,7 +754,14 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
 /// conversation's meta key.
 async fn prefix_of(redis: &RedisCli, conversation: &str) -> String {
     let listed = redis
-        .call(&["--scan", "--pattern", &format!("*:{{c:{conversation}}}:meta")], None)
+        .call(
+            &[
+                "--scan",
+                "--pattern",
+                &format!("*:{{c:{conversation}}}:meta"),
+            ],
+            None,
+        )
         .await;
     let key = listed.lines().next().expect("the conversation's meta key");
     key.split(":{c:").next().unwrap().to_owned()

@@ -775,7 +775,11 @@ pub async fn large_conversations_are_listed_by_activity(backend: Backend) {
     };
     assert_eq!(order("late").await, [(big, added.create_time)]);
     assert!(order("big-3").await.is_empty());
-    assert_eq!(order("big-1").await, [(big, sent_at)], "an addition is not activity for the others");
+    assert_eq!(
+        order("big-1").await,
+        [(big, sent_at)],
+        "an addition is not activity for the others"
+    );
 }
 
 pub async fn retention_trims_by_count(backend: Backend) {
@@ -857,7 +861,13 @@ pub async fn retention_trims_by_age_again_and_again(backend: Backend) {
         page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
         [3]
     );
-    assert!(store.messages_before(id, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .messages_before(id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     send(&*store, id, "bob", "three").await;
     let page = store.events_after(id, 0, 100).await.unwrap();
     assert_eq!(
