@@ -884,6 +884,76 @@ pub async fn retention_trims_by_age_again_and_again(backend: Backend) {
     );
 }
 
+/// Every page of the event log, whatever its size and start, is the gap-free run of events in
+/// order, messages and other events interleaved as they were committed (the Redis store keeps
+/// MessageCreated apart from the other events and merges them when reading).
+pub async fn event_pages_interleave_every_kind_in_order(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
+    let id = create(&*store, "alice", &["bob"]).await;
+    send(&*store, id, "alice", "one").await; // 1
+    store.mark_read(id, &user("bob"), 1).await.unwrap(); // 2
+    let (two, _) = send(&*store, id, "bob", "two").await; // 3
+    send(&*store, id, "bob", "three").await; // 4
+    store
+        .add_participants(id, &user("alice"), &[user("carol")])
+        .await
+        .unwrap(); // 5
+    store.delete_message(id, two, &user("bob")).await.unwrap(); // 6
+    send(&*store, id, "carol", "four").await; // 7
+    store.mark_read(id, &user("alice"), 7).await.unwrap(); // 8
+    let kind = |event: &svc_messaging::messaging::model::Event| match &event.kind {
+        EventKind::MessageCreated(message) if message.is_deleted() => "deleted-created",
+        EventKind::MessageCreated(_) => "created",
+        EventKind::ReadReceipt { .. } => "read",
+        EventKind::ParticipantsChanged { .. } => "participants",
+        EventKind::MessageDeleted { .. } => "deleted",
+    };
+    let all = store.events_after(id, 0, 100).await.unwrap().events;
+    assert_eq!(
+        all.iter()
+            .map(|e| (e.sequence, kind(e)))
+            .collect::<Vec<_>>(),
+        [
+            (1, "created"),
+            (2, "read"),
+            (3, "deleted-created"),
+            (4, "created"),
+            (5, "participants"),
+            (6, "deleted"),
+            (7, "created"),
+            (8, "read"),
+        ]
+    );
+    for size in 1..=4 {
+        for start in 0..8u64 {
+            let page = store.events_after(id, start, size).await.unwrap().events;
+            let expected: Vec<u64> = (start + 1..=(start + size as u64).min(8)).collect();
+            assert_eq!(
+                page.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+                expected,
+                "after {start}, limit {size}"
+            );
+            assert_eq!(page, all[start as usize..start as usize + expected.len()]);
+        }
+    }
+    assert!(
+        store
+            .events_after(id, 8, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    assert!(
+        store
+            .events_after(id, 0, 0)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+}
+
 pub async fn the_live_feed_carries_commits_in_order(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let mut feed = store.live_events();
@@ -975,6 +1045,7 @@ crate::support::suite! {
         retention_trims_by_count,
         retention_trims_by_age,
         retention_trims_by_age_again_and_again,
+        event_pages_interleave_every_kind_in_order,
         the_live_feed_carries_commits_in_order,
     ]
 }

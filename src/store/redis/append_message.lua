@@ -34,7 +34,8 @@ if seen then
 end
 local now = now_ms()
 local seq = int(tonumber(meta[1]) + 1)
-local member = record_event(seq, now, '{"MessageCreated":' .. record .. '}', '@' .. message_id)
+-- The message's event is its entries in msgs and msg (events_after.lua merges them in).
+local member = publish_event(seq, now, '{"MessageCreated":' .. record .. '}')
 redis.call('HSET', K_META, 'last_seq', seq, 'active', int(now))
 redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
 redis.call('ZADD', K_MSGS, seq, message_id)

@@ -10,7 +10,7 @@
 //! |-----------------------------------|--------|-------------------------------------------------------------|
 //! | `P:{c:C}:meta`                    | HASH   | title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins, active (time of the newest message, ms) |
 //! | `P:{c:C}:members`                 | ZSET   | participants, score = join order                            |
-//! | `P:{c:C}:events`                  | ZSET   | score = seq, member = `<seq>:<create_time_ms>:<json EventKind>`, or `<seq>:<create_time_ms>:@<message_id>` for a MessageCreated (its record is in `msg`) |
+//! | `P:{c:C}:events`                  | ZSET   | every event but MessageCreated: score = seq, member = `<seq>:<create_time_ms>:<json EventKind>` |
 //! | `P:{c:C}:msgs`                    | ZSET   | message ids incl. tombstones, score = seq                   |
 //! | `P:{c:C}:msg`                     | HASH   | message id -> `<seq>:<create_time_ms>:<json MessageRecord>` |
 //! | `P:{c:C}:dead`                    | ZSET   | deleted message ids (tombstones), score = seq               |
@@ -30,9 +30,10 @@
 //! `ZCOUNT dead (read +inf` minus `ZCOUNT by:<user> (read +inf` (deletions are rare, so counting
 //! them costs less memory than listing every live message once more).
 //!
-//! A message record is stored once, in `msg` (the tombstone replaces it on deletion); the
-//! MessageCreated event only names it, and `events_after.lua` reads the record from there, so a
-//! replayed event shows a deletion too. Trimming drops a prefix of sequences: by count from
+//! A message record is stored once, in `msg` (the tombstone replaces it on deletion). Its
+//! MessageCreated event is not stored apart: it is the message's entry in `msgs` (its sequence)
+//! and `msg` (its time and record); `events_after.lua` merges those with the other events by
+//! sequence, so a replayed event shows a deletion too. Trimming drops a prefix of sequences: by count from
 //! `last_seq - trimmed_through`, by age from the oldest events' own times.
 //!
 //! A send writes nothing per participant. A user's activity in a conversation is the later of
@@ -653,7 +654,7 @@ impl MessageStore for RedisMessageStore {
             .events_after
             .run(
                 &self.client,
-                vec![keys.meta(), keys.events(), keys.messages()],
+                vec![keys.meta(), keys.events(), keys.messages(), keys.history()],
                 vec![after.to_string(), limit_arg(limit)],
             )
             .await?

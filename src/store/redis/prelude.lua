@@ -1,7 +1,7 @@
 -- Prelude of every script that writes one conversation (spliced in front of it at compile time).
 --
 -- KEYS (all in the conversation's hash slot):
---   1 meta  2 members  3 events  4 msgs  5 msg  6 dead  7 senders  8 read
+--   1 meta  2 members  3 events (all but MessageCreated)  4 msgs  5 msg  6 dead  7 senders  8 read
 -- meta's 'active' is the time of the newest message (ListConversations reads it; nothing per
 -- participant is written on a send); 'oldest' the time of the oldest kept event (see trim).
 -- ARGV:
@@ -70,21 +70,60 @@ local function snapshot(prefix)
   return out
 end
 
--- Records event `seq` and publishes it (inside the script, so publish order is commit order).
--- `stored`, when given, replaces the JSON in the events ZSET (a MessageCreated event stores only
--- '@<message id>': its record lives once, in the msg HASH, and events_after.lua reads it there).
--- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>" (as published).
-local function record_event(seq, now, kind_json, stored)
-  local head = int(seq) .. ':' .. int(now) .. ':'
-  local member = head .. kind_json
-  redis.call('ZADD', K_EVENTS, int(seq), stored and (head .. stored) or member)
+-- Publishes event `seq` (inside the script, so publish order is commit order).
+-- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>".
+local function publish_event(seq, now, kind_json)
+  local member = int(seq) .. ':' .. int(now) .. ':' .. kind_json
   redis.call('PUBLISH', CHANNEL, CONVERSATION_ID .. ':' .. member)
   return member
 end
 
--- Takes the next sequence and records the event (see record_event).
-local function append_event(now, kind_json, stored)
-  return record_event(redis.call('HINCRBY', K_META, 'last_seq', 1), now, kind_json, stored)
+-- Takes the next sequence, records the event in the events ZSET and publishes it. (A
+-- MessageCreated is not recorded there: the message's entries in msgs and msg are its event.)
+local function append_event(now, kind_json)
+  local seq = redis.call('HINCRBY', K_META, 'last_seq', 1)
+  local member = publish_event(seq, now, kind_json)
+  redis.call('ZADD', K_EVENTS, int(seq), member)
+  return member
+end
+
+-- The kept events after sequence `after`, oldest first, as {seq, time} pairs: up to `count`
+-- from the events ZSET and from msgs each, merged, cut where either list may continue.
+local function oldest_events(after, count)
+  local bound = '(' .. int(after)
+  local others = redis.call('ZRANGEBYSCORE', K_EVENTS, bound, '+inf', 'LIMIT', 0, count)
+  local messages = redis.call('ZRANGEBYSCORE', K_MSGS, bound, '+inf', 'WITHSCORES', 'LIMIT', 0, count)
+  local out, cut = {}, math.huge
+  for _, member in ipairs(others) do
+    local seq, time = string.match(member, '^(%d+):(%-?%d+):')
+    out[#out + 1] = {tonumber(seq), tonumber(time)}
+  end
+  if #others == count and #others > 0 then
+    cut = out[#out][1]
+  end
+  if #messages > 0 then
+    local ids = {}
+    for i = 1, #messages, 2 do
+      ids[#ids + 1] = messages[i]
+    end
+    local stored = redis.call('HMGET', K_MSG, unpack(ids))
+    for i = 1, #ids do
+      local time = string.match(stored[i] or '', '^%d+:(%-?%d+):')
+      out[#out + 1] = {tonumber(messages[2 * i]), tonumber(time or '0')}
+    end
+    if #ids == count then
+      cut = math.min(cut, tonumber(messages[#messages]))
+    end
+  end
+  table.sort(out, function(a, b) return a[1] < b[1] end)
+  local kept = {}
+  for _, event in ipairs(out) do
+    if event[1] > cut then
+      break
+    end
+    kept[#kept + 1] = event
+  end
+  return kept
 end
 
 -- Drops events older than the max age and beyond the max count, with the messages they created,
@@ -111,14 +150,13 @@ local function trim(now, meta)
   local batch = 1
   local head_time = nil
   while through < last do
-    local kept = redis.call('ZRANGEBYSCORE', K_EVENTS, '(' .. int(through), '+inf', 'LIMIT', 0, batch)
-    for _, member in ipairs(kept) do
-      local seq, time = string.match(member, '^(%d+):(%-?%d+):')
-      if tonumber(time) >= cutoff then
-        head_time = time
+    local kept = oldest_events(through, batch)
+    for _, event in ipairs(kept) do
+      if event[2] >= cutoff then
+        head_time = int(event[2])
         break
       end
-      through = tonumber(seq)
+      through = event[1]
     end
     if head_time or #kept == 0 then
       break
