@@ -1,7 +1,7 @@
 //! SendMessage throughput of one replica on the Redis store, against two `redis-benchmark`
 //! baselines on the same Redis, interleaved in one run (raw, ours, raw, ours, ...):
 //!   - raw `XADD <key> * f <200 bytes>` (issue 14's yardstick: the cheapest durable append),
-//!   - raw `EVALSHA <append_message> 10 <keys> <10 args>`: the one command a text SendMessage
+//!   - raw `EVALSHA <append_message> 9 <keys> <11 args>`: the one command a text SendMessage
 //!     costs Redis (src/store/redis/mod.rs `append_message`), with the keys and arguments of a
 //!     real send (captured from a message the service stored).
 //!
@@ -377,12 +377,20 @@ impl RawSend {
             .nth(2)
             .expect("stored message")
             .to_owned();
-        let idem = |client_id: &str| format!("{base}idem:{}:{SENDER}:{client_id}", SENDER.len());
-        let remembered = redis.call(&["GET", &idem(SEED_ID)], None).await;
+        // The idempotency bucket of the seed: one HASH, field -> "<seq>|<time>|<fingerprint>".
+        let idem_field = |client_id: &str| format!("{}:{SENDER}:{client_id}", SENDER.len());
+        let buckets = redis
+            .call(&["--scan", "--pattern", &format!("{base}idem:*")], None)
+            .await;
+        let bucket = buckets.lines().next().expect("an idempotency bucket");
+        let remembered = redis
+            .call(&["HGET", bucket, &idem_field(SEED_ID)], None)
+            .await;
         let fingerprint = remembered
-            .split_once('|')
+            .splitn(3, '|')
+            .nth(2)
             .expect("idempotency value")
-            .1
+            .trim()
             .to_owned();
 
         let random_client_id = "r-__rand_int__"; // 14 characters, like "r1-t12-3456"
@@ -399,7 +407,6 @@ impl RawSend {
         .map(|name| format!("{base}{name}"))
         .collect();
         keys.push(format!("{base}by:{SENDER}"));
-        keys.push(idem(random_client_id));
         let args = vec![
             base,
             conversation.clone(),
@@ -411,6 +418,7 @@ impl RawSend {
             record,
             fingerprint,
             defaults.idempotency_window.as_secs().to_string(),
+            idem_field(random_client_id),
         ];
         (keys, args)
     }
@@ -686,8 +694,7 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
     let per_message = (after as f64 - before as f64) / MEMORY_MESSAGES as f64;
     let record = record_bytes.load(Ordering::Relaxed) as f64 / MEMORY_MESSAGES as f64;
 
-    // Where it goes: MEMORY USAGE of the first conversation's keys (idempotency keys: their
-    // count times one sample's size).
+    // Where it goes: MEMORY USAGE of the first conversation's keys.
     let base = format!(
         "{}:{{c:{}}}:",
         prefix_of(redis, &conversations[0]).await,
@@ -700,28 +707,22 @@ async fn memory_per_message(redis: &RedisCli, channels: &[Channel]) {
     for key in listed.lines().filter(|key| !key.is_empty()) {
         let name = key.strip_prefix(&base).unwrap_or(key);
         let group = if name.starts_with("idem:") {
-            "idem:* (STRING, each)"
+            "idem:* (HASH per time bucket)"
         } else {
             name
         };
         let entry = breakdown.entry(group.to_owned()).or_default();
         entry.0 += 1;
-        if entry.0 == 1 || !name.starts_with("idem:") {
-            let bytes = redis
-                .call(&["MEMORY", "USAGE", key, "SAMPLES", "0"], None)
-                .await;
-            entry.1 += bytes.trim().parse::<u64>().unwrap_or(0);
-        }
+        let bytes = redis
+            .call(&["MEMORY", "USAGE", key, "SAMPLES", "0"], None)
+            .await;
+        entry.1 += bytes.trim().parse::<u64>().unwrap_or(0);
     }
     let messages_here = (MEMORY_MESSAGES / CONVERSATIONS) as f64;
     let rows: Vec<Vec<String>> = breakdown
         .iter()
         .map(|(name, (count, bytes))| {
-            let total = if name.starts_with("idem:") {
-                *bytes * count
-            } else {
-                *bytes
-            };
+            let total = *bytes;
             vec![
                 name.clone(),
                 count.to_string(),

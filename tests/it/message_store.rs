@@ -193,6 +193,53 @@ pub async fn retries_with_the_same_client_id_are_recognised(backend: Backend) {
     );
 }
 
+/// A client message id is remembered for its window and no longer: a retry within it is a
+/// duplicate (also of a deleted message, which answers with the tombstone); after it, the same id
+/// makes a new message.
+pub async fn client_ids_are_remembered_for_their_window(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
+    let id = create(&*store, "alice", &["bob"]).await;
+    let with_window = |client_id: &str, secs: u64| NewMessage {
+        idempotency_window_secs: secs,
+        ..text_message(id, "alice", client_id, "hello")
+    };
+    let AppendOutcome::Appended(first) = store.append_message(with_window("w-1", 1)).await.unwrap()
+    else {
+        panic!("first send appends");
+    };
+    let AppendOutcome::Appended(kept) = store
+        .append_message(with_window("w-2", 3600))
+        .await
+        .unwrap()
+    else {
+        panic!("first send appends");
+    };
+    match store.append_message(with_window("w-1", 1)).await.unwrap() {
+        AppendOutcome::Duplicate { message, .. } => assert_eq!(message, first),
+        other => panic!("expected Duplicate within the window, got {other:?}"),
+    }
+    store
+        .delete_message(id, kept.record.id, &user("alice"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    match store.append_message(with_window("w-1", 1)).await.unwrap() {
+        AppendOutcome::Appended(again) => assert!(again.sequence > first.sequence),
+        other => panic!("expected a new message after the window, got {other:?}"),
+    }
+    match store
+        .append_message(with_window("w-2", 3600))
+        .await
+        .unwrap()
+    {
+        AppendOutcome::Duplicate { message, .. } => {
+            assert_eq!(message.sequence, kept.sequence);
+            assert!(message.record.is_deleted());
+        }
+        other => panic!("expected Duplicate of the deleted message, got {other:?}"),
+    }
+}
+
 pub async fn concurrent_retries_append_once(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &[]).await;
@@ -1033,6 +1080,7 @@ crate::support::suite! {
         request_ids_are_remembered_for_the_window,
         concurrent_sends_get_gap_free_sequences,
         retries_with_the_same_client_id_are_recognised,
+        client_ids_are_remembered_for_their_window,
         concurrent_retries_append_once,
         only_participants_write,
         participants_change_with_events,

@@ -17,7 +17,7 @@
 //! | `P:{c:C}:by:<user>`               | ZSET   | that sender's non-deleted message ids, score = seq          |
 //! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
-//! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
+//! | `P:{c:C}:idem:<n>`                | HASH   | `<len>:<sender>:<client_message_id>` -> `<seq>\|<time_ms>\|<fingerprint>` for the sends of window-long time bucket n = floor(time / window); expires one window after the bucket ends |
 //! | `P:{c:C}:file:<file_id>`          | HASH   | `m:<message_id>` -> seq per message carrying the file; `gone` once deleted; expires with the file |
 //! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = when the user joined (ms)         |
 //! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
@@ -95,7 +95,11 @@ use fred::{
 use futures::future::try_join_all;
 use tokio::{sync::broadcast, task::JoinHandle};
 
-use self::{connection::LIVE_CAPACITY, keys::Keys, scripts::Scripts};
+use self::{
+    connection::LIVE_CAPACITY,
+    keys::{ConversationKeys, Keys},
+    scripts::Scripts,
+};
 use super::messages::{
     ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
     DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
@@ -442,10 +446,7 @@ impl MessageStore for RedisMessageStore {
             .map_err(|error| StoreError::Corrupt(format!("message record: {error}")))?;
         let sender = &new.record.sender;
         let mut script_keys = keys.for_write();
-        script_keys.extend([
-            keys.sent_by(sender),
-            keys.idempotency(sender, new.record.client_message_id.as_str()),
-        ]);
+        script_keys.push(keys.sent_by(sender));
         let mut args = self.write_args(id, keys.base());
         args.extend([
             sender.as_str().to_owned(),
@@ -455,6 +456,7 @@ impl MessageStore for RedisMessageStore {
             new.idempotency_window_secs
                 .min(MAX_IDEMPOTENCY_WINDOW_SECS)
                 .to_string(),
+            ConversationKeys::idempotency_field(sender, new.record.client_message_id.as_str()),
         ]);
         if let Some(file) = new
             .record
