@@ -30,6 +30,12 @@
 //! `ZCOUNT dead (read +inf` minus `ZCOUNT by:<user> (read +inf` (deletions are rare, so counting
 //! them costs less memory than listing every live message once more).
 //!
+//! Client message ids are remembered per window-long time bucket (`idem:<n>`), so the cost is
+//! one HASH entry per send rather than a key with an expiry; a lookup reads the current and the
+//! previous bucket and checks the entry's time against the window. Changing
+//! `messaging.idempotency_window` renumbers the buckets: ids remembered before the change are
+//! forgotten (a retry across a deploy that changes the window may append again).
+//!
 //! A message record is stored once, in `msg` (the tombstone replaces it on deletion). Its
 //! MessageCreated event is not stored apart: it is the message's entry in `msgs` (its sequence)
 //! and `msg` (its time and record); `events_after.lua` merges those with the other events by
