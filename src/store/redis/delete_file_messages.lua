@@ -37,7 +37,7 @@ for i = 8, #ARGV, 4 do
     end
     local sender = cjson.decode(json).sender
     local prefix = seq .. ':' .. time .. ':'
-    -- The MessageCreated event refers to this entry, so it replays the tombstone too.
+    -- The MessageCreated event is read from this entry (events_after.lua): it replays the tombstone.
     redis.call('HSET', K_MSG, message_id, prefix .. tombstone)
     redis.call('ZADD', K_DEAD, seq, message_id)
     redis.call('ZREM', BASE .. 'by:' .. sender, message_id)

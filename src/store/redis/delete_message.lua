@@ -33,7 +33,7 @@ if stored ~= ARGV[8] then
 end
 local prefix = seq .. ':' .. time .. ':'
 local tombstone = prefix .. ARGV[9]
--- The MessageCreated event refers to this entry, so it replays the tombstone too.
+-- The MessageCreated event is read from this entry (events_after.lua): it replays the tombstone.
 redis.call('HSET', K_MSG, message_id, tombstone)
 redis.call('ZADD', K_DEAD, seq, message_id)
 redis.call('ZREM', K_BY, message_id)
