@@ -54,7 +54,8 @@ local member = publish_event(seq, now, '{"MessageCreated":' .. record .. '}')
 redis.call('HSET', K_META, 'last_seq', seq, 'active', int(now))
 redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
 redis.call('ZADD', K_MSGS, seq, message_id)
-redis.call('ZADD', K_BY, seq, message_id)
+-- Members are sequences: only counts by score are read, and a number costs less than an id.
+redis.call('ZADD', K_BY, seq, seq)
 redis.call('SADD', K_SENDERS, sender)
 if K_FILE then
   redis.call('HSET', K_FILE, 'm:' .. message_id, seq)

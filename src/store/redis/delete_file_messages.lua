@@ -39,8 +39,8 @@ for i = 8, #ARGV, 4 do
     local prefix = seq .. ':' .. time .. ':'
     -- The MessageCreated event is read from this entry (events_after.lua): it replays the tombstone.
     redis.call('HSET', K_MSG, message_id, prefix .. tombstone)
-    redis.call('ZADD', K_DEAD, seq, message_id)
-    redis.call('ZREM', BASE .. 'by:' .. sender, message_id)
+    redis.call('ZADD', K_DEAD, seq, seq)
+    redis.call('ZREM', BASE .. 'by:' .. sender, seq)
     out[#out + 1] = append_event(now, deleted)
   end
 end

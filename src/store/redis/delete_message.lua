@@ -35,8 +35,8 @@ local prefix = seq .. ':' .. time .. ':'
 local tombstone = prefix .. ARGV[9]
 -- The MessageCreated event is read from this entry (events_after.lua): it replays the tombstone.
 redis.call('HSET', K_MSG, message_id, tombstone)
-redis.call('ZADD', K_DEAD, seq, message_id)
-redis.call('ZREM', K_BY, message_id)
+redis.call('ZADD', K_DEAD, seq, seq)
+redis.call('ZREM', K_BY, seq)
 local now = now_ms()
 local member = append_event(now, ARGV[10])
 trim(now)

@@ -116,7 +116,7 @@ impl ConversationKeys {
         self.key("msg")
     }
 
-    /// ZSET of deleted message ids (tombstones) scored by sequence.
+    /// ZSET of the sequences of deleted messages (member and score).
     pub(super) fn deleted(&self) -> String {
         self.key("dead")
     }
@@ -131,7 +131,7 @@ impl ConversationKeys {
         self.key("read")
     }
 
-    /// ZSET of one sender's non-deleted message ids scored by sequence.
+    /// ZSET of the sequences of one sender's non-deleted messages (member and score).
     pub(super) fn sent_by(&self, user: &UserId) -> String {
         format!("{}by:{}", self.base, user.as_str())
     }

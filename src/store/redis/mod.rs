@@ -13,8 +13,8 @@
 //! | `P:{c:C}:events`                  | ZSET   | every event but MessageCreated: score = seq, member = `<seq>:<create_time_ms>:<json EventKind>` |
 //! | `P:{c:C}:msgs`                    | ZSET   | message ids incl. tombstones, score = seq                   |
 //! | `P:{c:C}:msg`                     | HASH   | message id -> `<seq>:<create_time_ms>:<json MessageRecord>` |
-//! | `P:{c:C}:dead`                    | ZSET   | deleted message ids (tombstones), score = seq               |
-//! | `P:{c:C}:by:<user>`               | ZSET   | that sender's non-deleted message ids, score = seq          |
+//! | `P:{c:C}:dead`                    | ZSET   | sequences of deleted messages (member and score)            |
+//! | `P:{c:C}:by:<user>`               | ZSET   | sequences of that sender's non-deleted messages (member and score) |
 //! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
 //! | `P:{c:C}:idem:<n>`                | HASH   | `<len>:<sender>:<client_message_id>` -> `<seq>\|<time_ms>\|<fingerprint>` for the sends of window-long time bucket n = floor(time / window); expires one window after the bucket ends |
