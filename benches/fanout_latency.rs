@@ -6,7 +6,12 @@
 //! shared by sender and subscribers, all in this process), taken just before the RPC starts,
 //! so the latency is RPC + script + PUBLISH + B's feed + B's stream + the client.
 //!
-//! Knobs: SVC_BENCH_ROUNDS (3), SVC_BENCH_SECONDS (10), SVC_BENCH_RATE (5000 messages/s).
+//! With `SVC_BENCH_BESIDE=1` (issue 14) the send benchmark runs beside each timed round: a third
+//! replica C on a runtime of its own (its own 2 threads, as another process would be) serves 32
+//! client tasks sending as fast as they can into 4 other conversations on the same Redis.
+//!
+//! Knobs: SVC_BENCH_ROUNDS (3), SVC_BENCH_SECONDS (10), SVC_BENCH_RATE (5000 messages/s),
+//! SVC_BENCH_BESIDE (0).
 
 mod common;
 
@@ -55,6 +60,7 @@ async fn main() {
         senders.push(replica_a.channel().await);
     }
     let subscriber_channel = replica_b.channel().await;
+    let beside = (common::knob("SVC_BENCH_BESIDE", 0u32) != 0).then(|| SendLoad::start(&prefix));
     println!(
         "fanout_latency: replica A <- SendMessage ({burst} messages every {} ms = {rate}/s over \
          {SENDER_CHANNELS} channels, {CONVERSATIONS} conversations) ; replica B -> \
@@ -69,7 +75,14 @@ async fn main() {
     let load_start = common::loadavg();
     let mut results = Vec::new();
     for round in 1..=rounds {
+        if let Some(beside) = &beside {
+            beside.set_running(true);
+        }
         let result = run_round(&senders, &subscriber_channel, burst, ticks).await;
+        if let Some(beside) = &beside {
+            let rate = beside.set_running(false);
+            println!("round {round}: send load beside it: {rate:.0} msgs/s");
+        }
         println!(
             "round {round}: sent {} (errors {}), received {} (missing {}, duplicates {}), \
              issued at {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -164,6 +177,12 @@ async fn main() {
         "machine during the rounds: {cpu}; loadavg before {load_start}, after {}",
         common::loadavg()
     );
+    if let Some(beside) = beside {
+        println!(
+            "send benchmark beside it (replica C, 32 clients, own runtime): {}",
+            beside.summary()
+        );
+    }
     println!("---- end ----");
     replica_a.stop().await;
     replica_b.stop().await;
@@ -374,5 +393,103 @@ async fn run_round(
         complete_rate: total as f64 / completed,
         latencies,
         rpc_latencies,
+    }
+}
+
+/// The send benchmark beside the rounds: replica C and its clients on a runtime of their own.
+struct SendLoad {
+    running: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<AtomicU64>,
+    since: std::sync::Mutex<(Instant, u64)>,
+    rates: std::sync::Mutex<Vec<f64>>,
+}
+
+impl SendLoad {
+    /// Starts replica C (same Redis and key prefix) on 2 threads of its own; its clients send
+    /// while `running` is set.
+    fn start(prefix: &str) -> Self {
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (prefix, flag, counter) = (prefix.to_owned(), running.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime for replica C");
+            runtime.block_on(async move {
+                let replica_c = Server::start(&prefix, |_| {}).await;
+                let mut channels = Vec::new();
+                for _ in 0..4 {
+                    channels.push(replica_c.channel().await);
+                }
+                let mut conversations = Vec::new();
+                for _ in 0..CONVERSATIONS {
+                    conversations.push(create_conversation(&channels[0], "carol", &["dave"]).await);
+                }
+                let _ = ready_tx.send(());
+                let mut tasks = Vec::new();
+                for task in 0..32 {
+                    let mut client = MessagingServiceClient::new(channels[task % 4].clone());
+                    let conversation_id = conversations[task % CONVERSATIONS].clone();
+                    let (flag, counter) = (flag.clone(), counter.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut n = 0u64;
+                        loop {
+                            if !flag.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                            n += 1;
+                            let request = SendMessageRequest {
+                                conversation_id: conversation_id.clone(),
+                                client_message_id: format!("beside-{task}-{n}"),
+                                content: Some(Content::Text(format!("hello from beside, #{n}"))),
+                            };
+                            if client.send_message(as_user("carol", request)).await.is_ok() {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }));
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            });
+        });
+        ready_rx.recv().expect("replica C started");
+        Self {
+            running,
+            sent,
+            since: std::sync::Mutex::new((Instant::now(), 0)),
+            rates: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts or stops the load; on stop, returns its rate since the start.
+    fn set_running(&self, on: bool) -> f64 {
+        let mut since = self.since.lock().unwrap();
+        let now = (Instant::now(), self.sent.load(Ordering::Relaxed));
+        self.running.store(on, Ordering::Relaxed);
+        let rate = (now.1 - since.1) as f64 / now.0.duration_since(since.0).as_secs_f64();
+        *since = now;
+        if !on {
+            self.rates.lock().unwrap().push(rate);
+        }
+        rate
+    }
+
+    fn summary(&self) -> String {
+        let rates = self.rates.lock().unwrap();
+        format!(
+            "{} msgs/s per round, median {:.0}",
+            rates
+                .iter()
+                .map(|rate| format!("{rate:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            median(&rates)
+        )
     }
 }

@@ -193,6 +193,53 @@ pub async fn retries_with_the_same_client_id_are_recognised(backend: Backend) {
     );
 }
 
+/// A client message id is remembered for its window and no longer: a retry within it is a
+/// duplicate (also of a deleted message, which answers with the tombstone); after it, the same id
+/// makes a new message.
+pub async fn client_ids_are_remembered_for_their_window(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
+    let id = create(&*store, "alice", &["bob"]).await;
+    let with_window = |client_id: &str, secs: u64| NewMessage {
+        idempotency_window_secs: secs,
+        ..text_message(id, "alice", client_id, "hello")
+    };
+    let AppendOutcome::Appended(first) = store.append_message(with_window("w-1", 1)).await.unwrap()
+    else {
+        panic!("first send appends");
+    };
+    let AppendOutcome::Appended(kept) = store
+        .append_message(with_window("w-2", 3600))
+        .await
+        .unwrap()
+    else {
+        panic!("first send appends");
+    };
+    match store.append_message(with_window("w-1", 1)).await.unwrap() {
+        AppendOutcome::Duplicate { message, .. } => assert_eq!(message, first),
+        other => panic!("expected Duplicate within the window, got {other:?}"),
+    }
+    store
+        .delete_message(id, kept.record.id, &user("alice"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    match store.append_message(with_window("w-1", 1)).await.unwrap() {
+        AppendOutcome::Appended(again) => assert!(again.sequence > first.sequence),
+        other => panic!("expected a new message after the window, got {other:?}"),
+    }
+    match store
+        .append_message(with_window("w-2", 3600))
+        .await
+        .unwrap()
+    {
+        AppendOutcome::Duplicate { message, .. } => {
+            assert_eq!(message.sequence, kept.sequence);
+            assert!(message.record.is_deleted());
+        }
+        other => panic!("expected Duplicate of the deleted message, got {other:?}"),
+    }
+}
+
 pub async fn concurrent_retries_append_once(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let id = create(&*store, "alice", &[]).await;
@@ -713,6 +760,75 @@ pub async fn conversations_are_listed_by_activity(backend: Backend) {
     );
 }
 
+/// Issue 14: the list stays ordered by activity in a 500-participant conversation, where a send
+/// no longer writes anything per participant; a late joiner's entry starts when they joined.
+pub async fn large_conversations_are_listed_by_activity(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
+    let others: Vec<String> = (1..500).map(|i| format!("big-{i}")).collect();
+    let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+    let big = create(&*store, "big-0", &refs).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let small = create(&*store, "big-250", &["big-499"]).await;
+    let order = |user: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .conversations_of(&crate::support::messages::user(user), None, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|entry| (entry.conversation.id, entry.activity))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(order("big-250").await.first().unwrap().0, small);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (_, _) = send(&*store, big, "big-7", "to everyone").await;
+    let sent_at = store
+        .messages_before(big, None, 1)
+        .await
+        .unwrap()
+        .first()
+        .unwrap()
+        .create_time;
+    for user in ["big-0", "big-250", "big-499"] {
+        let listed = order(user).await;
+        assert_eq!(listed[0], (big, sent_at), "{user}");
+    }
+    assert_eq!(order("big-1").await, [(big, sent_at)]);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    send(&*store, small, "big-499", "just us").await;
+    assert_eq!(
+        order("big-250")
+            .await
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        [small, big]
+    );
+    assert_eq!(order("big-1").await, [(big, sent_at)]);
+    // Someone added later lists it from when they joined, until the next message.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store
+        .remove_participant(big, &user("big-0"), &user("big-3"))
+        .await
+        .unwrap();
+    let ChangeOutcome::Changed(_, added) = store
+        .add_participants(big, &user("big-0"), &[user("late")])
+        .await
+        .unwrap()
+    else {
+        panic!("expected Changed");
+    };
+    assert_eq!(order("late").await, [(big, added.create_time)]);
+    assert!(order("big-3").await.is_empty());
+    assert_eq!(
+        order("big-1").await,
+        [(big, sent_at)],
+        "an addition is not activity for the others"
+    );
+}
+
 pub async fn retention_trims_by_count(backend: Backend) {
     let store = backend
         .store(Retention {
@@ -765,6 +881,123 @@ pub async fn retention_trims_by_age(backend: Backend) {
     assert_eq!(
         page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
         [3]
+    );
+}
+
+/// Trimming by age keeps working after a first trim, whichever write comes next (the Redis store
+/// remembers the oldest kept event's time between writes).
+pub async fn retention_trims_by_age_again_and_again(backend: Backend) {
+    let store = backend
+        .store(Retention {
+            max_age: Duration::from_secs(1),
+            ..GENEROUS
+        })
+        .await;
+    let id = create(&*store, "alice", &["bob"]).await;
+    send(&*store, id, "alice", "one").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    send(&*store, id, "bob", "two").await;
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // A read receipt is a write too: it trims "two".
+    store.mark_read(id, &user("alice"), 2).await.unwrap();
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(page.trimmed_through, 2);
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [3]
+    );
+    assert!(
+        store
+            .messages_before(id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    send(&*store, id, "bob", "three").await;
+    let page = store.events_after(id, 0, 100).await.unwrap();
+    assert_eq!(
+        page.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    assert_eq!(
+        store
+            .read_state(id, &user("alice"))
+            .await
+            .unwrap()
+            .unread_count,
+        1
+    );
+}
+
+/// Every page of the event log, whatever its size and start, is the gap-free run of events in
+/// order, messages and other events interleaved as they were committed (the Redis store keeps
+/// MessageCreated apart from the other events and merges them when reading).
+pub async fn event_pages_interleave_every_kind_in_order(backend: Backend) {
+    let store = backend.store(GENEROUS).await;
+    let id = create(&*store, "alice", &["bob"]).await;
+    send(&*store, id, "alice", "one").await; // 1
+    store.mark_read(id, &user("bob"), 1).await.unwrap(); // 2
+    let (two, _) = send(&*store, id, "bob", "two").await; // 3
+    send(&*store, id, "bob", "three").await; // 4
+    store
+        .add_participants(id, &user("alice"), &[user("carol")])
+        .await
+        .unwrap(); // 5
+    store.delete_message(id, two, &user("bob")).await.unwrap(); // 6
+    send(&*store, id, "carol", "four").await; // 7
+    store.mark_read(id, &user("alice"), 7).await.unwrap(); // 8
+    let kind = |event: &svc_messaging::messaging::model::Event| match &event.kind {
+        EventKind::MessageCreated(message) if message.is_deleted() => "deleted-created",
+        EventKind::MessageCreated(_) => "created",
+        EventKind::ReadReceipt { .. } => "read",
+        EventKind::ParticipantsChanged { .. } => "participants",
+        EventKind::MessageDeleted { .. } => "deleted",
+    };
+    let all = store.events_after(id, 0, 100).await.unwrap().events;
+    assert_eq!(
+        all.iter()
+            .map(|e| (e.sequence, kind(e)))
+            .collect::<Vec<_>>(),
+        [
+            (1, "created"),
+            (2, "read"),
+            (3, "deleted-created"),
+            (4, "created"),
+            (5, "participants"),
+            (6, "deleted"),
+            (7, "created"),
+            (8, "read"),
+        ]
+    );
+    for size in 1..=4 {
+        for start in 0..8u64 {
+            let page = store.events_after(id, start, size).await.unwrap().events;
+            let expected: Vec<u64> = (start + 1..=(start + size as u64).min(8)).collect();
+            assert_eq!(
+                page.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+                expected,
+                "after {start}, limit {size}"
+            );
+            assert_eq!(page, all[start as usize..start as usize + expected.len()]);
+        }
+    }
+    assert!(
+        store
+            .events_after(id, 8, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    assert!(
+        store
+            .events_after(id, 0, 0)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
     );
 }
 
@@ -847,6 +1080,7 @@ crate::support::suite! {
         request_ids_are_remembered_for_the_window,
         concurrent_sends_get_gap_free_sequences,
         retries_with_the_same_client_id_are_recognised,
+        client_ids_are_remembered_for_their_window,
         concurrent_retries_append_once,
         only_participants_write,
         participants_change_with_events,
@@ -855,8 +1089,11 @@ crate::support::suite! {
         read_positions_and_unread_counts,
         history_pages_newest_first,
         conversations_are_listed_by_activity,
+        large_conversations_are_listed_by_activity,
         retention_trims_by_count,
         retention_trims_by_age,
+        retention_trims_by_age_again_and_again,
+        event_pages_interleave_every_kind_in_order,
         the_live_feed_carries_commits_in_order,
     ]
 }

@@ -1196,3 +1196,93 @@ async fn refused_writes_leave_no_keys() {
     );
     raw.quit().await.unwrap();
 }
+
+/// The command names (`MONITOR` lines) that mention `prefix`, split at the `GET <prefix>:mark`
+/// markers: one list per segment between markers.
+async fn monitored_segments(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    prefix: &str,
+    segments: usize,
+) -> Vec<Vec<String>> {
+    let marker = format!("\"GET\" \"{prefix}:mark\"");
+    let mut out = vec![Vec::new()];
+    while out.len() <= segments {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("MONITOR line within 30s")
+            .unwrap()
+            .expect("MONITOR still running");
+        if line.contains(&marker) {
+            out.push(Vec::new());
+            continue;
+        }
+        if !line.contains(prefix) {
+            continue;
+        }
+        // `<time> [<db> <client>|lua] "COMMAND" "arg" ...`
+        let command = line
+            .split_once("] \"")
+            .and_then(|(_, rest)| rest.split('"').next())
+            .unwrap_or_else(|| panic!("unexpected MONITOR line: {line}"));
+        out.last_mut().unwrap().push(command.to_uppercase());
+    }
+    out.truncate(segments);
+    out
+}
+
+/// Issue 14: a send makes the same Redis commands, on the same number of keys, in a conversation
+/// of 2 as in one of 500 (before, it updated every participant's conversation index and read the
+/// member list back). Seen through a real `MONITOR`.
+#[tokio::test]
+async fn a_send_makes_the_same_commands_at_2_and_500_participants() {
+    use fred::prelude::{ClientLike, KeysInterface};
+    use tokio::io::AsyncBufReadExt;
+
+    let prefix = unique_prefix("sendcost");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let others: Vec<String> = (1..500).map(|i| format!("member-{i}")).collect();
+    let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+    let small = create(&store, "alice", &["bob"]).await;
+    let big = create(&store, "alice", &refs).await;
+    // The first send of a sender adds them to `senders`; measure the second.
+    send(&store, small, "alice", "first").await;
+    send(&store, big, "alice", "first").await;
+
+    let mut monitor = tokio::process::Command::new(required_tool("SVC_TEST_REDIS_CLI"))
+        .env("REDISCLI_AUTH", required_tool("SVC_TEST_REDIS_PASSWORD"))
+        .args(["-h", &required_tool("SVC_TEST_REDIS_HOST")])
+        .args(["-p", &required_tool("SVC_TEST_REDIS_PORT")])
+        .arg("MONITOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run redis-cli MONITOR");
+    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap_or_default();
+    assert_eq!(first.trim(), "OK", "MONITOR answered {first:?}");
+
+    let raw = raw_client().await;
+    let mark = format!("{prefix}:mark");
+    let _: Option<String> = raw.get(&mark).await.unwrap();
+    send(&store, small, "alice", "second").await;
+    let _: Option<String> = raw.get(&mark).await.unwrap();
+    send(&store, big, "alice", "second").await;
+    let _: Option<String> = raw.get(&mark).await.unwrap();
+    let segments = monitored_segments(&mut lines, &prefix, 3).await;
+    let (at_2, at_500) = (&segments[1], &segments[2]);
+    assert!(at_2.contains(&"EVALSHA".to_owned()), "{at_2:?}");
+    assert_eq!(
+        at_2, at_500,
+        "a send at 500 participants made other commands than one at 2"
+    );
+    assert!(
+        at_2.len() < 25,
+        "{} commands for one send: {at_2:?}",
+        at_2.len()
+    );
+    raw.quit().await.unwrap();
+    drop(monitor);
+}

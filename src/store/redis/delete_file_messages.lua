@@ -2,12 +2,12 @@
 -- records a MessageDeleted event for each, and marks the file deleted so no later message can
 -- carry it. Rust read the index and the messages first (file_messages.lua) and built each
 -- tombstone; if anything changed since (a new re-post, a deletion), this answers 'retry'.
--- KEYS: 10 P:{c:C}:file:<file_id> (HASH: 'm:<message id>' per carrier, 'gone' once deleted)
+-- KEYS: 9 P:{c:C}:file:<file_id> (HASH: 'm:<message id>' per carrier, 'gone' once deleted)
 -- ARGV: 6 acting user, 7 file expire time (ms),
 --   8.. groups of 4: message id, stored message as read, tombstone MessageRecord JSON and
 --   MessageDeleted EventKind JSON ('' and '' for a message that was already a tombstone)
 -- Returns {rejection} | {'retry'} | {'deleted', event members...}
-local K_FILE = KEYS[10]
+local K_FILE = KEYS[9]
 local by = ARGV[6]
 local refused = refusal_for(by)
 if refused then
@@ -37,12 +37,10 @@ for i = 8, #ARGV, 4 do
     end
     local sender = cjson.decode(json).sender
     local prefix = seq .. ':' .. time .. ':'
+    -- The MessageCreated event is read from this entry (events_after.lua): it replays the tombstone.
     redis.call('HSET', K_MSG, message_id, prefix .. tombstone)
-    if redis.call('ZREMRANGEBYSCORE', K_EVENTS, seq, seq) > 0 then
-      redis.call('ZADD', K_EVENTS, seq, prefix .. '{"MessageCreated":' .. tombstone .. '}')
-    end
-    redis.call('ZREM', K_LIVE, message_id)
-    redis.call('ZREM', BASE .. 'by:' .. sender, message_id)
+    redis.call('ZADD', K_DEAD, seq, seq)
+    redis.call('ZREM', BASE .. 'by:' .. sender, seq)
     out[#out + 1] = append_event(now, deleted)
   end
 end

@@ -2,12 +2,12 @@
 -- MessageDeleted. Rust read the stored message first and built the tombstone from it; ARGV[8] is
 -- what it read, so a concurrent change makes this answer 'retry' instead of writing a stale
 -- tombstone.
--- KEYS: 10 by:<acting user>
+-- KEYS: 9 by:<acting user>
 -- ARGV: 6 acting user, 7 message id, 8 stored message as read ('' if none),
 --   9 tombstone MessageRecord JSON, 10 MessageDeleted EventKind JSON
 -- Returns {rejection} | {'retry'} | {'already_deleted', stored message} |
 --   {'deleted', tombstone message, event member}
-local K_BY = KEYS[10]
+local K_BY = KEYS[9]
 local by, message_id = ARGV[6], ARGV[7]
 local refused = refusal_for(by)
 if refused then
@@ -33,12 +33,10 @@ if stored ~= ARGV[8] then
 end
 local prefix = seq .. ':' .. time .. ':'
 local tombstone = prefix .. ARGV[9]
+-- The MessageCreated event is read from this entry (events_after.lua): it replays the tombstone.
 redis.call('HSET', K_MSG, message_id, tombstone)
-if redis.call('ZREMRANGEBYSCORE', K_EVENTS, seq, seq) > 0 then
-  redis.call('ZADD', K_EVENTS, seq, prefix .. '{"MessageCreated":' .. ARGV[9] .. '}')
-end
-redis.call('ZREM', K_LIVE, message_id)
-redis.call('ZREM', K_BY, message_id)
+redis.call('ZADD', K_DEAD, seq, seq)
+redis.call('ZREM', K_BY, seq)
 local now = now_ms()
 local member = append_event(now, ARGV[10])
 trim(now)

@@ -106,11 +106,6 @@ impl ConversationKeys {
         self.key("events")
     }
 
-    /// ZSET of event sequences scored by create time, for trimming by age.
-    pub(super) fn event_times(&self) -> String {
-        self.key("etime")
-    }
-
     /// ZSET of message ids (tombstones included) scored by sequence.
     pub(super) fn history(&self) -> String {
         self.key("msgs")
@@ -121,9 +116,9 @@ impl ConversationKeys {
         self.key("msg")
     }
 
-    /// ZSET of non-deleted message ids scored by sequence.
-    pub(super) fn live(&self) -> String {
-        self.key("live")
+    /// ZSET of the sequences of deleted messages (member and score).
+    pub(super) fn deleted(&self) -> String {
+        self.key("dead")
     }
 
     /// SET of users with a `by:<user>` ZSET.
@@ -136,20 +131,17 @@ impl ConversationKeys {
         self.key("read")
     }
 
-    /// ZSET of one sender's non-deleted message ids scored by sequence.
+    /// ZSET of the sequences of one sender's non-deleted messages (member and score).
     pub(super) fn sent_by(&self, user: &UserId) -> String {
         format!("{}by:{}", self.base, user.as_str())
     }
 
-    /// STRING `<message_id>|<fingerprint>` remembering a `(sender, client_message_id)`. The
-    /// sender's length comes first because user ids may contain ':'.
-    pub(super) fn idempotency(&self, sender: &UserId, client_message_id: &str) -> String {
+    /// The field remembering a `(sender, client_message_id)` in the idempotency buckets
+    /// `P:{c:C}:idem:<n>` (HASHes the append script names from the key base; see
+    /// `append_message.lua`). The sender's length comes first because user ids may contain ':'.
+    pub(super) fn idempotency_field(sender: &UserId, client_message_id: &str) -> String {
         let sender = sender.as_str();
-        format!(
-            "{}idem:{}:{sender}:{client_message_id}",
-            self.base,
-            sender.len()
-        )
+        format!("{}:{sender}:{client_message_id}", sender.len())
     }
 
     /// HASH of the messages carrying one file (`m:<message id>` -> sequence), and `gone` once the
@@ -158,16 +150,15 @@ impl ConversationKeys {
         format!("{}file:{file_id}", self.base)
     }
 
-    /// The nine keys every write script takes first (see `prelude.lua`).
+    /// The eight keys every write script takes first (see `prelude.lua`).
     pub(super) fn for_write(&self) -> Vec<String> {
         vec![
             self.meta(),
             self.members(),
             self.events(),
-            self.event_times(),
             self.history(),
             self.messages(),
-            self.live(),
+            self.deleted(),
             self.senders(),
             self.reads(),
         ]
@@ -187,19 +178,18 @@ mod tests {
         let tag = format!("{{c:{id}}}");
         for key in conversation.for_write().into_iter().chain([
             conversation.sent_by(&user),
-            conversation.idempotency(&user, "m-1"),
             conversation
                 .file_messages(&FileId::parse("0190a4d6-0000-7000-8000-000000000002").unwrap()),
         ]) {
             assert!(key.starts_with(&format!("svcmsg:{tag}:")), "{key}");
         }
         assert_eq!(
-            conversation.idempotency(&user, "m-1"),
-            format!("svcmsg:{tag}:idem:6:a:b{{x}}:m-1")
+            ConversationKeys::idempotency_field(&user, "m-1"),
+            "6:a:b{x}:m-1"
         );
         assert_ne!(
-            conversation.idempotency(&UserId::parse("a").unwrap(), "b:c"),
-            conversation.idempotency(&UserId::parse("a:b").unwrap(), "c")
+            ConversationKeys::idempotency_field(&UserId::parse("a").unwrap(), "b:c"),
+            ConversationKeys::idempotency_field(&UserId::parse("a:b").unwrap(), "c")
         );
         assert_eq!(keys.user_conversations(&user), "svcmsg:{u:a:b{x}}:convs");
         let request = keys.create_request(&user, "r-1");

@@ -8,32 +8,52 @@
 //!
 //! | key                               | type   | contents                                                    |
 //! |-----------------------------------|--------|-------------------------------------------------------------|
-//! | `P:{c:C}:meta`                    | HASH   | title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins |
+//! | `P:{c:C}:meta`                    | HASH   | title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins, active (time of the newest message, ms) |
 //! | `P:{c:C}:members`                 | ZSET   | participants, score = join order                            |
-//! | `P:{c:C}:events`                  | ZSET   | score = seq, member = `<seq>:<create_time_ms>:<json EventKind>` |
-//! | `P:{c:C}:etime`                   | ZSET   | score = create_time_ms, member = seq (trimming by age)      |
+//! | `P:{c:C}:events`                  | ZSET   | every event but MessageCreated: score = seq, member = `<seq>:<create_time_ms>:<json EventKind>` |
 //! | `P:{c:C}:msgs`                    | ZSET   | message ids incl. tombstones, score = seq                   |
 //! | `P:{c:C}:msg`                     | HASH   | message id -> `<seq>:<create_time_ms>:<json MessageRecord>` |
-//! | `P:{c:C}:live`                    | ZSET   | non-deleted message ids, score = seq                        |
-//! | `P:{c:C}:by:<user>`               | ZSET   | that sender's non-deleted message ids, score = seq          |
+//! | `P:{c:C}:dead`                    | ZSET   | sequences of deleted messages (member and score)            |
+//! | `P:{c:C}:by:<user>`               | ZSET   | sequences of that sender's non-deleted messages (member and score) |
 //! | `P:{c:C}:senders`                 | SET    | users with a `by:` ZSET                                     |
 //! | `P:{c:C}:read`                    | HASH   | user -> read sequence                                       |
-//! | `P:{c:C}:idem:<len>:<sender>:<id>`| STRING | `<message_id>\|<fingerprint>`, expires with the window      |
+//! | `P:{c:C}:idem:<n>`                | HASH   | `<len>:<sender>:<client_message_id>` -> `<seq>\|<time_ms>\|<fingerprint>` for the sends of window-long time bucket n = floor(time / window); expires one window after the bucket ends |
 //! | `P:{c:C}:file:<file_id>`          | HASH   | `m:<message_id>` -> seq per message carrying the file; `gone` once deleted; expires with the file |
-//! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = latest activity (ms)              |
+//! | `P:{u:USER}:convs`                | ZSET   | conversation ids, score = when the user joined (ms)         |
 //! | `P:{u:USER}:req:<digest>`         | STRING | conversation id a `request_id` created, expires with the window |
 //! | `P:{u:USER}:upload:<digest>`      | HASH   | an upload session; see [`upload_sessions`]                  |
 //! | `P:{u:USER}:uploads`              | ZSET   | the user's unfinished upload sessions, score = expire_time  |
 //! | `P:upload-expiry`                 | ZSET   | unfinished upload session keys, score = expire_time         |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
-//! the layout works on Redis Cluster. Unread = `ZCOUNT live (read +inf` minus
-//! `ZCOUNT by:<user> (read +inf`.
+//! the layout works on Redis Cluster. Unread = `ZCOUNT msgs (read +inf` minus
+//! `ZCOUNT dead (read +inf` minus `ZCOUNT by:<user> (read +inf` (deletions are rare, so counting
+//! them costs less memory than listing every live message once more).
 //!
-//! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* a script commits
-//! (`ZADD GT`, so racing updates never move activity backwards). It is derived data: it may lag
-//! briefly, and if that update fails the write still stands (logged). Readers check
-//! participation against the conversation itself, so a stale entry is never shown.
+//! Client message ids are remembered per window-long time bucket (`idem:<n>`), so the cost is
+//! one HASH entry per send rather than a key with an expiry; a lookup reads the current and the
+//! previous bucket and checks the entry's time against the window. Changing
+//! `messaging.idempotency_window` renumbers the buckets: ids remembered before the change are
+//! forgotten (a retry across a deploy that changes the window may append again).
+//!
+//! A message record is stored once, in `msg` (the tombstone replaces it on deletion). Its
+//! MessageCreated event is not stored apart: it is the message's entry in `msgs` (its sequence)
+//! and `msg` (its time and record); `events_after.lua` merges those with the other events by
+//! sequence, so a replayed event shows a deletion too. Trimming drops a prefix of sequences: by count from
+//! `last_seq - trimmed_through`, by age from the oldest events' own times.
+//!
+//! A send writes nothing per participant. A user's activity in a conversation is the later of
+//! their `P:{u:USER}:convs` score (when they joined) and the conversation's `active` (its newest
+//! message): exactly what updating every participant's index on every send used to store.
+//! `conversations_of` reads the index, one `active` per listed conversation (pipelined), sorts
+//! and then loads the page; a page thus costs one `HGET` per conversation of the user instead
+//! of a send costing one `ZADD` per participant. Cursor semantics are unchanged: a conversation
+//! that gets a message moves above a cursor already handed out, as it did before.
+//!
+//! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* the create or
+//! add script commits (`ZADD GT`). It is derived data: it may lag briefly, and if that update
+//! fails the write still stands (logged). Readers check participation against the conversation
+//! itself, so a stale entry is never shown.
 //!
 //! `P:{u:USER}:req:<digest>` maps a creator's `request_id` to the conversation it created. It
 //! lives in the creator's slot, so `create_conversation` claims it (`claim_request.lua`: the
@@ -81,7 +101,11 @@ use fred::{
 use futures::future::try_join_all;
 use tokio::{sync::broadcast, task::JoinHandle};
 
-use self::{connection::LIVE_CAPACITY, keys::Keys, scripts::Scripts};
+use self::{
+    connection::LIVE_CAPACITY,
+    keys::{ConversationKeys, Keys},
+    scripts::Scripts,
+};
 use super::messages::{
     ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
     DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
@@ -95,7 +119,7 @@ use crate::{
     messaging::model::{Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, UnixMillis},
 };
 
-/// Most index entries one `conversations_of` round trip reads.
+/// Most conversations one `conversations_of` round trip loads.
 const INDEX_PAGE: usize = 500;
 /// Longest idempotency window Redis can hold as an expiry (100 years).
 const MAX_IDEMPOTENCY_WINDOW_SECS: u64 = 100 * 365 * 24 * 3600;
@@ -240,9 +264,11 @@ impl RedisMessageStore {
         }
     }
 
-    /// Moves `id` to `activity` in each user's conversation index (never backwards). The write
-    /// already committed, so a failure here is logged, not returned: the index is derived.
-    async fn touch_activity(&self, id: ConversationId, users: &[UserId], activity: UnixMillis) {
+    /// Records in each user's conversation index that they joined `id` at `joined` (never
+    /// backwards). Sends do not come here: a conversation's message activity is its meta's
+    /// `active`, read when listing. The write already committed, so a failure here is logged,
+    /// not returned.
+    async fn record_joins(&self, id: ConversationId, users: &[UserId], joined: UnixMillis) {
         if users.is_empty() {
             return;
         }
@@ -256,7 +282,7 @@ impl RedisMessageStore {
                     Some(Ordering::GreaterThan),
                     false,
                     false,
-                    (activity as f64, member.as_str()),
+                    (joined as f64, member.as_str()),
                 )
                 .await;
             if let Err(error) = queued {
@@ -355,7 +381,7 @@ impl MessageStore for RedisMessageStore {
         };
         let (conversation, fingerprint) = codec::conversation(new.id, reply.rest())?;
         // Also on `existing`: a retry repairs an index update its first attempt did not finish.
-        self.touch_activity(new.id, &conversation.participants, conversation.create_time)
+        self.record_joins(new.id, &conversation.participants, conversation.create_time)
             .await;
         Ok(if created {
             CreateOutcome::Created(conversation)
@@ -393,7 +419,7 @@ impl MessageStore for RedisMessageStore {
         if let ChangeOutcome::Changed(_, event) = &outcome
             && let EventKind::ParticipantsChanged { added, .. } = &event.kind
         {
-            self.touch_activity(id, added, event.create_time).await;
+            self.record_joins(id, added, event.create_time).await;
         }
         Ok(outcome)
     }
@@ -426,10 +452,7 @@ impl MessageStore for RedisMessageStore {
             .map_err(|error| StoreError::Corrupt(format!("message record: {error}")))?;
         let sender = &new.record.sender;
         let mut script_keys = keys.for_write();
-        script_keys.extend([
-            keys.sent_by(sender),
-            keys.idempotency(sender, new.record.client_message_id.as_str()),
-        ]);
+        script_keys.push(keys.sent_by(sender));
         let mut args = self.write_args(id, keys.base());
         args.extend([
             sender.as_str().to_owned(),
@@ -439,6 +462,7 @@ impl MessageStore for RedisMessageStore {
             new.idempotency_window_secs
                 .min(MAX_IDEMPOTENCY_WINDOW_SECS)
                 .to_string(),
+            ConversationKeys::idempotency_field(sender, new.record.client_message_id.as_str()),
         ]);
         if let Some(file) = new
             .record
@@ -461,12 +485,6 @@ impl MessageStore for RedisMessageStore {
                     .ok_or_else(|| {
                         StoreError::Corrupt("append_message recorded no MessageCreated".to_owned())
                     })?;
-                let participants = reply.rest()[1..]
-                    .iter()
-                    .filter_map(|raw| UserId::parse(raw).ok())
-                    .collect::<Vec<_>>();
-                self.touch_activity(id, &participants, message.create_time)
-                    .await;
                 Ok(AppendOutcome::Appended(message))
             }
             "duplicate" => Ok(AppendOutcome::Duplicate {
@@ -644,7 +662,7 @@ impl MessageStore for RedisMessageStore {
             .events_after
             .run(
                 &self.client,
-                vec![keys.meta(), keys.events()],
+                vec![keys.meta(), keys.events(), keys.messages(), keys.history()],
                 vec![after.to_string(), limit_arg(limit)],
             )
             .await?
@@ -707,34 +725,52 @@ impl MessageStore for RedisMessageStore {
         cursor: Option<&ActivityCursor>,
         limit: usize,
     ) -> StoreResult<Vec<ConversationEntry>> {
-        let index = self.keys.user_conversations(user);
-        let mut after = cursor.map(|cursor| (cursor.activity, cursor.conversation_id.to_string()));
-        let mut entries = Vec::new();
-        while entries.len() < limit {
-            let wanted = (limit - entries.len()).min(INDEX_PAGE);
-            let (max, after_id) = match &after {
-                Some((activity, id)) => (activity.to_string(), id.clone()),
-                None => ("+inf".to_owned(), String::new()),
-            };
-            let page = self
-                .scripts
-                .conversations_page
-                .run(
-                    &self.client,
-                    vec![index.clone()],
-                    vec![max, after_id, wanted.to_string()],
-                )
-                .await?
-                .into_fields();
-            let mut listed = Vec::with_capacity(page.len() / 2);
-            for pair in page.chunks_exact(2) {
-                let id = ConversationId::parse(&pair[0])
-                    .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
-                listed.push((id, parse_score(&pair[1])?));
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Fan-out on read: the index holds when the user joined each conversation, and each
+        // conversation's meta holds when its newest message was sent; a conversation's activity
+        // for this user is the later of the two (what updating every member's index on every
+        // send used to store). Sends thus cost the same at 2 or 1000 participants, and a page
+        // costs one HGET per conversation of the user (pipelined; in the conversations' slots).
+        let joined: Vec<(String, f64)> = self
+            .client
+            .zrange(
+                self.keys.user_conversations(user),
+                0,
+                -1,
+                None,
+                false,
+                None,
+                true,
+            )
+            .await?;
+        let mut ranked = Vec::with_capacity(joined.len());
+        for (raw, score) in &joined {
+            let id = ConversationId::parse(raw)
+                .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
+            ranked.push((score.round() as UnixMillis, id));
+        }
+        let active: Vec<Option<String>> = try_join_all(ranked.iter().map(|(_, id)| {
+            self.client
+                .hget::<Option<String>, _, _>(self.keys.conversation(*id).meta(), "active")
+        }))
+        .await?;
+        for ((activity, _), active) in ranked.iter_mut().zip(active) {
+            if let Some(active) = active {
+                *activity = (*activity).max(parse_score(&active)?);
             }
+        }
+        // Newest first, ties by id descending; strictly after the cursor.
+        ranked.retain(|entry| {
+            cursor.is_none_or(|cursor| *entry < (cursor.activity, cursor.conversation_id))
+        });
+        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        let mut entries = Vec::new();
+        for chunk in ranked.chunks(limit.min(INDEX_PAGE)) {
             let loaded =
-                try_join_all(listed.iter().map(|(id, _)| self.load_conversation(*id))).await?;
-            for ((_, activity), conversation) in listed.iter().zip(loaded) {
+                try_join_all(chunk.iter().map(|(_, id)| self.load_conversation(*id))).await?;
+            for ((activity, _), conversation) in chunk.iter().zip(loaded) {
                 // Entries the index still lists although the user left (the index lags) or the
                 // conversation is gone are skipped.
                 if let Some((conversation, _)) = conversation
@@ -744,13 +780,10 @@ impl MessageStore for RedisMessageStore {
                         conversation,
                         activity: *activity,
                     });
+                    if entries.len() == limit {
+                        return Ok(entries);
+                    }
                 }
-            }
-            match listed.last() {
-                Some((id, activity)) if listed.len() == wanted => {
-                    after = Some((*activity, id.to_string()));
-                }
-                _ => break,
             }
         }
         Ok(entries)
@@ -765,7 +798,7 @@ impl MessageStore for RedisMessageStore {
                 &self.client,
                 vec![
                     keys.reads(),
-                    keys.live(),
+                    keys.deleted(),
                     keys.sent_by(user),
                     keys.history(),
                     keys.messages(),
