@@ -249,6 +249,27 @@ async fn the_store_serves_again_soon_after_its_seed_master_fails_over_without_tr
                 .contains(&format!("master_port:{seed}"))
         })
         .expect("the seed's replica");
+    // Replication is asynchronous: the replica must have the writes above before the kill, or
+    // the conversation is lost with the master (not what this test is about).
+    let offset = |port: u16, field: &str| -> u64 {
+        cluster
+            .cli(port, &["info", "replication"])
+            .lines()
+            .find_map(|line| {
+                line.trim()
+                    .strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let written = offset(seed, "master_repl_offset");
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), "the replica to catch up", || {
+            offset(replica, "slave_repl_offset") >= written
+        });
+    });
     let witnesses: Vec<u16> = cluster
         .ports
         .iter()
