@@ -69,7 +69,13 @@ async fn main() {
     let size_mib: usize = common::knob("SVC_BENCH_UPLOAD_MIB", 50);
     let concurrent: usize = common::knob("SVC_BENCH_CONCURRENT", 16);
     let memory_runs: usize = common::knob("SVC_BENCH_MEMORY_RUNS", 3);
-    let uploads = Settings::default().uploads;
+    let mut uploads = Settings::default().uploads;
+    // To compare part layouts (both sides use them): SVC_BENCH_PART_MIB, SVC_BENCH_PARTS_IN_FLIGHT.
+    uploads.part_size = bytesize::ByteSize::mib(common::knob(
+        "SVC_BENCH_PART_MIB",
+        uploads.part_size.as_u64() / MIB as u64,
+    ));
+    uploads.parts_in_flight = common::knob("SVC_BENCH_PARTS_IN_FLIGHT", uploads.parts_in_flight);
     let part_size = uploads.part_size.as_u64() as usize;
     let parts_in_flight = uploads.parts_in_flight as usize;
     let data = pdf_bytes(size_mib * MIB);
@@ -81,7 +87,12 @@ async fn main() {
     );
 
     let prefix = common::unique_prefix("upload");
-    let server = Server::start(&prefix, common::use_s3).await;
+    let server = Server::start(&prefix, |settings| {
+        common::use_s3(settings);
+        settings.uploads.part_size = uploads.part_size;
+        settings.uploads.parts_in_flight = uploads.parts_in_flight;
+    })
+    .await;
     let channel = server.channel().await;
     let conversation = create_conversation(&channel, UPLOADER, &["bob"]).await;
     let s3 = s3_client();

@@ -347,10 +347,13 @@ pub enum S3Credentials {
 #[serde(rename_all = "kebab-case")]
 pub enum S3RequestChecksums {
     /// On every upload request that supports one (a CRC32: a header for whole bodies, an
-    /// `aws-chunked` trailer for parts streamed as they arrive), as AWS recommends.
-    #[default]
+    /// `aws-chunked` trailer for parts streamed as they arrive). The trailer costs a third of
+    /// the upload throughput against Garage (BENCHMARKS.md) and some S3-compatible servers
+    /// reject it.
     WhenSupported,
-    /// Only where S3 requires one: for S3-compatible servers that reject checksum trailers.
+    /// Only where S3 requires one. Whole bodies are still covered by SigV4's payload hash;
+    /// streamed parts (`UNSIGNED-PAYLOAD`) rely on TLS to the S3 endpoint in transit.
+    #[default]
     WhenRequired,
 }
 
@@ -392,7 +395,7 @@ impl Default for S3Settings {
             secret_access_key_file: None,
             force_path_style: false,
             manage_lifecycle: false,
-            request_checksums: S3RequestChecksums::WhenSupported,
+            request_checksums: S3RequestChecksums::WhenRequired,
         }
     }
 }
@@ -1745,6 +1748,29 @@ mod tests {
             assert!(error.message.contains(says), "{bad}: {error}");
             assert!(!error.message.contains("pw@"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn request_checksums_default_to_when_required_and_parse_by_name() {
+        let keys = [
+            ("SVC_MESSAGING__S3__ACCESS_KEY_ID", "GK0123"),
+            ("SVC_MESSAGING__S3__SECRET_ACCESS_KEY", "secret"),
+        ];
+        let settings = load_s3(&keys).unwrap();
+        assert_eq!(
+            settings.s3.request_checksums,
+            S3RequestChecksums::WhenRequired
+        );
+        let mut chosen = keys.to_vec();
+        chosen.push(("SVC_MESSAGING__S3__REQUEST_CHECKSUMS", "when-supported"));
+        let settings = load_s3(&chosen).unwrap();
+        assert_eq!(
+            settings.s3.request_checksums,
+            S3RequestChecksums::WhenSupported
+        );
+        chosen.pop();
+        chosen.push(("SVC_MESSAGING__S3__REQUEST_CHECKSUMS", "always"));
+        assert!(load_s3(&chosen).is_err());
     }
 
     #[test]

@@ -598,9 +598,9 @@ mod s3_only {
         store.delete(&key).await.unwrap();
     }
 
-    /// Streamed parts carry a CRC32 trailer by default (`aws-chunked`); with
-    /// `s3.request_checksums = "when-required"` they carry none (for S3-compatible servers
-    /// that reject trailers), and both store the same bytes.
+    /// Streamed parts carry no checksum by default (`s3.request_checksums = "when-required"`);
+    /// with `"when-supported"` they carry a CRC32 trailer (`aws-chunked`); both store the same
+    /// bytes.
     #[tokio::test]
     async fn streamed_parts_carry_a_checksum_trailer_unless_configured_off() {
         use std::sync::atomic::Ordering;
