@@ -447,7 +447,14 @@ TOML
   local key_id secret
   key_id="GK$(openssl rand -hex 12)"
   secret="$(openssl rand -hex 32)"
-  quietly "$dir/setup.log" "${g[@]}" layout assign -z dc1 -c 1G "$node" || garage_fail "layout assign failed"
+  # A node that just answered `node id` may still refuse the layout for a moment (seen on a
+  # loaded machine): a few tries before giving up.
+  local try
+  for try in 1 2 3 4 5 6; do
+    quietly "$dir/setup.log" "${g[@]}" layout assign -z dc1 -c 1G "$node" && break
+    ((try < 6)) || garage_fail "layout assign failed"
+    sleep 0.5
+  done
   quietly "$dir/setup.log" "${g[@]}" layout apply --version 1 || garage_fail "layout apply failed"
   quietly "$dir/setup.log" "${g[@]}" bucket create "$TEST_BUCKET" || garage_fail "bucket create failed"
   quietly "$dir/setup.log" "${g[@]}" key import --yes "$key_id" "$secret" -n test || garage_fail "key import failed"
