@@ -1009,6 +1009,9 @@ async fn run_scenario(scenario: Scenario, knobs: &Knobs) -> Report {
                     "all",
                 ],
             );
+            // `redis-cli` returns once the pause is in force: a send started before it
+            // answered may still have got through, and must not count as the recovery.
+            fault_at = Instant::now();
             tokio::time::sleep(knobs.fault).await;
         }
         Scenario::RedisRestart => {
