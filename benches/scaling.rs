@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Server, as_user, create_conversation, median, print_table, spread_percent};
+use common::{RedisCli, Server, as_user, create_conversation, median, print_table, spread_percent};
 use svc_messaging::grpc::pb::{
     SendMessageRequest, messaging_service_client::MessagingServiceClient,
     send_message_request::Content,
@@ -68,36 +68,16 @@ const CONFIGS: [Config; 4] = [
     },
 ];
 
-/// One Redis server's CPU seconds (user + sys) from `INFO cpu`.
-async fn redis_cpu_seconds(port: &str, password: &str) -> f64 {
-    let output = tokio::process::Command::new(common::required_env("SVC_TEST_REDIS_CLI"))
-        .env("REDISCLI_AUTH", password)
-        .args(["-h", "127.0.0.1", "-p", port, "--raw", "INFO", "cpu"])
-        .output()
-        .await
-        .expect("run redis-cli");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let (key, value) = line.trim().split_once(':')?;
-            matches!(key, "used_cpu_user" | "used_cpu_sys").then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-/// The Redis servers a configuration uses, as (port, password).
-fn redis_nodes(cluster: bool) -> Vec<(String, String)> {
+/// The Redis servers a configuration uses.
+fn redis_nodes(cluster: bool) -> Vec<RedisCli> {
     if cluster {
         let password = common::required_env("SVC_TEST_REDIS_CLUSTER_PASSWORD");
         common::required_env("SVC_TEST_REDIS_CLUSTER_PORTS")
             .split(',')
-            .map(|port| (port.to_owned(), password.clone()))
+            .map(|port| RedisCli::at(port, &password))
             .collect()
     } else {
-        vec![(
-            common::required_env("SVC_TEST_REDIS_PORT"),
-            common::required_env("SVC_TEST_REDIS_PASSWORD"),
-        )]
+        vec![RedisCli::from_env()]
     }
 }
 
@@ -148,8 +128,8 @@ async fn run(config: Config, round: usize, duration: Duration) -> RoundResult {
 
     let nodes = redis_nodes(config.cluster);
     let mut cpu_before = Vec::new();
-    for (port, password) in &nodes {
-        cpu_before.push(redis_cpu_seconds(port, password).await);
+    for node in &nodes {
+        cpu_before.push(node.cpu_seconds().await);
     }
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -158,30 +138,22 @@ async fn run(config: Config, round: usize, duration: Duration) -> RoundResult {
     let mut tasks = Vec::new();
     for task in 0..CLIENT_TASKS {
         let replica = &channels[task % channels.len()];
-        let mut client =
+        let client =
             MessagingServiceClient::new(replica[(task / channels.len()) % replica.len()].clone());
         let conversation_id = conversations[task % conversations.len()].clone();
         let (sent, errors) = (sent.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                n += 1;
-                match send(
-                    &mut client,
-                    &conversation_id,
-                    format!("r{round}-t{task}-{n}"),
-                )
-                .await
-                {
-                    Ok(()) => sent.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("SendMessage failed: {status}");
-                        }
-                        0
-                    }
-                };
-            }
+            let id_prefix = format!("r{round}-t{task}");
+            common::send_texts_until(
+                client,
+                SENDER,
+                conversation_id,
+                id_prefix,
+                deadline,
+                &sent,
+                &errors,
+            )
+            .await;
         }));
     }
     for task in tasks {
@@ -190,8 +162,8 @@ async fn run(config: Config, round: usize, duration: Duration) -> RoundResult {
     let elapsed = start.elapsed().as_secs_f64();
     let sent = sent.load(Ordering::Relaxed);
     let mut redis_ms_per_k = Vec::new();
-    for ((port, password), before) in nodes.iter().zip(cpu_before) {
-        let used = redis_cpu_seconds(port, password).await - before;
+    for (node, before) in nodes.iter().zip(cpu_before) {
+        let used = node.cpu_seconds().await - before;
         redis_ms_per_k.push(used * 1000.0 / (sent.max(1) as f64 / 1000.0));
     }
     for server in servers {

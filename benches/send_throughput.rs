@@ -202,20 +202,6 @@ struct OursResult {
     service_cpu_us: f64,
 }
 
-/// A process' CPU time so far (user + sys), in clock ticks (100 per second on Linux).
-fn process_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces) start at ") ".
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    fields.get(11..13).map_or(0, |times| {
-        times.iter().filter_map(|t| t.parse::<u64>().ok()).sum()
-    })
-}
-
 /// `CLIENT_TASKS` tasks send text messages with unique client_message_ids into fresh
 /// conversations for `duration`.
 async fn ours_round(channels: &[Channel], round: usize, duration: Duration) -> OursResult {
@@ -226,33 +212,29 @@ async fn ours_round(channels: &[Channel], round: usize, duration: Duration) -> O
     let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let redis_pid = std::env::var("SVC_TEST_REDIS_PID").unwrap_or_default();
-    let ticks_before = (process_ticks(&redis_pid), process_ticks("self"));
+    let ticks_before = (
+        common::process_ticks(&redis_pid),
+        common::process_ticks("self"),
+    );
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for task in 0..CLIENT_TASKS {
-        let mut client = MessagingServiceClient::new(channels[task % channels.len()].clone());
+        let client = MessagingServiceClient::new(channels[task % channels.len()].clone());
         let conversation_id = conversations[task % conversations.len()].clone();
         let (sent, errors) = (sent.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                n += 1;
-                let request = SendMessageRequest {
-                    conversation_id: conversation_id.clone(),
-                    client_message_id: format!("r{round}-t{task}-{n}"),
-                    content: Some(Content::Text(format!("hello from the benchmark, #{n}"))),
-                };
-                match client.send_message(as_user(SENDER, request)).await {
-                    Ok(_) => sent.fetch_add(1, Ordering::Relaxed),
-                    Err(status) => {
-                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("SendMessage failed: {status}");
-                        }
-                        0
-                    }
-                };
-            }
+            let id_prefix = format!("r{round}-t{task}");
+            common::send_texts_until(
+                client,
+                SENDER,
+                conversation_id,
+                id_prefix,
+                deadline,
+                &sent,
+                &errors,
+            )
+            .await;
         }));
     }
     for task in tasks {
@@ -265,8 +247,8 @@ async fn ours_round(channels: &[Channel], round: usize, duration: Duration) -> O
         sent,
         errors: errors.load(Ordering::Relaxed),
         rate: sent as f64 / elapsed,
-        redis_cpu_us: per_message(process_ticks(&redis_pid) - ticks_before.0),
-        service_cpu_us: per_message(process_ticks("self") - ticks_before.1),
+        redis_cpu_us: per_message(common::process_ticks(&redis_pid) - ticks_before.0),
+        service_cpu_us: per_message(common::process_ticks("self") - ticks_before.1),
     }
 }
 
@@ -492,14 +474,7 @@ struct SendCost {
 
 /// Redis' CPU seconds (user + sys) and total command calls so far.
 async fn redis_counters(redis: &RedisCli) -> (f64, u64) {
-    let cpu = redis.call(&["INFO", "cpu"], None).await;
-    let seconds: f64 = cpu
-        .lines()
-        .filter_map(|line| {
-            let (name, value) = line.trim().split_once(':')?;
-            matches!(name, "used_cpu_sys" | "used_cpu_user").then(|| value.parse::<f64>().ok())?
-        })
-        .sum();
+    let seconds = redis.cpu_seconds().await;
     let stats = redis.call(&["INFO", "commandstats"], None).await;
     let calls = stats
         .lines()

@@ -297,6 +297,29 @@ pub struct RedisCli {
 }
 
 impl RedisCli {
+    /// Another Redis on loopback (a cluster node) through the same `redis-cli`.
+    pub fn at(port: &str, password: &str) -> Self {
+        Self {
+            cli: required_env("SVC_TEST_REDIS_CLI"),
+            host: "127.0.0.1".to_owned(),
+            port: port.to_owned(),
+            password: password.to_owned(),
+        }
+    }
+
+    /// The server's CPU seconds so far (user + sys, `INFO cpu`).
+    pub async fn cpu_seconds(&self) -> f64 {
+        self.call(&["INFO", "cpu"], None)
+            .await
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.trim().split_once(':')?;
+                matches!(name, "used_cpu_sys" | "used_cpu_user")
+                    .then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+
     pub fn from_env() -> Self {
         Self {
             cli: required_env("SVC_TEST_REDIS_CLI"),
@@ -423,22 +446,7 @@ impl ServiceProcess {
 
     /// CPU seconds (user + system) the process used so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .collect();
-        let ticks = |index: usize| -> f64 {
-            fields
-                .get(index)
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the state field.
-        (ticks(11) + ticks(12)) / 100.0
+        process_ticks(&self.child.id().to_string()) as f64 / 100.0
     }
 }
 
@@ -446,5 +454,55 @@ impl Drop for ServiceProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A process' CPU time so far (user + sys), in clock ticks (100 per second on Linux); `pid` may
+/// be `self`. 0 if the process is gone.
+pub fn process_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start at ") ".
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields.get(11..13).map_or(0, |times| {
+        times.iter().filter_map(|t| t.parse::<u64>().ok()).sum()
+    })
+}
+
+/// Sends text messages as `sender` into `conversation_id` until `deadline`, one at a time, with
+/// client_message_ids `<id_prefix>-<n>`; counts acknowledgements and failures (printing the
+/// first failure of the run).
+pub async fn send_texts_until(
+    mut client: MessagingServiceClient<Channel>,
+    sender: &str,
+    conversation_id: String,
+    id_prefix: String,
+    deadline: std::time::Instant,
+    sent: &std::sync::atomic::AtomicU64,
+    errors: &std::sync::atomic::AtomicU64,
+) {
+    use std::sync::atomic::Ordering;
+    use svc_messaging::grpc::pb::{SendMessageRequest, send_message_request::Content};
+    let mut n = 0u64;
+    while std::time::Instant::now() < deadline {
+        n += 1;
+        let request = SendMessageRequest {
+            conversation_id: conversation_id.clone(),
+            client_message_id: format!("{id_prefix}-{n}"),
+            content: Some(Content::Text(format!("hello from the benchmark, #{n}"))),
+        };
+        match client.send_message(as_user(sender, request)).await {
+            Ok(_) => {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => {
+                if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("SendMessage failed: {status}");
+                }
+            }
+        }
     }
 }
