@@ -472,31 +472,13 @@ impl S3Upload {
         Ok(())
     }
 
-    /// Starts the next part's request, with a body the writer feeds, once a slot among the parts
-    /// in flight is free (the back-pressure on the writer).
+    /// Starts the next part's request, with a body the writer feeds.
     async fn start_part_request(&mut self) -> BlobResult<PartRequest> {
         let length = self.streaming.as_ref().map_or(0, |part| part.length as u64);
-        self.open_multipart().await?;
-        let Multipart::Open(multipart) = &mut self.multipart else {
-            unreachable!("open_multipart leaves the upload open");
-        };
-        multipart.collect_finished()?;
-        while multipart.in_flight.len() >= self.parts.parts_in_flight {
-            multipart.join_one().await?;
-        }
-        let number = multipart.next_part_number;
-        check_part_number(number, self.parts.part_size)?;
-        multipart.next_part_number += 1;
-        let target = PartTarget {
-            bucket: self.bucket.clone(),
-            key: self.key.clone(),
-            upload_id: multipart.upload_id.clone(),
-            number,
-            length,
-        };
+        let target = self.next_part(length).await?;
         let (feed, body) = PartFeed::new(length);
         let (handover, kept) = oneshot::channel();
-        multipart
+        self.open_parts()
             .in_flight
             .spawn(upload_streamed_part(target, body, kept));
         Ok(PartRequest {
@@ -505,36 +487,18 @@ impl S3Upload {
         })
     }
 
-    /// Sends the buffered part (a full one, or the last), first waiting for a free slot among the
-    /// parts in flight: that wait is the back-pressure on the writer.
+    /// Sends the buffered part (a full one, or the last).
     async fn send_part(&mut self) -> BlobResult<()> {
-        self.open_multipart().await?;
-        let Multipart::Open(multipart) = &mut self.multipart else {
-            unreachable!("open_multipart leaves the upload open");
-        };
-        multipart.collect_finished()?;
-        while multipart.in_flight.len() >= self.parts.parts_in_flight {
-            multipart.join_one().await?;
-        }
-        let Some(part) = self.part.take() else {
+        let Some(length) = self.part.as_ref().map(|part| part.bytes.len() as u64) else {
             return Ok(());
         };
-        let number = multipart.next_part_number;
-        check_part_number(number, self.parts.part_size)?;
-        multipart.next_part_number += 1;
-        let bytes = part.bytes.freeze();
-        let request = self
-            .bucket
-            .client
-            .upload_part()
-            .bucket(&self.bucket.name)
-            .key(&self.key)
-            .upload_id(&multipart.upload_id)
-            .part_number(number)
-            .content_length(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
-            .body(ByteStream::from(bytes));
-        let reservation = part.reservation;
-        multipart.in_flight.spawn(async move {
+        let target = self.next_part(length).await?;
+        let Some(part) = self.part.take() else {
+            unreachable!("the part stays while its slot is claimed");
+        };
+        let request = target.request().body(ByteStream::from(part.bytes.freeze()));
+        let (number, reservation) = (target.number, part.reservation);
+        self.open_parts().in_flight.spawn(async move {
             let output = request
                 .send()
                 .await
@@ -547,6 +511,37 @@ impl S3Upload {
                 .build())
         });
         Ok(())
+    }
+
+    /// Numbers the next part, of `length` bytes, once a slot among the parts in flight is free:
+    /// that wait is the back-pressure on the writer.
+    async fn next_part(&mut self, length: u64) -> BlobResult<PartTarget> {
+        self.open_multipart().await?;
+        let Multipart::Open(multipart) = &mut self.multipart else {
+            unreachable!("open_multipart leaves the upload open");
+        };
+        multipart.collect_finished()?;
+        while multipart.in_flight.len() >= self.parts.parts_in_flight {
+            multipart.join_one().await?;
+        }
+        let number = multipart.next_part_number;
+        check_part_number(number, self.parts.part_size)?;
+        multipart.next_part_number += 1;
+        Ok(PartTarget {
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            upload_id: multipart.upload_id.clone(),
+            number,
+            length,
+        })
+    }
+
+    /// The open multipart upload (after [`Self::next_part`]).
+    fn open_parts(&mut self) -> &mut OpenMultipart {
+        let Multipart::Open(multipart) = &mut self.multipart else {
+            unreachable!("a part was numbered, so the multipart upload is open");
+        };
+        multipart
     }
 
     /// Creates the multipart upload (with the object's headers and metadata) unless it exists.
