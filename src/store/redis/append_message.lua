@@ -49,8 +49,6 @@ if window_ms > 0 then
   end
 end
 local seq = int(tonumber(meta[1]) + 1)
--- The message's event is its entries in msgs and msg (events_after.lua merges them in).
-local member = publish_event(seq, now, '{"MessageCreated":' .. record .. '}')
 redis.call('HSET', K_META, 'last_seq', seq, 'active', int(now))
 redis.call('HSET', K_MSG, message_id, seq .. ':' .. int(now) .. ':' .. record)
 redis.call('ZADD', K_MSGS, seq, message_id)
@@ -66,6 +64,9 @@ if window_ms > 0 then
   redis.call('HSET', key, idem_field, seq .. '|' .. int(now) .. '|' .. ARGV[9])
   redis.call('PEXPIREAT', key, int((bucket + 2) * window_ms))
 end
+-- The message's event is its entries in msgs and msg (events_after.lua merges them in); it is
+-- published once everything is stored, so a write that fails never reaches a subscriber.
+local member = publish_event(seq, now, '{"MessageCreated":' .. record .. '}')
 meta[1] = seq
 trim(now, meta)
 return {'appended', member}

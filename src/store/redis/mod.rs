@@ -751,14 +751,17 @@ impl MessageStore for RedisMessageStore {
                 .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
             ranked.push((score.round() as UnixMillis, id));
         }
-        let active: Vec<Option<String>> = try_join_all(ranked.iter().map(|(_, id)| {
-            self.client
-                .hget::<Option<String>, _, _>(self.keys.conversation(*id).meta(), "active")
-        }))
-        .await?;
-        for ((activity, _), active) in ranked.iter_mut().zip(active) {
-            if let Some(active) = active {
-                *activity = (*activity).max(parse_score(&active)?);
+        // In batches: a user in very many conversations never has all their reads in flight.
+        for batch in ranked.chunks_mut(INDEX_PAGE) {
+            let active: Vec<Option<String>> = try_join_all(batch.iter().map(|(_, id)| {
+                self.client
+                    .hget::<Option<String>, _, _>(self.keys.conversation(*id).meta(), "active")
+            }))
+            .await?;
+            for ((activity, _), active) in batch.iter_mut().zip(active) {
+                if let Some(active) = active {
+                    *activity = (*activity).max(parse_score(&active)?);
+                }
             }
         }
         // Newest first, ties by id descending; strictly after the cursor.

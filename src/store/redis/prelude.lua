@@ -82,9 +82,10 @@ end
 -- MessageCreated is not recorded there: the message's entries in msgs and msg are its event.)
 local function append_event(now, kind_json)
   local seq = redis.call('HINCRBY', K_META, 'last_seq', 1)
-  local member = publish_event(seq, now, kind_json)
+  local member = int(seq) .. ':' .. int(now) .. ':' .. kind_json
   redis.call('ZADD', K_EVENTS, int(seq), member)
-  return member
+  -- Published once stored: a write that fails never reaches a subscriber.
+  return publish_event(seq, now, kind_json)
 end
 
 -- The kept events after sequence `after`, oldest first, as {seq, time} pairs: up to `count`
