@@ -115,6 +115,18 @@ impl MemoryBudget {
         })
     }
 
+    /// Reserves `bytes` from the main pool only if they are free now.
+    pub fn try_reserve(&self, bytes: u64) -> Option<MemoryReservation> {
+        let wanted = units(bytes).clamp(1, self.main_units.max(1));
+        let permit = self.main.clone().try_acquire_many_owned(wanted).ok()?;
+        Some(MemoryReservation {
+            first_bytes: None,
+            main: Some(permit),
+            bytes,
+            releases: self.releases.clone(),
+        })
+    }
+
     /// A reservation of nothing yet, for a buffer that [`MemoryBudget::grow`]s it as it fills.
     pub fn empty(&self) -> MemoryReservation {
         MemoryReservation {
@@ -217,6 +229,24 @@ mod tests {
         // Larger than the whole pool: capped, so it can run alone.
         drop(second);
         assert!(budget.reserve(1 << 40).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn try_reserve_takes_only_what_is_free_now() {
+        // 80 KiB: 70 KiB main, 10 KiB first bytes.
+        let budget = MemoryBudget::new(80 * 1024, Duration::from_secs(60));
+        let held = budget.try_reserve(60 * 1024).expect("free");
+        let started = std::time::Instant::now();
+        assert!(
+            budget.try_reserve(20 * 1024).is_none(),
+            "over the main pool"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "it does not wait"
+        );
+        drop(held);
+        assert_eq!(budget.try_reserve(20 * 1024).unwrap().bytes(), 20 * 1024);
     }
 
     #[tokio::test]

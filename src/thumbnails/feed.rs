@@ -42,8 +42,11 @@ pub const MAX_HEADER_BYTES: usize = 1 << 20;
 /// [`jpeg::MAX_UNCONSUMED`]).
 pub const INPUT_BYTES: u64 = 2 * QUEUED_BYTES as u64 + (1 << 20);
 
-/// Below this many bytes received, the header is looked for at every chunk.
+/// Below this many bytes received, the header is looked for every [`PLAN_STEP`] bytes.
 const EVERY_CHUNK_BELOW: usize = 64 * 1024;
+/// Below [`EVERY_CHUNK_BELOW`], the header is parsed again once this many more bytes arrived
+/// (at most 16 parses of a small body, whatever its chunking).
+const PLAN_STEP: usize = 4 * 1024;
 
 /// Chunks waiting for the decoder, in bytes; the upload waits when this much is queued.
 const QUEUED_BYTES: usize = 1 << 20;
@@ -158,10 +161,10 @@ impl ImageFeed {
                 if received.len() < *next_attempt {
                     return;
                 }
-                // Every chunk while the body is small, then at doubling sizes, so that a long
-                // header is parsed a logarithmic number of times.
+                // Every few KiB while the body is small (however small its chunks), then at
+                // doubling sizes, so that a long header is parsed a bounded number of times.
                 *next_attempt = if received.len() < EVERY_CHUNK_BELOW {
-                    0
+                    received.len() + PLAN_STEP
                 } else {
                     received.len().saturating_mul(2)
                 };
@@ -253,11 +256,9 @@ impl ImageFeed {
         if needed > pool.budget.main_bytes() || pool.closed.load(Ordering::Relaxed) {
             return Err(Unstreamable);
         }
-        let reservation = pool
-            .budget
-            .reserve(needed)
-            .await
-            .map_err(|_| Unstreamable)?;
+        // Never waits: without memory free right now the image is simply decoded after its last
+        // byte, so a full budget does not hold every image upload at its header.
+        let reservation = pool.budget.try_reserve(needed).ok_or(Unstreamable)?;
         let held = StreamHeld::new(reservation, pool.clone());
         let (input, inputs) = mpsc::unbounded_channel();
         let queue = Arc::new(Semaphore::new(QUEUED_BYTES / QUEUE_UNIT));
@@ -346,8 +347,9 @@ impl Thumbnailer {
 struct Unstreamable;
 
 /// Runs the decoder one step per batch of arrived chunks, each step on the blocking pool with a
-/// worker slot and a fresh `thumbnails.timeout`; after the end, the last step makes the
-/// thumbnail. Ends early when the feed is dropped or a step fails.
+/// worker slot; all steps together get one `thumbnails.timeout` of decoding, as a buffered
+/// decode does (a caller pacing its bytes cannot buy more CPU). After the end, the last step
+/// makes the thumbnail. Ends early when the feed is dropped or a step fails.
 async fn drive(
     decoder: StreamDecoder,
     plan: DecodePlan,
@@ -358,6 +360,8 @@ async fn drive(
 ) -> Result<Thumbnail, ThumbnailError> {
     let pool = held.pool.clone();
     let mut decoder = Some(decoder);
+    // Time the steps have spent so far, against the one timeout they share.
+    let mut spent = std::time::Duration::ZERO;
     let mut batch = vec![head];
     let mut permits = Vec::new();
     loop {
@@ -392,8 +396,13 @@ async fn drive(
                 Ok(Err(_closed)) => return Err(ThumbnailError::ShuttingDown),
                 Err(_) => return Err(ThumbnailError::WorkersBusy),
             };
+        let remaining = pool.timeout.saturating_sub(spent);
+        if remaining.is_zero() {
+            return Err(ThumbnailError::TimedOut);
+        }
+        let step_started = std::time::Instant::now();
         let deadline = Deadline {
-            at: std::time::Instant::now().checked_add(pool.timeout),
+            at: step_started.checked_add(remaining),
             ..cancel.clone()
         };
         deadline.check()?;
@@ -419,6 +428,7 @@ async fn drive(
         let stepped = step
             .await
             .map_err(|error| ThumbnailError::Internal(format!("a decode step failed: {error}")))?;
+        spent += step_started.elapsed();
         permits.clear();
         pool.activity.streamed(fed);
         match stepped? {
