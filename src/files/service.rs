@@ -806,6 +806,12 @@ where
         if self.ended {
             return Poll::Ready(None);
         }
+        // Checked first: a client whose next message is always ready (the server is the slow
+        // side) must not outlast `max_duration` either.
+        if tokio::time::Instant::now() >= self.ends_at {
+            self.ended = true;
+            return Poll::Ready(Some(Err(self.expired())));
+        }
         if !self.waiting {
             self.waiting = true;
             let next = (tokio::time::Instant::now() + self.idle_timeout).min(self.ends_at);
@@ -1020,6 +1026,23 @@ pub(super) fn now_millis() -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that always has its next chunk ready (the server is the slow side) still ends
+    /// at `uploads.max_duration`.
+    #[tokio::test]
+    async fn a_stream_that_is_always_ready_still_ends_at_its_max_duration() {
+        let mut settings = crate::config::UploadSettings::default();
+        settings.max_duration = Duration::from_millis(200);
+        let policy = UploadPolicy::from_settings(&settings);
+        let always_ready =
+            futures::stream::repeat_with(|| Ok(UploadPart::Chunk(Bytes::from_static(b"x"))));
+        let mut parts = TimedParts::new(always_ready, &policy);
+        assert!(matches!(parts.next().await, Some(Ok(UploadPart::Chunk(_)))));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let error = parts.next().await.expect("an error").unwrap_err();
+        assert_eq!(error.reason, Reason::UploadTooLong, "{error:?}");
+        assert!(parts.next().await.is_none());
+    }
 
     #[test]
     fn dispositions_are_rfc_5987_encoded() {
