@@ -1031,8 +1031,10 @@ mod tests {
     /// at `uploads.max_duration`.
     #[tokio::test]
     async fn a_stream_that_is_always_ready_still_ends_at_its_max_duration() {
-        let mut settings = crate::config::UploadSettings::default();
-        settings.max_duration = Duration::from_millis(200);
+        let settings = crate::config::UploadSettings {
+            max_duration: Duration::from_millis(200),
+            ..Default::default()
+        };
         let policy = UploadPolicy::from_settings(&settings);
         let always_ready =
             futures::stream::repeat_with(|| Ok(UploadPart::Chunk(Bytes::from_static(b"x"))));
