@@ -45,8 +45,9 @@ pub const INPUT_BYTES: u64 = 2 * QUEUED_BYTES as u64 + (1 << 20);
 /// Below this many bytes received, the header is looked for every [`PLAN_STEP`] bytes.
 const EVERY_CHUNK_BELOW: usize = 64 * 1024;
 /// Below [`EVERY_CHUNK_BELOW`], the header is parsed again once this many more bytes arrived
-/// (at most 16 parses of a small body, whatever its chunking).
-const PLAN_STEP: usize = 4 * 1024;
+/// (at most 128 parses of a small body, whatever its chunking; small enough that a few-KiB image
+/// still streams).
+const PLAN_STEP: usize = 512;
 
 /// Chunks waiting for the decoder, in bytes; the upload waits when this much is queued.
 const QUEUED_BYTES: usize = 1 << 20;
@@ -161,7 +162,7 @@ impl ImageFeed {
                 if received.len() < *next_attempt {
                     return;
                 }
-                // Every few KiB while the body is small (however small its chunks), then at
+                // Every PLAN_STEP bytes while the body is small (however small its chunks), then at
                 // doubling sizes, so that a long header is parsed a bounded number of times.
                 *next_attempt = if received.len() < EVERY_CHUNK_BELOW {
                     received.len() + PLAN_STEP
