@@ -39,7 +39,7 @@ use crate::{
         fs::{FsBlobStore, UrlSigner},
         fs_sessions::{FsUploadSessionStore, SESSIONS_DIR},
         memory::{MemoryFileRecordStore, MemoryMessageStore},
-        messages::{MessageStore, Retention, StoreError},
+        messages::{ConversationCap, MessageStore, Retention, StoreError},
         redis::RedisMessageStore,
         s3::{LifecycleOutcome, S3BlobStore},
         upload_sessions::UploadSessionStore,
@@ -494,17 +494,21 @@ impl Backends {
             max_events: settings.messaging.history_max_events,
             max_age: settings.messaging.history_max_age,
         };
+        let cap = ConversationCap(settings.messaging.max_conversations_per_user);
         let mut dependencies: Vec<Arc<dyn DependencyCheck>> = Vec::new();
         let mut redis_sessions: Option<Arc<dyn UploadSessionStore>> = None;
         let (messages, file_records): (Arc<dyn MessageStore>, Arc<dyn FileRecordStore>) =
             match settings.storage.messages {
                 MessageBackend::Memory => (
-                    Arc::new(MemoryMessageStore::new(retention)),
+                    Arc::new(MemoryMessageStore::new(retention).with_conversation_cap(cap)),
                     Arc::new(MemoryFileRecordStore::new()),
                 ),
                 MessageBackend::Redis => {
-                    let redis =
-                        Arc::new(RedisMessageStore::connect(&settings.redis, retention).await?);
+                    let redis = Arc::new(
+                        RedisMessageStore::connect(&settings.redis, retention)
+                            .await?
+                            .with_conversation_cap(cap),
+                    );
                     dependencies.push(redis.clone());
                     redis_sessions = Some(redis.clone());
                     (redis.clone(), redis)

@@ -533,6 +533,8 @@ pub struct MessagingSettings {
     pub idempotency_window: Duration,
     /// Live subscriptions (SubscribeMessages streams) one caller may hold on one replica.
     pub max_subscriptions_per_caller: usize,
+    /// Conversations one user may be in (bounds what one ListConversations page reads).
+    pub max_conversations_per_user: usize,
 }
 
 impl Default for MessagingSettings {
@@ -543,6 +545,8 @@ impl Default for MessagingSettings {
             subscriber_buffer: 256,
             idempotency_window: Duration::from_secs(24 * 3600),
             max_subscriptions_per_caller: 100,
+            // The stores' own default, `ConversationCap::DEFAULT`.
+            max_conversations_per_user: 1000,
         }
     }
 }
@@ -1250,6 +1254,12 @@ impl MessagingSettings {
                 "must be greater than zero",
             ));
         }
+        if !(1..=100_000).contains(&self.max_conversations_per_user) {
+            return Err(ConfigError::new(
+                "messaging.max_conversations_per_user",
+                "must be between 1 and 100000",
+            ));
+        }
         Ok(())
     }
 }
@@ -1478,6 +1488,11 @@ mod tests {
                 "SVC_MESSAGING__MESSAGING__MAX_SUBSCRIPTIONS_PER_CALLER",
                 "0",
                 "messaging.max_subscriptions_per_caller",
+            ),
+            (
+                "SVC_MESSAGING__MESSAGING__MAX_CONVERSATIONS_PER_USER",
+                "0",
+                "messaging.max_conversations_per_user",
             ),
         ];
         for (var, value, key) in cases {

@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::messages::{
-    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
-    DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
-    ReadState, Rejection, Retention, StoreResult,
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationCap, ConversationEntry,
+    CreateOutcome, CreateRequest, DeleteOutcome, EventPage, LiveSignal, MessageStore,
+    NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, Retention, StoreResult,
 };
 use crate::{
     ids::{ConversationId, FileId, MessageId, UserId},
@@ -31,6 +31,7 @@ pub struct MemoryMessageStore {
     state: Mutex<State>,
     live: broadcast::Sender<LiveSignal>,
     retention: Retention,
+    cap: ConversationCap,
 }
 
 #[derive(Default)]
@@ -46,6 +47,26 @@ struct State {
 }
 
 impl State {
+    /// Refuses if one of `users` not yet in `id` is in as many conversations as `cap` allows.
+    fn check_room(
+        &self,
+        cap: ConversationCap,
+        id: ConversationId,
+        users: &[UserId],
+    ) -> StoreResult<()> {
+        let full = users.iter().any(|user| {
+            let held = self.activity.get(user);
+            !cap.admits(
+                held.map_or(0, HashMap::len),
+                held.is_some_and(|held| held.contains_key(&id)),
+            )
+        });
+        if full {
+            return Err(Rejection::TooManyConversations.into());
+        }
+        Ok(())
+    }
+
     /// The conversation `request` created, if its window is still open; else claims the window
     /// for `candidate`. Returns the id to create (or find) the conversation under.
     fn claim_request(
@@ -132,7 +153,14 @@ impl MemoryMessageStore {
             state: Mutex::new(State::default()),
             live,
             retention,
+            cap: ConversationCap::DEFAULT,
         }
+    }
+
+    /// Caps the conversations one user may be in (default [`ConversationCap::DEFAULT`]).
+    pub fn with_conversation_cap(mut self, cap: ConversationCap) -> Self {
+        self.cap = cap;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -231,6 +259,7 @@ impl MessageStore for MemoryMessageStore {
                 fingerprint: existing.fingerprint.clone(),
             });
         }
+        state.check_room(self.cap, new.id, &new.participants)?;
         let now = now_millis();
         let conversation = Conversation {
             id: new.id,
@@ -292,6 +321,8 @@ impl MessageStore for MemoryMessageStore {
         if current.participants.len() + added.len() > MAX_PARTICIPANTS {
             return Err(Rejection::TooManyParticipants.into());
         }
+        state.check_room(self.cap, id, &added)?;
+        let current = &mut state.participating(id, by)?.conversation;
         current.participants.extend(added.iter().cloned());
         let participants = current.participants.clone();
         let event = self.append_event(

@@ -71,6 +71,11 @@ impl From<StoreError> for Error {
                     Reason::TooManyParticipants,
                     format!("a conversation may have at most {MAX_PARTICIPANTS} participants"),
                 ),
+                Rejection::TooManyConversations => Error::new(
+                    ErrorKind::FailedPrecondition,
+                    Reason::TooManyConversations,
+                    "a user to add is already in as many conversations as a user may be in",
+                ),
                 Rejection::FileDeleted => {
                     Error::not_found(Reason::FileNotFound, "file not found in this conversation")
                         .with_field("file_id")
@@ -111,6 +116,8 @@ pub enum Rejection {
     SequenceAhead,
     /// The change would exceed the participant limit.
     TooManyParticipants,
+    /// A user to add is already in as many conversations as a user may be.
+    TooManyConversations,
     /// The message carries a file that was deleted.
     FileDeleted,
 }
@@ -242,13 +249,15 @@ pub struct ReadState {
 pub trait MessageStore: Send + Sync + 'static {
     /// Creates the conversation, or reports the one that already has this id, or the one
     /// `new.request` created within its window (its id then differs from `new.id`). Creation
-    /// records no event: `last_sequence` starts at 0.
+    /// records no event: `last_sequence` starts at 0. Rejection: TooManyConversations (a
+    /// participant is in [`ConversationCap`] conversations already; never for one they are in).
     async fn create_conversation(&self, new: NewConversation) -> StoreResult<CreateOutcome>;
 
     async fn conversation(&self, id: ConversationId) -> StoreResult<Option<Conversation>>;
 
     /// Adds `users` (those not yet participants) on behalf of participant `by`.
-    /// Rejections: ConversationNotFound, NotParticipant, TooManyParticipants.
+    /// Rejections: ConversationNotFound, NotParticipant, TooManyParticipants,
+    /// TooManyConversations.
     async fn add_participants(
         &self,
         id: ConversationId,
@@ -348,6 +357,21 @@ pub enum LiveSignal {
     /// The feed may have missed events (e.g. the backend connection was lost and restored):
     /// subscribers must re-read from the store after their last sequence.
     Resync,
+}
+
+/// Most conversations one user may be in. A user's conversation list is read whole to order
+/// a page (see `conversations_of`), and anyone may add a user to a conversation: without a cap
+/// one caller could make another user's every list page arbitrarily expensive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationCap(pub usize);
+
+impl ConversationCap {
+    pub const DEFAULT: Self = Self(1000);
+
+    /// Whether a user in `held` conversations, `already_in` this one or not, may join it.
+    pub fn admits(self, held: usize, already_in: bool) -> bool {
+        already_in || held < self.0
+    }
 }
 
 /// How much history a conversation keeps; older events are trimmed as new ones arrive.

@@ -13,8 +13,9 @@ use svc_messaging::{
     store::{
         memory::MemoryMessageStore,
         messages::{
-            AppendOutcome, ChangeOutcome, CreateOutcome, CreateRequest, DeleteOutcome, LiveSignal,
-            MessageStore, NewConversation, NewMessage, ReadOutcome, Rejection, Retention,
+            AppendOutcome, ChangeOutcome, ConversationCap, CreateOutcome, CreateRequest,
+            DeleteOutcome, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
+            Rejection, Retention,
         },
     },
 };
@@ -313,6 +314,96 @@ pub async fn only_participants_write(backend: Backend) {
                 .await
         ),
         Rejection::ConversationNotFound
+    );
+}
+
+pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Backend) {
+    let store = backend.capped_store(GENEROUS, ConversationCap(3)).await;
+    let first = create(&*store, "alice", &["carol"]).await;
+    let second = create(&*store, "bob", &["carol"]).await;
+    create(&*store, "carol", &[]).await;
+    let fourth = NewConversation {
+        id: ConversationId::generate(),
+        title: "one too many".to_owned(),
+        participants: vec![user("dave"), user("carol")],
+        created_by: user("dave"),
+        fingerprint: "fp".to_owned(),
+        request: None,
+    };
+    assert_eq!(
+        rejection(store.create_conversation(fourth.clone()).await),
+        Rejection::TooManyConversations
+    );
+    // Refused whole: nothing was created, for dave either.
+    assert!(store.conversation(fourth.id).await.unwrap().is_none());
+    assert!(
+        store
+            .conversations_of(&user("dave"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let erins = create(&*store, "erin", &[]).await;
+    assert_eq!(
+        rejection(
+            store
+                .add_participants(erins, &user("erin"), &[user("frank"), user("carol")])
+                .await
+        ),
+        Rejection::TooManyConversations
+    );
+    let unchanged = store.conversation(erins).await.unwrap().unwrap();
+    assert_eq!(unchanged.participants, [user("erin")]);
+    assert_eq!(unchanged.last_sequence, 0, "no event for a refused change");
+    // Who is full is no business of a non-participant.
+    assert_eq!(
+        rejection(
+            store
+                .add_participants(erins, &user("mallory"), &[user("carol")])
+                .await
+        ),
+        Rejection::NotParticipant
+    );
+    // A conversation carol is already in costs nothing: re-adding and a creation retry pass.
+    assert!(matches!(
+        store
+            .add_participants(first, &user("alice"), &[user("carol")])
+            .await
+            .unwrap(),
+        ChangeOutcome::Unchanged(_)
+    ));
+    let retry = NewConversation {
+        id: second,
+        title: "test".to_owned(),
+        participants: vec![user("bob"), user("carol")],
+        created_by: user("bob"),
+        fingerprint: "fp".to_owned(),
+        request: None,
+    };
+    assert!(matches!(
+        store.create_conversation(retry).await.unwrap(),
+        CreateOutcome::Existing { .. }
+    ));
+    // Leaving one makes room for another.
+    store
+        .remove_participant(second, &user("carol"), &user("carol"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .add_participants(erins, &user("erin"), &[user("carol")])
+            .await
+            .unwrap(),
+        ChangeOutcome::Changed(..)
+    ));
+    assert_eq!(
+        store
+            .conversations_of(&user("carol"), None, 10)
+            .await
+            .unwrap()
+            .len(),
+        3
     );
 }
 
@@ -1047,9 +1138,19 @@ pub enum Backend {
 
 impl Backend {
     async fn store(self, retention: Retention) -> Arc<dyn MessageStore> {
+        self.capped_store(retention, ConversationCap::DEFAULT).await
+    }
+
+    async fn capped_store(
+        self,
+        retention: Retention,
+        cap: ConversationCap,
+    ) -> Arc<dyn MessageStore> {
         use svc_messaging::{config::RedisSettings, store::redis::RedisMessageStore};
         let (url, prefix) = match self {
-            Self::Memory => return Arc::new(MemoryMessageStore::new(retention)),
+            Self::Memory => {
+                return Arc::new(MemoryMessageStore::new(retention).with_conversation_cap(cap));
+            }
             Self::Redis => ("SVC_TEST_REDIS_URL", "conformance"),
             Self::RedisCluster => ("SVC_TEST_REDIS_CLUSTER_URL", "cluster"),
         };
@@ -1064,7 +1165,8 @@ impl Backend {
         Arc::new(
             RedisMessageStore::connect(&settings, retention)
                 .await
-                .unwrap_or_else(|error| panic!("connect to {self:?} ({url}): {error}")),
+                .unwrap_or_else(|error| panic!("connect to {self:?} ({url}): {error}"))
+                .with_conversation_cap(cap),
         )
     }
 }
@@ -1083,6 +1185,7 @@ crate::support::suite! {
         client_ids_are_remembered_for_their_window,
         concurrent_retries_append_once,
         only_participants_write,
+        a_user_is_in_at_most_the_capped_number_of_conversations,
         participants_change_with_events,
         deleting_leaves_a_tombstone_everywhere,
         deleting_a_file_tombstones_every_copy,

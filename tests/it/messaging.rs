@@ -471,6 +471,43 @@ async fn subscribe_once_free(
     }
 }
 
+/// A user may be in `messaging.max_conversations_per_user` conversations (2 here): one more,
+/// created or added, is FAILED_PRECONDITION TOO_MANY_CONVERSATIONS.
+pub async fn conversations_per_user_are_capped(backend: Backend) {
+    let server = backend
+        .server_with(|settings| settings.messaging.max_conversations_per_user = 2)
+        .await;
+    let mut client = client(&server).await;
+    create(&mut client, "alice", &["bob"]).await;
+    create(&mut client, "carol", &["bob"]).await;
+    let status = client
+        .create_conversation(as_user(
+            "dave",
+            pb::CreateConversationRequest {
+                title: "third".to_owned(),
+                participant_ids: vec!["bob".to_owned()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_CONVERSATIONS");
+    let daves = create(&mut client, "dave", &[]).await.conversation_id;
+    let status = client
+        .add_participants(as_user(
+            "dave",
+            pb::AddParticipantsRequest {
+                conversation_id: daves,
+                user_ids: vec!["bob".to_owned()],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status), "TOO_MANY_CONVERSATIONS");
+}
+
 /// Issue 9 item 8: live subscriptions per caller are limited (the server here allows 2), and a
 /// slot comes back however its stream ends.
 pub async fn live_subscriptions_per_caller_are_limited(backend: Backend) {
@@ -1067,6 +1104,7 @@ crate::support::suite! {
     backends: memory = super::Backend::Memory, redis = super::Backend::Redis;
     tests: [
         validation_errors_name_the_field,
+        conversations_per_user_are_capped,
         only_participants_read_or_write,
         retries_are_idempotent(flavor = "multi_thread", worker_threads = 2),
         replayed_creates_check_participation,

@@ -107,9 +107,10 @@ use self::{
     scripts::Scripts,
 };
 use super::messages::{
-    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationEntry, CreateOutcome, CreateRequest,
-    DeleteOutcome, EventPage, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
-    ReadState, Retention, StoreError, StoreResult,
+    ActivityCursor, AppendOutcome, ChangeOutcome, ConversationCap, ConversationEntry,
+    CreateOutcome, CreateRequest, DeleteOutcome, EventPage, LiveSignal, MessageStore,
+    NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, Retention, StoreError,
+    StoreResult,
 };
 use crate::{
     config::RedisSettings,
@@ -133,6 +134,7 @@ pub struct RedisMessageStore {
     keys: Keys,
     scripts: Scripts,
     retention: Retention,
+    cap: ConversationCap,
     live: broadcast::Sender<LiveSignal>,
     /// The live feed task; aborted when the store is dropped.
     tasks: Vec<JoinHandle<()>>,
@@ -198,10 +200,45 @@ impl RedisMessageStore {
             keys,
             scripts,
             retention,
+            cap: ConversationCap::DEFAULT,
             live,
             tasks: vec![feed],
             connections,
         })
+    }
+
+    /// Caps the conversations one user may be in (default [`ConversationCap::DEFAULT`]).
+    pub fn with_conversation_cap(mut self, cap: ConversationCap) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// Refuses if one of `users` not yet in `id` is in as many conversations as the cap allows.
+    /// Users' indexes live in their own slots, so this reads them before the conversation's
+    /// script rather than inside it: concurrent additions of one user can overshoot the cap by
+    /// at most their number (each request adds at most `MAX_USERS_PER_REQUEST` users).
+    async fn check_room(&self, id: ConversationId, users: &[UserId]) -> StoreResult<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.client.pipeline();
+        let member = id.to_string();
+        for user in users {
+            let index = self.keys.user_conversations(user);
+            let () = pipeline.zcard(&index).await?;
+            let () = pipeline.zscore(&index, member.as_str()).await?;
+        }
+        let replies: Vec<Option<f64>> = pipeline.all().await?;
+        let full = replies.chunks(2).any(|reply| {
+            let held = reply[0].unwrap_or(0.0) as usize;
+            !self
+                .cap
+                .admits(held, reply.get(1).copied().flatten().is_some())
+        });
+        if full {
+            return Err(Rejection::TooManyConversations.into());
+        }
+        Ok(())
     }
 
     /// The ARGV every write script starts with (see `prelude.lua`).
@@ -361,6 +398,7 @@ impl MessageStore for RedisMessageStore {
         if let Some(request) = &new.request {
             new.id = self.claim_request(&new.created_by, request, new.id).await?;
         }
+        self.check_room(new.id, &new.participants).await?;
         let keys = self.keys.conversation(new.id);
         let mut args = self.write_args(new.id, keys.base());
         args.extend([
@@ -408,6 +446,16 @@ impl MessageStore for RedisMessageStore {
     ) -> StoreResult<ChangeOutcome> {
         let keys = self.keys.conversation(id);
         let mut args = self.write_args(id, keys.base());
+        if let Err(full) = self.check_room(id, users).await {
+            // Who is full is only told to participants; others learn what the script says.
+            return Err(match self.load_conversation(id).await? {
+                None => Rejection::ConversationNotFound.into(),
+                Some((conversation, _)) if !conversation.has_participant(by) => {
+                    Rejection::NotParticipant.into()
+                }
+                Some(_) => full,
+            });
+        }
         args.extend([by.as_str().to_owned(), MAX_PARTICIPANTS.to_string()]);
         args.extend(users.iter().map(|user| user.as_str().to_owned()));
         let reply = self
