@@ -239,6 +239,33 @@ pub async fn client_ids_are_remembered_for_their_window(backend: Backend) {
         }
         other => panic!("expected Duplicate of the deleted message, got {other:?}"),
     }
+    // The Redis store remembers ids in window-long time buckets (here 2 s, aligned to the
+    // clock, which Redis shares with this test): a retry just after a bucket boundary must still
+    // find a send made just before it.
+    let wait_for = |lo: u64, hi: u64| async move {
+        loop {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+                % 2000;
+            if (lo..hi).contains(&ms) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    wait_for(1650, 1800).await;
+    let AppendOutcome::Appended(before) =
+        store.append_message(with_window("w-3", 2)).await.unwrap()
+    else {
+        panic!("first send appends");
+    };
+    wait_for(100, 300).await;
+    match store.append_message(with_window("w-3", 2)).await.unwrap() {
+        AppendOutcome::Duplicate { message, .. } => assert_eq!(message, before),
+        other => panic!("expected Duplicate across a bucket boundary, got {other:?}"),
+    }
 }
 
 pub async fn concurrent_retries_append_once(backend: Backend) {

@@ -26,7 +26,11 @@
 //! | `P:upload-expiry`                 | ZSET   | unfinished upload session keys, score = expire_time         |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
-//! the layout works on Redis Cluster. Unread = `ZCOUNT msgs (read +inf` minus
+//! the layout works on Redis Cluster. Scripts declare the fixed keys in `KEYS` but build the
+//! per-sender (`by:`) and per-bucket (`idem:`) names from `P:{c:C}:` themselves (which senders
+//! a trim visits is known only inside). Redis runs that fine in the conversation's slot; while
+//! an operator *migrates* that slot to another node, a write whose built key has already moved
+//! fails (internal error) and succeeds once the slot has moved: reshard in a quiet hour. Unread = `ZCOUNT msgs (read +inf` minus
 //! `ZCOUNT dead (read +inf` minus `ZCOUNT by:<user> (read +inf` (deletions are rare, so counting
 //! them costs less memory than listing every live message once more).
 //!
@@ -47,7 +51,9 @@
 //! message): exactly what updating every participant's index on every send used to store.
 //! `conversations_of` reads the index, one `active` per listed conversation (pipelined), sorts
 //! and then loads the page; a page thus costs one `HGET` per conversation of the user instead
-//! of a send costing one `ZADD` per participant. Cursor semantics are unchanged: a conversation
+//! of a send costing one `ZADD` per participant. That is why a user may be in at most
+//! `messaging.max_conversations_per_user` conversations ([`ConversationCap`]): anyone can add
+//! anyone, and without a cap one caller could make another's every list page arbitrarily dear. Cursor semantics are unchanged: a conversation
 //! that gets a message moves above a cursor already handed out, as it did before.
 //!
 //! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* the create or
