@@ -389,10 +389,11 @@ impl RawSend {
         .map(|name| format!("{base}{name}"))
         .collect();
         keys.push(format!("{base}by:{SENDER}"));
+        let channel = format!("{base}live");
         let args = vec![
             base,
             conversation.clone(),
-            format!("{}:events", self.prefix),
+            channel,
             defaults.history_max_events.to_string(),
             defaults.history_max_age.as_millis().to_string(),
             SENDER.to_owned(),

@@ -434,13 +434,17 @@ impl ConversationService {
             .subscriptions
             .try_take(&caller.user_id)
             .ok_or_else(|| too_many_subscriptions(self.subscriptions.per_caller()))?;
+        // Registered first, then watched: whatever the feed carries once the watch holds is
+        // queued for this stream, and the store read that follows overlaps it.
         let live = self
             .hub
             .register(conversation.id, self.settings.subscriber_buffer);
+        let watch = self.store.watch(conversation.id).await?;
         let stream = subscription::events(
             self.store.clone(),
             slot,
             live,
+            watch,
             conversation.id,
             caller.user_id.clone(),
             after_sequence,

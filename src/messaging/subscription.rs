@@ -13,18 +13,19 @@ use crate::{
     error::{Error, ErrorKind, Reason, Result},
     ids::{ConversationId, UserId},
     quota::CallerSlot,
-    store::messages::{LiveSignal, MessageStore},
+    store::messages::{LiveSignal, LiveWatch, MessageStore},
 };
 
 /// Events read from the store per round trip while a subscription catches up.
 const BACKFILL_BATCH: usize = 500;
 
-/// The events of conversation `id` after `after_sequence` for `user`, holding `slot` while
-/// the stream lives; it ends with an error when `user` is removed from the conversation.
+/// The events of conversation `id` after `after_sequence` for `user`, holding `slot` and
+/// `watch` while the stream lives; it ends with an error when `user` is removed from the conversation.
 pub(super) fn events(
     store: Arc<dyn MessageStore>,
     slot: CallerSlot,
     mut live: LiveReceiver,
+    watch: LiveWatch,
     id: ConversationId,
     user: UserId,
     after_sequence: u64,
@@ -32,6 +33,7 @@ pub(super) fn events(
     async_stream::try_stream! {
         // Held for as long as the stream lives: dropped when it ends or is dropped unfinished.
         let _slot = slot;
+        let _watch = watch;
         let mut last = after_sequence;
         loop {
             // Catch up from the store.

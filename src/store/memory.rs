@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 
 use super::messages::{
     ActivityCursor, AppendOutcome, ChangeOutcome, ConversationCap, ConversationEntry,
-    CreateOutcome, CreateRequest, DeleteOutcome, EventPage, LiveSignal, MessageStore,
+    CreateOutcome, CreateRequest, DeleteOutcome, EventPage, LiveSignal, LiveWatch, MessageStore,
     NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, Retention, StoreResult,
 };
 use crate::{
@@ -672,6 +672,11 @@ impl MessageStore for MemoryMessageStore {
 
     fn live_events(&self) -> broadcast::Receiver<LiveSignal> {
         self.live.subscribe()
+    }
+
+    async fn watch(&self, _id: ConversationId) -> StoreResult<LiveWatch> {
+        // The in-process feed carries every event anyway.
+        Ok(LiveWatch::unneeded())
     }
 }
 

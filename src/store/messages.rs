@@ -345,8 +345,40 @@ pub trait MessageStore: Send + Sync + 'static {
 
     async fn read_state(&self, id: ConversationId, user: &UserId) -> StoreResult<ReadState>;
 
-    /// Subscribes to every event committed from now on, by any replica sharing this store.
+    /// Subscribes to the events committed from now on, by any replica sharing this store, in
+    /// the conversations this replica [watches](Self::watch) (a store may carry others too).
     fn live_events(&self) -> tokio::sync::broadcast::Receiver<LiveSignal>;
+
+    /// Makes `live_events` carry conversation `id`'s events until the returned watch is
+    /// dropped. Returns once that holds: an event committed after it returns is delivered, so
+    /// a reader who watches, then reads the store, misses nothing in between.
+    async fn watch(&self, id: ConversationId) -> StoreResult<LiveWatch>;
+}
+
+/// Keeps a conversation's events on the live feed while held; see [`MessageStore::watch`].
+#[must_use = "the conversation is watched only while this is held"]
+pub struct LiveWatch {
+    _release: Option<Box<dyn Send + Sync>>,
+}
+
+impl LiveWatch {
+    /// A watch with nothing to release (a store whose feed carries every event).
+    pub fn unneeded() -> Self {
+        Self { _release: None }
+    }
+
+    /// A watch that ends when `release` is dropped.
+    pub fn releasing(release: impl Send + Sync + 'static) -> Self {
+        Self {
+            _release: Some(Box::new(release)),
+        }
+    }
+}
+
+impl std::fmt::Debug for LiveWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveWatch")
+    }
 }
 
 /// What the live feed carries.

@@ -1123,6 +1123,7 @@ pub async fn the_live_feed_carries_commits_in_order(backend: Backend) {
     let store = backend.store(GENEROUS).await;
     let mut feed = store.live_events();
     let id = create(&*store, "alice", &["bob"]).await;
+    let _watch = store.watch(id).await.unwrap();
     send(&*store, id, "alice", "one").await;
     store.mark_read(id, &user("bob"), 1).await.unwrap();
     send(&*store, id, "bob", "two").await;

@@ -574,6 +574,7 @@ async fn live_events_come_from_every_instance_in_order() {
         .unwrap();
     let mut live = reader.live_events();
     let id = create(&writer, "alice", &["bob"]).await;
+    let _watch = reader.watch(id).await.unwrap();
     for i in 0..10 {
         send(&writer, id, "alice", &format!("m{i}")).await;
     }
@@ -672,6 +673,70 @@ async fn unreachable_redis_is_unavailable() {
     );
 }
 
+/// Issue 14 (scale): each conversation has its own channel, and a replica subscribes only to
+/// those it watches, counted: events of other conversations never reach its feed, and the last
+/// release unsubscribes.
+#[tokio::test]
+async fn a_replica_receives_only_the_conversations_it_watches() {
+    use fred::prelude::{ClientLike, PubsubInterface};
+    let prefix = unique_prefix("watch");
+    let reader = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let writer = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    let subscribers = |id: ConversationId| {
+        let raw = raw.clone();
+        let channel = format!("{prefix}:{{c:{id}}}:live");
+        async move {
+            let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel).await.unwrap();
+            counts[0].1
+        }
+    };
+    let watched = create(&writer, "alice", &[]).await;
+    let unwatched = create(&writer, "alice", &[]).await;
+    let mut live = reader.live_events();
+    let first = reader.watch(watched).await.unwrap();
+    let second = reader.watch(watched).await.unwrap();
+    assert_eq!(
+        subscribers(watched).await,
+        1,
+        "one subscription for two watches"
+    );
+    assert_eq!(subscribers(unwatched).await, 0);
+    send(&writer, unwatched, "alice", "not for this replica").await;
+    send(&writer, watched, "alice", "for this replica").await;
+    let Ok(Ok(LiveSignal::Event(event))) =
+        tokio::time::timeout(Duration::from_secs(5), live.recv()).await
+    else {
+        panic!("expected the watched conversation's event");
+    };
+    assert_eq!((event.conversation_id, event.sequence), (watched, 1));
+
+    // Releases are handled in order: once a later one took effect, the earlier one did too.
+    let marker = create(&writer, "alice", &[]).await;
+    let marker_watch = reader.watch(marker).await.unwrap();
+    drop(first);
+    drop(marker_watch);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while subscribers(marker).await != 0 {
+        assert!(std::time::Instant::now() < deadline, "the marker's release");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(subscribers(watched).await, 1, "still watched once");
+    drop(second);
+    while subscribers(watched).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last release unsubscribes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    raw.quit().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_redis_restart_resyncs_the_live_feed() {
     let mut redis = PrivateRedis::start_volatile();
@@ -686,6 +751,7 @@ async fn a_redis_restart_resyncs_the_live_feed() {
         .unwrap();
     let mut live = store.live_events();
     let id = create(&store, "alice", &[]).await;
+    let _watch = store.watch(id).await.unwrap();
     send(&store, id, "alice", "before").await;
     let first = tokio::time::timeout(Duration::from_secs(5), live.recv())
         .await
@@ -731,6 +797,7 @@ async fn a_redis_restart_resyncs_the_live_feed() {
             }
         }
     };
+    let _watch_after = store.watch(id).await.unwrap();
     send(&store, id, "alice", "after").await;
     loop {
         let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())
@@ -849,6 +916,7 @@ async fn rediss_urls_connect_with_tls() {
     store.check().await.unwrap();
     let mut live = store.live_events();
     let id = create(&store, "alice", &[]).await;
+    let _watch = store.watch(id).await.unwrap();
     send(&store, id, "alice", "over tls").await;
     let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())
         .await
@@ -870,6 +938,7 @@ async fn a_burst_reaches_the_live_feed_without_resync() {
     );
     let mut live = reader.live_events();
     let id = create(writer.as_ref(), "alice", &["bob"]).await;
+    let _watch = reader.watch(id).await.unwrap();
     let tasks: Vec<_> = (0..1000)
         .map(|i| {
             let writer = writer.clone();

@@ -68,11 +68,6 @@ impl Keys {
     pub(super) fn file(&self, file_id: &FileId) -> String {
         format!("{}:{{f:{file_id}}}:file", self.prefix)
     }
-
-    /// The one pub/sub channel every committed event is published on.
-    pub(super) fn channel(&self) -> String {
-        format!("{}:events", self.prefix)
-    }
 }
 
 /// The keys of one conversation: `P:{c:C}:<name>`.
@@ -89,6 +84,12 @@ impl ConversationKeys {
 
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.base)
+    }
+
+    /// The pub/sub channel the conversation's committed events are published on (see
+    /// [`super::live`]). It carries the hash tag too, so it could become a shard channel.
+    pub(super) fn channel(&self) -> String {
+        self.key("live")
     }
 
     /// HASH: title, created_by, create_time, last_seq, trimmed_through, fingerprint, joins.
@@ -199,7 +200,6 @@ mod tests {
             keys.create_request(&UserId::parse("a}:req:b").unwrap(), "c"),
             keys.create_request(&UserId::parse("a").unwrap(), "b}:req:c")
         );
-        assert_eq!(keys.channel(), "svcmsg:events");
         let upload = keys.upload_session(&user, "r-1");
         assert!(upload.starts_with("svcmsg:{u:a:b{x}}:upload:"), "{upload}");
         assert_eq!(keys.user_uploads(&user), "svcmsg:{u:a:b{x}}:uploads");

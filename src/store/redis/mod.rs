@@ -24,6 +24,7 @@
 //! | `P:{u:USER}:upload:<digest>`      | HASH   | an upload session; see [`upload_sessions`]                  |
 //! | `P:{u:USER}:uploads`              | ZSET   | the user's unfinished upload sessions, score = expire_time  |
 //! | `P:upload-expiry`                 | ZSET   | unfinished upload session keys, score = expire_time         |
+//! | `P:{c:C}:live`                    | channel | pub/sub channel of the conversation's committed events (no key) |
 //!
 //! All keys of a conversation share the hash tag `{c:C}`, so every script stays in one slot and
 //! the layout works on Redis Cluster. Scripts declare the fixed keys in `KEYS` but build the
@@ -69,9 +70,10 @@
 //! and it makes the window exact. A crash between the two steps leaves a claim whose retry
 //! creates the conversation under the claimed id.
 //!
-//! Every committed event is published on the channel `P:events` as
+//! Every committed event is published on its conversation's channel `P:{c:C}:live` as
 //! `<conversation_id>:<seq>:<create_time_ms>:<json EventKind>` from inside the script, so the
-//! publish order is the commit order; see [`live`].
+//! publish order is the commit order; a replica subscribes to the channels of the conversations
+//! it serves live streams of ([`MessageStore::watch`]); see [`live`].
 
 mod codec;
 mod connection;
@@ -98,6 +100,8 @@ mod live;
 mod scripts;
 pub mod upload_sessions;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use fred::{
     clients::{Client, SubscriberClient},
@@ -110,11 +114,12 @@ use tokio::{sync::broadcast, task::JoinHandle};
 use self::{
     connection::LIVE_CAPACITY,
     keys::{ConversationKeys, Keys},
+    live::LiveFeed,
     scripts::Scripts,
 };
 use super::messages::{
     ActivityCursor, AppendOutcome, ChangeOutcome, ConversationCap, ConversationEntry,
-    CreateOutcome, CreateRequest, DeleteOutcome, EventPage, LiveSignal, MessageStore,
+    CreateOutcome, CreateRequest, DeleteOutcome, EventPage, LiveSignal, LiveWatch, MessageStore,
     NewConversation, NewMessage, ReadOutcome, ReadState, Rejection, Retention, StoreError,
     StoreResult,
 };
@@ -142,7 +147,8 @@ pub struct RedisMessageStore {
     retention: Retention,
     cap: ConversationCap,
     live: broadcast::Sender<LiveSignal>,
-    /// The live feed task; aborted when the store is dropped.
+    feed: Arc<LiveFeed>,
+    /// The live feed's tasks; aborted when the store is dropped.
     tasks: Vec<JoinHandle<()>>,
     /// The clients' connection tasks; they end when the clients quit on drop.
     connections: Vec<ConnectHandle>,
@@ -191,14 +197,7 @@ impl RedisMessageStore {
 
         let keys = Keys::new(&settings.key_prefix);
         let (live, _) = broadcast::channel(LIVE_CAPACITY);
-        let feed = match live::start(subscriber.clone(), keys.channel(), live.clone()).await {
-            Ok(feed) => feed,
-            Err(error) => {
-                let _ = client.quit().await;
-                let _ = subscriber.quit().await;
-                return Err(error.into());
-            }
-        };
+        let (feed, tasks) = LiveFeed::start(subscriber.clone(), keys.clone(), live.clone());
         tracing::info!(key_prefix = %settings.key_prefix, "connected to redis");
         Ok(Self {
             client,
@@ -208,7 +207,8 @@ impl RedisMessageStore {
             retention,
             cap: ConversationCap::DEFAULT,
             live,
-            tasks: vec![feed],
+            feed,
+            tasks,
             connections,
         })
     }
@@ -253,7 +253,7 @@ impl RedisMessageStore {
         vec![
             base.to_owned(),
             id.to_string(),
-            self.keys.channel(),
+            self.keys.conversation(id).channel(),
             self.retention.max_events.to_string(),
             max_age_ms.to_string(),
         ]
@@ -883,6 +883,10 @@ impl MessageStore for RedisMessageStore {
 
     fn live_events(&self) -> broadcast::Receiver<LiveSignal> {
         self.live.subscribe()
+    }
+
+    async fn watch(&self, id: ConversationId) -> StoreResult<LiveWatch> {
+        self.feed.watch(id).await
     }
 }
 
