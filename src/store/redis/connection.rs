@@ -20,7 +20,7 @@ use crate::{config::RedisSettings, store::messages::StoreError};
 /// Signals buffered for live subscribers before a slow one gets a resync instead.
 pub(super) const LIVE_CAPACITY: usize = 4096;
 /// Longest wait for any one command (the answer to a script included).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a TCP connection (and its AUTH/SELECT).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may leave a command unanswered before it is replaced.

@@ -26,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{codec, keys::Keys};
+use super::{codec, connection::COMMAND_TIMEOUT, keys::Keys};
 use crate::{
     ids::ConversationId,
     store::messages::{LiveSignal, LiveWatch, StoreError},
@@ -82,7 +82,11 @@ impl LiveFeed {
     /// Makes the feed carry conversation `id`'s events until the returned watch is dropped;
     /// returns once Redis confirmed the subscription.
     pub(super) async fn watch(&self, id: ConversationId) -> Result<LiveWatch, StoreError> {
-        let mut watched = self.watched.lock().await;
+        // Others' round trips happen under this lock: an unresponsive Redis must not queue
+        // every new stream behind one command timeout each.
+        let mut watched = tokio::time::timeout(COMMAND_TIMEOUT, self.watched.lock())
+            .await
+            .map_err(|_| StoreError::Timeout)?;
         match watched.get_mut(&id) {
             Some(count) => *count += 1,
             None => {
