@@ -216,15 +216,21 @@ impl ConversationService {
             .conversations_of(&caller.user_id, cursor.as_ref(), size.get() + 1)
             .await?;
         let has_more = entries.len() > size.get();
-        let mut views = Vec::with_capacity(size.get());
-        let mut last_cursor = None;
-        for entry in entries.into_iter().take(size.get()) {
-            last_cursor = Some(ActivityCursor {
+        let last_cursor = entries[..entries.len().min(size.get())]
+            .last()
+            .map(|entry| ActivityCursor {
                 activity: entry.activity,
                 conversation_id: entry.conversation.id,
             });
-            views.push(self.view(entry.conversation, &caller.user_id).await?);
-        }
+        // All of a page's read states at once (at most a page size of them): one round trip's
+        // wait rather than one per conversation.
+        let views = futures::future::try_join_all(
+            entries
+                .into_iter()
+                .take(size.get())
+                .map(|entry| self.view(entry.conversation, &caller.user_id)),
+        )
+        .await?;
         let next = match (has_more, last_cursor) {
             (true, Some(cursor)) => paging::encode_conversations_token(&cursor),
             _ => String::new(),
