@@ -1,5 +1,6 @@
-//! Live fan-out inside one replica. The store's feed carries every committed event (from any
-//! replica); one dispatcher routes each to the local subscribers of its conversation through a
+//! Live fan-out inside one replica. The store's feed carries the committed events (from any
+//! replica) of the conversations this replica watches for its streams (`MessageStore::watch`);
+//! one dispatcher routes each to the local subscribers of its conversation through a
 //! bounded channel per subscriber. A subscriber whose channel is full is cut off and told so
 //! (it resumes from its last sequence), so one slow client never holds up the others and no
 //! event is ever dropped silently.

@@ -15,7 +15,7 @@ use svc_messaging::{
         messages::{
             AppendOutcome, ChangeOutcome, ConversationCap, CreateOutcome, CreateRequest,
             DeleteOutcome, LiveSignal, MessageStore, NewConversation, NewMessage, ReadOutcome,
-            Rejection, Retention,
+            Rejection, Retention, StoreError,
         },
     },
 };
@@ -361,7 +361,8 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
         rejection(store.create_conversation(fourth.clone()).await),
         Rejection::TooManyConversations
     );
-    // Refused whole: nothing was created, for dave either.
+    // Refused whole: nothing was created, and nothing counts against dave: he still has room
+    // for three of his own.
     assert!(store.conversation(fourth.id).await.unwrap().is_none());
     assert!(
         store
@@ -370,6 +371,9 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
             .unwrap()
             .is_empty()
     );
+    for _ in 0..3 {
+        create(&*store, "dave", &[]).await;
+    }
 
     let erins = create(&*store, "erin", &[]).await;
     assert_eq!(
@@ -427,6 +431,60 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
     assert_eq!(
         store
             .conversations_of(&user("carol"), None, 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // carol is full again, and left `second`: retrying its creation still answers as before.
+    let retry = NewConversation {
+        id: second,
+        title: "test".to_owned(),
+        participants: vec![user("bob"), user("carol")],
+        created_by: user("bob"),
+        fingerprint: "fp".to_owned(),
+        request: None,
+    };
+    assert!(matches!(
+        store.create_conversation(retry).await.unwrap(),
+        CreateOutcome::Existing { .. }
+    ));
+}
+
+pub async fn the_conversation_cap_holds_under_concurrent_requests(backend: Backend) {
+    let store = backend.capped_store(GENEROUS, ConversationCap(3)).await;
+    let tasks: Vec<_> = (0..30)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .create_conversation(NewConversation {
+                        id: ConversationId::generate(),
+                        title: format!("n{n}"),
+                        participants: vec![user(&format!("creator{n}")), user("victim")],
+                        created_by: user(&format!("creator{n}")),
+                        fingerprint: "fp".to_owned(),
+                        request: None,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(CreateOutcome::Created(_)) => created += 1,
+            Err(StoreError::Rejected(Rejection::TooManyConversations)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        created, 3,
+        "exactly the cap's worth of creations name the victim"
+    );
+    assert_eq!(
+        store
+            .conversations_of(&user("victim"), None, 100)
             .await
             .unwrap()
             .len(),
@@ -1214,6 +1272,7 @@ crate::support::suite! {
         concurrent_retries_append_once,
         only_participants_write,
         a_user_is_in_at_most_the_capped_number_of_conversations,
+        the_conversation_cap_holds_under_concurrent_requests,
         participants_change_with_events,
         deleting_leaves_a_tombstone_everywhere,
         deleting_a_file_tombstones_every_copy,

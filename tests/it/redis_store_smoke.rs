@@ -506,6 +506,60 @@ async fn raw_client() -> fred::prelude::Client {
     client
 }
 
+/// Index entries of conversations the user is not in (a reservation whose change never came,
+/// a leave whose index update failed) count against the cap: a listing drops those older than
+/// a minute, and keeps younger ones (a reservation may be about to commit).
+#[tokio::test]
+async fn listings_drop_long_stale_index_entries() {
+    use fred::prelude::{ClientLike, SortedSetsInterface};
+
+    let prefix = unique_prefix("stale");
+    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
+        .await
+        .unwrap();
+    let mine = create(&store, "alice", &[]).await;
+    let theirs = create(&store, "bob", &[]).await;
+    let gone = ConversationId::generate();
+    let young = ConversationId::generate();
+    let raw = raw_client().await;
+    let index = format!("{prefix}:{{u:alice}}:convs");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    for (score, id) in [
+        (now - 120_000.0, theirs),
+        (now - 120_000.0, gone),
+        (now - 1_000.0, young),
+    ] {
+        let _: i64 = raw
+            .zadd(&index, None, None, false, false, (score, id.to_string()))
+            .await
+            .unwrap();
+    }
+    let listed = store
+        .conversations_of(&user("alice"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
+        [mine]
+    );
+    let left: Vec<String> = raw
+        .zrange(&index, 0, -1, None, false, None, false)
+        .await
+        .unwrap();
+    let mut expected = vec![mine.to_string(), young.to_string()];
+    expected.sort();
+    let mut left_sorted = left.clone();
+    left_sorted.sort();
+    assert_eq!(
+        left_sorted, expected,
+        "stale entries dropped, the young one kept"
+    );
+    raw.quit().await.unwrap();
+}
+
 #[tokio::test]
 async fn conversation_lists_break_activity_ties_by_id() {
     use fred::prelude::{ClientLike, SortedSetsInterface};
@@ -737,6 +791,90 @@ async fn a_replica_receives_only_the_conversations_it_watches() {
     raw.quit().await.unwrap();
 }
 
+/// fred answers a SUBSCRIBE once it is queued; a watch must return only once Redis has acted
+/// on it (a stream reads the store right after: an event committed in between would be missed
+/// until the next one). And a watch abandoned mid-subscribe leaves no subscription behind.
+#[tokio::test]
+async fn a_watch_holds_once_redis_confirmed_it_and_an_abandoned_one_is_undone() {
+    use fred::prelude::{ClientLike, PubsubInterface};
+    let redis = PrivateRedis::start_volatile();
+    let settings = RedisSettings {
+        url: Some(SecretString::from(redis.url())),
+        password: None,
+        key_prefix: unique_prefix("confirm"),
+        ..Default::default()
+    };
+    let store = RedisMessageStore::connect(&settings, GENEROUS)
+        .await
+        .unwrap();
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+    raw.init().await.unwrap();
+    let pause = |ms: u64| {
+        let raw = raw.clone();
+        async move {
+            let _: String = raw
+                .custom(
+                    fred::types::CustomCommand::new_static("CLIENT", None, false),
+                    vec!["PAUSE".to_owned(), ms.to_string(), "ALL".to_owned()],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let id = create(&store, "alice", &[]).await;
+    pause(600).await;
+    let started = std::time::Instant::now();
+    let watch = store.watch(id).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "watch returned after {:?}, while Redis was paused",
+        started.elapsed()
+    );
+    let channel = format!("{}:{{c:{id}}}:live", settings.key_prefix);
+    let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel.clone()).await.unwrap();
+    assert_eq!(counts[0].1, 1);
+    drop(watch);
+
+    // Wait for that release to take effect, then abandon a watch in the middle of its round
+    // trip: its SUBSCRIBE still reaches Redis, and must be undone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let subscribers = |channel: String| {
+        let raw = raw.clone();
+        async move {
+            let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel).await.unwrap();
+            counts[0].1
+        }
+    };
+    while subscribers(channel.clone()).await != 0 {
+        assert!(std::time::Instant::now() < deadline, "the first release");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let other = create(&store, "alice", &[]).await;
+    let other_channel = format!("{}:{{c:{other}}}:live", settings.key_prefix);
+    pause(300).await;
+    let abandoned = tokio::time::timeout(Duration::from_millis(20), store.watch(other)).await;
+    assert!(
+        abandoned.is_err(),
+        "the watch cannot finish while Redis is paused"
+    );
+    // A later watch's round trip on the same connection comes after the abandoned SUBSCRIBE:
+    // once it returned, Redis has run that. Then the abandoned one's release must undo it.
+    let third = create(&store, "alice", &[]).await;
+    let _third = store.watch(third).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while subscribers(other_channel.clone()).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned watch's subscription stays"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    raw.quit().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_redis_restart_resyncs_the_live_feed() {
     let mut redis = PrivateRedis::start_volatile();
@@ -775,10 +913,10 @@ async fn a_redis_restart_resyncs_the_live_feed() {
         .expect("a resync after reconnecting")
         .unwrap();
     assert!(matches!(signal, LiveSignal::Resync), "{signal:?}");
-    // The restarted server is empty (no persistence): start over, and the feed works again.
+    // The restarted server is empty (no persistence): the same conversation is created again,
+    // and the watch made before the restart still holds (the feed subscribed again).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let id = loop {
-        let id = ConversationId::generate();
+    loop {
         let created = store
             .create_conversation(NewConversation {
                 id,
@@ -790,14 +928,13 @@ async fn a_redis_restart_resyncs_the_live_feed() {
             })
             .await;
         match created {
-            Ok(_) => break id,
+            Ok(_) => break,
             Err(error) => {
                 assert!(std::time::Instant::now() < deadline, "{error}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    };
-    let _watch_after = store.watch(id).await.unwrap();
+    }
     send(&store, id, "alice", "after").await;
     loop {
         let signal = tokio::time::timeout(Duration::from_secs(5), live.recv())

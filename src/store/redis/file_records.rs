@@ -7,7 +7,7 @@ use fred::{
     types::{Expiration, SetOptions},
 };
 
-use super::RedisMessageStore;
+use super::{RedisMessageStore, now_millis};
 use crate::{
     ids::FileId,
     messaging::model::UnixMillis,
@@ -102,12 +102,4 @@ impl FileRecordStore for RedisMessageStore {
             .await?;
         Ok(())
     }
-}
-
-fn now_millis() -> UnixMillis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
 }

@@ -14,9 +14,18 @@
 //! Whenever the subscriber reconnects it subscribes again to every watched channel and then
 //! sends [`LiveSignal::Resync`], because whatever was published while it was away is lost.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use fred::{clients::SubscriberClient, interfaces::EventInterface, prelude::PubsubInterface};
+use fred::{
+    clients::SubscriberClient,
+    interfaces::{ClientLike, EventInterface},
+    prelude::PubsubInterface,
+    types::{
+        ClusterHash, Message, Value,
+        config::{Options, Server},
+    },
+    util::redis_keyslot,
+};
 use tokio::{
     sync::{
         Mutex,
@@ -34,14 +43,26 @@ use crate::{
 
 /// Most channels named in one `SUBSCRIBE` when subscribing again after a reconnect.
 const RESUBSCRIBE_BATCH: usize = 1000;
+/// Backoff between attempts to subscribe again after a reconnect.
+const RESUBSCRIBE_FIRST_DELAY: Duration = Duration::from_millis(50);
+const RESUBSCRIBE_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Which conversations' channels this replica is subscribed to; see the module docs.
 pub(super) struct LiveFeed {
     subscriber: SubscriberClient,
     keys: Keys,
-    /// Live watches per conversation. Held across the `SUBSCRIBE` / `UNSUBSCRIBE` round trips.
-    watched: Mutex<HashMap<ConversationId, usize>>,
+    /// Held across the `SUBSCRIBE` / `UNSUBSCRIBE` round trips.
+    watched: Mutex<HashMap<ConversationId, Watched>>,
     releases: mpsc::UnboundedSender<ConversationId>,
+}
+
+/// One watched conversation.
+#[derive(Default)]
+struct Watched {
+    /// Live watches (each a [`Release`] not yet handled).
+    count: usize,
+    /// A round trip confirmed Redis has the subscription (since the last reconnect).
+    confirmed: bool,
 }
 
 /// Given back through [`LiveFeed`]'s release task when a [`LiveWatch`] is dropped.
@@ -58,14 +79,18 @@ impl Drop for Release {
 }
 
 impl LiveFeed {
-    /// Starts the feed and its release task; both end when the subscriber quits (when the
-    /// store is dropped) or are aborted with the returned handles.
+    /// Starts the feed and its release task; both run until aborted with the returned handles
+    /// (when the store is dropped).
     pub(super) fn start(
         subscriber: SubscriberClient,
         keys: Keys,
         live: broadcast::Sender<LiveSignal>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
         let (releases, released) = mpsc::unbounded_channel();
+        // Taken before any watch can subscribe, so no message of a watched channel is missed.
+        // The subscriber is connected already: `reconnects` reports only re-connections.
+        let messages = subscriber.message_rx();
+        let reconnects = subscriber.reconnect_rx();
         let feed = Arc::new(Self {
             subscriber,
             keys,
@@ -73,7 +98,7 @@ impl LiveFeed {
             releases,
         });
         let tasks = vec![
-            tokio::spawn(feed.clone().forward(live)),
+            tokio::spawn(feed.clone().forward(messages, reconnects, live)),
             tokio::spawn(feed.clone().release(released)),
         ];
         (feed, tasks)
@@ -87,29 +112,47 @@ impl LiveFeed {
         let mut watched = tokio::time::timeout(COMMAND_TIMEOUT, self.watched.lock())
             .await
             .map_err(|_| StoreError::Timeout)?;
-        match watched.get_mut(&id) {
-            Some(count) => *count += 1,
-            None => {
-                self.subscriber
-                    .subscribe(self.keys.conversation(id).channel())
-                    .await?;
-                watched.insert(id, 1);
-            }
-        }
-        Ok(LiveWatch::releasing(Release {
+        // Counted before the round trip: if it fails, or the caller goes away meanwhile (the
+        // SUBSCRIBE may still reach Redis), dropping the release unsubscribes again once no
+        // one else watches. Until a round trip confirmed it, every watch makes its own.
+        let release = Release {
             id,
             releases: self.releases.clone(),
-        }))
+        };
+        let entry = watched.entry(id).or_default();
+        entry.count += 1;
+        if !entry.confirmed {
+            self.subscribe(vec![self.keys.conversation(id).channel()])
+                .await?;
+            entry.confirmed = true;
+        }
+        Ok(LiveWatch::releasing(release))
+    }
+
+    /// Subscribes to `channels` and returns once Redis has acted on it. fred answers a
+    /// SUBSCRIBE as soon as it is queued, before it is even written; a PING behind it on the
+    /// same connection (in a cluster, fred sends every plain SUBSCRIBE to the node of its
+    /// client id's slot) is answered only after Redis has run the SUBSCRIBE.
+    async fn subscribe(&self, channels: Vec<String>) -> Result<(), StoreError> {
+        self.subscriber.subscribe(channels).await?;
+        let options = Options {
+            cluster_hash: Some(ClusterHash::Custom(redis_keyslot(
+                self.subscriber.id().as_bytes(),
+            ))),
+            ..Options::default()
+        };
+        let _: Value = self.subscriber.with_options(&options).ping(None).await?;
+        Ok(())
     }
 
     async fn release(self: Arc<Self>, mut released: mpsc::UnboundedReceiver<ConversationId>) {
         while let Some(id) = released.recv().await {
             let mut watched = self.watched.lock().await;
-            let Some(count) = watched.get_mut(&id) else {
+            let Some(entry) = watched.get_mut(&id) else {
                 continue;
             };
-            *count -= 1;
-            if *count > 0 {
+            entry.count -= 1;
+            if entry.count > 0 {
                 continue;
             }
             watched.remove(&id);
@@ -125,10 +168,12 @@ impl LiveFeed {
         }
     }
 
-    async fn forward(self: Arc<Self>, live: broadcast::Sender<LiveSignal>) {
-        let mut messages = self.subscriber.message_rx();
-        // Created after the first connection, so it only reports re-connections.
-        let mut reconnects = self.subscriber.reconnect_rx();
+    async fn forward(
+        self: Arc<Self>,
+        mut messages: broadcast::Receiver<Message>,
+        mut reconnects: broadcast::Receiver<Server>,
+        live: broadcast::Sender<LiveSignal>,
+    ) {
         loop {
             tokio::select! {
                 message = messages.recv() => match message {
@@ -142,6 +187,8 @@ impl LiveFeed {
                 reconnected = reconnects.recv() => match reconnected {
                     Ok(_) | Err(RecvError::Lagged(_)) => {
                         self.resubscribe().await;
+                        // Only now: streams re-read the store once the subscriptions hold
+                        // again, so nothing published in between is missed.
                         let _ = live.send(LiveSignal::Resync);
                     }
                     Err(RecvError::Closed) => return,
@@ -151,23 +198,48 @@ impl LiveFeed {
     }
 
     /// Subscribes again to every watched channel, holding the lock so no watch or release
-    /// interleaves. A failure here shows up again as the next re-connection.
+    /// interleaves, and tries until Redis confirmed it: no later re-connection event need come
+    /// (in a cluster fred reports each node's reconnection while the others may still be down).
     async fn resubscribe(&self) {
-        let watched = self.watched.lock().await;
-        let channels: Vec<String> = watched
-            .keys()
-            .map(|id| self.keys.conversation(*id).channel())
-            .collect();
-        for batch in channels.chunks(RESUBSCRIBE_BATCH) {
-            if let Err(error) = self.subscriber.subscribe(batch.to_vec()).await {
-                tracing::warn!(%error, "resubscribing to the conversations' live channels failed");
-                return;
+        let mut delay = RESUBSCRIBE_FIRST_DELAY;
+        loop {
+            let mut watched = self.watched.lock().await;
+            // None holds any more; a watch made meanwhile subscribes on its own.
+            for entry in watched.values_mut() {
+                entry.confirmed = false;
+            }
+            let channels: Vec<String> = watched
+                .keys()
+                .map(|id| self.keys.conversation(*id).channel())
+                .collect();
+            let mut failed = None;
+            for batch in channels.chunks(RESUBSCRIBE_BATCH) {
+                if let Err(error) = self.subscribe(batch.to_vec()).await {
+                    failed = Some(error);
+                    break;
+                }
+            }
+            if failed.is_none() {
+                for entry in watched.values_mut() {
+                    entry.confirmed = true;
+                }
+            }
+            drop(watched);
+            match failed {
+                None => {
+                    tracing::info!(
+                        channels = channels.len(),
+                        "live channels resubscribed after reconnecting"
+                    );
+                    return;
+                }
+                Some(error) => {
+                    tracing::warn!(%error, retry_in = ?delay, "resubscribing to the conversations' live channels failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RESUBSCRIBE_MAX_DELAY);
+                }
             }
         }
-        tracing::info!(
-            channels = channels.len(),
-            "live channels resubscribed after reconnecting"
-        );
     }
 }
 

@@ -57,10 +57,14 @@
 //! anyone, and without a cap one caller could make another's every list page arbitrarily dear. Cursor semantics are unchanged: a conversation
 //! that gets a message moves above a cursor already handed out, as it did before.
 //!
-//! `P:{u:USER}:convs` lives in the user's slot, so it is updated right *after* the create or
-//! add script commits (`ZADD GT`). It is derived data: it may lag briefly, and if that update
-//! fails the write still stands (logged). Readers check participation against the conversation
-//! itself, so a stale entry is never shown.
+//! `P:{u:USER}:convs` lives in the user's slot, so a create or add first *reserves* each new
+//! member's entry there (`reserve_conversation.lua`: refused once the user is in the cap's
+//! worth; atomic per user, so concurrent requests cannot overshoot it), then runs the
+//! conversation's script, then sets the entries to the join time (`ZADD GT`); a refused change
+//! takes its reservations back. It is derived data: it may lag briefly, and if an update fails
+//! the write still stands (logged). Readers check participation against the conversation
+//! itself, so a stale entry is never shown, and a listing drops entries it finds stale for
+//! over a minute (`forget_stale_conversation.lua`, unless a join changed them meanwhile).
 //!
 //! `P:{u:USER}:req:<digest>` maps a creator's `request_id` to the conversation it created. It
 //! lives in the creator's slot, so `create_conversation` claims it (`claim_request.lua`: the
@@ -135,6 +139,9 @@ use crate::{
 const INDEX_PAGE: usize = 500;
 /// Longest idempotency window Redis can hold as an expiry (100 years).
 const MAX_IDEMPOTENCY_WINDOW_SECS: u64 = 100 * 365 * 24 * 3600;
+/// An index entry whose user is not a participant is dropped by a listing once it is this old:
+/// far longer than a reservation waits for its change (one script call).
+const STALE_INDEX_ENTRY: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a delete re-reads a message that changed between its read and its script.
 const DELETE_ATTEMPTS: usize = 3;
 
@@ -219,32 +226,85 @@ impl RedisMessageStore {
         self
     }
 
-    /// Refuses if one of `users` not yet in `id` is in as many conversations as the cap allows.
-    /// Users' indexes live in their own slots, so this reads them before the conversation's
-    /// script rather than inside it: concurrent additions of one user can overshoot the cap by
-    /// at most their number (each request adds at most `MAX_USERS_PER_REQUEST` users).
-    async fn check_room(&self, id: ConversationId, users: &[UserId]) -> StoreResult<()> {
-        if users.is_empty() {
-            return Ok(());
-        }
-        let pipeline = self.client.pipeline();
+    /// Reserves a place in each of `users`' conversation index for `id` (in their slots, one
+    /// script each, so the cap holds against any number of concurrent requests), or refuses if
+    /// one not yet listed there is in as many conversations as the cap allows; then nothing
+    /// stays reserved. Returns the users newly reserved, for [`Self::undo_reservations`].
+    async fn reserve_room(&self, id: ConversationId, users: &[UserId]) -> StoreResult<Vec<UserId>> {
         let member = id.to_string();
-        for user in users {
-            let index = self.keys.user_conversations(user);
-            let () = pipeline.zcard(&index).await?;
-            let () = pipeline.zscore(&index, member.as_str()).await?;
+        let cap = self.cap.0.to_string();
+        let replies = try_join_all(users.iter().map(|user| {
+            self.scripts.reserve_conversation.run(
+                &self.client,
+                vec![self.keys.user_conversations(user)],
+                vec![member.clone(), cap.clone()],
+            )
+        }))
+        .await?;
+        let mut reserved = Vec::new();
+        let mut full = false;
+        for (user, reply) in users.iter().zip(&replies) {
+            match reply.status() {
+                "reserved" => reserved.push(user.clone()),
+                "present" => {}
+                "full" => full = true,
+                _ => return Err(reply.unexpected()),
+            }
         }
-        let replies: Vec<Option<f64>> = pipeline.all().await?;
-        let full = replies.chunks(2).any(|reply| {
-            let held = reply[0].unwrap_or(0.0) as usize;
-            !self
-                .cap
-                .admits(held, reply.get(1).copied().flatten().is_some())
-        });
         if full {
+            self.undo_reservations(id, &reserved).await;
             return Err(Rejection::TooManyConversations.into());
         }
-        Ok(())
+        Ok(reserved)
+    }
+
+    /// Takes back the places [`Self::reserve_room`] reserved for a change that did not happen,
+    /// except for users who are participants after all (a concurrent request added them). A
+    /// reservation this cannot take back (Redis unreachable) is dropped by a later listing.
+    async fn undo_reservations(&self, id: ConversationId, reserved: &[UserId]) {
+        if reserved.is_empty() {
+            return;
+        }
+        let participants = match self.load_conversation(id).await {
+            Ok(found) => found.map(|(conversation, _)| conversation.participants),
+            Err(error) => {
+                tracing::warn!(%error, conversation_id = %id, "conversation reservations left for a later listing to drop");
+                return;
+            }
+        };
+        let member = id.to_string();
+        for user in reserved {
+            if participants
+                .as_ref()
+                .is_some_and(|participants| participants.contains(user))
+            {
+                continue;
+            }
+            let removed: Result<i64, _> = self
+                .client
+                .zrem(self.keys.user_conversations(user), member.as_str())
+                .await;
+            if let Err(error) = removed {
+                tracing::warn!(%error, conversation_id = %id, "a conversation reservation left for a later listing to drop");
+            }
+        }
+    }
+
+    /// Drops index entries a listing found stale (see `forget_stale_conversation.lua`); a
+    /// failure only leaves them for the next listing.
+    async fn forget_stale(&self, user: &UserId, stale: &[(ConversationId, UnixMillis)]) {
+        let index = self.keys.user_conversations(user);
+        let forgotten = try_join_all(stale.iter().map(|(id, joined)| {
+            self.scripts.forget_stale_conversation.run(
+                &self.client,
+                vec![index.clone()],
+                vec![id.to_string(), joined.to_string()],
+            )
+        }))
+        .await;
+        if let Err(error) = forgotten {
+            tracing::warn!(%error, "dropping stale conversation index entries failed");
+        }
     }
 
     /// The ARGV every write script starts with (see `prelude.lua`).
@@ -404,7 +464,14 @@ impl MessageStore for RedisMessageStore {
         if let Some(request) = &new.request {
             new.id = self.claim_request(&new.created_by, request, new.id).await?;
         }
-        self.check_room(new.id, &new.participants).await?;
+        let reserved = match self.reserve_room(new.id, &new.participants).await {
+            Ok(reserved) => reserved,
+            // A retry of a create that happened answers as before, whatever the lists hold now.
+            Err(full) => match self.load_conversation(new.id).await? {
+                Some(_) => Vec::new(),
+                None => return Err(full),
+            },
+        };
         let keys = self.keys.conversation(new.id);
         let mut args = self.write_args(new.id, keys.base());
         args.extend([
@@ -413,15 +480,25 @@ impl MessageStore for RedisMessageStore {
             new.fingerprint,
         ]);
         args.extend(new.participants.iter().map(|user| user.as_str().to_owned()));
-        let reply = self
+        let reply = match self
             .scripts
             .create_conversation
             .run(&self.client, keys.for_write(), args)
-            .await?;
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                self.undo_reservations(new.id, &reserved).await;
+                return Err(error);
+            }
+        };
         let created = match reply.status() {
             "created" => true,
             "existing" => false,
-            _ => return Err(reply.rejection()),
+            _ => {
+                self.undo_reservations(new.id, &reserved).await;
+                return Err(reply.rejection());
+            }
         };
         let (conversation, fingerprint) = codec::conversation(new.id, reply.rest())?;
         // Also on `existing`: a retry repairs an index update its first attempt did not finish.
@@ -452,24 +529,31 @@ impl MessageStore for RedisMessageStore {
     ) -> StoreResult<ChangeOutcome> {
         let keys = self.keys.conversation(id);
         let mut args = self.write_args(id, keys.base());
-        if let Err(full) = self.check_room(id, users).await {
-            // Who is full is only told to participants; others learn what the script says.
-            return Err(match self.load_conversation(id).await? {
-                None => Rejection::ConversationNotFound.into(),
-                Some((conversation, _)) if !conversation.has_participant(by) => {
-                    Rejection::NotParticipant.into()
-                }
-                Some(_) => full,
-            });
+        // Participation first: who is full is no business of a non-participant, and an
+        // outsider's request should not even reserve.
+        match self.load_conversation(id).await? {
+            None => return Err(Rejection::ConversationNotFound.into()),
+            Some((conversation, _)) if !conversation.has_participant(by) => {
+                return Err(Rejection::NotParticipant.into());
+            }
+            Some(_) => {}
         }
+        let reserved = self.reserve_room(id, users).await?;
         args.extend([by.as_str().to_owned(), MAX_PARTICIPANTS.to_string()]);
         args.extend(users.iter().map(|user| user.as_str().to_owned()));
-        let reply = self
+        let outcome = match self
             .scripts
             .add_participants
             .run(&self.client, keys.for_write(), args)
-            .await?;
-        let outcome = change_outcome(id, &reply)?;
+            .await
+            .and_then(|reply| change_outcome(id, &reply))
+        {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.undo_reservations(id, &reserved).await;
+                return Err(error);
+            }
+        };
         if let ChangeOutcome::Changed(_, event) = &outcome
             && let EventKind::ParticipantsChanged { added, .. } = &event.kind
         {
@@ -799,37 +883,42 @@ impl MessageStore for RedisMessageStore {
                 true,
             )
             .await?;
+        // (activity, id, joined): ordered by activity, then id (ids are unique).
         let mut ranked = Vec::with_capacity(joined.len());
         for (raw, score) in &joined {
             let id = ConversationId::parse(raw)
                 .map_err(|error| StoreError::Corrupt(format!("conversation index: {error}")))?;
-            ranked.push((score.round() as UnixMillis, id));
+            let joined = score.round() as UnixMillis;
+            ranked.push((joined, id, joined));
         }
         // In batches: a user in very many conversations never has all their reads in flight.
         for batch in ranked.chunks_mut(INDEX_PAGE) {
-            let active: Vec<Option<String>> = try_join_all(batch.iter().map(|(_, id)| {
+            let active: Vec<Option<String>> = try_join_all(batch.iter().map(|(_, id, _)| {
                 self.client
                     .hget::<Option<String>, _, _>(self.keys.conversation(*id).meta(), "active")
             }))
             .await?;
-            for ((activity, _), active) in batch.iter_mut().zip(active) {
+            for ((activity, _, _), active) in batch.iter_mut().zip(active) {
                 if let Some(active) = active {
                     *activity = (*activity).max(parse_score(&active)?);
                 }
             }
         }
         // Newest first, ties by id descending; strictly after the cursor.
-        ranked.retain(|entry| {
-            cursor.is_none_or(|cursor| *entry < (cursor.activity, cursor.conversation_id))
+        ranked.retain(|(activity, id, _)| {
+            cursor.is_none_or(|cursor| (*activity, *id) < (cursor.activity, cursor.conversation_id))
         });
-        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        ranked.sort_unstable_by_key(|&(activity, id, _)| std::cmp::Reverse((activity, id)));
         let mut entries = Vec::new();
-        for chunk in ranked.chunks(limit.min(INDEX_PAGE)) {
+        let mut stale = Vec::new();
+        let stale_before = now_millis() - STALE_INDEX_ENTRY.as_millis() as UnixMillis;
+        'page: for chunk in ranked.chunks(limit.min(INDEX_PAGE)) {
             let loaded =
-                try_join_all(chunk.iter().map(|(_, id)| self.load_conversation(*id))).await?;
-            for ((activity, _), conversation) in chunk.iter().zip(loaded) {
-                // Entries the index still lists although the user left (the index lags) or the
-                // conversation is gone are skipped.
+                try_join_all(chunk.iter().map(|(_, id, _)| self.load_conversation(*id))).await?;
+            for ((activity, id, joined), conversation) in chunk.iter().zip(loaded) {
+                // Entries the index still lists although the user left (the index lags), is
+                // only about to join (a reservation) or the conversation is gone are skipped;
+                // long-standing ones are dropped, so they stop counting against the cap.
                 if let Some((conversation, _)) = conversation
                     && conversation.has_participant(user)
                 {
@@ -838,11 +927,14 @@ impl MessageStore for RedisMessageStore {
                         activity: *activity,
                     });
                     if entries.len() == limit {
-                        return Ok(entries);
+                        break 'page;
                     }
+                } else if *joined < stale_before {
+                    stale.push((*id, *joined));
                 }
             }
         }
+        self.forget_stale(user, &stale).await;
         Ok(entries)
     }
 
@@ -909,6 +1001,15 @@ impl DependencyCheck for RedisMessageStore {
 }
 
 /// A `LIMIT` count Redis accepts (it reads a signed 64-bit number).
+/// This machine's clock, in Unix milliseconds.
+fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
 fn limit_arg(limit: usize) -> String {
     limit.min(i64::MAX as usize).to_string()
 }

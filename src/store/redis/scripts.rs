@@ -120,6 +120,8 @@ impl Reply {
 
 pub(super) struct Scripts {
     pub(super) claim_request: LuaScript,
+    pub(super) reserve_conversation: LuaScript,
+    pub(super) forget_stale_conversation: LuaScript,
     pub(super) create_conversation: LuaScript,
     pub(super) add_participants: LuaScript,
     pub(super) remove_participant: LuaScript,
@@ -147,6 +149,8 @@ impl Scripts {
     pub(super) async fn load(&self, client: &Client) -> Result<(), StoreError> {
         for script in [
             &self.claim_request,
+            &self.reserve_conversation,
+            &self.forget_stale_conversation,
             &self.create_conversation,
             &self.add_participants,
             &self.remove_participant,
@@ -180,6 +184,14 @@ impl Scripts {
             claim_request: LuaScript::standalone(
                 "claim_request",
                 include_str!("claim_request.lua"),
+            ),
+            reserve_conversation: LuaScript::standalone(
+                "reserve_conversation",
+                include_str!("reserve_conversation.lua"),
+            ),
+            forget_stale_conversation: LuaScript::standalone(
+                "forget_stale_conversation",
+                include_str!("forget_stale_conversation.lua"),
             ),
             create_conversation: LuaScript::write(
                 "create_conversation",
