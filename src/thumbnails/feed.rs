@@ -62,10 +62,8 @@ const QUEUED_BYTES: usize = 1 << 20;
 /// held back (at most [`QUEUED_BYTES`] + [`jpeg::MAX_HELD_BYTES`]), and libjpeg's buffer: what the
 /// last step left unconsumed ([`jpeg::MAX_UNCONSUMED`]) and this step's input after the filter.
 /// Every buffer is given back once consumed.
-pub const INPUT_BYTES: u64 = (STEP_BYTES
-    + 3 * QUEUED_BYTES
-    + 2 * jpeg::MAX_HELD_BYTES
-    + jpeg::MAX_UNCONSUMED) as u64;
+pub const INPUT_BYTES: u64 =
+    (STEP_BYTES + 3 * QUEUED_BYTES + 2 * jpeg::MAX_HELD_BYTES + jpeg::MAX_UNCONSUMED) as u64;
 
 /// Below this many bytes received, the header is looked for every [`PLAN_STEP`] bytes.
 const EVERY_CHUNK_BELOW: usize = 64 * 1024;
@@ -86,7 +84,9 @@ pub struct ImageFeed {
 
 enum State {
     /// No header yet: the next look at `next_attempt` bytes.
-    Planning { next_attempt: usize },
+    Planning {
+        next_attempt: usize,
+    },
     Streaming(Streaming),
     /// Decoded from the whole body after the last byte.
     Buffered,
@@ -251,12 +251,7 @@ impl ImageFeed {
                     }
                 };
             }
-            State::Streaming(streaming) => {
-                if !streaming.push(chunk).await {
-                    // The driver gave up (and counted it): keep no more bytes for it.
-                    self.state = State::Buffered;
-                }
-            }
+            State::Streaming(streaming) => streaming.push(chunk).await,
             State::Buffered => {}
         }
     }
@@ -358,10 +353,11 @@ impl ImageFeed {
 impl Streaming {
     /// Copies `chunk` into batches of [`STEP_BYTES`] and queues each full one: the queue holds
     /// at most [`QUEUED_BYTES`] whatever the chunk sizes, and no transport buffer is kept alive
-    /// by it. `false` once the driver has stopped.
-    async fn push(&mut self, chunk: &Bytes) -> bool {
+    /// by it. Nothing once the driver has ended: it made the thumbnail from the image's end
+    /// (the rest is not needed), or gave up (the image is decoded whole).
+    async fn push(&mut self, chunk: &Bytes) {
         if self.input.is_closed() {
-            return false;
+            return;
         }
         let mut rest = &chunk[..];
         while !rest.is_empty() {
@@ -373,15 +369,14 @@ impl Streaming {
             self.pending.extend_from_slice(now);
             rest = later;
             if self.pending.len() == STEP_BYTES && !self.send_pending().await {
-                return false;
+                return;
             }
         }
-        true
     }
 
     /// Queues what is pending, however little: the upload has ended.
     async fn flush(&mut self) {
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() && !self.input.is_closed() {
             self.send_pending().await;
         }
     }
@@ -554,11 +549,9 @@ async fn drive(
                 pool.activity.stepped(Some((fed, handed)));
                 match stepped {
                     Stepped::More(stepped) => decoder = Some(stepped),
-                    Stepped::Done(thumbnail) if ended => return Outcome::Made(thumbnail),
-                    Stepped::Done(thumbnail) => {
-                        drop(driver);
-                        return after_the_end(thumbnail, inputs).await;
-                    }
+                    // Before the upload's end, too: the rest of it (a motion photo's video) is
+                    // stored but neither queued nor decoded.
+                    Stepped::Done(thumbnail) => return Outcome::Made(thumbnail),
                 }
             }
             Err(error) => {
@@ -573,18 +566,6 @@ async fn drive(
                     _ => fall_back(&pool),
                 };
             }
-        }
-    }
-}
-
-/// The image was decoded to its end before the upload's: the rest (a motion photo's video) is
-/// stored but not decoded, its batches dropped as they come.
-async fn after_the_end(thumbnail: Thumbnail, mut inputs: mpsc::UnboundedReceiver<Input>) -> Outcome {
-    loop {
-        match inputs.recv().await {
-            Some(Input::Bytes(..)) => {}
-            Some(Input::End) => return Outcome::Made(thumbnail),
-            None => return Outcome::Failed(ThumbnailError::TimedOut),
         }
     }
 }

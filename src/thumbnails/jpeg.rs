@@ -363,7 +363,11 @@ impl StreamingJpeg {
     }
 
     /// Gives the next pieces of the file, decoding as far as they reach in one libjpeg run.
-    pub(super) fn push(&mut self, pieces: &[Bytes], deadline: &Deadline) -> Result<(), ThumbnailError> {
+    pub(super) fn push(
+        &mut self,
+        pieces: &[Bytes],
+        deadline: &Deadline,
+    ) -> Result<(), ThumbnailError> {
         self.decode.set_deadline(deadline.clone());
         match &mut self.filter {
             Some(filter) => self.decode.push_with(|buffer| filter.pass(pieces, buffer)),
@@ -671,7 +675,10 @@ mod tests {
                     filter.pass(step, &mut batched).unwrap();
                 }
                 batched.extend_from_slice(&filter.held);
-                assert!(batched == whole, "{sampling:?} in steps of 5 pieces of {piece}");
+                assert!(
+                    batched == whole,
+                    "{sampling:?} in steps of 5 pieces of {piece}"
+                );
             }
             let scans = scan_offsets(&bytes).len() as u32;
             let mut filter = ScanFilter::new(&header, scans - 1);
@@ -709,7 +716,10 @@ mod tests {
             }
             assert!(filter.ended, "in pieces of {piece}");
             assert!(filter.held.is_empty(), "in pieces of {piece}");
-            assert!(kept == whole, "in pieces of {piece}: bytes after the end passed on");
+            assert!(
+                kept == whole,
+                "in pieces of {piece}: bytes after the end passed on"
+            );
         }
     }
 

@@ -21,8 +21,9 @@
 //! build and image, and a large C attack surface; HEIF uploads are stored as they are.
 //!
 //! An upload's JPEG or PNG is decoded while its bytes arrive ([`ImageFeed`], `feed.rs`): the
-//! same decoders, fed chunk by chunk on the same pool, so that after the last byte only the last
-//! rows, the resize and the encode remain; whatever cannot stream is decoded as below.
+//! same decoders, fed a step per [`STEP_BYTES`] received on the same pool (each step admitted and
+//! given a worker like any decode), so that after the last byte only the last rows, the resize
+//! and the encode remain; whatever cannot stream, or stops streaming, is decoded as below.
 //!
 //! [`ThumbnailPool`] runs the work off the async runtime on at most `thumbnails.workers`
 //! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, each waiting

@@ -662,7 +662,11 @@ async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
             );
         }
     }
-    assert_eq!(pool.stream_fallbacks(), 0, "every image streamed to its end");
+    assert_eq!(
+        pool.stream_fallbacks(),
+        0,
+        "every image streamed to its end"
+    );
     assert_eq!(pool.streaming(), 0);
     assert_eq!(pool.reserved_bytes(), 0);
     assert!(budget.is_idle());
@@ -870,7 +874,10 @@ async fn broken_images_fed_while_arriving_get_the_buffered_verdict() {
         let (steps, fallbacks) = (pool.stream_steps(), pool.stream_fallbacks());
         let streamed = feed_in_chunks(&pool, kind, &body, 997).await;
         assert_eq!(streamed.map(|made| made.is_some()), Err(whole), "{name}");
-        assert!(pool.stream_steps() > steps, "{name} was decoded while it arrived");
+        assert!(
+            pool.stream_steps() > steps,
+            "{name} was decoded while it arrived"
+        );
         assert_eq!(pool.stream_fallbacks(), fallbacks + 1, "{name}");
     }
     // A file of too many scans is refused as before, whether it streamed or not.
@@ -918,7 +925,7 @@ fn jpeg_with_long_tables(body: &[u8], segment: usize) -> Vec<u8> {
         }
         if marker == 0xDA {
             // The scan's entropy-coded data runs to the next marker.
-            while !(body[end] == 0xFF && !matches!(body[end + 1], 0x00 | 0xD0..=0xD7)) {
+            while body[end] != 0xFF || matches!(body[end + 1], 0x00 | 0xD0..=0xD7) {
                 end += 1;
             }
         }
@@ -965,7 +972,10 @@ async fn a_streamed_decode_works_in_proportion_to_the_bytes_received_whatever_th
                     )
                 })
                 .unwrap();
-            assert!(streamed.bytes == whole.bytes, "{name} in {chunk}-byte chunks");
+            assert!(
+                streamed.bytes == whole.bytes,
+                "{name} in {chunk}-byte chunks"
+            );
             let (handed, steps) = (pool.handed_bytes() - handed, pool.stream_steps() - steps);
             // A step per STEP_BYTES received (or run of them), plus the head's and the last.
             assert!(
@@ -1010,7 +1020,10 @@ async fn a_motion_photo_streams_to_its_end_marker_and_not_beyond() {
         // The video is stored, not decoded: no step for its bytes, none of them handed to
         // libjpeg (which gets less than the JPEG: its unused scans are left out).
         let (handed, steps) = (pool.handed_bytes() - handed, pool.stream_steps() - steps);
-        eprintln!("in {chunk}-byte chunks: {steps} steps, {handed} bytes handed of {}", jpeg.len());
+        eprintln!(
+            "in {chunk}-byte chunks: {steps} steps, {handed} bytes handed of {}",
+            jpeg.len()
+        );
         assert!(
             handed < jpeg.len() as u64,
             "in {chunk}-byte chunks: {handed} bytes handed of a {}-byte JPEG",
@@ -1021,12 +1034,20 @@ async fn a_motion_photo_streams_to_its_end_marker_and_not_beyond() {
             "in {chunk}-byte chunks: {steps} steps"
         );
     }
-    assert_eq!(pool.stream_fallbacks(), 0, "the trailer made no decode fail");
+    assert_eq!(
+        pool.stream_fallbacks(),
+        0,
+        "the trailer made no decode fail"
+    );
     assert!(budget.is_idle());
 }
 
 /// Feeds the first `head` bytes of `body`, as chunks of 16 KiB.
-async fn feed_head(feed: &mut svc_messaging::thumbnails::ImageFeed, received: &mut Vec<u8>, head: &[u8]) {
+async fn feed_head(
+    feed: &mut svc_messaging::thumbnails::ImageFeed,
+    received: &mut Vec<u8>,
+    head: &[u8],
+) {
     for piece in head.chunks(16 * 1024) {
         received.extend_from_slice(piece);
         feed.push(&Bytes::copy_from_slice(piece), received).await;
@@ -1432,7 +1453,10 @@ async fn streamed_steps_count_against_the_queue_and_dropped_feeds_stop_waiting_a
     )
     .await
     .expect("refused at once");
-    assert!(matches!(refused, Err(ThumbnailError::WorkersBusy)), "{refused:?}");
+    assert!(
+        matches!(refused, Err(ThumbnailError::WorkersBusy)),
+        "{refused:?}"
+    );
     // The uploads go away: their decoders stop waiting, and their memory is back at once.
     drop(feeds);
     until("the waiting decoders are gone", || {
@@ -1906,8 +1930,12 @@ mod service {
             upload.send(head, 16 * 1024);
             // The decoder has consumed every byte sent (but those short of a step), before the
             // last chunk leaves.
-            until_metric_above(&server, STREAMED, streamed + (head.len() - STEP_BYTES) as f64)
-                .await;
+            until_metric_above(
+                &server,
+                STREAMED,
+                streamed + (head.len() - STEP_BYTES) as f64,
+            )
+            .await;
             streamed += head.len() as f64;
             assert_eq!(metric(&server, DECODERS).await, 1.0, "{name}");
             assert!(metric(&server, RESERVED).await > 0.0, "{name}");
@@ -1943,8 +1971,12 @@ mod service {
         for ending in ["stalled", "refused", "cancelled"] {
             let upload = OpenUpload::start(&channel, &conversation_id, "drawing.png", body.len());
             upload.send(half, 16 * 1024);
-            until_metric_above(&server, STREAMED, streamed + (half.len() - STEP_BYTES) as f64)
-                .await;
+            until_metric_above(
+                &server,
+                STREAMED,
+                streamed + (half.len() - STEP_BYTES) as f64,
+            )
+            .await;
             streamed = metric(&server, STREAMED).await;
             assert_eq!(metric(&server, DECODERS).await, 1.0, "{ending}");
             match ending {
