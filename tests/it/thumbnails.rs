@@ -22,7 +22,8 @@ use svc_messaging::{
     config::ThumbnailSettings,
     files::policy::FileKind,
     thumbnails::{
-        QUEUE_PER_WORKER, STEP_BYTES, Thumbnail, ThumbnailError, ThumbnailPool, Thumbnailer,
+        ImageFeed, QUEUE_PER_WORKER, STEP_BYTES, Thumbnail, ThumbnailError, ThumbnailPool,
+        Thumbnailer,
     },
 };
 
@@ -1042,16 +1043,30 @@ async fn a_motion_photo_streams_to_its_end_marker_and_not_beyond() {
     assert!(budget.is_idle());
 }
 
-/// Feeds the first `head` bytes of `body`, as chunks of 16 KiB.
-async fn feed_head(
-    feed: &mut svc_messaging::thumbnails::ImageFeed,
-    received: &mut Vec<u8>,
-    head: &[u8],
-) {
-    for piece in head.chunks(16 * 1024) {
+/// Feeds `bytes` in chunks of 16 KiB after `received`, the body so far.
+async fn feed_bytes(feed: &mut ImageFeed, received: &mut Vec<u8>, bytes: &[u8]) {
+    for piece in bytes.chunks(16 * 1024) {
         received.extend_from_slice(piece);
         feed.push(&Bytes::copy_from_slice(piece), received).await;
     }
+}
+
+/// Feeds the rest of the PNG `body` after `received`, finishes, and checks the thumbnail is
+/// the whole file's under `settings`.
+async fn finish_as_the_whole_png(
+    mut feed: ImageFeed,
+    mut received: Vec<u8>,
+    body: &[u8],
+    settings: &ThumbnailSettings,
+) {
+    let rest = &body[received.len()..];
+    feed_bytes(&mut feed, &mut received, rest).await;
+    let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
+    let whole = Thumbnailer::new(settings, MAX_PIXELS)
+        .make(FileKind::Png, body)
+        .unwrap()
+        .unwrap();
+    assert_eq!(thumbnail.bytes, whole.bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1062,34 +1077,26 @@ async fn an_upload_idle_between_steps_gives_its_decoder_memory_back() {
     };
     let (pool, budget) = pool(&settings, 1 << 28);
     let body = large_png(1500);
-    let (half, rest) = body.split_at(body.len() / 2);
     let mut feed = pool.feed(FileKind::Png);
     let mut received = Vec::new();
-    feed_head(&mut feed, &mut received, half).await;
+    feed_bytes(&mut feed, &mut received, &body[..body.len() / 2]).await;
     assert_eq!(pool.streaming(), 1);
     // Nothing more for longer than the idle timeout: the decoder and its memory go.
     until("the idle decoder is dropped", || pool.streaming() == 0).await;
     assert_eq!(pool.reserved_bytes(), 0);
     assert_eq!(pool.stream_fallbacks(), 1);
     // The rest arrives after all: decoded whole, the same thumbnail.
-    feed_head(&mut feed, &mut received, rest).await;
-    let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
-    let whole = Thumbnailer::new(&settings, MAX_PIXELS)
-        .make(FileKind::Png, &body)
-        .unwrap()
-        .unwrap();
-    assert_eq!(thumbnail.bytes, whole.bytes);
+    finish_as_the_whole_png(feed, received, &body, &settings).await;
     assert!(budget.is_idle());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_decodes_beyond_their_memory_cap_are_decoded_after_the_last_byte() {
     let body = large_png(1500);
-    let whole = thumbnailer().make(FileKind::Png, &body).unwrap().unwrap();
     // What one streamed decode of this image reserves.
     let (probe, _) = streaming_pool(1 << 28);
     let mut feed = probe.feed(FileKind::Png);
-    feed_head(&mut feed, &mut Vec::new(), &body[..body.len() / 2]).await;
+    feed_bytes(&mut feed, &mut Vec::new(), &body[..body.len() / 2]).await;
     let one = probe.reserved_bytes();
     assert!(one > 0);
     drop(feed);
@@ -1104,16 +1111,14 @@ async fn streamed_decodes_beyond_their_memory_cap_are_decoded_after_the_last_byt
         for _ in 0..2 {
             let mut feed = pool.feed(FileKind::Png);
             let mut received = Vec::new();
-            feed_head(&mut feed, &mut received, &body[..body.len() / 2]).await;
+            feed_bytes(&mut feed, &mut received, &body[..body.len() / 2]).await;
             feeds.push((feed, received));
         }
         assert_eq!(pool.streaming(), streaming, "cap {cap}");
         assert!(pool.reserved_bytes() <= cap, "cap {cap}");
         assert_eq!(pool.stream_fallbacks(), 2 - streaming as u64, "cap {cap}");
-        for (mut feed, mut received) in feeds {
-            feed_head(&mut feed, &mut received, &body[body.len() / 2..]).await;
-            let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
-            assert_eq!(thumbnail.bytes, whole.bytes, "cap {cap}");
+        for (feed, received) in feeds {
+            finish_as_the_whole_png(feed, received, &body, &settings).await;
         }
         assert!(budget.is_idle());
     }
@@ -1286,6 +1291,20 @@ fn pool(settings: &ThumbnailSettings, budget: u64) -> (Arc<ThumbnailPool>, Arc<M
     (Arc::new(pool), budget)
 }
 
+/// Starts decoding `slow_jpeg` and waits until it holds a worker (and its memory); aborting the
+/// task cancels the decode.
+async fn occupy_a_worker(
+    pool: &Arc<ThumbnailPool>,
+) -> tokio::task::JoinHandle<Result<Option<Thumbnail>, ThumbnailError>> {
+    let decoded = pool.decoding();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
+    });
+    until_decoding(pool, decoded + 1).await;
+    slow
+}
+
 /// Polls until the pool runs `count` decodes.
 async fn until_decoding(pool: &ThumbnailPool, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1351,11 +1370,7 @@ async fn waiting_for_a_worker_ends_busy_after_the_queue_timeout() {
     };
     let (pool, budget) = pool(&settings, 1 << 30);
     let total = budget.available_bytes();
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
-    });
-    until_decoding(&pool, 1).await;
+    let slow = occupy_a_worker(&pool).await;
     let started = Instant::now();
     match pool.make(FileKind::Png, large_png(64)).await {
         Err(ThumbnailError::WorkersBusy) => {}
@@ -1388,16 +1403,11 @@ async fn a_streamed_step_without_a_worker_falls_back_to_the_decode_after_the_las
         ..slow_settings(1, Duration::from_secs(60))
     };
     let (pool, budget) = pool(&settings, 1 << 30);
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
-    });
-    until_decoding(&pool, 1).await;
+    let slow = occupy_a_worker(&pool).await;
     let body = large_png(1500);
-    let (half, rest) = body.split_at(body.len() / 2);
     let mut feed = pool.feed(FileKind::Png);
     let mut received = Vec::new();
-    feed_head(&mut feed, &mut received, half).await;
+    feed_bytes(&mut feed, &mut received, &body[..body.len() / 2]).await;
     // Its first step finds no worker within the queue timeout: the upload goes on, without
     // the decoder and its memory.
     until("the decoder without a worker is dropped", || {
@@ -1407,13 +1417,7 @@ async fn a_streamed_step_without_a_worker_falls_back_to_the_decode_after_the_las
     assert_eq!(pool.stream_fallbacks(), 1);
     slow.abort();
     until_decoding(&pool, 0).await;
-    feed_head(&mut feed, &mut received, rest).await;
-    let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
-    let whole = Thumbnailer::new(&settings, MAX_PIXELS)
-        .make(FileKind::Png, &body)
-        .unwrap()
-        .unwrap();
-    assert_eq!(thumbnail.bytes, whole.bytes);
+    finish_as_the_whole_png(feed, received, &body, &settings).await;
     until("the memory is back", || budget.is_idle()).await;
 }
 
@@ -1427,18 +1431,14 @@ async fn streamed_steps_count_against_the_queue_and_dropped_feeds_stop_waiting_a
         ..slow_settings(1, Duration::from_secs(60))
     };
     let (pool, budget) = pool(&settings, 1 << 30);
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
-    });
-    until_decoding(&pool, 1).await;
+    let slow = occupy_a_worker(&pool).await;
     let reserved_by_slow = pool.reserved_bytes();
     // The queue's other places go to streamed decodes whose steps wait for the worker.
     let body = large_png(1500);
     let mut feeds = Vec::new();
     for _ in 0..QUEUE_PER_WORKER {
         let mut feed = pool.feed(FileKind::Png);
-        feed_head(&mut feed, &mut Vec::new(), &body[..body.len() / 2]).await;
+        feed_bytes(&mut feed, &mut Vec::new(), &body[..body.len() / 2]).await;
         feeds.push(feed);
     }
     until("every streamed step waits in the queue", || {
@@ -1501,11 +1501,7 @@ async fn a_decode_larger_than_the_whole_budget_is_refused_at_once() {
 async fn closing_the_pool_stops_the_running_decodes() {
     let (pool, budget) = pool(&slow_settings(1, Duration::from_secs(60)), 1 << 30);
     let total = budget.available_bytes();
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
-    });
-    until_decoding(&pool, 1).await;
+    let slow = occupy_a_worker(&pool).await;
     let started = Instant::now();
     pool.close();
     match slow.await.unwrap() {
