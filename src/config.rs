@@ -566,7 +566,8 @@ pub struct ThumbnailSettings {
     /// Most scans a JPEG may have (a progressive one has about ten); more is refused.
     pub max_jpeg_scans: u32,
     /// Memory all decodes following image uploads as they arrive may hold together (from
-    /// `uploads.memory_budget`); an image beyond is decoded after its last byte. 0: never.
+    /// `uploads.memory_budget`, half of whose default it is: a 12 MP progressive JPEG needs
+    /// about 40 MiB); an image beyond is decoded after its last byte. 0: never.
     pub max_streaming_bytes: ByteSize,
     /// A decode following an upload that brings less than a step (64 KiB) or its end for this
     /// long drops its memory; the image is decoded after its last byte.
@@ -583,7 +584,7 @@ impl Default for ThumbnailSettings {
             timeout: Duration::from_secs(10),
             queue_timeout: Duration::from_secs(5),
             max_jpeg_scans: 256,
-            max_streaming_bytes: ByteSize::mib(64),
+            max_streaming_bytes: ByteSize::mib(128),
             stream_idle_timeout: Duration::from_secs(5),
         }
     }
