@@ -569,6 +569,14 @@ pub struct ThumbnailSettings {
     pub queue_timeout: Duration,
     /// Most scans a JPEG may have (a progressive one has about ten); more is refused.
     pub max_jpeg_scans: u32,
+    /// Memory all decodes following image uploads as they arrive may hold together (from
+    /// `uploads.memory_budget`, half of whose default it is: a 12 MP progressive JPEG needs
+    /// about 40 MiB); an image beyond is decoded after its last byte. 0: never.
+    pub max_streaming_bytes: ByteSize,
+    /// A decode following an upload that brings less than a step (64 KiB) or its end for this
+    /// long drops its memory; the image is decoded after its last byte.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for ThumbnailSettings {
@@ -580,6 +588,8 @@ impl Default for ThumbnailSettings {
             timeout: Duration::from_secs(10),
             queue_timeout: Duration::from_secs(5),
             max_jpeg_scans: 256,
+            max_streaming_bytes: ByteSize::mib(128),
+            stream_idle_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -1294,6 +1304,12 @@ impl ThumbnailSettings {
             return Err(ConfigError::new(
                 "thumbnails.max_jpeg_scans",
                 "must be between 1 and 65535",
+            ));
+        }
+        if self.stream_idle_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "thumbnails.stream_idle_timeout",
+                "must be greater than zero",
             ));
         }
         Ok(())

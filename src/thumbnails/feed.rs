@@ -3,31 +3,43 @@
 //!
 //! An [`ImageFeed`] sees every chunk of an image upload. Once the bytes so far hold the header,
 //! it plans the decode as [`Thumbnailer::plan`] does, reserves the plan's memory from the budget
-//! (plus [`INPUT_BYTES`] for the input it holds), and hands each later chunk to a decoder that
-//! runs one step per batch of chunks on the blocking pool: libjpeg with a suspending data
-//! source, the `png` reader over the bytes that arrived. Between steps a decoder is plain
-//! memory, no thread waits for the network, so a stalled upload holds its reservation (until
-//! its idle timeout drops it) but no thread; a step takes one of the pool's `workers` slots
-//! like any decode, so at most `thumbnails.workers` threads decode at once, streamed or not.
+//! (plus [`INPUT_BYTES`] for the input it holds, and within `thumbnails.max_streaming_bytes` for
+//! all streamed decodes together), and hands the bytes that follow to a decoder in batches of
+//! [`STEP_BYTES`]: libjpeg with a suspending data source, the `png` reader over the bytes that
+//! arrived. The decoder runs one step per batch (or per run of batches queued meanwhile) on the
+//! blocking pool, admitted and given a worker as any decode, so at most `thumbnails.workers`
+//! threads decode at once, streamed or not. Steps at least [`STEP_BYTES`] apart keep the work
+//! per byte received bounded however the upload is chunked (each step rescans what the last
+//! one left unconsumed, at most [`jpeg::MAX_UNCONSUMED`]). Between steps a decoder is plain
+//! memory: no thread waits for the network.
 //!
-//! Whatever the streamed decode cannot take (GIF, WEBP, interlaced PNG, a header longer than
-//! [`MAX_HEADER_BYTES`], no memory free at the header) and whatever it fails on is decoded from
-//! the whole body after the last byte, as before: the buffered decode gives the verdict on a
-//! broken file, so a streamed upload is accepted or refused exactly as a buffered one.
+//! The streamed decode is an optimisation, never a verdict. It gives up, frees its memory and
+//! leaves the image to the decode of the whole body after the last byte (which gives the
+//! verdict, so a streamed upload is accepted or refused exactly as a buffered one) when the
+//! image cannot stream (GIF, WEBP, interlaced PNG, a header longer than [`MAX_HEADER_BYTES`]),
+//! when no memory is free at the header or the streamed decodes' cap is reached, when the
+//! upload brings less than a step within `thumbnails.stream_idle_timeout`, when a step finds
+//! the queue full or no worker within `thumbnails.queue_timeout`, and when a step fails. Once
+//! a JPEG's end marker or a PNG's IEND has been decoded, what follows (a motion photo's video)
+//! is stored but not decoded.
 //!
 //! Dropping the feed (the upload failed, was refused or cancelled, or its stream went idle)
-//! cancels the decoder at its next check and frees its memory once its step has ended.
+//! cancels the decoder at once if it waits for a worker, else at its next check, and frees its
+//! memory once its step has ended.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
     task::JoinHandle,
 };
 
 use super::{
-    CancelOnDrop, Deadline, DecodePlan, Decoding, STOP_WAIT, Thumbnail, ThumbnailError,
+    CancelOnDrop, Deadline, DecodePlan, Decoding, Header, STOP_WAIT, Thumbnail, ThumbnailError,
     ThumbnailPool, Thumbnailer, jpeg, png, raster::Raster,
 };
 use crate::{budget::MemoryReservation, files::policy::FileKind};
@@ -37,10 +49,21 @@ use crate::{budget::MemoryReservation, files::policy::FileKind};
 /// rarely pass 100 KiB.
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
 
-/// Input a streamed decode may hold besides its plan's peak: the chunks queued for it (at most
-/// [`QUEUED_BYTES`], or one larger chunk) and what libjpeg has not consumed yet (at most
-/// [`jpeg::MAX_UNCONSUMED`]).
-pub const INPUT_BYTES: u64 = 2 * QUEUED_BYTES as u64 + (1 << 20);
+/// A streamed decode steps once this many bytes arrived since its last step (or at the end).
+pub const STEP_BYTES: usize = 64 * 1024;
+
+/// Batches waiting for the decoder or being decoded, in bytes; the upload waits when this much
+/// is queued. Batches are copies of at most [`STEP_BYTES`], whatever the chunk sizes.
+const QUEUED_BYTES: usize = 1 << 20;
+
+/// Input a streamed decode may hold besides its plan's peak and the head it started from,
+/// whatever the chunk sizes: the batch being filled ([`STEP_BYTES`]), the batches queued or being
+/// decoded ([`QUEUED_BYTES`]), during a step the JPEG scan filter's input joined behind what it
+/// held back (at most [`QUEUED_BYTES`] + [`jpeg::MAX_HELD_BYTES`]), and libjpeg's buffer: what the
+/// last step left unconsumed ([`jpeg::MAX_UNCONSUMED`]) and this step's input after the filter.
+/// Every buffer is given back once consumed.
+pub const INPUT_BYTES: u64 =
+    (STEP_BYTES + 3 * QUEUED_BYTES + 2 * jpeg::MAX_HELD_BYTES + jpeg::MAX_UNCONSUMED) as u64;
 
 /// Below this many bytes received, the header is looked for every [`PLAN_STEP`] bytes.
 const EVERY_CHUNK_BELOW: usize = 64 * 1024;
@@ -49,11 +72,8 @@ const EVERY_CHUNK_BELOW: usize = 64 * 1024;
 /// still streams).
 const PLAN_STEP: usize = 512;
 
-/// Chunks waiting for the decoder, in bytes; the upload waits when this much is queued.
-const QUEUED_BYTES: usize = 1 << 20;
-
-/// Permits of the queue, one per KiB.
-const QUEUE_UNIT: usize = 1024;
+/// `thumbnails.max_streaming_bytes` is counted in units of this many bytes.
+pub(super) const STREAMING_UNIT: u64 = 1024;
 
 /// Follows an image upload's chunks; see the module docs.
 pub struct ImageFeed {
@@ -73,16 +93,29 @@ enum State {
 }
 
 struct Streaming {
+    /// The bytes since the last batch sent, fewer than [`STEP_BYTES`].
+    pending: Vec<u8>,
     input: mpsc::UnboundedSender<Input>,
     queue: Arc<Semaphore>,
-    driver: JoinHandle<Result<Thumbnail, ThumbnailError>>,
+    driver: JoinHandle<Outcome>,
     /// Stops the decode at its next check when the feed is dropped.
     _cancel: CancelOnDrop,
+    /// Dropped with the feed: wakes a driver waiting for a worker.
+    _alive: oneshot::Sender<()>,
 }
 
 enum Input {
     Bytes(Bytes, OwnedSemaphorePermit),
     End,
+}
+
+/// How a streamed decode ended.
+enum Outcome {
+    Made(Thumbnail),
+    /// Decode the whole body after the last byte instead (already counted as a fallback).
+    Fallback,
+    /// The upload's answer (timeout, shutdown, or no worker for the last step).
+    Failed(ThumbnailError),
 }
 
 /// A decoder between two steps.
@@ -92,45 +125,81 @@ enum StreamDecoder {
 }
 
 impl StreamDecoder {
-    fn push(&mut self, bytes: Bytes, deadline: &Deadline) -> Result<(), ThumbnailError> {
-        match self {
-            Self::Jpeg(decoder) => {
-                decoder.set_deadline(deadline.clone());
-                decoder.push(&bytes)
+    /// The decoder for `plan`, if its format and variant can be decoded as they arrive.
+    fn new(thumbnailer: &Thumbnailer, plan: &DecodePlan, header: &Header<'_>) -> Option<Self> {
+        match (plan.decoding, header) {
+            (Decoding::Jpeg { numerator }, Header::Jpeg(header)) => {
+                Some(Self::Jpeg(Box::new(jpeg::StreamingJpeg::new(
+                    header,
+                    numerator,
+                    thumbnailer.max_jpeg_scans,
+                    plan.peak_bytes,
+                ))))
             }
-            Self::Png(decoder) => decoder.push(bytes, deadline),
+            (Decoding::Png { factor }, Header::Png(header)) => {
+                png::StreamingPng::new(header, factor, plan.peak_bytes)
+                    .map(|decoder| Self::Png(Box::new(decoder)))
+            }
+            _ => None,
+        }
+    }
+
+    fn push(&mut self, pieces: &[Bytes], deadline: &Deadline) -> Result<(), ThumbnailError> {
+        match self {
+            Self::Jpeg(decoder) => decoder.push(pieces, deadline),
+            Self::Png(decoder) => decoder.push(pieces, deadline),
+        }
+    }
+
+    /// Decoded to the end of the image: later bytes are not needed.
+    fn is_complete(&self) -> bool {
+        match self {
+            Self::Jpeg(decoder) => decoder.is_complete(),
+            Self::Png(decoder) => decoder.is_complete(),
+        }
+    }
+
+    fn handed_bytes(&self) -> u64 {
+        match self {
+            Self::Jpeg(decoder) => decoder.handed_bytes(),
+            Self::Png(decoder) => decoder.handed_bytes(),
         }
     }
 
     fn finish(self, deadline: &Deadline) -> Result<Raster, ThumbnailError> {
         match self {
-            Self::Jpeg(mut decoder) => {
-                decoder.set_deadline(deadline.clone());
-                (*decoder).finish()
-            }
+            Self::Jpeg(decoder) => (*decoder).finish(deadline),
             Self::Png(decoder) => (*decoder).finish(deadline),
         }
     }
 }
 
-/// A streamed decode's memory reservation, counted by the pool while it is held.
+/// A streamed decode's memory reservation and its share of the streamed decodes' cap, counted
+/// by the pool while they are held.
 struct StreamHeld {
     reservation: MemoryReservation,
+    _share: OwnedSemaphorePermit,
     pool: Arc<ThumbnailPool>,
 }
 
 impl StreamHeld {
-    fn new(reservation: MemoryReservation, pool: Arc<ThumbnailPool>) -> Self {
-        pool.activity.streaming.fetch_add(1, Ordering::Relaxed);
+    fn new(
+        reservation: MemoryReservation,
+        share: OwnedSemaphorePermit,
+        pool: Arc<ThumbnailPool>,
+    ) -> Self {
         pool.activity.reserve(reservation.bytes());
         pool.activity.metrics.streaming_decoders.inc();
-        Self { reservation, pool }
+        Self {
+            reservation,
+            _share: share,
+            pool,
+        }
     }
 }
 
 impl Drop for StreamHeld {
     fn drop(&mut self) {
-        self.pool.activity.streaming.fetch_sub(1, Ordering::Relaxed);
         self.pool.activity.release(self.reservation.bytes());
         self.pool.activity.metrics.streaming_decoders.dec();
     }
@@ -150,12 +219,16 @@ impl ThumbnailPool {
             state,
         }
     }
+
+    fn fell_back(&self) {
+        self.activity.metrics.stream_fallbacks.inc();
+    }
 }
 
 impl ImageFeed {
     /// Takes the next chunk; `received` is the body so far, this chunk included. Waits while
-    /// the decoder is behind by more than [`QUEUED_BYTES`], and for memory once the header is
-    /// known; never fails: a decode that cannot stream is done after the last byte instead.
+    /// the decoder is behind by more than [`QUEUED_BYTES`]; never fails: a decode that cannot
+    /// (or no longer) stream is done after the last byte instead.
     pub async fn push(&mut self, chunk: &Bytes, received: &[u8]) {
         match &mut self.state {
             State::Planning { next_attempt } => {
@@ -169,29 +242,16 @@ impl ImageFeed {
                 } else {
                     received.len().saturating_mul(2)
                 };
-                self.state = match self.start(received).await {
+                self.state = match self.start(received) {
                     Ok(Some(streaming)) => State::Streaming(streaming),
                     Ok(None) => return,
                     Err(Unstreamable) => {
-                        self.pool.activity.metrics.stream_fallbacks.inc();
+                        self.pool.fell_back();
                         State::Buffered
                     }
                 };
             }
-            State::Streaming(streaming) => {
-                let permits =
-                    (chunk.len().div_ceil(QUEUE_UNIT)).clamp(1, QUEUED_BYTES / QUEUE_UNIT);
-                let Ok(permit) = streaming
-                    .queue
-                    .clone()
-                    .acquire_many_owned(permits as u32)
-                    .await
-                else {
-                    return;
-                };
-                // A driver that stopped early has failed; `finish` falls back then.
-                let _ = streaming.input.send(Input::Bytes(chunk.clone(), permit));
-            }
+            State::Streaming(streaming) => streaming.push(chunk).await,
             State::Buffered => {}
         }
     }
@@ -200,13 +260,15 @@ impl ImageFeed {
     /// [`ThumbnailPool::make`] would make it from `whole`.
     pub async fn finish(self, whole: Bytes) -> Result<Option<Thumbnail>, ThumbnailError> {
         let Self { pool, kind, state } = self;
-        let State::Streaming(streaming) = state else {
+        let State::Streaming(mut streaming) = state else {
             return pool.make(kind, whole).await;
         };
+        streaming.flush().await;
         let Streaming {
             input,
             mut driver,
             _cancel: cancel,
+            _alive: alive,
             ..
         } = streaming;
         let _ = input.send(Input::End);
@@ -214,106 +276,131 @@ impl ImageFeed {
         let limit = pool.queue_timeout + pool.timeout + STOP_WAIT;
         let outcome = match tokio::time::timeout(limit, &mut driver).await {
             Ok(Ok(outcome)) => outcome,
-            Ok(Err(error)) => Err(ThumbnailError::Internal(format!(
+            Ok(Err(error)) => Outcome::Failed(ThumbnailError::Internal(format!(
                 "the thumbnail driver failed: {error}"
             ))),
             Err(_) => {
                 cancel.0.cancel();
                 let _ = tokio::time::timeout(STOP_WAIT, driver).await;
-                Err(ThumbnailError::TimedOut)
+                Outcome::Failed(ThumbnailError::TimedOut)
             }
         };
+        drop(alive);
         match outcome {
-            Ok(thumbnail) => Ok(Some(thumbnail)),
-            // Waiting again would not help: the server is busy or closing, or the decode took
-            // its whole time.
-            Err(
-                error @ (ThumbnailError::ShuttingDown
-                | ThumbnailError::TimedOut
-                | ThumbnailError::WorkersBusy),
-            ) => Err(error),
+            Outcome::Made(thumbnail) => Ok(Some(thumbnail)),
+            Outcome::Failed(error) => Err(error),
             // The buffered decode gives the verdict (and the error) on what did not stream.
-            Err(_) => {
-                pool.activity.metrics.stream_fallbacks.inc();
-                pool.make(kind, whole).await
-            }
+            Outcome::Fallback => pool.make(kind, whole).await,
         }
     }
 
     /// Plans from the bytes so far and starts the decoder: `Ok(None)` while the header is
     /// incomplete.
-    async fn start(&self, received: &[u8]) -> Result<Option<Streaming>, Unstreamable> {
+    fn start(&self, received: &[u8]) -> Result<Option<Streaming>, Unstreamable> {
         let pool = &self.pool;
-        let plan = match pool.thumbnailer.plan(self.kind, received) {
-            Ok(Some(plan)) => plan,
+        let (plan, header) = match pool.thumbnailer.plan_with_header(self.kind, received) {
+            Ok(Some(planned)) => planned,
             // A header cut short reads as undecodable: look again with more bytes.
             Err(ThumbnailError::Undecodable(_)) if received.len() < MAX_HEADER_BYTES => {
                 return Ok(None);
             }
             Ok(None) | Err(_) => return Err(Unstreamable),
         };
-        let decoder = stream_decoder(&pool.thumbnailer, &plan, received).ok_or(Unstreamable)?;
-        let needed = plan.peak_bytes + INPUT_BYTES + received.len() as u64;
+        let decoder = StreamDecoder::new(&pool.thumbnailer, &plan, &header).ok_or(Unstreamable)?;
+        // The head is held as it arrived, and (as the first step's input) at most twice more:
+        // behind the scan filter's held bytes and in libjpeg's buffer.
+        let needed = plan.peak_bytes + INPUT_BYTES + 3 * received.len() as u64;
         if needed > pool.budget.main_bytes() || pool.closed.load(Ordering::Relaxed) {
             return Err(Unstreamable);
         }
-        // Never waits: without memory free right now the image is simply decoded after its last
-        // byte, so a full budget does not hold every image upload at its header.
+        // Never waits: without room under the cap or memory free right now, the image is simply
+        // decoded after its last byte, so a full budget does not hold image uploads at their
+        // header, and streamed decodes never hold more than the cap of the budget.
+        let units = u32::try_from(needed.div_ceil(STREAMING_UNIT)).map_err(|_| Unstreamable)?;
+        let share = pool
+            .streaming_memory
+            .clone()
+            .try_acquire_many_owned(units)
+            .map_err(|_| Unstreamable)?;
         let reservation = pool.budget.try_reserve(needed).ok_or(Unstreamable)?;
-        let held = StreamHeld::new(reservation, pool.clone());
+        let held = StreamHeld::new(reservation, share, pool.clone());
         let (input, inputs) = mpsc::unbounded_channel();
-        let queue = Arc::new(Semaphore::new(QUEUED_BYTES / QUEUE_UNIT));
-        let cancel = CancelOnDrop(Deadline::after(pool.timeout, pool.closed.clone()));
+        let queue = Arc::new(Semaphore::new(QUEUED_BYTES));
+        let cancel = CancelOnDrop(Deadline::cancellable(pool.closed.clone()));
+        let (alive, gone) = oneshot::channel();
         let driver = tokio::spawn(drive(
+            Driver {
+                plan,
+                held,
+                cancel: cancel.0.clone(),
+                gone,
+            },
             decoder,
-            plan,
             Bytes::copy_from_slice(received),
             inputs,
-            held,
-            cancel.0.clone(),
         ));
         Ok(Some(Streaming {
+            pending: Vec::new(),
             input,
             queue,
             driver,
             _cancel: cancel,
+            _alive: alive,
         }))
     }
 }
 
-/// The decoder for `plan`, if its format and variant can be decoded as they arrive.
-fn stream_decoder(
-    thumbnailer: &Thumbnailer,
-    plan: &DecodePlan,
-    received: &[u8],
-) -> Option<StreamDecoder> {
-    match plan.decoding {
-        Decoding::Jpeg { numerator } => {
-            let header = jpeg::read_header(received).ok()?;
-            let deadline = Deadline::none();
-            let limits = jpeg::Limits {
-                max_scans: thumbnailer.max_jpeg_scans,
-                max_memory: plan.peak_bytes,
-                deadline: &deadline,
-            };
-            Some(StreamDecoder::Jpeg(Box::new(jpeg::StreamingJpeg::new(
-                &header, numerator, &limits,
-            ))))
+impl Streaming {
+    /// Copies `chunk` into batches of [`STEP_BYTES`] and queues each full one: the queue holds
+    /// at most [`QUEUED_BYTES`] whatever the chunk sizes, and no transport buffer is kept alive
+    /// by it. Nothing once the driver has ended: it made the thumbnail from the image's end
+    /// (the rest is not needed), or gave up (the image is decoded whole).
+    async fn push(&mut self, chunk: &Bytes) {
+        if self.input.is_closed() {
+            return;
         }
-        Decoding::Png { factor } => {
-            let header = png::read_header(received).ok()?;
-            png::StreamingPng::new(&header, factor, plan.peak_bytes)
-                .map(|decoder| StreamDecoder::Png(Box::new(decoder)))
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let room = STEP_BYTES - self.pending.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            if self.pending.capacity() == 0 {
+                self.pending.reserve_exact(STEP_BYTES);
+            }
+            self.pending.extend_from_slice(now);
+            rest = later;
+            if self.pending.len() == STEP_BYTES && !self.send_pending().await {
+                return;
+            }
         }
-        Decoding::Gif | Decoding::Webp => None,
+    }
+
+    /// Queues what is pending, however little: the upload has ended.
+    async fn flush(&mut self) {
+        if !self.pending.is_empty() && !self.input.is_closed() {
+            self.send_pending().await;
+        }
+    }
+
+    async fn send_pending(&mut self) -> bool {
+        let batch = Bytes::from(std::mem::take(&mut self.pending));
+        let Ok(permit) = self
+            .queue
+            .clone()
+            .acquire_many_owned(batch.len() as u32)
+            .await
+        else {
+            return false;
+        };
+        self.input.send(Input::Bytes(batch, permit)).is_ok()
     }
 }
 
 impl Thumbnailer {
     /// The streamed decode on the calling thread, `bytes` arriving in pieces of `piece` bytes:
-    /// planned from the first pieces that hold the header, then decoded piece by piece, without
-    /// the pool and without falling back to a whole decode (for fuzzing and tests). Kinds and
-    /// variants that do not stream are decoded whole.
+    /// planned from the first pieces that hold the header, then decoded piece by piece (one step
+    /// per piece, so it suspends everywhere), without the pool and without falling back to a
+    /// whole decode (for fuzzing and tests). Kinds and variants that do not stream are decoded
+    /// whole.
     pub fn make_in_pieces(
         &self,
         kind: FileKind,
@@ -322,22 +409,22 @@ impl Thumbnailer {
     ) -> Result<Option<Thumbnail>, ThumbnailError> {
         let piece = piece.max(1);
         let mut received = 0;
-        let plan = loop {
+        let (plan, header) = loop {
             received = (received + piece).min(bytes.len());
-            match self.plan(kind, &bytes[..received]) {
-                Ok(Some(plan)) => break plan,
+            match self.plan_with_header(kind, &bytes[..received]) {
+                Ok(Some(planned)) => break planned,
                 Ok(None) => return Ok(None),
                 Err(ThumbnailError::Undecodable(_)) if received < bytes.len() => {}
                 Err(error) => return Err(error),
             }
         };
-        let Some(mut decoder) = stream_decoder(self, &plan, &bytes[..received]) else {
+        let Some(mut decoder) = StreamDecoder::new(self, &plan, &header) else {
             return self.render(&plan, bytes).map(Some);
         };
         let deadline = Deadline::none();
-        decoder.push(Bytes::copy_from_slice(&bytes[..received]), &deadline)?;
+        decoder.push(&[Bytes::copy_from_slice(&bytes[..received])], &deadline)?;
         for chunk in bytes[received..].chunks(piece) {
-            decoder.push(Bytes::copy_from_slice(chunk), &deadline)?;
+            decoder.push(&[Bytes::copy_from_slice(chunk)], &deadline)?;
         }
         let decoded = decoder.finish(&deadline)?;
         self.thumbnail(&plan, decoded).map(Some)
@@ -347,26 +434,41 @@ impl Thumbnailer {
 /// The decode cannot (or can no longer) follow the upload.
 struct Unstreamable;
 
-/// Runs the decoder one step per batch of arrived chunks, each step on the blocking pool with a
-/// worker slot; all steps together get one `thumbnails.timeout` of decoding, as a buffered
-/// decode does (a caller pacing its bytes cannot buy more CPU). After the end, the last step
-/// makes the thumbnail. Ends early when the feed is dropped or a step fails.
-async fn drive(
-    decoder: StreamDecoder,
+/// What a driver holds for its whole life.
+struct Driver {
     plan: DecodePlan,
+    held: StreamHeld,
+    /// The feed's cancellation and the pool's closing, checked by every step.
+    cancel: Deadline,
+    /// Resolves when the feed is dropped.
+    gone: oneshot::Receiver<()>,
+}
+
+/// What one step got: the decoder back (more to come) or the thumbnail (the end).
+enum Stepped {
+    More(StreamDecoder),
+    Done(Thumbnail),
+}
+
+/// Runs the decoder one step per batch (or run of queued batches), each step admitted to the
+/// pool and on the blocking pool with a worker slot; all steps together get one
+/// `thumbnails.timeout` of decoding, as a buffered decode does (a caller pacing its bytes cannot
+/// buy more CPU). After the end, the last step makes the thumbnail. Ends early, freeing the
+/// memory, when the feed is dropped, the upload idles, no worker comes, or a step fails.
+async fn drive(
+    mut driver: Driver,
+    decoder: StreamDecoder,
     head: Bytes,
     mut inputs: mpsc::UnboundedReceiver<Input>,
-    held: StreamHeld,
-    cancel: Deadline,
-) -> Result<Thumbnail, ThumbnailError> {
-    let pool = held.pool.clone();
+) -> Outcome {
+    let pool = driver.held.pool.clone();
     let mut decoder = Some(decoder);
     // Time the steps have spent so far, against the one timeout they share.
-    let mut spent = std::time::Duration::ZERO;
+    let mut spent = Duration::ZERO;
     let mut batch = vec![head];
     let mut permits = Vec::new();
+    let mut ended = false;
     loop {
-        let mut ended = false;
         while let Ok(input) = inputs.try_recv() {
             match input {
                 Input::Bytes(bytes, permit) => {
@@ -377,72 +479,122 @@ async fn drive(
             }
         }
         if batch.is_empty() && !ended {
-            match inputs.recv().await {
-                Some(Input::Bytes(bytes, permit)) => {
+            // Less than a step within the idle timeout: give the memory back, decode at the end.
+            match tokio::time::timeout(pool.stream_idle_timeout, inputs.recv()).await {
+                Ok(Some(Input::Bytes(bytes, permit))) => {
                     batch.push(bytes);
                     permits.push(permit);
-                    continue;
                 }
-                Some(Input::End) => ended = true,
+                Ok(Some(Input::End)) => ended = true,
                 // The feed was dropped: the upload is over without its last byte.
-                None => return Err(ThumbnailError::TimedOut),
+                Ok(None) => return Outcome::Failed(ThumbnailError::TimedOut),
+                Err(_idle) => return fall_back(&pool),
             }
+            continue;
         }
-        // As long as any decode waits for a worker, then refused as busy.
-        let worker =
-            match tokio::time::timeout(pool.queue_timeout, pool.workers.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(worker)) => worker,
-                Ok(Err(_closed)) => return Err(ThumbnailError::ShuttingDown),
-                Err(_) => return Err(ThumbnailError::WorkersBusy),
-            };
+        let (worker, admitted) = match worker(&pool, &mut driver.gone).await {
+            Some(Ok(slot)) => slot,
+            // Mid-upload, a busy pool only costs the head start: the decode of the whole body
+            // after the last byte is admitted (or refused) on its own.
+            Some(Err(ThumbnailError::WorkersBusy)) if !ended => return fall_back(&pool),
+            Some(Err(error)) => return Outcome::Failed(error),
+            None => return Outcome::Failed(ThumbnailError::TimedOut),
+        };
         let remaining = pool.timeout.saturating_sub(spent);
         if remaining.is_zero() {
-            return Err(ThumbnailError::TimedOut);
+            return Outcome::Failed(ThumbnailError::TimedOut);
         }
-        let step_started = std::time::Instant::now();
-        let deadline = Deadline {
-            at: step_started.checked_add(remaining),
-            ..cancel.clone()
+        let step_started = Instant::now();
+        let deadline = driver.cancel.until(step_started.checked_add(remaining));
+        let Some(mut stepping) = decoder.take() else {
+            return Outcome::Failed(ThumbnailError::Internal(
+                "the streamed decoder was lost".into(),
+            ));
         };
-        deadline.check()?;
-        let mut stepping = decoder
-            .take()
-            .ok_or_else(|| ThumbnailError::Internal("the streamed decoder was lost".into()))?;
         let chunks = std::mem::take(&mut batch);
         let fed: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
         let thumbnailer = pool.thumbnailer.clone();
-        let plan = plan.clone();
+        let plan = driver.plan.clone();
         let step = tokio::task::spawn_blocking(move || {
             let _worker = worker;
-            for chunk in chunks {
-                stepping.push(chunk, &deadline)?;
-            }
-            if !ended {
-                return Ok(Stepped::More(stepping));
+            let _admitted = admitted;
+            deadline.check()?;
+            let before = stepping.handed_bytes();
+            stepping.push(&chunks, &deadline)?;
+            drop(chunks);
+            let handed = stepping.handed_bytes() - before;
+            // Once the image is decoded to its end, what follows cannot change the thumbnail:
+            // it is made now, and the decoder's memory freed before the upload ends.
+            if !ended && !stepping.is_complete() {
+                return Ok((Stepped::More(stepping), handed));
             }
             let decoded = stepping.finish(&deadline)?;
             deadline.check()?;
-            thumbnailer.thumbnail(&plan, decoded).map(Stepped::Done)
+            thumbnailer
+                .thumbnail(&plan, decoded)
+                .map(|thumbnail| (Stepped::Done(thumbnail), handed))
         });
-        let stepped = step
-            .await
-            .map_err(|error| ThumbnailError::Internal(format!("a decode step failed: {error}")))?;
+        let stepped = match step.await {
+            Ok(stepped) => stepped,
+            Err(error) => {
+                return Outcome::Failed(ThumbnailError::Internal(format!(
+                    "a decode step failed: {error}"
+                )));
+            }
+        };
         spent += step_started.elapsed();
         permits.clear();
-        pool.activity.streamed(fed);
-        match stepped? {
-            Stepped::More(stepped) => decoder = Some(stepped),
-            Stepped::Done(thumbnail) => {
-                drop(held);
-                return Ok(thumbnail);
+        match stepped {
+            Ok((stepped, handed)) => {
+                pool.activity.stepped(Some((fed, handed)));
+                match stepped {
+                    Stepped::More(stepped) => decoder = Some(stepped),
+                    // Before the upload's end, too: the rest of it (a motion photo's video) is
+                    // stored but neither queued nor decoded.
+                    Stepped::Done(thumbnail) => return Outcome::Made(thumbnail),
+                }
+            }
+            Err(error) => {
+                pool.activity.stepped(None);
+                return match error {
+                    // Waiting again would not help: the server is closing, or the decode took
+                    // its whole time.
+                    ThumbnailError::ShuttingDown | ThumbnailError::TimedOut => {
+                        Outcome::Failed(error)
+                    }
+                    // The buffered decode gives the verdict on what did not stream.
+                    _ => fall_back(&pool),
+                };
             }
         }
     }
 }
 
-enum Stepped {
-    More(StreamDecoder),
-    Done(Thumbnail),
+/// The step's admission and worker, as for any decode: admitted at once or busy, then a worker
+/// within `thumbnails.queue_timeout` or busy. `None` when the feed was dropped meanwhile (its
+/// memory then goes back at once, not after the queue timeout).
+async fn worker(
+    pool: &Arc<ThumbnailPool>,
+    gone: &mut oneshot::Receiver<()>,
+) -> Option<Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ThumbnailError>> {
+    let Ok(admitted) = pool.admitted.clone().try_acquire_owned() else {
+        return Some(Err(ThumbnailError::WorkersBusy));
+    };
+    let waited = tokio::select! {
+        biased;
+        _ = gone => return None,
+        waited = tokio::time::timeout(pool.queue_timeout, pool.workers.clone().acquire_owned()) => waited,
+    };
+    Some(match waited {
+        Ok(Ok(worker)) => Ok((worker, admitted)),
+        Ok(Err(_closed)) => Err(ThumbnailError::ShuttingDown),
+        Err(_) => Err(ThumbnailError::WorkersBusy),
+    })
+}
+
+/// Gives up streaming (the driver's memory goes with it): the image is decoded whole after its
+/// last byte.
+fn fall_back(pool: &ThumbnailPool) -> Outcome {
+    pool.fell_back();
+    Outcome::Fallback
 }

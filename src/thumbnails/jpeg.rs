@@ -5,10 +5,12 @@
 
 mod libjpeg;
 
-pub(super) use libjpeg::Limits;
+pub(super) use libjpeg::{Limits, MAX_UNCONSUMED};
+
+use bytes::Bytes;
 
 use super::{
-    ThumbnailError,
+    Deadline, ThumbnailError,
     raster::{Layout, Raster},
 };
 
@@ -338,53 +340,78 @@ fn to_raster(decoded: libjpeg::Decoded, components: usize, adobe: bool) -> Raste
 pub(super) struct StreamingJpeg {
     decode: libjpeg::StreamingDecode,
     filter: Option<ScanFilter>,
-    /// What the filter let through, reused between pushes.
-    kept: Vec<u8>,
     components: usize,
     adobe: bool,
 }
 
 impl StreamingJpeg {
-    pub(super) fn new(header: &JpegHeader<'_>, numerator: u8, limits: &Limits<'_>) -> Self {
+    pub(super) fn new(
+        header: &JpegHeader<'_>,
+        numerator: u8,
+        max_scans: u32,
+        max_memory: u64,
+    ) -> Self {
         let components = header.sampling.len();
-        let filter = (header.progressive && numerator == 1)
-            .then(|| ScanFilter::new(header, limits.max_scans));
+        let filter =
+            (header.progressive && numerator == 1).then(|| ScanFilter::new(header, max_scans));
         Self {
-            decode: libjpeg::StreamingDecode::new(numerator, components, limits),
+            decode: libjpeg::StreamingDecode::new(numerator, components, max_scans, max_memory),
             filter,
-            kept: Vec::new(),
             components,
             adobe: header.adobe,
         }
     }
 
-    pub(super) fn push(&mut self, bytes: &[u8]) -> Result<(), ThumbnailError> {
-        let Some(filter) = &mut self.filter else {
-            return self.decode.push(bytes);
-        };
-        self.kept.clear();
-        filter.pass(bytes, &mut self.kept)?;
-        self.decode.push(&self.kept)
+    /// Gives the next pieces of the file, decoding as far as they reach in one libjpeg run.
+    pub(super) fn push(
+        &mut self,
+        pieces: &[Bytes],
+        deadline: &Deadline,
+    ) -> Result<(), ThumbnailError> {
+        self.decode.set_deadline(deadline.clone());
+        match &mut self.filter {
+            Some(filter) => self.decode.push_with(|buffer| filter.pass(pieces, buffer)),
+            None => self.decode.push_with(|buffer| {
+                for piece in pieces {
+                    buffer.extend_from_slice(piece);
+                }
+                Ok(())
+            }),
+        }
     }
 
-    pub(super) fn set_deadline(&mut self, deadline: super::Deadline) {
-        self.decode.set_deadline(deadline);
+    /// Decoded up to the end marker: what follows (a motion photo's video) is not needed.
+    pub(super) fn is_complete(&self) -> bool {
+        self.decode.is_complete() || self.filter.as_ref().is_some_and(|filter| filter.ended)
     }
 
-    pub(super) fn finish(mut self) -> Result<Raster, ThumbnailError> {
+    pub(super) fn handed_bytes(&self) -> u64 {
+        self.decode.handed_bytes()
+    }
+
+    pub(super) fn finish(mut self, deadline: &Deadline) -> Result<Raster, ThumbnailError> {
+        self.decode.set_deadline(deadline.clone());
         if let Some(filter) = self.filter.take() {
             // Bytes held back for a marker that never completed: libjpeg judges them.
-            self.decode.push(&filter.held)?;
+            let held = filter.held;
+            self.decode.push_with(|buffer| {
+                buffer.extend_from_slice(&held);
+                Ok(())
+            })?;
         }
         let decoded = self.decode.finish()?;
         Ok(to_raster(decoded, self.components, self.adobe))
     }
 }
 
+/// Most bytes the [`ScanFilter`] holds back between pieces: an SOS segment not complete yet.
+pub(super) const MAX_HELD_BYTES: usize = 2 + 0xFFFF;
+
 /// [`without_unused_scans`] on a file that arrives in pieces: segments are passed on, the
 /// entropy-coded data of an unused scan is dropped as it streams by (found by looking for the
 /// next marker, without decoding it), and every scan is counted against the limit, dropped or
-/// not, as [`has_more_scans_than`] counts them in a whole file.
+/// not, as [`has_more_scans_than`] counts them in a whole file, up to the end marker; what
+/// follows it (a motion photo's video) is neither looked at nor passed on.
 struct ScanFilter {
     /// Components whose AC scans are unused at 1/8 (the full-resolution ones).
     dc_only: Vec<u8>,
@@ -392,8 +419,10 @@ struct ScanFilter {
     scans: u32,
     state: FilterState,
     /// Bytes that cannot be judged yet: a marker cut by the end of a piece, an SOS segment not
-    /// complete, a 0xFF at the end of entropy-coded data.
+    /// complete, a 0xFF at the end of entropy-coded data (at most [`MAX_HELD_BYTES`]).
     held: Vec<u8>,
+    /// The end marker has been passed on.
+    ended: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -423,22 +452,34 @@ impl ScanFilter {
             scans: 0,
             state: FilterState::Markers,
             held: Vec::new(),
+            ended: false,
         }
     }
 
-    /// Appends to `out` what of `piece` (after what was held) the decoder needs.
-    fn pass(&mut self, piece: &[u8], out: &mut Vec<u8>) -> Result<(), ThumbnailError> {
-        let joined;
-        let bytes: &[u8] = if self.held.is_empty() {
-            piece
-        } else {
-            let mut held = std::mem::take(&mut self.held);
-            held.extend_from_slice(piece);
-            joined = held;
-            &joined
-        };
+    /// Appends to `out` what of `pieces` (after what was held) the decoder needs.
+    fn pass(&mut self, pieces: &[Bytes], out: &mut Vec<u8>) -> Result<(), ThumbnailError> {
+        for (index, piece) in pieces.iter().enumerate() {
+            if self.ended {
+                break;
+            }
+            if !self.held.is_empty() {
+                // The held bytes and the rest of the step in one buffer: held bytes are copied
+                // once per step, not once per piece.
+                let mut joined = std::mem::take(&mut self.held);
+                for piece in &pieces[index..] {
+                    joined.extend_from_slice(piece);
+                }
+                return self.scan(&joined, out);
+            }
+            self.scan(piece, out)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::pass`] over one contiguous run of bytes, nothing held before them.
+    fn scan(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ThumbnailError> {
         let mut at = 0;
-        while at < bytes.len() {
+        while at < bytes.len() && !self.ended {
             match self.state {
                 FilterState::Segment { left } => {
                     let count = left.min(bytes.len() - at);
@@ -495,6 +536,7 @@ impl ScanFilter {
                     if matches!(code, 0x01 | 0xD0..=0xD9) {
                         out.extend_from_slice(&bytes[at..at + 2]);
                         at += 2;
+                        self.ended = code == 0xD9;
                         continue;
                     }
                     let Some(length) = bytes.get(at + 2..at + 4) else {
@@ -528,7 +570,9 @@ impl ScanFilter {
                 }
             }
         }
-        self.held = bytes[at..].to_vec();
+        if !self.ended {
+            self.held = bytes[at..].to_vec();
+        }
         Ok(())
     }
 }
@@ -617,18 +661,104 @@ mod tests {
                 let mut filter = ScanFilter::new(&header, 1000);
                 let mut kept = Vec::new();
                 for chunk in bytes.chunks(piece) {
-                    filter.pass(chunk, &mut kept).unwrap();
+                    filter
+                        .pass(&[Bytes::copy_from_slice(chunk)], &mut kept)
+                        .unwrap();
                 }
                 kept.extend_from_slice(&filter.held);
                 assert!(kept == whole, "{sampling:?} in pieces of {piece}");
+                // Several pieces per step, as the feed hands them over.
+                let mut filter = ScanFilter::new(&header, 1000);
+                let mut batched = Vec::new();
+                let pieces: Vec<Bytes> = bytes.chunks(piece).map(Bytes::copy_from_slice).collect();
+                for step in pieces.chunks(5) {
+                    filter.pass(step, &mut batched).unwrap();
+                }
+                batched.extend_from_slice(&filter.held);
+                assert!(
+                    batched == whole,
+                    "{sampling:?} in steps of 5 pieces of {piece}"
+                );
             }
             let scans = scan_offsets(&bytes).len() as u32;
             let mut filter = ScanFilter::new(&header, scans - 1);
             assert!(matches!(
-                filter.pass(&bytes, &mut Vec::new()),
+                filter.pass(&[Bytes::from(bytes.clone())], &mut Vec::new()),
                 Err(ThumbnailError::TooManyScans { .. })
             ));
         }
+    }
+
+    /// A motion photo's tail: what follows the end marker, here full of scan headers.
+    fn trailer_of_scans(count: usize) -> Vec<u8> {
+        let mut trailer = b"\0\0\0\x18ftypmp42".to_vec();
+        for _ in 0..count {
+            trailer.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, 1, 0, 1, 0x3F, 0x10, 0x55]);
+        }
+        trailer
+    }
+
+    #[test]
+    fn the_scan_filter_stops_at_the_end_marker() {
+        let bytes = progressive(512, 384, jpeg_encoder::SamplingFactor::F_2_2);
+        let header = read_header(&bytes).unwrap();
+        let whole = without_unused_scans(&bytes, &header).unwrap().unwrap();
+        let scans = scan_offsets(&bytes).len() as u32;
+        let mut photo = bytes.clone();
+        photo.extend_from_slice(&trailer_of_scans(3 * scans as usize));
+        for piece in [1, 100, 4096, photo.len()] {
+            // The trailer's scan headers would be more than the limit if they were counted.
+            let mut filter = ScanFilter::new(&header, scans);
+            let mut kept = Vec::new();
+            let pieces: Vec<Bytes> = photo.chunks(piece).map(Bytes::copy_from_slice).collect();
+            for step in pieces.chunks(3) {
+                filter.pass(step, &mut kept).unwrap();
+            }
+            assert!(filter.ended, "in pieces of {piece}");
+            assert!(filter.held.is_empty(), "in pieces of {piece}");
+            assert!(
+                kept == whole,
+                "in pieces of {piece}: bytes after the end passed on"
+            );
+        }
+    }
+
+    #[test]
+    fn libjpeg_gives_its_input_back_once_consumed_and_keeps_nothing_after_the_end() {
+        let bytes = progressive(1024, 768, jpeg_encoder::SamplingFactor::F_2_2);
+        let deadline = Deadline::none();
+        // At 1/4: no scan filter, libjpeg sees every byte.
+        let mut decode = libjpeg::StreamingDecode::new(2, 3, 100, 1 << 30);
+        decode.set_deadline(deadline.clone());
+        let (head, tail) = bytes.split_at(bytes.len() - 2);
+        decode
+            .push_with(|buffer| {
+                buffer.extend_from_slice(head);
+                Ok(())
+            })
+            .unwrap();
+        assert!(head.len() > 2 * 64 * 1024, "{} bytes", head.len());
+        assert!(!decode.is_complete());
+        assert!(
+            decode.buffer_capacity() <= 64 * 1024,
+            "{} bytes kept after the step",
+            decode.buffer_capacity()
+        );
+        // The end marker and, in the same piece, a tail longer than libjpeg may leave
+        // unconsumed: it is not needed, so it is dropped, not refused.
+        let mut end = tail.to_vec();
+        end.extend(std::iter::repeat_n(0x5A, 2 * MAX_UNCONSUMED));
+        decode
+            .push_with(|buffer| {
+                buffer.extend_from_slice(&end);
+                Ok(())
+            })
+            .unwrap();
+        assert!(decode.is_complete());
+        assert_eq!(decode.buffer_capacity(), 0);
+        let decoded = decode.finish().unwrap();
+        let whole = libjpeg::decode(&bytes, 2, 3, &limits(&deadline, 100)).unwrap();
+        assert!(decoded.pixels == whole.pixels);
     }
 
     fn limits(deadline: &Deadline, max_scans: u32) -> Limits<'_> {

@@ -21,8 +21,9 @@
 //! build and image, and a large C attack surface; HEIF uploads are stored as they are.
 //!
 //! An upload's JPEG or PNG is decoded while its bytes arrive ([`ImageFeed`], `feed.rs`): the
-//! same decoders, fed chunk by chunk on the same pool, so that after the last byte only the last
-//! rows, the resize and the encode remain; whatever cannot stream is decoded as below.
+//! same decoders, fed a step per [`STEP_BYTES`] received on the same pool (each step admitted and
+//! given a worker like any decode), so that after the last byte only the last rows, the resize
+//! and the encode remain; whatever cannot stream, or stops streaming, is decoded as below.
 //!
 //! [`ThumbnailPool`] runs the work off the async runtime on at most `thumbnails.workers`
 //! blocking threads, admits at most [`QUEUE_PER_WORKER`] waiting jobs per worker, each waiting
@@ -62,7 +63,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use feed::{INPUT_BYTES, ImageFeed, MAX_HEADER_BYTES};
+pub use feed::{INPUT_BYTES, ImageFeed, MAX_HEADER_BYTES, STEP_BYTES};
 pub use raster::Orientation;
 
 use crate::{
@@ -302,6 +303,19 @@ impl Deadline {
         }
     }
 
+    /// No time limit (yet), stopped by [`Self::cancel`] or the pool's closing.
+    fn cancellable(closed: Arc<AtomicBool>) -> Self {
+        Self {
+            closed,
+            ..Self::none()
+        }
+    }
+
+    /// The same cancellation and closing, with a time limit at `at`.
+    fn until(&self, at: Option<Instant>) -> Self {
+        Self { at, ..self.clone() }
+    }
+
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
     }
@@ -352,6 +366,15 @@ impl Thumbnailer {
     /// the reduced scale and the peak memory. `None` for kinds that get no thumbnail
     /// (HEIC/HEIF, documents).
     pub fn plan(&self, kind: FileKind, bytes: &[u8]) -> Result<Option<DecodePlan>, ThumbnailError> {
+        Ok(self.plan_with_header(kind, bytes)?.map(|(plan, _)| plan))
+    }
+
+    /// [`Self::plan`], with the header it was read from (for a decoder that needs it too).
+    fn plan_with_header<'a>(
+        &self,
+        kind: FileKind,
+        bytes: &'a [u8],
+    ) -> Result<Option<(DecodePlan, Header<'a>)>, ThumbnailError> {
         let header = match kind {
             FileKind::Jpeg => Header::Jpeg(jpeg::read_header(bytes)?),
             FileKind::Png => Header::Png(png::read_header(bytes)?),
@@ -414,7 +437,7 @@ impl Thumbnailer {
             peak_bytes: 0,
         };
         plan.peak_bytes = decode_bytes + resize_bytes(&plan, channels as u64, alpha);
-        Ok(Some(plan))
+        Ok(Some((plan, header)))
     }
 
     /// Decodes, resizes and encodes as `plan` says.
@@ -505,46 +528,55 @@ fn resize_bytes(plan: &DecodePlan, channels: u64, alpha: bool) -> u64 {
 pub struct ThumbnailPool {
     thumbnailer: Arc<Thumbnailer>,
     budget: Arc<MemoryBudget>,
-    /// Jobs admitted: running or waiting for a worker.
+    /// Jobs admitted: running or waiting for a worker (streamed steps too).
     admitted: Arc<Semaphore>,
+    admitted_limit: usize,
     workers: Arc<Semaphore>,
     timeout: Duration,
     queue_timeout: Duration,
     /// Set by [`ThumbnailPool::close`]; every decode checks it.
     closed: Arc<AtomicBool>,
+    /// Memory all streamed decodes may hold together, in KiB (`thumbnails.max_streaming_bytes`).
+    streaming_memory: Arc<Semaphore>,
+    /// A streamed decode that gets no step's worth of bytes for this long is dropped.
+    stream_idle_timeout: Duration,
     activity: Arc<Activity>,
 }
 
-/// What the pool's decodes hold right now.
+/// What the pool's decodes hold and have done; what the metrics already count is read from
+/// them.
 #[derive(Debug, Default)]
 struct Activity {
     decoding: AtomicUsize,
-    reserved_bytes: AtomicU64,
-    /// Decoders following an upload (see [`ImageFeed`]), each holding its memory.
-    streaming: AtomicUsize,
-    /// Bytes the streamed decoders have consumed, ever.
-    streamed_bytes: AtomicU64,
+    /// Steps of streamed decodes run (each on a worker), failed ones included.
+    stream_steps: AtomicU64,
+    /// Bytes the streamed decoders were handed over all steps, those left unconsumed by one step
+    /// counted again at the next: the work the decoders did for the bytes received.
+    handed_bytes: AtomicU64,
     metrics: ThumbnailMetrics,
 }
 
 impl Activity {
     fn reserve(&self, bytes: u64) {
-        self.reserved_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.metrics
             .reserved_bytes
             .inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     fn release(&self, bytes: u64) {
-        self.reserved_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.metrics
             .reserved_bytes
             .dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    fn streamed(&self, bytes: u64) {
-        self.streamed_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.metrics.streamed_bytes.inc_by(bytes);
+    /// A streamed step ran; it succeeded with `fed` new bytes after handing the decoder
+    /// `handed` (the new ones and what earlier steps left unconsumed).
+    fn stepped(&self, succeeded: Option<(u64, u64)>) {
+        self.stream_steps.fetch_add(1, Ordering::Relaxed);
+        if let Some((fed, handed)) = succeeded {
+            self.metrics.streamed_bytes.inc_by(fed);
+            self.handed_bytes.fetch_add(handed, Ordering::Relaxed);
+        }
     }
 }
 
@@ -553,10 +585,12 @@ impl Activity {
 pub struct ThumbnailMetrics {
     /// `thumbnail_streaming_decoders`: decoders following an upload in progress.
     pub streaming_decoders: Gauge,
-    /// `thumbnail_streamed_bytes`: bytes those decoders consumed as they arrived.
+    /// `thumbnail_streamed_bytes`: bytes those decoders consumed as they arrived (in steps that
+    /// succeeded).
     pub streamed_bytes: Counter,
     /// `thumbnail_stream_fallbacks`: images decoded after their last byte instead (format,
-    /// long header, no memory at the header, or the streamed decode failed).
+    /// long header, no memory at the header, the streamed decodes' memory cap, an upload idle
+    /// between steps, no worker for a step, or the streamed decode failed).
     pub stream_fallbacks: Counter,
     /// `thumbnail_reserved_bytes`: memory budget held by decodes, streamed or not.
     pub reserved_bytes: Gauge,
@@ -598,14 +632,19 @@ impl ThumbnailPool {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             workers => workers,
         };
+        let streaming_units = (settings.max_streaming_bytes.as_u64() / feed::STREAMING_UNIT)
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
         Self {
             thumbnailer: Arc::new(Thumbnailer::new(settings, max_pixels)),
             budget,
             admitted: Arc::new(Semaphore::new(workers * (1 + QUEUE_PER_WORKER))),
+            admitted_limit: workers * (1 + QUEUE_PER_WORKER),
             workers: Arc::new(Semaphore::new(workers)),
             timeout: settings.timeout,
             queue_timeout: settings.queue_timeout,
             closed: Arc::new(AtomicBool::new(false)),
+            streaming_memory: Arc::new(Semaphore::new(streaming_units)),
+            stream_idle_timeout: settings.stream_idle_timeout,
             activity: Arc::default(),
         }
     }
@@ -621,12 +660,33 @@ impl ThumbnailPool {
 
     /// Decoders following uploads in progress (see [`ImageFeed`]), each holding its memory.
     pub fn streaming(&self) -> usize {
-        self.activity.streaming.load(Ordering::Relaxed)
+        usize::try_from(self.activity.metrics.streaming_decoders.get()).unwrap_or(0)
     }
 
-    /// Bytes the streamed decoders have consumed so far, in all.
+    /// Bytes the streamed decoders have consumed so far, in all, in steps that succeeded.
     pub fn streamed_bytes(&self) -> u64 {
-        self.activity.streamed_bytes.load(Ordering::Relaxed)
+        self.activity.metrics.streamed_bytes.get()
+    }
+
+    /// Images that were to be decoded while they arrived and were decoded whole instead.
+    pub fn stream_fallbacks(&self) -> u64 {
+        self.activity.metrics.stream_fallbacks.get()
+    }
+
+    /// Steps of streamed decodes run so far, failed ones included.
+    pub fn stream_steps(&self) -> u64 {
+        self.activity.stream_steps.load(Ordering::Relaxed)
+    }
+
+    /// Bytes handed to the streamed decoders so far, counted once per step that was handed
+    /// them (the decoders' work for what they received, see [`STEP_BYTES`]).
+    pub fn handed_bytes(&self) -> u64 {
+        self.activity.handed_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Decodes admitted (running, or waiting for a worker), streamed steps included.
+    pub fn admitted(&self) -> usize {
+        self.admitted_limit - self.admitted.available_permits()
     }
 
     /// Stops every running decode at its next check and refuses new ones: at shutdown, so no
@@ -647,7 +707,7 @@ impl ThumbnailPool {
 
     /// Bytes of the memory budget the running decodes (streamed ones included) hold.
     pub fn reserved_bytes(&self) -> u64 {
-        self.activity.reserved_bytes.load(Ordering::Relaxed)
+        u64::try_from(self.activity.metrics.reserved_bytes.get()).unwrap_or(0)
     }
 
     /// Makes the thumbnail of an image of `kind`; `None` when the kind gets none (HEIC/HEIF).

@@ -209,6 +209,7 @@ pub(super) struct StreamingPng {
     rows_done: bool,
     finished: bool,
     failed: Option<ThumbnailError>,
+    handed: u64,
 }
 
 impl StreamingPng {
@@ -230,11 +231,16 @@ impl StreamingPng {
             rows_done: false,
             finished: false,
             failed: None,
+            handed: 0,
         })
     }
 
-    /// Gives the next bytes of the file and decodes as far as they reach.
-    pub(super) fn push(&mut self, bytes: Bytes, deadline: &Deadline) -> Result<(), ThumbnailError> {
+    /// Gives the next pieces of the file and decodes as far as they reach.
+    pub(super) fn push(
+        &mut self,
+        pieces: &[Bytes],
+        deadline: &Deadline,
+    ) -> Result<(), ThumbnailError> {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
@@ -243,13 +249,30 @@ impl StreamingPng {
             return Ok(());
         }
         if let Ok(mut arrived) = self.arrived.lock() {
-            arrived.push_back(bytes);
+            arrived.extend(pieces.iter().cloned());
         }
+        self.handed += pieces.iter().map(|piece| piece.len() as u64).sum::<u64>();
         let result = self.run(false, deadline);
         if let Err(error) = &result {
             self.failed = Some(error.clone());
         }
+        if self.finished || self.failed.is_some() {
+            // What came after IEND (or after the failure) is not needed.
+            if let Ok(mut arrived) = self.arrived.lock() {
+                *arrived = VecDeque::new();
+            }
+        }
         result
+    }
+
+    /// IEND has been read: later bytes are not needed.
+    pub(super) fn is_complete(&self) -> bool {
+        self.finished
+    }
+
+    /// Bytes handed to the reader so far (each once: it resumes where it stopped).
+    pub(super) fn handed_bytes(&self) -> u64 {
+        self.handed
     }
 
     /// Every byte has been pushed: decodes the rest and returns the reduced image.

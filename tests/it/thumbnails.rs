@@ -21,7 +21,10 @@ use svc_messaging::{
     budget::MemoryBudget,
     config::ThumbnailSettings,
     files::policy::FileKind,
-    thumbnails::{QUEUE_PER_WORKER, Thumbnail, ThumbnailError, ThumbnailPool, Thumbnailer},
+    thumbnails::{
+        ImageFeed, QUEUE_PER_WORKER, STEP_BYTES, Thumbnail, ThumbnailError, ThumbnailPool,
+        Thumbnailer,
+    },
 };
 
 const MAX_PIXELS: u64 = 40_000_000;
@@ -365,6 +368,27 @@ fn large_png(size: u32) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// A PNG that compresses poorly (about 3 bytes a pixel): many steps' worth of image data.
+fn noisy_png(size: u32) -> Bytes {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, size, size);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header().unwrap();
+    let mut state = 0x2545_F491_u32;
+    let pixels: Vec<u8> = (0..size * size * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 24) as u8
+        })
+        .collect();
+    writer.write_image_data(&pixels).unwrap();
+    writer.finish().unwrap();
+    Bytes::from(bytes)
+}
+
 /// `workers` decoding for at most `timeout`, images waiting for a worker as long as it takes.
 fn settings(workers: usize, timeout: Duration) -> ThumbnailSettings {
     ThumbnailSettings {
@@ -615,6 +639,7 @@ async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
         progressive_jpeg(2800, 2100),
     ));
     images.push((FileKind::Png, "large".into(), large_png(1500).to_vec()));
+    images.push((FileKind::Png, "noisy".into(), noisy_png(600).to_vec()));
     for (kind, name, body) in &images {
         let buffered = thumbnailer().make(*kind, body).unwrap().unwrap();
         for chunk in [61, 4096, 65536] {
@@ -638,6 +663,11 @@ async fn images_decoded_while_they_arrive_give_the_buffered_thumbnail() {
             );
         }
     }
+    assert_eq!(
+        pool.stream_fallbacks(),
+        0,
+        "every image streamed to its end"
+    );
     assert_eq!(pool.streaming(), 0);
     assert_eq!(pool.reserved_bytes(), 0);
     assert!(budget.is_idle());
@@ -723,7 +753,7 @@ async fn the_decoder_has_consumed_the_head_before_the_last_chunk_arrives() {
         (FileKind::Jpeg, progressive_jpeg(1600, 1200)),
         (FileKind::Jpeg, progressive_jpeg(2800, 2100)),
         (FileKind::Jpeg, image("exif-gps.jpg")),
-        (FileKind::Png, large_png(1500).to_vec()),
+        (FileKind::Png, noisy_png(600).to_vec()),
     ] {
         let (head, last) = body.split_at(body.len() - 1000);
         let base = pool.streamed_bytes();
@@ -733,9 +763,10 @@ async fn the_decoder_has_consumed_the_head_before_the_last_chunk_arrives() {
             received.extend_from_slice(piece);
             feed.push(&Bytes::copy_from_slice(piece), &received).await;
         }
-        // Every byte but the last thousand is decoded before they are sent.
+        // Every byte but the last thousand (and those short of a step) is decoded before they
+        // are sent.
         until("the head is decoded", || {
-            pool.streamed_bytes() - base == head.len() as u64
+            pool.streamed_bytes() - base + STEP_BYTES as u64 > head.len() as u64
         })
         .await;
         assert_eq!(pool.streaming(), 1, "one decoder follows the upload");
@@ -751,12 +782,13 @@ async fn the_decoder_has_consumed_the_head_before_the_last_chunk_arrives() {
         assert_eq!(pool.streaming(), 0);
         assert!(budget.is_idle());
     }
+    assert_eq!(pool.stream_fallbacks(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_feed_stops_its_decoder_and_frees_its_memory() {
     let (pool, budget) = streaming_pool(1 << 28);
-    let body = large_png(1500);
+    let body = noisy_png(600);
     let half = &body[..body.len() / 2];
     let mut feed = pool.feed(FileKind::Png);
     let mut received = Vec::new();
@@ -765,7 +797,7 @@ async fn a_dropped_feed_stops_its_decoder_and_frees_its_memory() {
         feed.push(&Bytes::copy_from_slice(piece), &received).await;
     }
     until("the half is decoded", || {
-        pool.streamed_bytes() == half.len() as u64
+        pool.streamed_bytes() + STEP_BYTES as u64 > half.len() as u64
     })
     .await;
     assert_eq!(pool.streaming(), 1);
@@ -784,6 +816,7 @@ async fn a_stalled_upload_holds_no_worker_while_its_decoder_waits() {
     let settings = ThumbnailSettings {
         workers: 1,
         queue_timeout: Duration::from_millis(200),
+        stream_idle_timeout: Duration::from_secs(60),
         ..ThumbnailSettings::default()
     };
     let budget = MemoryBudget::new(1 << 28, Duration::from_secs(5));
@@ -822,21 +855,31 @@ async fn a_stalled_upload_holds_no_worker_while_its_decoder_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_images_fed_while_arriving_get_the_buffered_verdict() {
     let (pool, budget) = streaming_pool(1 << 28);
-    for (kind, name) in [
-        (FileKind::Jpeg, "truncated.jpg"),
-        (FileKind::Png, "corrupt.png"),
+    // A JPEG cut inside its scans, a PNG whose image data is damaged, both long enough to be
+    // stepped before their end.
+    let mut truncated = progressive_jpeg(1600, 1200);
+    truncated.truncate(truncated.len() * 2 / 3);
+    let mut corrupt = noisy_png(600).to_vec();
+    let middle = corrupt.len() / 2;
+    corrupt[middle..middle + 64].fill(0xA5);
+    for (kind, name, body) in [
+        (FileKind::Jpeg, "truncated.jpg", image("truncated.jpg")),
+        (FileKind::Png, "corrupt.png", image("corrupt.png")),
+        (FileKind::Jpeg, "a long truncated JPEG", truncated),
+        (FileKind::Png, "a long corrupt PNG", corrupt),
     ] {
-        let body = image(name);
-        let buffered = pool.make(kind, Bytes::from(body.clone())).await;
+        let whole = thumbnailer()
+            .make(kind, &body)
+            .expect_err("the whole file does not decode");
+        assert!(matches!(whole, ThumbnailError::Undecodable(_)), "{name}");
+        let (steps, fallbacks) = (pool.stream_steps(), pool.stream_fallbacks());
         let streamed = feed_in_chunks(&pool, kind, &body, 997).await;
-        match (streamed, buffered) {
-            (Err(ThumbnailError::Undecodable(_)), Err(ThumbnailError::Undecodable(_))) => {}
-            (streamed, buffered) => panic!(
-                "{name}: streamed {:?}, buffered {:?}",
-                streamed.map(|made| made.is_some()),
-                buffered.map(|made| made.is_some())
-            ),
-        }
+        assert_eq!(streamed.map(|made| made.is_some()), Err(whole), "{name}");
+        assert!(
+            pool.stream_steps() > steps,
+            "{name} was decoded while it arrived"
+        );
+        assert_eq!(pool.stream_fallbacks(), fallbacks + 1, "{name}");
     }
     // A file of too many scans is refused as before, whether it streamed or not.
     let many = many_scan_jpeg(64, 48, 5, 2, 300);
@@ -851,6 +894,223 @@ async fn broken_images_fed_while_arriving_get_the_buffered_verdict() {
     ));
     assert_eq!(pool.streaming(), 0);
     assert!(budget.is_idle());
+}
+
+/// A progressive JPEG with a DHT segment of about `segment` bytes after each scan, which defines
+/// one table over and over as it stands (the same image): libjpeg reads such a segment whole,
+/// from its start again at every step that ends inside it.
+fn jpeg_with_long_tables(body: &[u8], segment: usize) -> Vec<u8> {
+    // The latest definition of the file's first table (class and id, 16 counts, the values).
+    let mut table: Option<Vec<u8>> = None;
+    let mut out = body[..2].to_vec();
+    let mut position = 2;
+    while position + 2 <= body.len() {
+        assert_eq!(body[position], 0xFF);
+        let marker = body[position + 1];
+        if marker == 0xD9 {
+            out.extend_from_slice(&body[position..position + 2]);
+            break;
+        }
+        let length = usize::from(u16::from_be_bytes([body[position + 2], body[position + 3]]));
+        let mut end = position + 2 + length;
+        if marker == 0xC4 {
+            let mut at = position + 4;
+            while at < end {
+                let counts: usize = body[at + 1..at + 17].iter().map(|&n| usize::from(n)).sum();
+                let definition = &body[at..at + 17 + counts];
+                if table.as_ref().is_none_or(|table| table[0] == definition[0]) {
+                    table = Some(definition.to_vec());
+                }
+                at += 17 + counts;
+            }
+        }
+        if marker == 0xDA {
+            // The scan's entropy-coded data runs to the next marker.
+            while body[end] != 0xFF || matches!(body[end + 1], 0x00 | 0xD0..=0xD7) {
+                end += 1;
+            }
+        }
+        out.extend_from_slice(&body[position..end]);
+        if marker == 0xDA {
+            let table = table.as_ref().expect("a table before the first scan");
+            let copies = (segment - 4) / table.len();
+            out.extend_from_slice(&[0xFF, 0xC4]);
+            out.extend_from_slice(&((2 + copies * table.len()) as u16).to_be_bytes());
+            for _ in 0..copies {
+                out.extend_from_slice(table);
+            }
+        }
+        position = end;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_decode_works_in_proportion_to_the_bytes_received_whatever_the_chunks() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    for (name, body) in [
+        // At 1/4: libjpeg sees every byte; at 1/8 through the scan filter.
+        (
+            "1600 x 1200",
+            jpeg_with_long_tables(&progressive_jpeg(1600, 1200), 60_000),
+        ),
+        (
+            "2800 x 2100",
+            jpeg_with_long_tables(&progressive_jpeg(2800, 2100), 60_000),
+        ),
+    ] {
+        let whole = thumbnailer().make(FileKind::Jpeg, &body).unwrap().unwrap();
+        for chunk in [1, 61, 1 << 20] {
+            let (handed, steps) = (pool.handed_bytes(), pool.stream_steps());
+            let streamed = feed_in_chunks(&pool, FileKind::Jpeg, &body, chunk)
+                .await
+                .unwrap_or_else(|error| panic!("{name} in {chunk}-byte chunks: {error}"))
+                .unwrap();
+            assert!(
+                streamed.bytes == whole.bytes,
+                "{name} in {chunk}-byte chunks"
+            );
+            let (handed, steps) = (pool.handed_bytes() - handed, pool.stream_steps() - steps);
+            // A step per STEP_BYTES received (or run of them), plus the head's and the last.
+            assert!(
+                steps <= (body.len() / STEP_BYTES) as u64 + 2,
+                "{name} in {chunk}-byte chunks: {steps} steps for {} bytes",
+                body.len()
+            );
+            // Each byte handed over once, and again only for what a step left unconsumed: here
+            // at most a 60 kB table segment per step of 64 KiB (in general at most 256 KiB, so
+            // at most 5 times the bytes received). A step per chunk would hand each table over
+            // again for every chunk inside it.
+            assert!(
+                handed <= 2 * body.len() as u64,
+                "{name} in {chunk}-byte chunks: {handed} bytes handed for {}",
+                body.len()
+            );
+        }
+    }
+    assert_eq!(pool.stream_fallbacks(), 0);
+    assert!(budget.is_idle());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_motion_photo_streams_to_its_end_marker_and_not_beyond() {
+    let (pool, budget) = streaming_pool(1 << 28);
+    // Decoded at 1/8 through the scan filter, which must not count the video's bytes as scans.
+    let jpeg = progressive_jpeg(2800, 2100);
+    let whole = thumbnailer().make(FileKind::Jpeg, &jpeg).unwrap().unwrap();
+    let mut photo = jpeg.clone();
+    photo.extend_from_slice(b"\0\0\0\x18ftypmp42");
+    for _ in 0..200_000 {
+        photo.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, 1, 0, 1, 0x3F, 0x10, 0x55, 0x55]);
+    }
+    assert!(photo.len() - jpeg.len() > 4 * STEP_BYTES);
+    for chunk in [4096, 65536] {
+        let (handed, steps) = (pool.handed_bytes(), pool.stream_steps());
+        let streamed = feed_in_chunks(&pool, FileKind::Jpeg, &photo, chunk)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(streamed.bytes == whole.bytes, "in {chunk}-byte chunks");
+        // The video is stored, not decoded: no step for its bytes, none of them handed to
+        // libjpeg (which gets less than the JPEG: its unused scans are left out).
+        let (handed, steps) = (pool.handed_bytes() - handed, pool.stream_steps() - steps);
+        assert!(
+            handed < jpeg.len() as u64,
+            "in {chunk}-byte chunks: {handed} bytes handed of a {}-byte JPEG",
+            jpeg.len()
+        );
+        assert!(
+            steps <= (jpeg.len() / STEP_BYTES) as u64 + 2,
+            "in {chunk}-byte chunks: {steps} steps"
+        );
+    }
+    assert_eq!(
+        pool.stream_fallbacks(),
+        0,
+        "the trailer made no decode fail"
+    );
+    assert!(budget.is_idle());
+}
+
+/// Feeds `bytes` in chunks of 16 KiB after `received`, the body so far.
+async fn feed_bytes(feed: &mut ImageFeed, received: &mut Vec<u8>, bytes: &[u8]) {
+    for piece in bytes.chunks(16 * 1024) {
+        received.extend_from_slice(piece);
+        feed.push(&Bytes::copy_from_slice(piece), received).await;
+    }
+}
+
+/// Feeds the rest of the PNG `body` after `received`, finishes, and checks the thumbnail is
+/// the whole file's under `settings`.
+async fn finish_as_the_whole_png(
+    mut feed: ImageFeed,
+    mut received: Vec<u8>,
+    body: &[u8],
+    settings: &ThumbnailSettings,
+) {
+    let rest = &body[received.len()..];
+    feed_bytes(&mut feed, &mut received, rest).await;
+    let thumbnail = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
+    let whole = Thumbnailer::new(settings, MAX_PIXELS)
+        .make(FileKind::Png, body)
+        .unwrap()
+        .unwrap();
+    assert_eq!(thumbnail.bytes, whole.bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_idle_between_steps_gives_its_decoder_memory_back() {
+    let settings = ThumbnailSettings {
+        stream_idle_timeout: Duration::from_millis(200),
+        ..ThumbnailSettings::default()
+    };
+    let (pool, budget) = pool(&settings, 1 << 28);
+    let body = large_png(1500);
+    let mut feed = pool.feed(FileKind::Png);
+    let mut received = Vec::new();
+    feed_bytes(&mut feed, &mut received, &body[..body.len() / 2]).await;
+    assert_eq!(pool.streaming(), 1);
+    // Nothing more for longer than the idle timeout: the decoder and its memory go.
+    until("the idle decoder is dropped", || pool.streaming() == 0).await;
+    assert_eq!(pool.reserved_bytes(), 0);
+    assert_eq!(pool.stream_fallbacks(), 1);
+    // The rest arrives after all: decoded whole, the same thumbnail.
+    finish_as_the_whole_png(feed, received, &body, &settings).await;
+    assert!(budget.is_idle());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_decodes_beyond_their_memory_cap_are_decoded_after_the_last_byte() {
+    let body = large_png(1500);
+    // What one streamed decode of this image reserves.
+    let (probe, _) = streaming_pool(1 << 28);
+    let mut feed = probe.feed(FileKind::Png);
+    feed_bytes(&mut feed, &mut Vec::new(), &body[..body.len() / 2]).await;
+    let one = probe.reserved_bytes();
+    assert!(one > 0);
+    drop(feed);
+    // Room for one and a half: the second image is decoded after its last byte.
+    for (cap, streaming) in [(one + one / 2, 1), (0, 0)] {
+        let settings = ThumbnailSettings {
+            max_streaming_bytes: bytesize::ByteSize::b(cap),
+            ..ThumbnailSettings::default()
+        };
+        let (pool, budget) = pool(&settings, 1 << 28);
+        let mut feeds = Vec::new();
+        for _ in 0..2 {
+            let mut feed = pool.feed(FileKind::Png);
+            let mut received = Vec::new();
+            feed_bytes(&mut feed, &mut received, &body[..body.len() / 2]).await;
+            feeds.push((feed, received));
+        }
+        assert_eq!(pool.streaming(), streaming, "cap {cap}");
+        assert!(pool.reserved_bytes() <= cap, "cap {cap}");
+        assert_eq!(pool.stream_fallbacks(), 2 - streaming as u64, "cap {cap}");
+        for (feed, received) in feeds {
+            finish_as_the_whole_png(feed, received, &body, &settings).await;
+        }
+        assert!(budget.is_idle());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1020,6 +1280,20 @@ fn pool(settings: &ThumbnailSettings, budget: u64) -> (Arc<ThumbnailPool>, Arc<M
     (Arc::new(pool), budget)
 }
 
+/// Starts decoding `slow_jpeg` and waits until it holds a worker (and its memory); aborting the
+/// task cancels the decode.
+async fn occupy_a_worker(
+    pool: &Arc<ThumbnailPool>,
+) -> tokio::task::JoinHandle<Result<Option<Thumbnail>, ThumbnailError>> {
+    let decoded = pool.decoding();
+    let slow = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
+    });
+    until_decoding(pool, decoded + 1).await;
+    slow
+}
+
 /// Polls until the pool runs `count` decodes.
 async fn until_decoding(pool: &ThumbnailPool, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1085,11 +1359,7 @@ async fn waiting_for_a_worker_ends_busy_after_the_queue_timeout() {
     };
     let (pool, budget) = pool(&settings, 1 << 30);
     let total = budget.available_bytes();
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
-    });
-    until_decoding(&pool, 1).await;
+    let slow = occupy_a_worker(&pool).await;
     let started = Instant::now();
     match pool.make(FileKind::Png, large_png(64)).await {
         Err(ThumbnailError::WorkersBusy) => {}
@@ -1113,6 +1383,79 @@ async fn waiting_for_a_worker_ends_busy_after_the_queue_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_step_without_a_worker_falls_back_to_the_decode_after_the_last_byte() {
+    let settings = ThumbnailSettings {
+        queue_timeout: Duration::from_millis(200),
+        ..slow_settings(1, Duration::from_secs(60))
+    };
+    let (pool, budget) = pool(&settings, 1 << 30);
+    let slow = occupy_a_worker(&pool).await;
+    let body = large_png(1500);
+    let mut feed = pool.feed(FileKind::Png);
+    let mut received = Vec::new();
+    feed_bytes(&mut feed, &mut received, &body[..body.len() / 2]).await;
+    // Its first step finds no worker within the queue timeout: the upload goes on, without
+    // the decoder and its memory.
+    until("the decoder without a worker is dropped", || {
+        pool.streaming() == 0
+    })
+    .await;
+    assert_eq!(pool.stream_fallbacks(), 1);
+    slow.abort();
+    until_decoding(&pool, 0).await;
+    finish_as_the_whole_png(feed, received, &body, &settings).await;
+    until("the memory is back", || budget.is_idle()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_steps_count_against_the_queue_and_dropped_feeds_stop_waiting_at_once() {
+    // Waits for a worker would last a minute: nothing here may wait for them to end.
+    let settings = ThumbnailSettings {
+        queue_timeout: Duration::from_secs(60),
+        stream_idle_timeout: Duration::from_secs(60),
+        max_streaming_bytes: bytesize::ByteSize::gib(1),
+        ..slow_settings(1, Duration::from_secs(60))
+    };
+    let (pool, budget) = pool(&settings, 1 << 30);
+    let slow = occupy_a_worker(&pool).await;
+    let reserved_by_slow = pool.reserved_bytes();
+    // The queue's other places go to streamed decodes whose steps wait for the worker.
+    let body = large_png(1500);
+    let mut feeds = Vec::new();
+    for _ in 0..QUEUE_PER_WORKER {
+        let mut feed = pool.feed(FileKind::Png);
+        feed_bytes(&mut feed, &mut Vec::new(), &body[..body.len() / 2]).await;
+        feeds.push(feed);
+    }
+    until("every streamed step waits in the queue", || {
+        pool.admitted() == 1 + QUEUE_PER_WORKER
+    })
+    .await;
+    assert_eq!(pool.streaming(), QUEUE_PER_WORKER);
+    // The queue is full: a new image is refused at once, not after the queue timeout.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        pool.make(FileKind::Png, large_png(64)),
+    )
+    .await
+    .expect("refused at once");
+    assert!(
+        matches!(refused, Err(ThumbnailError::WorkersBusy)),
+        "{refused:?}"
+    );
+    // The uploads go away: their decoders stop waiting, and their memory is back at once.
+    drop(feeds);
+    until("the waiting decoders are gone", || {
+        pool.streaming() == 0 && pool.admitted() == 1
+    })
+    .await;
+    assert_eq!(pool.reserved_bytes(), reserved_by_slow);
+    slow.abort();
+    until_decoding(&pool, 0).await;
+    until("the memory is back", || budget.is_idle()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1147,11 +1490,7 @@ async fn a_decode_larger_than_the_whole_budget_is_refused_at_once() {
 async fn closing_the_pool_stops_the_running_decodes() {
     let (pool, budget) = pool(&slow_settings(1, Duration::from_secs(60)), 1 << 30);
     let total = budget.available_bytes();
-    let slow = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.make(FileKind::Jpeg, slow_jpeg()).await }
-    });
-    until_decoding(&pool, 1).await;
+    let slow = occupy_a_worker(&pool).await;
     let started = Instant::now();
     pool.close();
     match slow.await.unwrap() {
@@ -1187,7 +1526,10 @@ mod service {
     use tonic::{Code, Status, transport::Channel};
     use tonic_types::StatusExt;
 
-    use super::{SLOW_JPEG_SCANS, large_png, many_scan_jpeg, progressive_jpeg, slow_jpeg};
+    use super::{
+        SLOW_JPEG_SCANS, STEP_BYTES, large_png, many_scan_jpeg, noisy_png, progressive_jpeg,
+        slow_jpeg,
+    };
     use crate::support::{
         ServiceProcess, TestServer,
         cloud::{self, bucket_leftovers, file_record_pattern, redis_keys, use_cloud},
@@ -1494,6 +1836,22 @@ mod service {
         }
     }
 
+    /// Polls the metric until it reads more than `value` (five seconds at most).
+    async fn until_metric_above(server: &TestServer, name: &str, value: f64) {
+        let started = Instant::now();
+        loop {
+            let now = metric(server, name).await;
+            if now > value {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{name} stayed {now}, not above {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// An UploadFile call whose messages the test sends one at a time.
     struct OpenUpload {
         sender: tokio::sync::mpsc::UnboundedSender<pb::UploadFileRequest>,
@@ -1550,14 +1908,20 @@ mod service {
         let mut streamed = 0.0;
         for (name, body) in [
             ("photo.jpg", progressive_jpeg(1600, 1200)),
-            ("drawing.png", large_png(1500).to_vec()),
+            ("drawing.png", noisy_png(600).to_vec()),
         ] {
             let (head, last) = body.split_at(body.len() - 4096);
             let upload = OpenUpload::start(&channel, &conversation_id, name, body.len());
             upload.send(head, 16 * 1024);
-            // The decoder has consumed every byte sent, before the last chunk leaves.
+            // The decoder has consumed every byte sent (but those short of a step), before the
+            // last chunk leaves.
+            until_metric_above(
+                &server,
+                STREAMED,
+                streamed + (head.len() - STEP_BYTES) as f64,
+            )
+            .await;
             streamed += head.len() as f64;
-            until_metric(&server, STREAMED, streamed).await;
             assert_eq!(metric(&server, DECODERS).await, 1.0, "{name}");
             assert!(metric(&server, RESERVED).await > 0.0, "{name}");
             upload.send(last, 16 * 1024);
@@ -1586,14 +1950,19 @@ mod service {
         })
         .await;
         let (channel, conversation_id) = conversation(&server).await;
-        let body = large_png(1500);
+        let body = noisy_png(600);
         let half = &body[..body.len() / 2];
         let mut streamed = 0.0;
         for ending in ["stalled", "refused", "cancelled"] {
             let upload = OpenUpload::start(&channel, &conversation_id, "drawing.png", body.len());
             upload.send(half, 16 * 1024);
-            streamed += half.len() as f64;
-            until_metric(&server, STREAMED, streamed).await;
+            until_metric_above(
+                &server,
+                STREAMED,
+                streamed + (half.len() - STEP_BYTES) as f64,
+            )
+            .await;
+            streamed = metric(&server, STREAMED).await;
             assert_eq!(metric(&server, DECODERS).await, 1.0, "{ending}");
             match ending {
                 // Nothing more comes: the idle timeout ends the upload, and its decoder.

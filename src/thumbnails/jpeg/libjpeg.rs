@@ -86,7 +86,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(limits: &Limits<'_>) -> Box<Self> {
+    fn new(max_scans: u32, deadline: Deadline) -> Box<Self> {
         let mut session = Box::new(Session {
             // SAFETY: both are plain C structs for which all-zero is the state libjpeg's own
             // initialisers start from (null pointers, no callbacks, enum values 0).
@@ -100,8 +100,8 @@ impl Session {
                     completed_passes: 0,
                     total_passes: 0,
                 },
-                max_scans: c_int::try_from(limits.max_scans).unwrap_or(c_int::MAX),
-                deadline: limits.deadline.clone(),
+                max_scans: c_int::try_from(max_scans).unwrap_or(c_int::MAX),
+                deadline,
             },
         });
         // SAFETY: the error manager is set before creation (libjpeg reports failures through
@@ -133,7 +133,7 @@ fn decode_unguarded(
     components: usize,
     limits: &Limits<'_>,
 ) -> Result<Decoded, ThumbnailError> {
-    let mut session = Session::new(limits);
+    let mut session = Session::new(limits.max_scans, limits.deadline.clone());
     let cinfo = &mut session.cinfo;
     // SAFETY: `bytes` outlives the session (dropped at the end of this function); libjpeg's
     // memory source only reads it.
@@ -147,19 +147,11 @@ fn decode_unguarded(
     // all absorbed here, under the progress monitor.
     unsafe { ffi::jpeg_start_decompress(cinfo) };
     let (pixels, mut rows) = output_rows(cinfo)?;
-    let height = cinfo.output_height as usize;
-    while (cinfo.output_scanline as usize) < height {
-        let next = cinfo.output_scanline as usize;
-        let band = &mut rows[next..(next + 16).min(height)];
-        // SAFETY: each pointer addresses a row of `stride` bytes of `pixels`, which libjpeg
-        // fills with `output_components` bytes for each of `output_width` pixels.
-        let read = unsafe { ffi::jpeg_read_scanlines(cinfo, band.as_mut_ptr(), band.len() as u32) };
-        if read == 0 {
-            return Err(ThumbnailError::Undecodable(
-                "JPEG: libjpeg produced no rows".into(),
-            ));
-        }
+    // The memory source never suspends: no rows means a file libjpeg cannot go on with.
+    if !read_rows(cinfo, &mut rows) {
+        return Err(no_rows());
     }
+    let height = cinfo.output_height as usize;
     // SAFETY: all rows were read; this checks the rest of the file up to its end marker.
     unsafe { ffi::jpeg_finish_decompress(cinfo) };
     Ok(Decoded {
@@ -193,6 +185,27 @@ fn configure(
     }
 }
 
+/// Reads rows into `rows` (pointers into the output image) until the last one: `false` when
+/// libjpeg produced none, i.e. a suspending source ran out of bytes.
+fn read_rows(cinfo: &mut ffi::jpeg_decompress_struct, rows: &mut [*mut u8]) -> bool {
+    let height = cinfo.output_height as usize;
+    while (cinfo.output_scanline as usize) < height {
+        let next = cinfo.output_scanline as usize;
+        let band = &mut rows[next..(next + 16).min(height)];
+        // SAFETY: each pointer addresses a row of `stride` bytes of the output image, which
+        // libjpeg fills with `output_components` bytes for each of `output_width` pixels.
+        let read = unsafe { ffi::jpeg_read_scanlines(cinfo, band.as_mut_ptr(), band.len() as u32) };
+        if read == 0 {
+            return false;
+        }
+    }
+    true
+}
+
+fn no_rows() -> ThumbnailError {
+    ThumbnailError::Undecodable("JPEG: libjpeg produced no rows".into())
+}
+
 /// The output image (known once the decompression started) and a pointer to each of its rows.
 fn output_rows(
     cinfo: &ffi::jpeg_decompress_struct,
@@ -208,16 +221,22 @@ fn output_rows(
     Ok((pixels, rows))
 }
 
-/// Bytes libjpeg may leave unconsumed between two feeds of a streamed decode. It commits its
-/// input per marker segment (at most 64 KiB) and per MCU (a few KiB), so only a hostile file
-/// comes near this; the streamed decode stops there rather than buffer without end (and the
-/// file is decoded whole after its last byte, which gives the verdict).
-pub(in crate::thumbnails) const MAX_UNCONSUMED: usize = 1 << 20;
+/// Bytes libjpeg may leave unconsumed between two steps of a streamed decode. It commits its
+/// input per marker segment (at most 64 KiB) and per MCU (at most a few tens of KiB), so only a
+/// hostile file comes near this; the streamed decode stops there rather than buffer without end
+/// (and the file is decoded whole after its last byte, which gives the verdict). Each step
+/// hands libjpeg these bytes again besides the new ones, so with steps at least
+/// [`STEP_BYTES`](crate::thumbnails::STEP_BYTES) apart libjpeg reads each byte received at most
+/// `1 + MAX_UNCONSUMED / STEP_BYTES` times.
+pub(in crate::thumbnails) const MAX_UNCONSUMED: usize = 256 * 1024;
+
+/// Capacity the source's buffer keeps between steps; beyond, it is given back once consumed.
+const KEPT_CAPACITY: usize = 64 * 1024;
 
 /// A decode fed while the file arrives. libjpeg reads through a suspending data source: when
 /// the bytes run out it answers "not yet", libjpeg backs up to the last unit it completed (a
 /// marker segment, an MCU) and returns, so no thread waits for the network. Each
-/// [`StreamingDecode::push`] appends what arrived and decodes as far as it reaches.
+/// [`StreamingDecode::push_with`] appends what arrived and decodes as far as it reaches.
 pub(in crate::thumbnails) struct StreamingDecode {
     // Declared (and so dropped) before the source libjpeg reads from.
     session: Box<Session>,
@@ -231,6 +250,8 @@ pub(in crate::thumbnails) struct StreamingDecode {
     rows: Vec<*mut u8>,
     /// Once libjpeg failed its state is undefined: every later call answers this.
     failed: Option<ThumbnailError>,
+    /// Bytes handed to libjpeg over all steps, those it left unconsumed counted again.
+    handed: u64,
 }
 
 // SAFETY: the raw pointers point into heap memory this value owns (the session, the source's
@@ -251,8 +272,8 @@ enum Phase {
 #[repr(C)]
 struct Source {
     public: ffi::jpeg_source_mgr,
-    /// What arrived and libjpeg has not consumed (from `public.next_input_byte` on; the bytes
-    /// before it are dropped at the next feed).
+    /// What arrived and libjpeg has not consumed; between steps exactly those bytes (consumed
+    /// ones are dropped after each step).
     buffer: Vec<u8>,
     /// Bytes libjpeg asked to skip beyond what had arrived: dropped as they come.
     skip: usize,
@@ -260,14 +281,30 @@ struct Source {
     ended: bool,
 }
 
+impl Source {
+    /// Drops the bytes libjpeg consumed, gives back spare capacity, and points libjpeg at the
+    /// rest.
+    fn compact(&mut self) {
+        let consumed = self.buffer.len() - self.public.bytes_in_buffer;
+        self.buffer.drain(..consumed);
+        if self.buffer.capacity() > KEPT_CAPACITY.max(2 * self.buffer.len()) {
+            self.buffer.shrink_to(KEPT_CAPACITY.max(self.buffer.len()));
+        }
+        self.public.next_input_byte = self.buffer.as_ptr();
+        self.public.bytes_in_buffer = self.buffer.len();
+    }
+}
+
 impl StreamingDecode {
-    /// A decode at `numerator / 8` into `components` bytes per pixel, as [`decode`].
+    /// A decode at `numerator / 8` into `components` bytes per pixel, as [`decode`]; the
+    /// deadline is given per step ([`Self::set_deadline`]).
     pub(in crate::thumbnails) fn new(
         numerator: u8,
         components: usize,
-        limits: &Limits<'_>,
+        max_scans: u32,
+        max_memory: u64,
     ) -> Self {
-        let session = Session::new(limits);
+        let session = Session::new(max_scans, Deadline::none());
         let mut decode = Self {
             session,
             source: Box::new(Source {
@@ -287,32 +324,56 @@ impl StreamingDecode {
             phase: Phase::Header,
             numerator,
             components,
-            max_memory: limits.max_memory,
+            max_memory,
             pixels: Vec::new(),
             rows: Vec::new(),
             failed: None,
+            handed: 0,
         };
         // The source lives in its own box, dropped after the session that points at it.
         decode.session.cinfo.src = &mut decode.source.public;
         decode
     }
 
-    /// Gives the next bytes of the file and decodes as far as they reach.
-    pub(in crate::thumbnails) fn push(&mut self, bytes: &[u8]) -> Result<(), ThumbnailError> {
+    /// Appends the next bytes of the file (what `write` adds to the buffer) and decodes as far
+    /// as they reach. Past the end marker nothing is kept: a motion photo's video after it is
+    /// neither written nor read.
+    pub(in crate::thumbnails) fn push_with(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), ThumbnailError>,
+    ) -> Result<(), ThumbnailError> {
         if let Some(failed) = &self.failed {
             return Err(failed.clone());
         }
-        // Past the end marker (a motion photo appends its video there): nothing to keep.
         if self.phase == Phase::Done {
             return Ok(());
         }
-        self.append(bytes);
+        let source = &mut *self.source;
+        let before = source.buffer.len();
+        if let Err(error) = write(&mut source.buffer) {
+            self.failed = Some(error.clone());
+            return Err(error);
+        }
+        // A skip pending means libjpeg consumed everything before: it applies to the new bytes.
+        let skipped = source.skip.min(source.buffer.len() - before);
+        source.buffer.drain(before..before + skipped);
+        source.skip -= skipped;
+        source.public.next_input_byte = source.buffer.as_ptr();
+        source.public.bytes_in_buffer = source.buffer.len();
+        self.handed += source.buffer.len() as u64;
         self.run()?;
-        if self.source.public.bytes_in_buffer > MAX_UNCONSUMED {
+        if self.phase == Phase::Done {
+            self.source.buffer = Vec::new();
+            self.source.public.bytes_in_buffer = 0;
+        }
+        self.source.compact();
+        if self.source.buffer.len() > MAX_UNCONSUMED {
             let error = ThumbnailError::Undecodable(format!(
                 "JPEG: more than {MAX_UNCONSUMED} bytes without a complete unit"
             ));
             self.failed = Some(error.clone());
+            self.source.buffer = Vec::new();
+            self.source.compact();
             return Err(error);
         }
         Ok(())
@@ -323,6 +384,22 @@ impl StreamingDecode {
         self.session.monitor.deadline = deadline;
     }
 
+    /// The image is decoded up to its end marker: later bytes are not needed.
+    pub(in crate::thumbnails) fn is_complete(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Bytes handed to libjpeg so far (see [`MAX_UNCONSUMED`]).
+    pub(in crate::thumbnails) fn handed_bytes(&self) -> u64 {
+        self.handed
+    }
+
+    /// The capacity of the buffer of what arrived and libjpeg has not consumed.
+    #[cfg(test)]
+    pub(in crate::thumbnails) fn buffer_capacity(&self) -> usize {
+        self.source.buffer.capacity()
+    }
+
     /// Every byte has been pushed: decodes the rest and returns the image.
     pub(in crate::thumbnails) fn finish(mut self) -> Result<Decoded, ThumbnailError> {
         if let Some(failed) = self.failed.take() {
@@ -331,36 +408,13 @@ impl StreamingDecode {
         self.source.ended = true;
         self.run()?;
         if self.phase != Phase::Done {
-            return Err(ThumbnailError::Undecodable(
-                "JPEG: libjpeg produced no rows".into(),
-            ));
+            return Err(no_rows());
         }
         Ok(Decoded {
             width: self.session.cinfo.output_width as usize,
             height: self.session.cinfo.output_height as usize,
             pixels: mem::take(&mut self.pixels),
         })
-    }
-
-    /// Keeps what libjpeg has not consumed, then adds `bytes` (less any pending skip).
-    fn append(&mut self, bytes: &[u8]) {
-        let source = &mut *self.source;
-        let skipped = source.skip.min(bytes.len());
-        source.skip -= skipped;
-        let bytes = &bytes[skipped..];
-        let consumed = if source.buffer.is_empty() {
-            0
-        } else {
-            source.public.next_input_byte as usize - source.buffer.as_ptr() as usize
-        };
-        debug_assert_eq!(
-            consumed + source.public.bytes_in_buffer,
-            source.buffer.len()
-        );
-        source.buffer.drain(..consumed);
-        source.buffer.extend_from_slice(bytes);
-        source.public.next_input_byte = source.buffer.as_ptr();
-        source.public.bytes_in_buffer = source.buffer.len();
     }
 
     fn run(&mut self) -> Result<(), ThumbnailError> {
@@ -384,7 +438,7 @@ impl StreamingDecode {
             match self.phase {
                 Phase::Header => {
                     // SAFETY: the source points into `self.source.buffer`, valid until the
-                    // next `append`. 0 is JPEG_SUSPENDED; a file of tables only unwinds.
+                    // next `push_with`. 0 is JPEG_SUSPENDED; a file of tables only unwinds.
                     if unsafe { ffi::jpeg_read_header(cinfo, 1) } == 0 {
                         return Ok(());
                     }
@@ -401,17 +455,8 @@ impl StreamingDecode {
                     self.phase = Phase::Rows;
                 }
                 Phase::Rows => {
-                    let height = cinfo.output_height as usize;
-                    while (cinfo.output_scanline as usize) < height {
-                        let next = cinfo.output_scanline as usize;
-                        let band = &mut self.rows[next..(next + 16).min(height)];
-                        // SAFETY: as in `decode_unguarded`; 0 rows means suspended.
-                        let read = unsafe {
-                            ffi::jpeg_read_scanlines(cinfo, band.as_mut_ptr(), band.len() as u32)
-                        };
-                        if read == 0 {
-                            return Ok(());
-                        }
+                    if !read_rows(cinfo, &mut self.rows) {
+                        return Ok(());
                     }
                     self.phase = Phase::Finish;
                 }
