@@ -53,8 +53,9 @@ const MIB: usize = 1024 * 1024;
 const CHUNK: usize = MIB;
 /// Chunk size of the refused upload in (c).
 const BAD_CHUNK: usize = 64 * 1024;
-const GOAL_RATIO: f64 = 0.9;
-const GOAL_RSS_PER_UPLOAD_MIB: f64 = 16.0;
+/// Issue 14's goals (were 0.9 and 16 MiB).
+const GOAL_RATIO: f64 = 0.95;
+const GOAL_RSS_PER_UPLOAD_MIB: f64 = 12.0;
 /// How far above its starting value RSS may stay one second after the uploads finished.
 const GOAL_RSS_SETTLED_MIB: f64 = 20.0;
 /// A resumed upload (both attempts and the status call) against a one-shot one.
@@ -190,7 +191,7 @@ async fn main() {
     );
     println!(
         "median direct {:.1} MiB/s (spread {:.0}%), UploadFile {:.1} MiB/s (spread {:.0}%); \
-         ratio {ratio:.2}; goal >= {GOAL_RATIO}: {}",
+         ratio {ratio:.3}; goal >= {GOAL_RATIO}: {}",
         median(&directs),
         spread_percent(&directs),
         median(&ourses),
