@@ -436,6 +436,31 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
             .len(),
         3
     );
+    // A full conversation is reported as such before a full user (both stores alike).
+    let crowd = ConversationId::generate();
+    let mut participants = vec![user("host")];
+    participants.extend(
+        (1..svc_messaging::messaging::model::MAX_PARTICIPANTS).map(|n| user(&format!("guest{n}"))),
+    );
+    store
+        .create_conversation(NewConversation {
+            id: crowd,
+            title: "crowd".to_owned(),
+            participants,
+            created_by: user("host"),
+            fingerprint: "fp".to_owned(),
+            request: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rejection(
+            store
+                .add_participants(crowd, &user("host"), &[user("carol")])
+                .await
+        ),
+        Rejection::TooManyParticipants
+    );
     // carol is full again, and left `second`: retrying its creation still answers as before.
     let retry = NewConversation {
         id: second,

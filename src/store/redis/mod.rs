@@ -531,12 +531,23 @@ impl MessageStore for RedisMessageStore {
         let mut args = self.write_args(id, keys.base());
         // Participation first: who is full is no business of a non-participant, and an
         // outsider's request should not even reserve.
-        match self.load_conversation(id).await? {
+        let conversation = match self.load_conversation(id).await? {
             None => return Err(Rejection::ConversationNotFound.into()),
             Some((conversation, _)) if !conversation.has_participant(by) => {
                 return Err(Rejection::NotParticipant.into());
             }
-            Some(_) => {}
+            Some((conversation, _)) => conversation,
+        };
+        // Also checked by the script; here first so a conversation that is full is reported
+        // as such (as the in-process store does), not as a full user.
+        let mut added: Vec<&UserId> = users
+            .iter()
+            .filter(|user| !conversation.has_participant(user))
+            .collect();
+        added.sort_unstable();
+        added.dedup();
+        if conversation.participants.len() + added.len() > MAX_PARTICIPANTS {
+            return Err(Rejection::TooManyParticipants.into());
         }
         let reserved = self.reserve_room(id, users).await?;
         args.extend([by.as_str().to_owned(), MAX_PARTICIPANTS.to_string()]);
