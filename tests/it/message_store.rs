@@ -413,7 +413,7 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
         request: None,
     };
     assert!(matches!(
-        store.create_conversation(retry).await.unwrap(),
+        store.create_conversation(retry.clone()).await.unwrap(),
         CreateOutcome::Existing { .. }
     ));
     // Leaving one makes room for another.
@@ -462,14 +462,6 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
         Rejection::TooManyParticipants
     );
     // carol is full again, and left `second`: retrying its creation still answers as before.
-    let retry = NewConversation {
-        id: second,
-        title: "test".to_owned(),
-        participants: vec![user("bob"), user("carol")],
-        created_by: user("bob"),
-        fingerprint: "fp".to_owned(),
-        request: None,
-    };
     assert!(matches!(
         store.create_conversation(retry).await.unwrap(),
         CreateOutcome::Existing { .. }

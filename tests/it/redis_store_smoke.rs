@@ -727,12 +727,35 @@ async fn unreachable_redis_is_unavailable() {
     );
 }
 
+/// Subscribers of a conversation's live channel (`PUBSUB NUMSUB`).
+async fn subscribers(raw: &fred::prelude::Client, prefix: &str, id: ConversationId) -> i64 {
+    use fred::prelude::PubsubInterface;
+    let channel = format!("{prefix}:{{c:{id}}}:live");
+    let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel).await.unwrap();
+    counts[0].1
+}
+
+/// Waits up to 5 s for a conversation's live channel to have no subscriber (releases are
+/// handled by a task of the store's, after the watch is dropped).
+async fn until_unsubscribed(
+    raw: &fred::prelude::Client,
+    prefix: &str,
+    id: ConversationId,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while subscribers(raw, prefix, id).await != 0 {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Issue 14 (scale): each conversation has its own channel, and a replica subscribes only to
 /// those it watches, counted: events of other conversations never reach its feed, and the last
 /// release unsubscribes.
 #[tokio::test]
 async fn a_replica_receives_only_the_conversations_it_watches() {
-    use fred::prelude::{ClientLike, PubsubInterface};
+    use fred::prelude::ClientLike;
     let prefix = unique_prefix("watch");
     let reader = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
         .await
@@ -741,25 +764,17 @@ async fn a_replica_receives_only_the_conversations_it_watches() {
         .await
         .unwrap();
     let raw = raw_client().await;
-    let subscribers = |id: ConversationId| {
-        let raw = raw.clone();
-        let channel = format!("{prefix}:{{c:{id}}}:live");
-        async move {
-            let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel).await.unwrap();
-            counts[0].1
-        }
-    };
     let watched = create(&writer, "alice", &[]).await;
     let unwatched = create(&writer, "alice", &[]).await;
     let mut live = reader.live_events();
     let first = reader.watch(watched).await.unwrap();
     let second = reader.watch(watched).await.unwrap();
     assert_eq!(
-        subscribers(watched).await,
+        subscribers(&raw, &prefix, watched).await,
         1,
         "one subscription for two watches"
     );
-    assert_eq!(subscribers(unwatched).await, 0);
+    assert_eq!(subscribers(&raw, &prefix, unwatched).await, 0);
     send(&writer, unwatched, "alice", "not for this replica").await;
     send(&writer, watched, "alice", "for this replica").await;
     let Ok(Ok(LiveSignal::Event(event))) =
@@ -774,20 +789,14 @@ async fn a_replica_receives_only_the_conversations_it_watches() {
     let marker_watch = reader.watch(marker).await.unwrap();
     drop(first);
     drop(marker_watch);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while subscribers(marker).await != 0 {
-        assert!(std::time::Instant::now() < deadline, "the marker's release");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(subscribers(watched).await, 1, "still watched once");
+    until_unsubscribed(&raw, &prefix, marker, "the marker's release").await;
+    assert_eq!(
+        subscribers(&raw, &prefix, watched).await,
+        1,
+        "still watched once"
+    );
     drop(second);
-    while subscribers(watched).await != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the last release unsubscribes"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_unsubscribed(&raw, &prefix, watched, "the last release unsubscribes").await;
     raw.quit().await.unwrap();
 }
 
@@ -796,7 +805,7 @@ async fn a_replica_receives_only_the_conversations_it_watches() {
 /// until the next one). And a watch abandoned mid-subscribe leaves no subscription behind.
 #[tokio::test]
 async fn a_watch_holds_once_redis_confirmed_it_and_an_abandoned_one_is_undone() {
-    use fred::prelude::{ClientLike, PubsubInterface};
+    use fred::prelude::ClientLike;
     let redis = PrivateRedis::start_volatile();
     let settings = RedisSettings {
         url: Some(SecretString::from(redis.url())),
@@ -833,27 +842,14 @@ async fn a_watch_holds_once_redis_confirmed_it_and_an_abandoned_one_is_undone() 
         "watch returned after {:?}, while Redis was paused",
         started.elapsed()
     );
-    let channel = format!("{}:{{c:{id}}}:live", settings.key_prefix);
-    let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel.clone()).await.unwrap();
-    assert_eq!(counts[0].1, 1);
+    let prefix = settings.key_prefix.as_str();
+    assert_eq!(subscribers(&raw, prefix, id).await, 1);
     drop(watch);
 
     // Wait for that release to take effect, then abandon a watch in the middle of its round
     // trip: its SUBSCRIBE still reaches Redis, and must be undone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let subscribers = |channel: String| {
-        let raw = raw.clone();
-        async move {
-            let counts: Vec<(String, i64)> = raw.pubsub_numsub(channel).await.unwrap();
-            counts[0].1
-        }
-    };
-    while subscribers(channel.clone()).await != 0 {
-        assert!(std::time::Instant::now() < deadline, "the first release");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_unsubscribed(&raw, prefix, id, "the first release").await;
     let other = create(&store, "alice", &[]).await;
-    let other_channel = format!("{}:{{c:{other}}}:live", settings.key_prefix);
     pause(300).await;
     let abandoned = tokio::time::timeout(Duration::from_millis(20), store.watch(other)).await;
     assert!(
@@ -864,14 +860,13 @@ async fn a_watch_holds_once_redis_confirmed_it_and_an_abandoned_one_is_undone() 
     // once it returned, Redis has run that. Then the abandoned one's release must undo it.
     let third = create(&store, "alice", &[]).await;
     let _third = store.watch(third).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while subscribers(other_channel.clone()).await != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the abandoned watch's subscription stays"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_unsubscribed(
+        &raw,
+        prefix,
+        other,
+        "the abandoned watch's subscription stays",
+    )
+    .await;
     raw.quit().await.unwrap();
 }
 
