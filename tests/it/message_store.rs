@@ -461,6 +461,21 @@ pub async fn a_user_is_in_at_most_the_capped_number_of_conversations(backend: Ba
         ),
         Rejection::TooManyParticipants
     );
+    // A retry of `second` naming someone else answers Existing and reserves nothing for them:
+    // zed still has room for three of his own.
+    assert!(matches!(
+        store
+            .create_conversation(NewConversation {
+                participants: vec![user("bob"), user("zed")],
+                ..retry.clone()
+            })
+            .await
+            .unwrap(),
+        CreateOutcome::Existing { .. }
+    ));
+    for _ in 0..3 {
+        create(&*store, "zed", &[]).await;
+    }
     // carol is full again, and left `second`: retrying its creation still answers as before.
     assert!(matches!(
         store.create_conversation(retry).await.unwrap(),

@@ -501,6 +501,10 @@ impl MessageStore for RedisMessageStore {
             }
         };
         let (conversation, fingerprint) = codec::conversation(new.id, reply.rest())?;
+        if !created {
+            // A retry naming other users (a reused request_id) reserved places it did not use.
+            self.undo_reservations(new.id, &reserved).await;
+        }
         // Also on `existing`: a retry repairs an index update its first attempt did not finish.
         self.record_joins(new.id, &conversation.participants, conversation.create_time)
             .await;
