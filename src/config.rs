@@ -571,7 +571,8 @@ pub struct ThumbnailSettings {
     pub max_jpeg_scans: u32,
     /// Memory all decodes following image uploads as they arrive may hold together (from
     /// `uploads.memory_budget`, half of whose default it is: a 12 MP progressive JPEG needs
-    /// about 40 MiB); an image beyond is decoded after its last byte. 0: never.
+    /// about 40 MiB; never more than half the budget's main pool, whatever is set); an image
+    /// beyond is decoded after its last byte. 0: never.
     pub max_streaming_bytes: ByteSize,
     /// A decode following an upload that brings less than a step (64 KiB) or its end for this
     /// long drops its memory; the image is decoded after its last byte.

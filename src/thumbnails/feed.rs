@@ -263,6 +263,15 @@ impl ImageFeed {
         let State::Streaming(mut streaming) = state else {
             return pool.make(kind, whole).await;
         };
+        // The whole body's checks first: a streamed decode needs less memory than a buffered
+        // one (it never holds the body twice), but must not accept what `make` refuses.
+        match pool.decodable(kind, &whole) {
+            Ok(Some(_)) => {}
+            refused => {
+                streaming.stop().await;
+                return refused.map(|_| None);
+            }
+        }
         streaming.flush().await;
         let Streaming {
             input,
@@ -272,17 +281,17 @@ impl ImageFeed {
             ..
         } = streaming;
         let _ = input.send(Input::End);
-        // The last step may wait for a worker, then decode for its time.
-        let limit = pool.queue_timeout + pool.timeout + STOP_WAIT;
+        // A step in flight may still wait for a worker and decode, and the last one after it
+        // too; all steps together decode for at most one `thumbnails.timeout`.
+        let limit = 2 * pool.queue_timeout + pool.timeout + STOP_WAIT;
         let outcome = match tokio::time::timeout(limit, &mut driver).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(error)) => Outcome::Failed(ThumbnailError::Internal(format!(
                 "the thumbnail driver failed: {error}"
             ))),
             Err(_) => {
-                cancel.0.cancel();
-                let _ = tokio::time::timeout(STOP_WAIT, driver).await;
-                Outcome::Failed(ThumbnailError::TimedOut)
+                Streaming::stopped(cancel, alive, driver).await;
+                return Err(ThumbnailError::TimedOut);
             }
         };
         drop(alive);
@@ -351,6 +360,29 @@ impl ImageFeed {
 }
 
 impl Streaming {
+    /// Stops the decoder and waits (at most [`STOP_WAIT`]) until it has: its worker and memory
+    /// are free again when the upload gets its answer.
+    async fn stop(self) {
+        let Self {
+            driver,
+            _cancel: cancel,
+            _alive: alive,
+            ..
+        } = self;
+        Self::stopped(cancel, alive, driver).await;
+    }
+
+    async fn stopped(
+        cancel: CancelOnDrop,
+        alive: oneshot::Sender<()>,
+        driver: JoinHandle<Outcome>,
+    ) {
+        // Both: the decode stops at its next check, a driver waiting for a worker at once.
+        cancel.0.cancel();
+        drop(alive);
+        let _ = tokio::time::timeout(STOP_WAIT, driver).await;
+    }
+
     /// Copies `chunk` into batches of [`STEP_BYTES`] and queues each full one: the queue holds
     /// at most [`QUEUED_BYTES`] whatever the chunk sizes, and no transport buffer is kept alive
     /// by it. Nothing once the driver has ended: it made the thumbnail from the image's end

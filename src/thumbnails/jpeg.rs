@@ -372,6 +372,7 @@ impl StreamingJpeg {
         match &mut self.filter {
             Some(filter) => self.decode.push_with(|buffer| filter.pass(pieces, buffer)),
             None => self.decode.push_with(|buffer| {
+                buffer.reserve_exact(pieces.iter().map(Bytes::len).sum());
                 for piece in pieces {
                     buffer.extend_from_slice(piece);
                 }
@@ -458,6 +459,9 @@ impl ScanFilter {
 
     /// Appends to `out` what of `pieces` (after what was held) the decoder needs.
     fn pass(&mut self, pieces: &[Bytes], out: &mut Vec<u8>) -> Result<(), ThumbnailError> {
+        // Sized once for the most this step can pass on: grown piece by piece, a Vec doubles
+        // its capacity and would hold up to twice what `INPUT_BYTES` reserves for it.
+        out.reserve_exact(self.held.len() + pieces.iter().map(Bytes::len).sum::<usize>());
         for (index, piece) in pieces.iter().enumerate() {
             if self.ended {
                 break;
@@ -465,8 +469,12 @@ impl ScanFilter {
             if !self.held.is_empty() {
                 // The held bytes and the rest of the step in one buffer: held bytes are copied
                 // once per step, not once per piece.
-                let mut joined = std::mem::take(&mut self.held);
-                for piece in &pieces[index..] {
+                let rest = &pieces[index..];
+                let mut joined = Vec::with_capacity(
+                    self.held.len() + rest.iter().map(Bytes::len).sum::<usize>(),
+                );
+                joined.append(&mut std::mem::take(&mut self.held));
+                for piece in rest {
                     joined.extend_from_slice(piece);
                 }
                 return self.scan(&joined, out);
@@ -719,6 +727,29 @@ mod tests {
             assert!(
                 kept == whole,
                 "in pieces of {piece}: bytes after the end passed on"
+            );
+        }
+    }
+
+    #[test]
+    fn a_filter_step_allocates_what_it_passes_on_not_twice() {
+        // Grown piece by piece a Vec doubles its capacity; `INPUT_BYTES` counts each step's
+        // input once.
+        let bytes = progressive(1024, 768, jpeg_encoder::SamplingFactor::F_2_2);
+        let header = read_header(&bytes).unwrap();
+        let scans = scan_offsets(&bytes).len() as u32;
+        let mut filter = ScanFilter::new(&header, scans);
+        let mut out = Vec::new();
+        let pieces: Vec<Bytes> = bytes.chunks(4099).map(Bytes::copy_from_slice).collect();
+        for step in pieces.chunks(16) {
+            let (before, had) = (out.len(), out.capacity());
+            let most = filter.held.len() + step.iter().map(Bytes::len).sum::<usize>();
+            filter.pass(step, &mut out).unwrap();
+            assert!(
+                out.capacity() <= had.max(before + most),
+                "capacity {} for {} bytes",
+                out.capacity(),
+                before + most
             );
         }
     }

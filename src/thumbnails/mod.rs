@@ -632,8 +632,15 @@ impl ThumbnailPool {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             workers => workers,
         };
-        let streaming_units = (settings.max_streaming_bytes.as_u64() / feed::STREAMING_UNIT)
-            .min(Semaphore::MAX_PERMITS as u64) as usize;
+        // At most half the budget's main pool, whatever the setting: streamed decodes take their
+        // memory without waiting, so a cap at or above a small budget would let them starve the
+        // uploads' own buffers.
+        let streaming_bytes = settings
+            .max_streaming_bytes
+            .as_u64()
+            .min(budget.main_bytes() / 2);
+        let streaming_units =
+            (streaming_bytes / feed::STREAMING_UNIT).min(Semaphore::MAX_PERMITS as u64) as usize;
         Self {
             thumbnailer: Arc::new(Thumbnailer::new(settings, max_pixels)),
             budget,
@@ -710,6 +717,29 @@ impl ThumbnailPool {
         u64::try_from(self.activity.metrics.reserved_bytes.get()).unwrap_or(0)
     }
 
+    /// The plan for a thumbnail of `bytes`, or why it is refused before any decoding: what
+    /// both a buffered and a streamed decode must pass, so both give the same verdict.
+    pub(super) fn decodable(
+        &self,
+        kind: FileKind,
+        bytes: &[u8],
+    ) -> Result<Option<DecodePlan>, ThumbnailError> {
+        let Some(plan) = self.thumbnailer.plan(kind, bytes)? else {
+            return Ok(None);
+        };
+        // The uploaded body stays reserved by its upload while the decode runs; both come from
+        // the budget's main pool (the first-bytes pool only ever holds partial buffers).
+        let needed_bytes = plan.peak_bytes + bytes.len() as u64;
+        let budget_bytes = self.budget.main_bytes();
+        if needed_bytes > budget_bytes {
+            return Err(ThumbnailError::TooLargeToDecode {
+                needed_bytes,
+                budget_bytes,
+            });
+        }
+        Ok(Some(plan))
+    }
+
     /// Makes the thumbnail of an image of `kind`; `None` when the kind gets none (HEIC/HEIF).
     ///
     /// Refused at once with [`ThumbnailError::TooLarge`], [`ThumbnailError::TooManyScans`] or
@@ -725,19 +755,9 @@ impl ThumbnailPool {
         kind: FileKind,
         bytes: Bytes,
     ) -> Result<Option<Thumbnail>, ThumbnailError> {
-        let Some(plan) = self.thumbnailer.plan(kind, &bytes)? else {
+        let Some(plan) = self.decodable(kind, &bytes)? else {
             return Ok(None);
         };
-        // The uploaded body stays reserved by its upload while the decode runs; both come from
-        // the budget's main pool (the first-bytes pool only ever holds partial buffers).
-        let needed_bytes = plan.peak_bytes + bytes.len() as u64;
-        let budget_bytes = self.budget.main_bytes();
-        if needed_bytes > budget_bytes {
-            return Err(ThumbnailError::TooLargeToDecode {
-                needed_bytes,
-                budget_bytes,
-            });
-        }
         if self.closed.load(Ordering::Relaxed) {
             return Err(ThumbnailError::ShuttingDown);
         }

@@ -28,6 +28,7 @@ use svc_messaging::{
 };
 
 const MAX_PIXELS: u64 = 40_000_000;
+const MIB: u64 = 1 << 20;
 
 fn image(name: &str) -> Vec<u8> {
     let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests/data/images", name]
@@ -1006,10 +1007,24 @@ async fn a_motion_photo_streams_to_its_end_marker_and_not_beyond() {
     assert!(photo.len() - jpeg.len() > 4 * STEP_BYTES);
     for chunk in [4096, 65536] {
         let (handed, steps) = (pool.handed_bytes(), pool.stream_steps());
-        let streamed = feed_in_chunks(&pool, FileKind::Jpeg, &photo, chunk)
-            .await
-            .unwrap()
-            .unwrap();
+        // Once the JPEG and some of the video arrived, the decode is over: its decoder and
+        // memory are gone before the upload ends.
+        let mut feed = pool.feed(FileKind::Jpeg);
+        let mut received = Vec::new();
+        let (image_part, video) = photo.split_at(jpeg.len() + 2 * STEP_BYTES);
+        for piece in image_part.chunks(chunk) {
+            received.extend_from_slice(piece);
+            feed.push(&Bytes::copy_from_slice(piece), &received).await;
+        }
+        until("the decode ends at the end marker", || {
+            pool.streaming() == 0 && pool.reserved_bytes() == 0
+        })
+        .await;
+        for piece in video.chunks(chunk) {
+            received.extend_from_slice(piece);
+            feed.push(&Bytes::copy_from_slice(piece), &received).await;
+        }
+        let streamed = feed.finish(Bytes::from(received)).await.unwrap().unwrap();
         assert!(streamed.bytes == whole.bytes, "in {chunk}-byte chunks");
         // The video is stored, not decoded: no step for its bytes, none of them handed to
         // libjpeg (which gets less than the JPEG: its unused scans are left out).
@@ -1028,6 +1043,65 @@ async fn a_motion_photo_streams_to_its_end_marker_and_not_beyond() {
         pool.stream_fallbacks(),
         0,
         "the trailer made no decode fail"
+    );
+    assert!(budget.is_idle());
+}
+
+/// A streamed decode never holds the body twice, so it needs less memory than the buffered
+/// one; it must still refuse what the buffered decode refuses (here a small photo behind a long
+/// trailer, whose body alone nearly fills the budget), not make a thumbnail of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_decode_gives_the_buffered_verdict_on_memory_too() {
+    let mut photo = image("exif-gps.jpg");
+    photo.extend(std::iter::repeat_n(0x5A, 24 << 20));
+    let (pool, budget) = streaming_pool(24 << 20);
+    let buffered = pool.make(FileKind::Jpeg, Bytes::from(photo.clone())).await;
+    assert!(
+        matches!(buffered, Err(ThumbnailError::TooLargeToDecode { .. })),
+        "buffered: {:?}",
+        buffered.map(|made| made.map(|thumbnail| thumbnail.bytes.len()))
+    );
+    let steps = pool.stream_steps();
+    let streamed = feed_in_chunks(&pool, FileKind::Jpeg, &photo, 64 * 1024).await;
+    assert!(
+        pool.stream_steps() > steps,
+        "the photo was decoded while it arrived"
+    );
+    assert!(
+        matches!(streamed, Err(ThumbnailError::TooLargeToDecode { .. })),
+        "streamed: {:?}",
+        streamed.map(|made| made.map(|thumbnail| thumbnail.bytes.len()))
+    );
+    assert!(budget.is_idle());
+}
+
+/// Streamed decodes take their memory without waiting, so together they hold at most half the
+/// budget's main pool whatever `thumbnails.max_streaming_bytes` says: with a small budget, a
+/// large progressive JPEG is decoded after its last byte (and still made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_decodes_hold_at_most_half_a_small_budget() {
+    let jpeg = progressive_jpeg(2800, 2100);
+    let peak = thumbnailer()
+        .plan(FileKind::Jpeg, &jpeg)
+        .unwrap()
+        .unwrap()
+        .peak_bytes();
+    // Room for the buffered decode, while the streamed one would need over half of it.
+    let (pool, budget) = streaming_pool((peak + 6 * MIB) * 8 / 7 + MIB);
+    assert!(ThumbnailSettings::default().max_streaming_bytes.as_u64() > budget.main_bytes());
+    let steps = pool.stream_steps();
+    let made = feed_in_chunks(&pool, FileKind::Jpeg, &jpeg, 64 * 1024)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pool.stream_steps(), steps, "not decoded while it arrived");
+    assert!(
+        made.bytes
+            == thumbnailer()
+                .make(FileKind::Jpeg, &jpeg)
+                .unwrap()
+                .unwrap()
+                .bytes
     );
     assert!(budget.is_idle());
 }
