@@ -1419,6 +1419,15 @@ mod tests {
     }
 
     #[test]
+    fn the_spelled_out_local_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.toml");
+        let file = Settings::load_from(Some(&path), std::iter::empty()).expect("config/local.toml");
+        let defaults = load(&[]).unwrap();
+        // Settings has no PartialEq (it holds secrets); its Debug output redacts them alike.
+        assert_eq!(format!("{file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn defaults_are_the_zero_setup_local_service() {
         let settings = load(&[]).expect("defaults are valid");
         assert_eq!(settings.server.grpc_addr.to_string(), "127.0.0.1:50051");
@@ -1510,6 +1519,11 @@ mod tests {
                 "SVC_MESSAGING__MESSAGING__MAX_CONVERSATIONS_PER_USER",
                 "0",
                 "messaging.max_conversations_per_user",
+            ),
+            (
+                "SVC_MESSAGING__THUMBNAILS__STREAM_IDLE_TIMEOUT",
+                "0s",
+                "thumbnails.stream_idle_timeout",
             ),
         ];
         for (var, value, key) in cases {
