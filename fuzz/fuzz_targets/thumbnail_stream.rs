@@ -1,7 +1,10 @@
 //! The JPEG and PNG thumbnail paths decoded while the bytes arrive (libjpeg's suspending source,
 //! the `png` reader resumed after each piece, the progressive scan filter) on arbitrary bytes cut
 //! into arbitrary pieces: they never panic, and return an error or a thumbnail within the
-//! bounding box. The first byte picks the format (lowest bit) and the piece size (the rest).
+//! bounding box, the very thumbnail the whole-body decode makes of the same bytes (the service
+//! keeps a streamed thumbnail only when the streamed decode succeeds, so it must never accept
+//! what the whole-body decode refuses, nor differ from it). The first byte picks the format
+//! (lowest bit) and the piece size (the rest).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,5 +26,12 @@ fuzz_target!(|data: &[u8]| {
     let thumbnailer = Thumbnailer::new(&settings, 1_000_000);
     if let Ok(Some(thumbnail)) = thumbnailer.make_in_pieces(kind, bytes, piece) {
         assert!(thumbnail.width.max(thumbnail.height) <= settings.max_edge);
+        match thumbnailer.make(kind, bytes) {
+            Ok(Some(whole)) => assert!(whole.bytes == thumbnail.bytes, "a different thumbnail"),
+            other => panic!(
+                "streamed made a thumbnail, the whole body gave {:?}",
+                other.map(|made| made.is_some())
+            ),
+        }
     }
 });
