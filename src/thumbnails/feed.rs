@@ -98,6 +98,9 @@ struct Streaming {
     input: mpsc::UnboundedSender<Input>,
     queue: Arc<Semaphore>,
     driver: JoinHandle<Outcome>,
+    /// The decode's peak as the buffered path counts it (from the header, which the whole body
+    /// has too): for the buffered path's memory check on the whole body.
+    peak_bytes: u64,
     /// Stops the decode at its next check when the feed is dropped.
     _cancel: CancelOnDrop,
     /// Dropped with the feed: wakes a driver waiting for a worker.
@@ -263,14 +266,18 @@ impl ImageFeed {
         let State::Streaming(mut streaming) = state else {
             return pool.make(kind, whole).await;
         };
-        // The whole body's checks first: a streamed decode needs less memory than a buffered
-        // one (it never holds the body twice), but must not accept what `make` refuses.
-        match pool.decodable(kind, &whole) {
-            Ok(Some(_)) => {}
-            refused => {
-                streaming.stop().await;
-                return refused.map(|_| None);
-            }
+        // The buffered path's memory check on the whole body first: a streamed decode needs
+        // less memory (it never holds the body twice), but must not accept what `make` refuses.
+        // (The rest of `make`'s checks are the header's, passed when the stream started, and
+        // the scans', which the stream counts itself.)
+        let needed_bytes = streaming.peak_bytes + whole.len() as u64;
+        let budget_bytes = pool.budget.main_bytes();
+        if needed_bytes > budget_bytes {
+            streaming.stop().await;
+            return Err(ThumbnailError::TooLargeToDecode {
+                needed_bytes,
+                budget_bytes,
+            });
         }
         streaming.flush().await;
         let Streaming {
@@ -318,7 +325,8 @@ impl ImageFeed {
         let decoder = StreamDecoder::new(&pool.thumbnailer, &plan, &header).ok_or(Unstreamable)?;
         // The head is held as it arrived, and (as the first step's input) at most twice more:
         // behind the scan filter's held bytes and in libjpeg's buffer.
-        let needed = plan.peak_bytes + INPUT_BYTES + 3 * received.len() as u64;
+        let peak_bytes = plan.peak_bytes;
+        let needed = peak_bytes + INPUT_BYTES + 3 * received.len() as u64;
         if needed > pool.budget.main_bytes() || pool.closed.load(Ordering::Relaxed) {
             return Err(Unstreamable);
         }
@@ -353,6 +361,7 @@ impl ImageFeed {
             input,
             queue,
             driver,
+            peak_bytes,
             _cancel: cancel,
             _alive: alive,
         }))
