@@ -834,11 +834,13 @@ async fn a_watch_holds_once_redis_confirmed_it_and_an_abandoned_one_is_undone() 
         }
     };
     let id = create(&store, "alice", &[]).await;
-    pause(600).await;
+    // Timed from before the pause: Redis cannot answer the watch's round trip before the
+    // pause ends, however late this task runs (a loaded machine only adds to the wait).
     let started = std::time::Instant::now();
+    pause(600).await;
     let watch = store.watch(id).await.unwrap();
     assert!(
-        started.elapsed() >= Duration::from_millis(400),
+        started.elapsed() >= Duration::from_millis(550),
         "watch returned after {:?}, while Redis was paused",
         started.elapsed()
     );
@@ -850,7 +852,8 @@ async fn a_watch_holds_once_redis_confirmed_it_and_an_abandoned_one_is_undone() 
     // trip: its SUBSCRIBE still reaches Redis, and must be undone.
     until_unsubscribed(&raw, prefix, id, "the first release").await;
     let other = create(&store, "alice", &[]).await;
-    pause(300).await;
+    // Long enough that the watch below cannot finish in its 20 ms even if this task is late.
+    pause(1500).await;
     let abandoned = tokio::time::timeout(Duration::from_millis(20), store.watch(other)).await;
     assert!(
         abandoned.is_err(),
