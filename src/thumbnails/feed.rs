@@ -611,26 +611,17 @@ async fn drive(
     }
 }
 
-/// The step's admission and worker, as for any decode: admitted at once or busy, then a worker
-/// within `thumbnails.queue_timeout` or busy. `None` when the feed was dropped meanwhile (its
-/// memory then goes back at once, not after the queue timeout).
+/// The step's place, as for any decode ([`ThumbnailPool::slot`]). `None` when the feed was
+/// dropped meanwhile (its memory then goes back at once, not after the queue timeout).
 async fn worker(
     pool: &Arc<ThumbnailPool>,
     gone: &mut oneshot::Receiver<()>,
 ) -> Option<Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ThumbnailError>> {
-    let Ok(admitted) = pool.admitted.clone().try_acquire_owned() else {
-        return Some(Err(ThumbnailError::WorkersBusy));
-    };
-    let waited = tokio::select! {
+    tokio::select! {
         biased;
-        _ = gone => return None,
-        waited = tokio::time::timeout(pool.queue_timeout, pool.workers.clone().acquire_owned()) => waited,
-    };
-    Some(match waited {
-        Ok(Ok(worker)) => Ok((worker, admitted)),
-        Ok(Err(_closed)) => Err(ThumbnailError::ShuttingDown),
-        Err(_) => Err(ThumbnailError::WorkersBusy),
-    })
+        _ = gone => None,
+        slot = pool.slot() => Some(slot),
+    }
 }
 
 /// Gives up streaming (the driver's memory goes with it): the image is decoded whole after its

@@ -717,6 +717,24 @@ impl ThumbnailPool {
         u64::try_from(self.activity.metrics.reserved_bytes.get()).unwrap_or(0)
     }
 
+    /// A place for one decode, streamed step or whole body: admitted to the queue at once or
+    /// `WorkersBusy`, then a worker within `thumbnails.queue_timeout` or `WorkersBusy`. Returns
+    /// (worker, admission).
+    pub(super) async fn slot(
+        &self,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ThumbnailError> {
+        let admitted = self
+            .admitted
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ThumbnailError::WorkersBusy)?;
+        match tokio::time::timeout(self.queue_timeout, self.workers.clone().acquire_owned()).await {
+            Ok(Ok(worker)) => Ok((worker, admitted)),
+            Ok(Err(_closed)) => Err(ThumbnailError::ShuttingDown),
+            Err(_) => Err(ThumbnailError::WorkersBusy),
+        }
+    }
+
     /// The plan for a thumbnail of `bytes`, or why it is refused before any decoding: what
     /// both a buffered and a streamed decode must pass, so both give the same verdict.
     pub(super) fn decodable(
@@ -761,19 +779,7 @@ impl ThumbnailPool {
         if self.closed.load(Ordering::Relaxed) {
             return Err(ThumbnailError::ShuttingDown);
         }
-        let _admitted = self
-            .admitted
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ThumbnailError::WorkersBusy)?;
-        let worker =
-            match tokio::time::timeout(self.queue_timeout, self.workers.clone().acquire_owned())
-                .await
-            {
-                Ok(Ok(worker)) => worker,
-                Ok(Err(_closed)) => return Err(ThumbnailError::ShuttingDown),
-                Err(_) => return Err(ThumbnailError::WorkersBusy),
-            };
+        let (worker, _admitted) = self.slot().await?;
         let reservation = self
             .budget
             .reserve(plan.peak_bytes)
