@@ -38,9 +38,16 @@ fn redis_url() -> String {
 }
 
 async fn store(test: &str, retention: Retention) -> RedisMessageStore {
-    RedisMessageStore::connect(&settings(&unique_prefix(test)), retention)
+    store_and_prefix(test, retention).await.0
+}
+
+/// A store under a fresh prefix, and that prefix (for tests that read its keys raw).
+async fn store_and_prefix(test: &str, retention: Retention) -> (RedisMessageStore, String) {
+    let prefix = unique_prefix(test);
+    let store = RedisMessageStore::connect(&settings(&prefix), retention)
         .await
-        .expect("connect to the test redis")
+        .expect("connect to the test redis");
+    (store, prefix)
 }
 
 #[tokio::test]
@@ -513,10 +520,7 @@ async fn raw_client() -> fred::prelude::Client {
 async fn listings_drop_long_stale_index_entries() {
     use fred::prelude::{ClientLike, SortedSetsInterface};
 
-    let prefix = unique_prefix("stale");
-    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
-        .await
-        .unwrap();
+    let (store, prefix) = store_and_prefix("stale", GENEROUS).await;
     let mine = create(&store, "alice", &[]).await;
     let theirs = create(&store, "bob", &[]).await;
     let gone = ConversationId::generate();
@@ -545,18 +549,14 @@ async fn listings_drop_long_stale_index_entries() {
         listed.iter().map(|e| e.conversation.id).collect::<Vec<_>>(),
         [mine]
     );
-    let left: Vec<String> = raw
+    let mut left: Vec<String> = raw
         .zrange(&index, 0, -1, None, false, None, false)
         .await
         .unwrap();
+    left.sort();
     let mut expected = vec![mine.to_string(), young.to_string()];
     expected.sort();
-    let mut left_sorted = left.clone();
-    left_sorted.sort();
-    assert_eq!(
-        left_sorted, expected,
-        "stale entries dropped, the young one kept"
-    );
+    assert_eq!(left, expected, "stale entries dropped, the young one kept");
     raw.quit().await.unwrap();
 }
 
@@ -564,10 +564,7 @@ async fn listings_drop_long_stale_index_entries() {
 async fn conversation_lists_break_activity_ties_by_id() {
     use fred::prelude::{ClientLike, SortedSetsInterface};
 
-    let prefix = unique_prefix("ties");
-    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
-        .await
-        .unwrap();
+    let (store, prefix) = store_and_prefix("ties", GENEROUS).await;
     let mut ids = Vec::new();
     for _ in 0..6 {
         ids.push(create(&store, "alice", &[]).await);
@@ -1187,10 +1184,7 @@ async fn request_ids_expire_with_the_window_and_replays_add_no_keys() {
     use svc_messaging::store::messages::CreateRequest;
 
     const WINDOW: Duration = Duration::from_secs(24 * 3600);
-    let prefix = unique_prefix("request-window");
-    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
-        .await
-        .unwrap();
+    let (store, prefix) = store_and_prefix("request-window", GENEROUS).await;
     let new = || NewConversation {
         id: ConversationId::generate(),
         title: "Launch".to_owned(),
@@ -1235,10 +1229,7 @@ async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
     use fred::prelude::{ClientLike, HashesInterface, KeysInterface};
     use svc_messaging::{files::policy::FileCategory, messaging::model::FileAttachment};
 
-    let prefix = unique_prefix("file-index");
-    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
-        .await
-        .unwrap();
+    let (store, prefix) = store_and_prefix("file-index", GENEROUS).await;
     let id = create(&store, "alice", &["bob"]).await;
     let file_id = FileId::generate();
     let now = std::time::SystemTime::now()
@@ -1322,10 +1313,7 @@ async fn file_indexes_expire_with_the_file_and_refusals_write_nothing() {
 async fn refused_writes_leave_no_keys() {
     use fred::prelude::ClientLike;
 
-    let prefix = unique_prefix("refusals");
-    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
-        .await
-        .unwrap();
+    let (store, prefix) = store_and_prefix("refusals", GENEROUS).await;
     let id = create(&store, "alice", &["bob"]).await;
     let (message_id, _) = send(&store, id, "alice", "hello").await;
     let raw = raw_client().await;
@@ -1434,18 +1422,14 @@ async fn monitored_segments(
     out
 }
 
-/// Issue 14: a send makes the same Redis commands, on the same number of keys, in a conversation
-/// of 2 as in one of 500 (before, it updated every participant's conversation index and read the
+/// Issue 14: a send makes the same Redis commands in a conversation of 2 as in one of 500 (before, it updated every participant's conversation index and read the
 /// member list back). Seen through a real `MONITOR`.
 #[tokio::test]
 async fn a_send_makes_the_same_commands_at_2_and_500_participants() {
     use fred::prelude::{ClientLike, KeysInterface};
     use tokio::io::AsyncBufReadExt;
 
-    let prefix = unique_prefix("sendcost");
-    let store = RedisMessageStore::connect(&settings(&prefix), GENEROUS)
-        .await
-        .unwrap();
+    let (store, prefix) = store_and_prefix("sendcost", GENEROUS).await;
     let others: Vec<String> = (1..500).map(|i| format!("member-{i}")).collect();
     let refs: Vec<&str> = others.iter().map(String::as_str).collect();
     let small = create(&store, "alice", &["bob"]).await;
