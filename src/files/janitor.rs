@@ -25,7 +25,8 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::service::{FileService, now_millis};
+use super::service::FileService;
+use crate::messaging::model::now_millis;
 use crate::{
     ids::FileId,
     store::{blobs::BlobError, messages::StoreError},

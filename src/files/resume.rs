@@ -34,7 +34,7 @@ use super::{
     service::{
         FileService, ReceivedBody, SHA256_METADATA, Start, UploadPart, UploadPlan, UploadRequest,
         UploadResume, Written, blob_key, check_chunk, closing_checks, hex, metadata_again,
-        now_millis, size_mismatch, truncated,
+        size_mismatch, truncated,
     },
     sniff::{ContentSniffer, SnifferCheckpoint},
 };
@@ -43,7 +43,7 @@ use crate::{
     budget::MemoryReservation,
     error::{Error, ErrorKind, Reason, Result},
     ids::{MessageId, UserId},
-    messaging::model::{ClientId, Message, UnixMillis},
+    messaging::model::{ClientId, Message, UnixMillis, now_millis},
     store::{
         blobs::{BlobError, ResumableUpload, StagedParts},
         file_records::FileRecord,

@@ -11,12 +11,7 @@
 //! buffered (part buffers, an image's body kept for its thumbnail) counts against
 //! `uploads.memory_budget` as it arrives.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, stream::BoxStream};
@@ -32,7 +27,7 @@ use crate::{
     error::{Error, ErrorKind, Reason, Result},
     ids::{ConversationId, FileId, MessageId},
     messaging::{
-        model::{FileAttachment, Message, UnixMillis},
+        model::{FileAttachment, Message, UnixMillis, now_millis},
         service::ConversationService,
     },
     quota::{CallerSlot, PerCallerSlots},
@@ -1013,14 +1008,6 @@ pub(super) fn size_mismatch(message: String) -> Error {
 
 fn file_not_found() -> Error {
     Error::not_found(Reason::FileNotFound, "file not found").with_field("file_id")
-}
-
-pub(super) fn now_millis() -> UnixMillis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
 }
 
 #[cfg(test)]

@@ -56,6 +56,15 @@ impl ClientId {
 /// Milliseconds since the Unix epoch, as the store's clock saw them.
 pub type UnixMillis = i64;
 
+/// This machine's clock, in Unix milliseconds.
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
     pub id: ConversationId,

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -20,7 +20,7 @@ use crate::{
     ids::{ConversationId, FileId, MessageId, UserId},
     messaging::model::{
         ClientId, Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, MessageRecord,
-        UnixMillis,
+        UnixMillis, now_millis,
     },
 };
 
@@ -47,20 +47,12 @@ struct State {
 }
 
 impl State {
-    /// Refuses if one of `users` not yet in `id` is in as many conversations as `cap` allows.
-    fn check_room(
-        &self,
-        cap: ConversationCap,
-        id: ConversationId,
-        users: &[UserId],
-    ) -> StoreResult<()> {
-        let full = users.iter().any(|user| {
-            let held = self.activity.get(user);
-            !cap.admits(
-                held.map_or(0, HashMap::len),
-                held.is_some_and(|held| held.contains_key(&id)),
-            )
-        });
+    /// Refuses if one of `users` (none of them in the conversation yet) is in as many
+    /// conversations as `cap` allows.
+    fn check_room(&self, cap: ConversationCap, users: &[UserId]) -> StoreResult<()> {
+        let full = users
+            .iter()
+            .any(|user| !cap.admits(self.activity.get(user).map_or(0, HashMap::len)));
         if full {
             return Err(Rejection::TooManyConversations.into());
         }
@@ -136,14 +128,6 @@ struct SentRecord {
     message_id: MessageId,
     fingerprint: String,
     expires: Instant,
-}
-
-fn now_millis() -> UnixMillis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
 }
 
 impl MemoryMessageStore {
@@ -259,7 +243,7 @@ impl MessageStore for MemoryMessageStore {
                 fingerprint: existing.fingerprint.clone(),
             });
         }
-        state.check_room(self.cap, new.id, &new.participants)?;
+        state.check_room(self.cap, &new.participants)?;
         let now = now_millis();
         let conversation = Conversation {
             id: new.id,
@@ -321,7 +305,7 @@ impl MessageStore for MemoryMessageStore {
         if current.participants.len() + added.len() > MAX_PARTICIPANTS {
             return Err(Rejection::TooManyParticipants.into());
         }
-        state.check_room(self.cap, id, &added)?;
+        state.check_room(self.cap, &added)?;
         let current = &mut state.participating(id, by)?.conversation;
         current.participants.extend(added.iter().cloned());
         let participants = current.participants.clone();

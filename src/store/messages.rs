@@ -75,6 +75,10 @@ impl From<StoreError> for Error {
                     ErrorKind::FailedPrecondition,
                     Reason::TooManyConversations,
                     "a user to add is already in as many conversations as a user may be in",
+                )
+                .with_quota_violation(
+                    "messaging.max_conversations_per_user",
+                    "conversations one user may be in; one must leave one first",
                 ),
                 Rejection::FileDeleted => {
                     Error::not_found(Reason::FileNotFound, "file not found in this conversation")
@@ -400,9 +404,9 @@ pub struct ConversationCap(pub usize);
 impl ConversationCap {
     pub const DEFAULT: Self = Self(1000);
 
-    /// Whether a user in `held` conversations, `already_in` this one or not, may join it.
-    pub fn admits(self, held: usize, already_in: bool) -> bool {
-        already_in || held < self.0
+    /// Whether a user already in `held` conversations may join one more.
+    pub fn admits(self, held: usize) -> bool {
+        held < self.0
     }
 }
 

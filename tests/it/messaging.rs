@@ -493,6 +493,16 @@ pub async fn conversations_per_user_are_capped(backend: Backend) {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(reason(&status), "TOO_MANY_CONVERSATIONS");
+    {
+        use tonic_types::StatusExt;
+        let quota = status
+            .get_details_quota_failure()
+            .expect("QuotaFailure detail");
+        assert_eq!(
+            quota.violations[0].subject,
+            "messaging.max_conversations_per_user"
+        );
+    }
     let daves = create(&mut client, "dave", &[]).await.conversation_id;
     let status = client
         .add_participants(as_user(

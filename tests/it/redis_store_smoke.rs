@@ -560,6 +560,44 @@ async fn listings_drop_long_stale_index_entries() {
     raw.quit().await.unwrap();
 }
 
+/// A create whose reservations fail for one participant (here: that user's index is not a
+/// sorted set) takes back the places it reserved for the others: nothing counts against them.
+#[tokio::test]
+async fn a_failed_reservation_takes_the_others_back() {
+    use fred::prelude::{ClientLike, KeysInterface, SortedSetsInterface};
+    let (store, prefix) = store_and_prefix("reserve-fail", GENEROUS).await;
+    let raw = raw_client().await;
+    let () = raw
+        .set(
+            format!("{prefix}:{{u:broken}}:convs"),
+            "not a zset",
+            None,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    let id = ConversationId::generate();
+    let created = store
+        .create_conversation(NewConversation {
+            id,
+            title: "t".to_owned(),
+            participants: vec![user("alice"), user("broken")],
+            created_by: user("alice"),
+            fingerprint: "fp".to_owned(),
+            request: None,
+        })
+        .await;
+    assert!(created.is_err(), "{created:?}");
+    let score: Option<f64> = raw
+        .zscore(format!("{prefix}:{{u:alice}}:convs"), id.to_string())
+        .await
+        .unwrap();
+    assert_eq!(score, None, "alice's reservation was taken back");
+    assert!(store.conversation(id).await.unwrap().is_none());
+    raw.quit().await.unwrap();
+}
+
 #[tokio::test]
 async fn conversation_lists_break_activity_ties_by_id() {
     use fred::prelude::{ClientLike, SortedSetsInterface};

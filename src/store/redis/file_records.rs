@@ -7,10 +7,10 @@ use fred::{
     types::{Expiration, SetOptions},
 };
 
-use super::{RedisMessageStore, now_millis};
+use super::RedisMessageStore;
 use crate::{
     ids::FileId,
-    messaging::model::UnixMillis,
+    messaging::model::{UnixMillis, now_millis},
     store::{
         file_records::{FileRecord, FileRecordStore},
         messages::{StoreError, StoreResult},

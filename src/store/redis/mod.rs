@@ -112,7 +112,7 @@ use fred::{
     prelude::{ClientLike, HashesInterface, SortedSetsInterface},
     types::{ConnectHandle, sorted_sets::Ordering},
 };
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use tokio::{sync::broadcast, task::JoinHandle};
 
 use self::{
@@ -132,7 +132,9 @@ use crate::{
     error::BoxError,
     health::DependencyCheck,
     ids::{ConversationId, FileId, MessageId, UserId},
-    messaging::model::{Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, UnixMillis},
+    messaging::model::{
+        Conversation, Event, EventKind, MAX_PARTICIPANTS, Message, UnixMillis, now_millis,
+    },
 };
 
 /// Most conversations one `conversations_of` round trip loads.
@@ -227,66 +229,76 @@ impl RedisMessageStore {
     }
 
     /// Reserves a place in each of `users`' conversation index for `id` (in their slots, one
-    /// script each, so the cap holds against any number of concurrent requests), or refuses if
-    /// one not yet listed there is in as many conversations as the cap allows; then nothing
-    /// stays reserved. Returns the users newly reserved, for [`Self::undo_reservations`].
-    async fn reserve_room(&self, id: ConversationId, users: &[UserId]) -> StoreResult<Vec<UserId>> {
+    /// script each, so the cap holds against any number of concurrent requests). Returns the
+    /// users newly reserved, and the refusal (`TooManyConversations`, one of `users` is already
+    /// in the cap's worth) or error, if any: the caller then takes the reservations back with
+    /// [`Self::undo_reservations`], which it may know the participants for.
+    async fn reserve_room(
+        &self,
+        id: ConversationId,
+        users: &[UserId],
+    ) -> (Vec<UserId>, StoreResult<()>) {
         let member = id.to_string();
         let cap = self.cap.0.to_string();
-        let replies = try_join_all(users.iter().map(|user| {
+        let replies = join_all(users.iter().map(|user| {
             self.scripts.reserve_conversation.run(
                 &self.client,
                 vec![self.keys.user_conversations(user)],
                 vec![member.clone(), cap.clone()],
             )
         }))
-        .await?;
+        .await;
         let mut reserved = Vec::new();
-        let mut full = false;
-        for (user, reply) in users.iter().zip(&replies) {
-            match reply.status() {
-                "reserved" => reserved.push(user.clone()),
-                "present" => {}
-                "full" => full = true,
-                _ => return Err(reply.unexpected()),
+        let mut outcome = Ok(());
+        for (user, reply) in users.iter().zip(replies) {
+            let refusal = match reply {
+                Ok(reply) => match reply.status() {
+                    "reserved" => {
+                        reserved.push(user.clone());
+                        continue;
+                    }
+                    "present" => continue,
+                    "full" => Rejection::TooManyConversations.into(),
+                    _ => reply.unexpected(),
+                },
+                Err(error) => error,
+            };
+            if outcome.is_ok() {
+                outcome = Err(refusal);
             }
         }
-        if full {
-            self.undo_reservations(id, &reserved).await;
-            return Err(Rejection::TooManyConversations.into());
-        }
-        Ok(reserved)
+        (reserved, outcome)
     }
 
     /// Takes back the places [`Self::reserve_room`] reserved for a change that did not happen,
-    /// except for users who are participants after all (a concurrent request added them). A
-    /// reservation this cannot take back (Redis unreachable) is dropped by a later listing.
-    async fn undo_reservations(&self, id: ConversationId, reserved: &[UserId]) {
+    /// except for users who are `participants` after all (a concurrent request added them; read
+    /// from the conversation when not given). A reservation this cannot take back (Redis
+    /// unreachable) is dropped by a later listing.
+    async fn undo_reservations(
+        &self,
+        id: ConversationId,
+        reserved: &[UserId],
+        participants: Option<&[UserId]>,
+    ) {
         if reserved.is_empty() {
             return;
         }
-        let participants = match self.load_conversation(id).await {
-            Ok(found) => found.map(|(conversation, _)| conversation.participants),
-            Err(error) => {
-                tracing::warn!(%error, conversation_id = %id, "conversation reservations left for a later listing to drop");
-                return;
-            }
+        let loaded;
+        let participants = match participants {
+            Some(participants) => participants,
+            None => match self.load_conversation(id).await {
+                Ok(found) => {
+                    loaded = found.map(|(conversation, _)| conversation.participants);
+                    loaded.as_deref().unwrap_or_default()
+                }
+                Err(error) => {
+                    tracing::warn!(%error, conversation_id = %id, "conversation reservations left for a later listing to drop");
+                    return;
+                }
+            },
         };
-        let member = id.to_string();
-        for user in reserved {
-            if participants
-                .as_ref()
-                .is_some_and(|participants| participants.contains(user))
-            {
-                continue;
-            }
-            let removed: Result<i64, _> = self
-                .client
-                .zrem(self.keys.user_conversations(user), member.as_str())
-                .await;
-            if let Err(error) = removed {
-                tracing::warn!(%error, conversation_id = %id, "a conversation reservation left for a later listing to drop");
-            }
+        for user in reserved.iter().filter(|user| !participants.contains(user)) {
+            self.forget_conversation(id, user).await;
         }
     }
 
@@ -465,12 +477,30 @@ impl MessageStore for RedisMessageStore {
             new.id = self.claim_request(&new.created_by, request, new.id).await?;
         }
         let reserved = match self.reserve_room(new.id, &new.participants).await {
-            Ok(reserved) => reserved,
+            (reserved, Ok(())) => reserved,
             // A retry of a create that happened answers as before, whatever the lists hold now.
-            Err(full) => match self.load_conversation(new.id).await? {
-                Some(_) => Vec::new(),
-                None => return Err(full),
-            },
+            (reserved, Err(full @ StoreError::Rejected(Rejection::TooManyConversations))) => {
+                let existing = match self.load_conversation(new.id).await {
+                    Ok(existing) => existing,
+                    Err(error) => {
+                        self.undo_reservations(new.id, &reserved, None).await;
+                        return Err(error);
+                    }
+                };
+                let participants = existing
+                    .as_ref()
+                    .map_or(&[][..], |(conversation, _)| &conversation.participants[..]);
+                self.undo_reservations(new.id, &reserved, Some(participants))
+                    .await;
+                if existing.is_none() {
+                    return Err(full);
+                }
+                Vec::new()
+            }
+            (reserved, Err(error)) => {
+                self.undo_reservations(new.id, &reserved, None).await;
+                return Err(error);
+            }
         };
         let keys = self.keys.conversation(new.id);
         let mut args = self.write_args(new.id, keys.base());
@@ -488,7 +518,7 @@ impl MessageStore for RedisMessageStore {
         {
             Ok(reply) => reply,
             Err(error) => {
-                self.undo_reservations(new.id, &reserved).await;
+                self.undo_reservations(new.id, &reserved, None).await;
                 return Err(error);
             }
         };
@@ -496,14 +526,15 @@ impl MessageStore for RedisMessageStore {
             "created" => true,
             "existing" => false,
             _ => {
-                self.undo_reservations(new.id, &reserved).await;
+                self.undo_reservations(new.id, &reserved, None).await;
                 return Err(reply.rejection());
             }
         };
         let (conversation, fingerprint) = codec::conversation(new.id, reply.rest())?;
         if !created {
             // A retry naming other users (a reused request_id) reserved places it did not use.
-            self.undo_reservations(new.id, &reserved).await;
+            self.undo_reservations(new.id, &reserved, Some(&conversation.participants))
+                .await;
         }
         // Also on `existing`: a retry repairs an index update its first attempt did not finish.
         self.record_joins(new.id, &conversation.participants, conversation.create_time)
@@ -544,16 +575,23 @@ impl MessageStore for RedisMessageStore {
         };
         // Also checked by the script; here first so a conversation that is full is reported
         // as such (as the in-process store does), not as a full user.
-        let mut added: Vec<&UserId> = users
+        let mut added: Vec<UserId> = users
             .iter()
             .filter(|user| !conversation.has_participant(user))
+            .cloned()
             .collect();
+        // The store does not rely on its caller having dropped repeats.
         added.sort_unstable();
         added.dedup();
         if conversation.participants.len() + added.len() > MAX_PARTICIPANTS {
             return Err(Rejection::TooManyParticipants.into());
         }
-        let reserved = self.reserve_room(id, users).await?;
+        let (reserved, room) = self.reserve_room(id, &added).await;
+        if let Err(refused) = room {
+            self.undo_reservations(id, &reserved, Some(&conversation.participants))
+                .await;
+            return Err(refused);
+        }
         args.extend([by.as_str().to_owned(), MAX_PARTICIPANTS.to_string()]);
         args.extend(users.iter().map(|user| user.as_str().to_owned()));
         let outcome = match self
@@ -565,7 +603,7 @@ impl MessageStore for RedisMessageStore {
         {
             Ok(outcome) => outcome,
             Err(error) => {
-                self.undo_reservations(id, &reserved).await;
+                self.undo_reservations(id, &reserved, None).await;
                 return Err(error);
             }
         };
@@ -1016,15 +1054,6 @@ impl DependencyCheck for RedisMessageStore {
 }
 
 /// A `LIMIT` count Redis accepts (it reads a signed 64-bit number).
-/// This machine's clock, in Unix milliseconds.
-fn now_millis() -> UnixMillis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
-}
-
 fn limit_arg(limit: usize) -> String {
     limit.min(i64::MAX as usize).to_string()
 }
