@@ -71,7 +71,8 @@ async fn main() {
     let concurrent: usize = common::knob("SVC_BENCH_CONCURRENT", 16);
     let memory_runs: usize = common::knob("SVC_BENCH_MEMORY_RUNS", 3);
     let mut uploads = Settings::default().uploads;
-    // To compare part layouts (both sides use them): SVC_BENCH_PART_MIB, SVC_BENCH_PARTS_IN_FLIGHT.
+    // To compare part layouts: SVC_BENCH_PART_MIB, SVC_BENCH_PARTS_IN_FLIGHT (both sides of (a),
+    // and (c), (d); the child service of (b) keeps the defaults, as that goal is about them).
     uploads.part_size = bytesize::ByteSize::mib(common::knob(
         "SVC_BENCH_PART_MIB",
         uploads.part_size.as_u64() / MIB as u64,

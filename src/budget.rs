@@ -117,8 +117,11 @@ impl MemoryBudget {
 
     /// Reserves `bytes` from the main pool only if they are free now.
     pub fn try_reserve(&self, bytes: u64) -> Option<MemoryReservation> {
-        let wanted = units(bytes).clamp(1, self.main_units.max(1));
-        let permit = self.main.clone().try_acquire_many_owned(wanted).ok()?;
+        let permit = self
+            .main
+            .clone()
+            .try_acquire_many_owned(self.main_units_for(bytes))
+            .ok()?;
         Some(MemoryReservation {
             first_bytes: None,
             main: Some(permit),
@@ -177,9 +180,17 @@ impl MemoryBudget {
         Ok(())
     }
 
+    /// The main pool's units for `bytes`: at least one, at most the whole pool (a larger
+    /// reservation waits for all of it rather than for ever).
+    fn main_units_for(&self, bytes: u64) -> u32 {
+        units(bytes).clamp(1, self.main_units.max(1))
+    }
+
     async fn acquire_main(&self, bytes: u64) -> Result<OwnedSemaphorePermit, BudgetExhausted> {
-        let wanted = units(bytes).clamp(1, self.main_units.max(1));
-        let acquire = self.main.clone().acquire_many_owned(wanted);
+        let acquire = self
+            .main
+            .clone()
+            .acquire_many_owned(self.main_units_for(bytes));
         match tokio::time::timeout(self.wait_timeout, acquire).await {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; treat it like a timeout all the same.

@@ -378,6 +378,8 @@ pub struct S3Settings {
     pub force_path_style: bool,
     /// Install the bucket lifecycle rule (expiry, aborting stale multipart uploads) at start-up.
     pub manage_lifecycle: bool,
+    /// Per-part checksums: only where S3 requires them (streamed parts rely on TLS in transit)
+    /// or wherever the SDK supports them (an `aws-chunked` CRC trailer on every part).
     pub request_checksums: S3RequestChecksums,
 }
 
@@ -395,7 +397,7 @@ impl Default for S3Settings {
             secret_access_key_file: None,
             force_path_style: false,
             manage_lifecycle: false,
-            request_checksums: S3RequestChecksums::WhenRequired,
+            request_checksums: S3RequestChecksums::default(),
         }
     }
 }

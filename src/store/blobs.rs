@@ -67,7 +67,9 @@ pub struct BlobAttributes {
     /// Extra metadata stored with the object (e.g. its sha256).
     pub metadata: Vec<(String, String)>,
     /// The object's length, when known before the write: a store may then send parts as their
-    /// bytes arrive instead of buffering each one. Writing more or less is an error.
+    /// bytes arrive instead of buffering each one. The caller guarantees it (the upload checks
+    /// the bytes received against the declared size); a store streaming parts refuses a write
+    /// that disagrees, others need not check.
     pub size: Option<u64>,
 }
 

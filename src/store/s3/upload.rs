@@ -496,19 +496,12 @@ impl S3Upload {
         let Some(part) = self.part.take() else {
             unreachable!("the part stays while its slot is claimed");
         };
-        let request = target.request().body(ByteStream::from(part.bytes.freeze()));
-        let (number, reservation) = (target.number, part.reservation);
+        let (bytes, reservation) = (part.bytes.freeze(), part.reservation);
         self.open_parts().in_flight.spawn(async move {
-            let output = request
-                .send()
-                .await
-                .map_err(|error| map_sdk_error("UploadPart", Scope::Upload, error));
+            let sent = target.send(ByteStream::from(bytes)).await;
             // The bytes (kept by the SDK for retries) are gone now; so is their reservation.
             drop(reservation);
-            Ok(CompletedPart::builder()
-                .set_e_tag(output?.e_tag)
-                .part_number(number)
-                .build())
+            sent
         });
         Ok(())
     }
@@ -875,6 +868,24 @@ impl PartTarget {
             .part_number(self.number)
             .content_length(i64::try_from(self.length).unwrap_or(i64::MAX))
     }
+
+    /// Sends the part with `body` (the SDK retrying as it may).
+    async fn send(&self, body: ByteStream) -> BlobResult<CompletedPart> {
+        let output = self
+            .request()
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| map_sdk_error("UploadPart", Scope::Upload, error))?;
+        Ok(self.completed(output.e_tag))
+    }
+
+    fn completed(&self, e_tag: Option<String>) -> CompletedPart {
+        CompletedPart::builder()
+            .set_e_tag(e_tag)
+            .part_number(self.number)
+            .build()
+    }
 }
 
 /// One streamed part: the request whose body the writer feeds; if that attempt fails, the part
@@ -885,40 +896,31 @@ async fn upload_streamed_part(
     body: PartFeed,
     kept: oneshot::Receiver<(Vec<Bytes>, MemoryReservation)>,
 ) -> BlobResult<CompletedPart> {
-    let number = target.number;
-    let output = match target
+    let error = match target
         .request()
         .body(ByteStream::from_body_1_x(body))
         .send()
         .await
     {
-        Ok(output) => output,
-        Err(error) => {
-            let Ok((chunks, reservation)) = kept.await else {
-                return Err(map_sdk_error("UploadPart", Scope::Upload, error));
-            };
-            tracing::debug!(
-                part = number,
-                error = %aws_sdk_s3::error::DisplayErrorContext(&error),
-                "a streamed part failed; sending it again from its kept bytes"
-            );
-            let chunks = KeptChunks::new(chunks);
-            let output = target
-                .request()
-                .body(ByteStream::new(SdkBody::retryable(move || {
-                    SdkBody::from_body_1_x(chunks.clone())
-                })))
-                .send()
-                .await
-                .map_err(|error| map_sdk_error("UploadPart", Scope::Upload, error));
-            drop(reservation);
-            output?
-        }
+        Ok(output) => return Ok(target.completed(output.e_tag)),
+        Err(error) => error,
     };
-    Ok(CompletedPart::builder()
-        .set_e_tag(output.e_tag)
-        .part_number(number)
-        .build())
+    let Ok((chunks, reservation)) = kept.await else {
+        return Err(map_sdk_error("UploadPart", Scope::Upload, error));
+    };
+    tracing::debug!(
+        part = target.number,
+        error = %aws_sdk_s3::error::DisplayErrorContext(&error),
+        "a streamed part failed; sending it again from its kept bytes"
+    );
+    let chunks = KeptChunks::new(chunks);
+    let sent = target
+        .send(ByteStream::new(SdkBody::retryable(move || {
+            SdkBody::from_body_1_x(chunks.clone())
+        })))
+        .await;
+    drop(reservation);
+    sent
 }
 
 fn task_failed(error: JoinError) -> BlobError {
