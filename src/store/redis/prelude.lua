@@ -70,22 +70,30 @@ local function snapshot(prefix)
   return out
 end
 
--- Publishes event `seq` (inside the script, so publish order is commit order).
--- Returns the event's member "<seq>:<create_time_ms>:<json EventKind>".
-local function publish_event(seq, now, kind_json)
-  local member = int(seq) .. ':' .. int(now) .. ':' .. kind_json
+-- An event's member "<seq>:<create_time_ms>:<json EventKind>".
+local function event_member(seq, now, kind_json)
+  return int(seq) .. ':' .. int(now) .. ':' .. kind_json
+end
+
+-- Publishes an event's member (inside the script, so publish order is commit order).
+local function publish_member(member)
   redis.call('PUBLISH', CHANNEL, CONVERSATION_ID .. ':' .. member)
   return member
+end
+
+-- Publishes event `seq`; returns its member.
+local function publish_event(seq, now, kind_json)
+  return publish_member(event_member(seq, now, kind_json))
 end
 
 -- Takes the next sequence, records the event in the events ZSET and publishes it. (A
 -- MessageCreated is not recorded there: the message's entries in msgs and msg are its event.)
 local function append_event(now, kind_json)
   local seq = redis.call('HINCRBY', K_META, 'last_seq', 1)
-  local member = int(seq) .. ':' .. int(now) .. ':' .. kind_json
+  local member = event_member(seq, now, kind_json)
   redis.call('ZADD', K_EVENTS, int(seq), member)
   -- Published once stored: a write that fails never reaches a subscriber.
-  return publish_event(seq, now, kind_json)
+  return publish_member(member)
 end
 
 -- The kept events after sequence `after`, oldest first, as {seq, time} pairs: up to `count`
